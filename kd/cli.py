@@ -1,0 +1,295 @@
+"""Hydra entry points: ``kd`` (train one recipe run, or a sweep with ``-m``) and
+``kd-report`` (summarize finished runs). The only module of kd that imports Hydra.
+
+One ``kd`` run, in its own output directory (``outputs/runs/<date>/<time>``):
+
+1. seeds everything with ``seed``; builds the datamodule (``data``) and the student;
+2. builds the teacher (``teacher``): weights from ``teacher.checkpoint``, or, when that is
+   null and the teacher config has a ``fit`` section, trains it once with the supervised
+   recipe and caches it under ``paths.cache_dir`` keyed by a hash of everything that
+   shapes it (model, data, fit settings, trainer, kd version); later runs and sweep jobs
+   reuse it;
+3. trains the recipe, tests the best validation checkpoint, saves the student in its
+   native format under ``student/``;
+4. with ``scratch_baseline: true`` (and a recipe that uses a teacher) also trains the same
+   student without a teacher on the same data, epochs and optimizer (cached the same way,
+   per seed), so every run reports a fair comparison;
+5. writes ``metrics.json`` and prints a table: teacher / student from scratch / distilled.
+
+Errors of configuration (:class:`kd.ConfigError`) are printed as one sentence, exit code 2.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+import kd
+from kd import ConfigError
+from kd.evaluation import load_runs, summarize
+from kd.models import count_parameters, load_weights, read_state_dict, save_model
+from kd.recipe import DistillationRecipe
+
+log = logging.getLogger("kd")
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def config_hash(*parts: Any) -> str:
+    """A stable hash of config fragments (resolved) plus the kd version."""
+    plain = [OmegaConf.to_container(p, resolve=True) if isinstance(p, DictConfig) else p for p in parts]
+    blob = json.dumps([kd.__version__, plain], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _has_teacher(cfg: DictConfig) -> bool:
+    return cfg.get("teacher") not in (None, {}) and bool(cfg.teacher)
+
+
+def _recipe_class(cfg: DictConfig) -> type[DistillationRecipe]:
+    cls = get_class(cfg.recipe._target_)
+    if not (isinstance(cls, type) and issubclass(cls, DistillationRecipe)):
+        raise ConfigError(f"recipe._target_ {cfg.recipe._target_} is not a kd.recipe.DistillationRecipe subclass")
+    return cls
+
+
+def _instantiate_all(section: DictConfig | None) -> list[Any]:
+    """Instantiate every entry of a name -> config mapping (loggers, callbacks)."""
+    if not section:
+        return []
+    return [instantiate(c) for c in section.values() if c is not None and "_target_" in c]
+
+
+def _choice(group: str, default: str = "") -> str:
+    if HydraConfig.initialized():
+        return str(HydraConfig.get().runtime.choices.get(group, default))
+    return default
+
+
+def fit_and_test(cfg: DictConfig, recipe: DistillationRecipe, datamodule: L.LightningDataModule) -> dict[str, float]:
+    """Train ``recipe`` with the trainer, loggers and callbacks of ``cfg``, then test the
+    checkpoint with the best validation score (the last weights when none was kept).
+    Returns the test metrics as floats."""
+    loggers = _instantiate_all(cfg.get("logger"))
+    callbacks = _instantiate_all(cfg.get("callbacks"))
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    trainer.fit(recipe, datamodule=datamodule)
+    ckpt = trainer.checkpoint_callback
+    best = getattr(ckpt, "best_model_path", "") if ckpt is not None else ""
+    results = trainer.test(recipe, datamodule=datamodule, ckpt_path=best or None, verbose=False)
+    return {k: float(v) for k, v in (results[0] if results else {}).items()}
+
+
+def _sub_run(cfg: DictConfig, output_dir: Path, **changes: Any) -> DictConfig:
+    """A copy of ``cfg`` writing into ``output_dir`` with top-level keys replaced."""
+    sub = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    with open_dict(sub):
+        sub.paths.output_dir = str(output_dir)
+        for key, value in changes.items():
+            OmegaConf.update(sub, key, value, merge=False)
+    return sub
+
+
+def _train_supervised(cfg: DictConfig) -> tuple[DistillationRecipe, dict[str, float]]:
+    """Train ``cfg.student`` without a teacher (recipes.supervised) under ``cfg``."""
+    from recipes.supervised import Supervised
+
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = instantiate(cfg.data)
+    recipe = Supervised(
+        student=instantiate(cfg.student),
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+    )
+    return recipe, fit_and_test(cfg, recipe, datamodule)
+
+
+def _shaping(cfg: DictConfig) -> list[Any]:
+    """The trainer and data settings that change what a training run produces."""
+    trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    return [
+        {k: v for k, v in trainer.items() if k != "default_root_dir"},
+        {k: v for k, v in data.items() if k != "num_workers"},
+    ]
+
+
+def _cached_supervised(kind: str, name: str, cfg: DictConfig, **changes: Any) -> Path:
+    """Directory ``<paths.cache_dir>/<kind>/<name>`` with ``model.safetensors`` and
+    ``meta.json`` of a supervised run of ``cfg`` with ``changes``; trained when missing or
+    unreadable. Built in a temporary directory and renamed into place, so a crash never
+    leaves a half-written entry."""
+    root = Path(cfg.paths.cache_dir).expanduser() / kind
+    final = root / name
+    meta_file = final / "meta.json"
+    if meta_file.is_file():
+        try:
+            if json.loads(meta_file.read_text()).get("name") == name:
+                read_state_dict(final)
+                log.info("reusing cached %s %s", kind, final)
+                return final
+        except (ValueError, OSError, RuntimeError) as e:
+            log.warning("cached %s at %s is unreadable (%s); rebuilding it", kind, final, e)
+        shutil.rmtree(final, ignore_errors=True)
+    tmp = root / f".{name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    log.info("training the %s once (cached afterwards in %s)", kind.rstrip("s"), final)
+    recipe, metrics = _train_supervised(_sub_run(cfg, tmp, logger={}, teacher=None, **changes))
+    save_model(recipe.student, tmp)
+    meta = {"name": name, "kd_version": kd.__version__, "metrics": metrics, "params": count_parameters(recipe.student)}
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    try:
+        os.replace(tmp, final)
+    except OSError:  # another process finished the same entry first: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def build_teacher(cfg: DictConfig) -> tuple[Any, dict[str, Any]]:
+    """The teacher model (frozen later by the recipe) and where its weights came from."""
+    t = cfg.teacher
+    model = instantiate(t.model)
+    if t.get("checkpoint"):
+        load_weights(model, t.checkpoint)
+        return model, {"source": str(t.checkpoint)}
+    if not t.get("fit"):
+        return model, {"source": "model factory"}  # pretrained by its factory (e.g. a hub model)
+    fit = t.fit
+    name = f"{_choice('teacher', 'teacher')}-{config_hash(t.model, fit, *_shaping(cfg))}"
+    path = _cached_supervised(
+        "teachers",
+        name,
+        cfg,
+        student=t.model,
+        optimizer=fit.optimizer,
+        scheduler=fit.get("scheduler"),
+        seed=fit.seed,
+        **{"trainer.max_epochs": fit.max_epochs},
+    )
+    load_weights(model, path)
+    return model, {"source": str(path), **json.loads((path / "meta.json").read_text())}
+
+
+def scratch_baseline(cfg: DictConfig) -> dict[str, Any]:
+    """``meta.json`` of ``cfg.student`` trained without a teacher, everything else equal."""
+    key = config_hash(cfg.student, cfg.optimizer, cfg.get("scheduler"), cfg.seed, *_shaping(cfg))
+    name = f"{_choice('student', 'student')}-seed{cfg.seed}-{key}"
+    return json.loads((_cached_supervised("baselines", name, cfg) / "meta.json").read_text())
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train one recipe run as described in the module docstring; returns metrics.json's dict."""
+    started = time.perf_counter()
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    recipe_cls = _recipe_class(cfg)
+    recipe_name = _choice("recipe", recipe_cls.__name__.lower())
+
+    teacher, teacher_meta = (None, {})
+    if recipe_cls.needs_teacher:
+        if not _has_teacher(cfg):
+            raise ConfigError(f"recipe {recipe_name} needs a teacher; choose one with teacher=<config> (see conf/teacher/)")
+        teacher, teacher_meta = build_teacher(cfg)
+
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = instantiate(cfg.data)
+    student = instantiate(cfg.student)
+    recipe = instantiate(
+        cfg.recipe,
+        student=student,
+        teacher=teacher,
+        divergence=instantiate(cfg.divergence) if cfg.get("divergence") else None,
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        _recursive_=False,
+    )
+    metrics = fit_and_test(cfg, recipe, datamodule)
+    recipe.save_student(out / "student")
+    OmegaConf.save(cfg.student, out / "student" / "model_config.yaml")
+
+    results: dict[str, dict[str, Any]] = {}
+    if teacher is not None:
+        results["teacher"] = {"test/acc": metrics.get("test/teacher_acc"), "params": count_parameters(teacher)}
+        if cfg.get("scratch_baseline"):
+            base = scratch_baseline(cfg)
+            results["student, from scratch"] = {**base["metrics"], "params": base["params"]}
+    label = "student, from scratch" if teacher is None else f"student, {recipe_name}"
+    results[label] = {**metrics, "params": count_parameters(student)}
+
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    summary = {
+        "recipe": recipe_name,
+        "seed": int(cfg.seed),
+        "overrides": overrides,
+        "output_dir": str(out),
+        "teacher": teacher_meta.get("source"),
+        "results": results,
+        "wall_time_s": round(time.perf_counter() - started, 2),
+    }
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2))
+    print("\n" + summarize([summary]) + f"\n\noutputs: {out}\n", flush=True)
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
+def _hydra_main(cfg: DictConfig) -> dict[str, Any]:
+    try:
+        return run(cfg)
+    except ConfigError as e:
+        print(f"kd: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> None:
+    """Console script ``kd``."""
+    if not (CONF_DIR / "train.yaml").is_file():
+        sys.exit(f"kd: error: config directory {CONF_DIR} not found; install kd from its repository with pip install -e .")
+    _hydra_main()
+
+
+class SweepSummary(Callback):
+    """Hydra callback: after a multirun, print the table of every job (mean ± std over seeds)."""
+
+    def __init__(self) -> None:
+        self.runs: list[dict] = []
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        value = getattr(job_return, "_return_value", None)
+        if isinstance(value, dict) and "results" in value:
+            self.runs.append(value)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        runs = self.runs or load_runs([config.hydra.sweep.dir])
+        if runs:
+            print("\nSweep summary (mean ± std over seeds)\n" + summarize(runs), flush=True)
+
+
+def report_main(argv: list[str] | None = None) -> None:
+    """Console script ``kd-report DIR...``: the summary table of finished runs."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="kd-report", description=report_main.__doc__)
+    parser.add_argument("paths", nargs="+", help="run or sweep directories (searched for metrics.json)")
+    parser.add_argument("--metric", default="test/acc", help="metric to tabulate (default: test/acc)")
+    args = parser.parse_args(argv)
+    print(summarize(load_runs(args.paths), metric=args.metric))

@@ -1,0 +1,154 @@
+"""Evaluation: per-stage metrics (torchmetrics) and run summaries over seeds.
+
+:class:`StageMetrics` accumulates, over a validation or test epoch, the student's
+cross-entropy and accuracy on gold labels and, when a teacher is present, the forward
+KL(teacher || student) at T=1 and the teacher's own accuracy. Every value is a
+token-weighted mean (torchmetrics ``MeanMetric`` with weights), so it is exact across
+batches of different sizes and across devices.
+
+:func:`summarize` turns the ``metrics.json`` files of several runs into one table of
+mean +- sample standard deviation over seeds, one group per setting (the run's command
+line overrides without ``seed``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+
+from kd.data import IGNORE_INDEX
+from kd.divergences import forward_kl
+
+
+def cross_entropy(logits: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
+    """Cross-entropy of ``logits`` (..., V) against ``labels`` (...) in fp32.
+
+    Positions labelled :data:`~kd.data.IGNORE_INDEX` are excluded; ``"mean"`` averages over
+    the valid positions of the whole batch and returns 0 (not NaN) when there are none;
+    ``"sum"`` sums them; ``"none"`` returns per-position values (0 where ignored).
+    """
+    valid = labels != IGNORE_INDEX
+    per = nn.functional.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]),
+        torch.where(valid, labels, 0).reshape(-1),
+        reduction="none",
+    ).reshape(labels.shape)
+    per = torch.where(valid, per, torch.zeros_like(per))
+    if reduction == "none":
+        return per
+    if reduction == "sum":
+        return per.sum()
+    if reduction == "mean":
+        return per.sum() / valid.sum().clamp_min(1)
+    raise ValueError(f"reduction must be 'mean', 'sum' or 'none' (got {reduction!r})")
+
+
+class StageMetrics(nn.Module):
+    """Epoch-level metrics of one stage (``val`` or ``test``).
+
+    ``update(student_logits, labels, mask, teacher_logits=None)`` with logits ``(..., V)``,
+    labels ``(...)`` (IGNORE_INDEX = no gold label) and mask ``(...)`` (positions that
+    count for the teacher comparison); ``compute()`` returns a dict of floats.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loss = MeanMetric()
+        self.acc = MeanMetric()
+        self.kl_to_teacher = MeanMetric()
+        self.teacher_acc = MeanMetric()
+        self.has_teacher = False
+
+    @torch.no_grad()
+    def update(
+        self, student_logits: Tensor, labels: Tensor, mask: Tensor, teacher_logits: Tensor | None = None
+    ) -> None:
+        gold = labels != IGNORE_INDEX
+        n_gold = int(gold.sum())
+        if n_gold:
+            self.loss.update(cross_entropy(student_logits, labels), weight=n_gold)
+            correct = (student_logits.argmax(-1) == labels) & gold
+            self.acc.update(correct.sum() / n_gold, weight=n_gold)
+        if teacher_logits is not None:
+            self.has_teacher = True
+            n = int(mask.sum())
+            if n:
+                self.kl_to_teacher.update(forward_kl(student_logits, teacher_logits, mask), weight=n)
+            if n_gold:
+                t_correct = (teacher_logits.argmax(-1) == labels) & gold
+                self.teacher_acc.update(t_correct.sum() / n_gold, weight=n_gold)
+
+    def compute(self) -> dict[str, Tensor]:
+        out = {"loss": self.loss.compute(), "acc": self.acc.compute()}
+        if self.has_teacher:
+            out["kl_to_teacher"] = self.kl_to_teacher.compute()
+            out["teacher_acc"] = self.teacher_acc.compute()
+        return out
+
+    def reset(self) -> None:
+        for m in (self.loss, self.acc, self.kl_to_teacher, self.teacher_acc):
+            m.reset()
+
+
+# ----------------------------------------------------------------------------- summaries
+
+
+def _fmt(values: list[float], percent: bool) -> str:
+    scale = 100.0 if percent else 1.0
+    mean = statistics.fmean(values) * scale
+    if len(values) < 2:
+        return f"{mean:.2f}"
+    return f"{mean:.2f} ± {statistics.stdev(values) * scale:.2f}"
+
+
+def load_runs(paths: Iterable[str | Path]) -> list[dict]:
+    """Every ``metrics.json`` at or below the given paths, parsed."""
+    runs = []
+    for p in paths:
+        p = Path(p)
+        files = [p] if p.is_file() else sorted(p.rglob("metrics.json"))
+        for f in files:
+            runs.append(json.loads(f.read_text()))
+    return runs
+
+
+def summarize(runs: list[dict], metric: str = "test/acc") -> str:
+    """A text table: one block per setting, one row per model, mean ± std over seeds.
+
+    Each run dict is a parsed ``metrics.json``: ``{"overrides": [...], "seed": int,
+    "results": {row_name: {"test/acc": float, "params": int, ...}}}``.
+    """
+    if not runs:
+        return "no runs found (no metrics.json under the given paths)"
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for run in runs:
+        key = " ".join(o for o in run.get("overrides", []) if not o.startswith("seed=")) or "(defaults)"
+        groups[key].append(run)
+    percent = metric.endswith("acc")
+    lines = []
+    for key, members in groups.items():
+        seeds = sorted({r.get("seed") for r in members})
+        lines.append(f"{key}  [{len(seeds)} seed{'s' if len(seeds) != 1 else ''}: {seeds}]")
+        rows: dict[str, list[float]] = defaultdict(list)
+        params: dict[str, int] = {}
+        for r in members:
+            for name, res in r["results"].items():
+                value = res.get(metric)
+                if value is not None and math.isfinite(value):
+                    rows[name].append(value)
+                params[name] = res.get("params", 0)
+        width = max([len(n) for n in rows] + [5])
+        label = f"{metric} (%)" if percent else metric
+        lines.append(f"  {'model':<{width}}  {label:>18}  {'params':>10}")
+        for name, values in rows.items():
+            lines.append(f"  {name:<{width}}  {_fmt(values, percent):>18}  {params[name]:>10,}")
+        lines.append("")
+    return "\n".join(lines).rstrip()

@@ -1,0 +1,243 @@
+"""The shared skeleton of every recipe: :class:`DistillationRecipe` (a LightningModule).
+
+A recipe subclass adds only what is specific to its paper, usually :meth:`compute_loss`.
+The base class owns everything recipes share:
+
+* the teacher: frozen (``requires_grad=False``), kept in eval mode even while the
+  student trains, run under ``torch.no_grad``, absent from the optimizer and from saved
+  checkpoints (its entries are dropped on save and restored from the live teacher on
+  load, so checkpoints stay small and loading stays strict);
+* model calls (:meth:`outputs`): one place that knows the batch format and returns
+  logits ``(..., V)``, gold labels ``(...)`` and the mask of positions that count;
+* logging: every loss term under ``train/<name>``, targets per second, and per-epoch
+  validation/test metrics from :class:`kd.evaluation.StageMetrics`;
+* a guard that stops training with a clear message on a NaN/inf loss (checkpoints
+  already written are kept);
+* optimizer and scheduler built from config factories (Hydra ``_partial_``);
+* :meth:`save_student`: the student in its native format.
+
+Adding a recipe: subclass, implement ``compute_loss(batch) -> {"loss": ..., <terms>}``,
+add one yaml under ``conf/recipe/``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any, ClassVar
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from kd import ConfigError
+from kd.data import IGNORE_INDEX
+from kd.divergences import Divergence
+from kd.evaluation import StageMetrics
+from kd.models import freeze, save_model
+
+# the frozen teacher is in eval mode on purpose
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
+
+
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer,
+    total_steps: int,
+    warmup_ratio: float = 0.0,
+    min_lr_ratio: float = 0.0,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``warmup_ratio * total_steps`` steps, then cosine decay to
+    ``min_lr_ratio`` times the base learning rate at ``total_steps``."""
+    warmup = int(warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class DistillationRecipe(L.LightningModule):
+    """Base class of every recipe.
+
+    Args:
+        student: the model being trained.
+        teacher: the frozen teacher, or ``None`` for recipes with ``needs_teacher = False``.
+        divergence: the distribution distance from the ``divergence/`` group (recipes that
+            use one; others ignore it).
+        optimizer: factory ``params -> Optimizer`` (default AdamW, lr 1e-3).
+        scheduler: optional factory ``(optimizer, total_steps) -> LRScheduler``, stepped
+            every optimizer step.
+    """
+
+    #: recipes that train without a teacher (the supervised baseline) set this to False
+    needs_teacher: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module | None = None,
+        divergence: Divergence | None = None,
+        optimizer: OptimizerFactory | None = None,
+        scheduler: SchedulerFactory | None = None,
+    ) -> None:
+        super().__init__()
+        name = type(self).__name__
+        if self.needs_teacher and teacher is None:
+            raise ConfigError(f"recipe {name} needs a teacher; choose one with teacher=<config> (see conf/teacher/)")
+        self.student = student
+        self.teacher = freeze(teacher) if teacher is not None else None
+        self.divergence = divergence
+        self.optimizer_factory = optimizer or partial(torch.optim.AdamW, lr=1e-3)
+        self.scheduler_factory = scheduler
+        self.metrics = nn.ModuleDict({"val": StageMetrics(), "test": StageMetrics()})
+        self._step_started: float | None = None
+        self._num_targets = torch.zeros(())
+
+    # ------------------------------------------------------------------ model calls
+
+    def outputs(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """Run ``model`` on ``batch``; return ``(logits (..., V), labels (...), mask (...))``.
+
+        ``labels`` holds gold targets (IGNORE_INDEX where there is none) and ``mask`` the
+        positions where a distribution is predicted and compared with the teacher.
+        Classification batches ``{"inputs", "labels"}``: one position per example, every
+        example in the mask (unlabelled ones too).
+        """
+        if "inputs" in batch:
+            logits = model(batch["inputs"])
+            logits = getattr(logits, "logits", logits)
+            labels = batch["labels"]
+            mask = torch.ones_like(labels, dtype=torch.bool)
+        else:
+            raise ConfigError(
+                f"batches with keys {sorted(batch)} are not a format recipes understand; "
+                "use a datamodule from kd.data (classification batches carry 'inputs' and 'labels')"
+            )
+        if model is self.student and self.training:
+            self._num_targets = mask.sum()  # for train/targets_per_s
+        return logits, labels, mask
+
+    def teacher_logits(self, batch: dict[str, Tensor]) -> Tensor:
+        """Teacher logits for ``batch`` (no grad, eval mode)."""
+        assert self.teacher is not None
+        with torch.no_grad():
+            logits, _, _ = self.outputs(self.teacher, batch)
+        return logits
+
+    def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        return self.outputs(self.student, batch)[0]
+
+    # ------------------------------------------------------------------ the loss
+
+    def compute_loss(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Return ``{"loss": total, <term>: value, ...}``; every entry is logged."""
+        raise NotImplementedError
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        terms = self.compute_loss(batch)
+        loss = terms["loss"]
+        if not torch.isfinite(loss):
+            detail = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
+            raise FloatingPointError(
+                f"the training loss is not finite at step {self.global_step} ({detail}); lower optimizer.lr, "
+                "set trainer.gradient_clip_val, or train in precision=32-true (checkpoints so far are kept)"
+            )
+        n = self._batch_size(batch)
+        for key, value in terms.items():
+            self.log(f"train/{key}", value.detach(), prog_bar=key == "loss", batch_size=n)
+        if self._trainer is not None and self.trainer.optimizers:
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=n)
+        return loss
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._step_started = time.perf_counter()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._step_started is not None:
+            elapsed = time.perf_counter() - self._step_started
+            rate = self._num_targets.float() / max(elapsed, 1e-9)
+            self.log("train/targets_per_s", rate, batch_size=self._batch_size(batch))
+
+    @staticmethod
+    def _batch_size(batch: dict[str, Tensor]) -> int:
+        return len(next(iter(batch.values())))
+
+    # ------------------------------------------------------------------ evaluation
+
+    def _eval_step(self, stage: str, batch: dict[str, Tensor]) -> None:
+        logits, labels, mask = self.outputs(self.student, batch)
+        teacher = self.teacher_logits(batch) if self.teacher is not None else None
+        self.metrics[stage].update(logits, labels, mask, teacher)
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        values = self.metrics[stage].compute()
+        for key, value in values.items():
+            self.log(f"{stage}/{key}", value, prog_bar=key in ("acc", "loss"))
+        self.metrics[stage].reset()
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval_step("val", batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval_step("test", batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    # ------------------------------------------------------------------ teacher handling
+
+    def train(self, mode: bool = True) -> DistillationRecipe:
+        """Switch the student's mode; the teacher always stays in eval mode."""
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("state_dict", {})
+        for key in [k for k in state if k.startswith("teacher.")]:
+            del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.teacher is not None:
+            state = checkpoint.setdefault("state_dict", {})
+            for key, value in self.teacher.state_dict().items():
+                state.setdefault(f"teacher.{key}", value)
+
+    # ------------------------------------------------------------------ optimisation
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters the optimizer updates: everything with ``requires_grad`` (the frozen
+        teacher never is). Recipes with extra trainable heads get them for free."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.trainable_parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        total = int(self.trainer.estimated_stepping_batches)
+        scheduler = self.scheduler_factory(optimizer, total_steps=total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ export
+
+    def save_student(self, directory: str | Path) -> Path:
+        """Write the student in its native format (``save_pretrained`` for transformers
+        models, ``model.safetensors`` otherwise) and return the directory."""
+        return save_model(self.student, directory)
+
+
+__all__ = ["DistillationRecipe", "IGNORE_INDEX", "warmup_cosine"]

@@ -1,0 +1,1 @@
+"""One module per published recipe; each holds one :class:`kd.recipe.DistillationRecipe`."""
