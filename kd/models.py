@@ -146,11 +146,15 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             "directory, a .safetensors/.pt file or a Lightning .ckpt) or set it to null to train one"
         )
     file = _resolve_weights_file(p)
-    if file.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        return load_file(str(file))
-    state = torch.load(file, map_location="cpu", weights_only=True)
+            state = load_file(str(file))
+        else:
+            state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or foreign file: one sentence, not a library traceback
+        raise ConfigError(f"'{file}' is not a readable weights file ({e}); re-save it or point to another checkpoint") from e
     if isinstance(state, dict) and "state_dict" in state:  # a Lightning checkpoint of a kd run
         state = {k[len("student.") :]: v for k, v in state["state_dict"].items() if k.startswith("student.")}
     if not isinstance(state, dict) or not state:

@@ -147,7 +147,7 @@ class DistillationRecipe(L.LightningModule):
         terms = self.compute_loss(batch)
         loss = terms["loss"]
         if not torch.isfinite(loss):
-            detail = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
+            detail = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
             raise FloatingPointError(
                 f"the training loss is not finite at step {self.global_step} ({detail}); lower optimizer.lr, "
                 "set trainer.gradient_clip_val, or train in precision=32-true (checkpoints so far are kept)"

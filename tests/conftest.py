@@ -1,0 +1,40 @@
+"""Shared fixtures: compose configs through Hydra's compose API, like the `kd` command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+from kd.cli import CONF_DIR
+
+# Tiny models: more intra-op threads only add contention on a 2-core machine.
+torch.set_num_threads(1)
+
+# Quiet, quick defaults for runs made by tests (each test adds its own overrides).
+QUIET = ["trainer.enable_progress_bar=false", "logger=none"]
+
+
+def compose_cfg(overrides: list[str], root: Path) -> DictConfig:
+    """The config `kd <overrides>` would run, writing into ``root``/run with caches in ``root``/cache."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    HydraConfig().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(root / "run")
+        cfg.paths.cache_dir = str(root / "cache")
+    return cfg
+
+
+@pytest.fixture
+def make_cfg(tmp_path: Path):
+    def _make(*overrides: str, quiet: bool = True, root: Path | None = None) -> DictConfig:
+        return compose_cfg([*(QUIET if quiet else []), *overrides], root or tmp_path)
+
+    return _make

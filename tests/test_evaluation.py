@@ -1,0 +1,54 @@
+"""Masked cross-entropy, epoch metrics weighted by counts, seed summaries."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import pytest
+import torch
+
+from kd.data import IGNORE_INDEX
+from kd.evaluation import StageMetrics, cross_entropy, summarize
+
+
+def test_cross_entropy_ignores_unlabelled_positions():
+    logits = torch.tensor([[1.0, 2.0, 3.0], [5.0, 0.0, 0.0]])
+    labels = torch.tensor([2, IGNORE_INDEX])
+    assert cross_entropy(logits, labels).item() == pytest.approx(0.407606, abs=1e-6)
+    assert cross_entropy(logits, torch.tensor([IGNORE_INDEX, IGNORE_INDEX])).item() == 0.0
+    assert cross_entropy(logits, labels, reduction="none")[1].item() == 0.0
+
+
+def test_stage_metrics_weight_batches_by_their_counts():
+    m = StageMetrics()
+    # batch 1: 2 labelled rows, 1 correct; batch 2: 1 labelled row, correct
+    m.update(torch.tensor([[2.0, 0.0], [2.0, 0.0]]), torch.tensor([0, 1]), torch.ones(2, dtype=torch.bool))
+    m.update(torch.tensor([[0.0, 2.0], [0.0, 0.0]]), torch.tensor([1, IGNORE_INDEX]), torch.ones(2, dtype=torch.bool))
+    out = m.compute()
+    assert out["acc"].item() == pytest.approx(2 / 3)
+    ce_good, ce_bad = math.log(1 + math.exp(-2)), math.log(1 + math.exp(2))
+    assert out["loss"].item() == pytest.approx((2 * ce_good + ce_bad) / 3, abs=1e-6)
+    assert "kl_to_teacher" not in out
+
+
+def test_stage_metrics_with_teacher():
+    m = StageMetrics()
+    s = torch.log(torch.tensor([[0.2, 0.5, 0.3]]))
+    t = torch.log(torch.tensor([[0.7, 0.2, 0.1]]))
+    m.update(s, torch.tensor([0]), torch.ones(1, dtype=torch.bool), t)
+    out = m.compute()
+    assert out["kl_to_teacher"].item() == pytest.approx(0.583815, abs=1e-5)  # RECIPES.md section 5
+    assert out["teacher_acc"].item() == 1.0 and out["acc"].item() == 0.0
+
+
+def test_summary_groups_by_overrides_without_seed():
+    runs = [
+        {"seed": s, "overrides": [f"seed={s}", "recipe.lam=0.7"],
+         "results": {"student, hinton": {"test/acc": a, "params": 10}}}
+        for s, a in [(0, 0.90), (1, 0.92), (2, 0.94)]
+    ]
+    table = summarize(runs)
+    assert "recipe.lam=0.7  [3 seeds: [0, 1, 2]]" in table
+    std = statistics.stdev([90.0, 92.0, 94.0])
+    assert f"92.00 ± {std:.2f}" in table

@@ -1,0 +1,96 @@
+"""The embedded quickstart end to end: teacher trained once and cached, scratch baseline,
+distilled student, table, metrics.json; the console script, sweeps and error exits."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kd.cli import run
+
+TINY = ["trainer.max_epochs=1", "teacher.fit.max_epochs=1", "trainer.limit_train_batches=3",
+        "trainer.limit_val_batches=2", "trainer.limit_test_batches=2"]
+
+
+def test_tiny_quickstart_caches_teacher_and_baseline(make_cfg, tmp_path, capsys):
+    first = run(make_cfg(*TINY, root=tmp_path / "a"))
+    table = capsys.readouterr().out
+    for row in ("teacher", "student, from scratch", "student, hinton"):
+        assert row in table and row in first["results"]
+    assert first["results"]["teacher"]["params"] > 50 * first["results"]["student, hinton"]["params"]
+    cache = tmp_path / "a" / "cache"
+    teacher_dir = Path(first["teacher"])
+    assert teacher_dir.parent == cache / "teachers"
+    stamp = (teacher_dir / "model.safetensors").stat().st_mtime_ns
+    baselines = list((cache / "baselines").iterdir())
+    assert len(baselines) == 1
+
+    # same cache, another output dir: both cached models are reused, not retrained
+    second = run(make_cfg(*TINY, root=tmp_path / "a"))
+    assert second["teacher"] == first["teacher"]
+    assert (teacher_dir / "model.safetensors").stat().st_mtime_ns == stamp
+    assert second["results"]["student, from scratch"] == first["results"]["student, from scratch"]
+    assert list((cache / "baselines").iterdir()) == baselines
+
+    # another seed: same teacher, a new baseline
+    run(make_cfg(*TINY, "seed=1", root=tmp_path / "a"))
+    assert (teacher_dir / "model.safetensors").stat().st_mtime_ns == stamp
+    assert len(list((cache / "baselines").iterdir())) == 2
+
+
+def test_corrupt_teacher_cache_is_rebuilt(make_cfg, tmp_path):
+    first = run(make_cfg(*TINY, "scratch_baseline=false"))
+    weights = Path(first["teacher"]) / "model.safetensors"
+    weights.write_bytes(b"truncated")
+    second = run(make_cfg(*TINY, "scratch_baseline=false"))
+    assert second["teacher"] == first["teacher"]
+    assert weights.stat().st_size > 1000  # rewritten with real weights
+
+
+def _kd(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "KD_CACHE_DIR": str(cwd / "cache"), "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-c", "from kd.cli import main; main()", *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_console_script_runs_sweeps_and_never_overwrites(tmp_path):
+    quiet = ["trainer.enable_progress_bar=false", "logger=csv", *TINY]
+    done = _kd("-m", "seed=0,1", *quiet, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Sweep summary (mean ± std over seeds)" in done.stdout
+    assert "[2 seeds: [0, 1]]" in done.stdout
+    sweep = next((tmp_path / "outputs" / "sweeps").glob("*/*"))
+    for job in ("0", "1"):
+        metrics = json.loads((sweep / job / "metrics.json").read_text())
+        assert metrics["seed"] == int(job)
+        assert (sweep / job / ".hydra" / "config.yaml").is_file()
+        assert (sweep / job / "csv" / "metrics.csv").is_file()
+        assert (sweep / job / "student" / "model.safetensors").is_file()
+    report = subprocess.run([sys.executable, "-c", "from kd.cli import report_main; report_main()", str(sweep)],
+                            capture_output=True, text=True)
+    assert "[2 seeds: [0, 1]]" in report.stdout and "student, hinton" in report.stdout
+
+    for _ in range(2):
+        assert _kd(*quiet, "scratch_baseline=false", cwd=tmp_path).returncode == 0
+    assert len(list((tmp_path / "outputs" / "runs").glob("*/*"))) == 2
+
+
+def test_console_script_config_errors_are_one_sentence(tmp_path):
+    done = _kd("teacher.checkpoint=/no/such/teacher.pt", "trainer.enable_progress_bar=false", cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith("kd: error: checkpoint '/no/such/teacher.pt' does not exist")
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.slow
+def test_full_quickstart_distilled_beats_scratch(make_cfg):
+    """The quickstart's claim on one seed (the README has the 3-seed figures)."""
+    res = run(make_cfg())["results"]
+    scratch, distilled = res["student, from scratch"]["test/acc"], res["student, hinton"]["test/acc"]
+    assert res["teacher"]["test/acc"] > 0.93
+    assert distilled > scratch + 0.005, (scratch, distilled)

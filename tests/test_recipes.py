@@ -1,0 +1,194 @@
+"""The recipe skeleton (teacher handling, optimizer, checkpoints, NaN guard) and the
+Hinton / supervised recipes, checked against RECIPES.md section 1."""
+
+from __future__ import annotations
+
+import json
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+from kd import ConfigError
+from kd.cli import run
+from kd.data import IGNORE_INDEX
+from kd.divergences import JSD
+from kd.models import MLPClassifier
+from recipes.hinton import Hinton
+from recipes.supervised import Supervised
+
+
+class Fixed(nn.Module):
+    """Returns the same logits (a trainable parameter) for every example."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.z = nn.Parameter(torch.tensor(logits, dtype=torch.float64))
+
+    def forward(self, inputs):
+        return self.z.expand(len(inputs), -1)
+
+
+def batch(labels):
+    labels = torch.tensor(labels)
+    return {"inputs": torch.zeros(len(labels), 1), "labels": labels}
+
+
+# ----------------------------------------------------------------------------- Hinton vectors
+
+
+def test_hinton_loss_matches_section_1_vector():
+    recipe = Hinton(student=Fixed([1.0, 2.0, 3.0]), teacher=Fixed([3.0, 2.0, 1.0]), lam=0.5, temperature=2.0)
+    terms = recipe.compute_loss(batch([2]))
+    assert terms["soft_kd"].item() == pytest.approx(1.280627, abs=1e-6)  # T^2 * KL
+    assert terms["hard_ce"].item() == pytest.approx(0.407606, abs=1e-6)
+    assert terms["loss"].item() == pytest.approx(0.844116, abs=1e-6)
+
+
+def test_hinton_soft_gradient_matches_section_1_vector():
+    student = Fixed([1.0, 2.0, 3.0])
+    recipe = Hinton(student=student, teacher=Fixed([3.0, 2.0, 1.0]), lam=1.0, temperature=2.0)
+    recipe.compute_loss(batch([2]))["loss"].backward()
+    torch.testing.assert_close(student.z.grad, torch.tensor([-0.640313, 0.0, 0.640313], dtype=torch.float64),
+                               atol=1e-6, rtol=0)
+
+
+def test_hinton_is_zero_for_identical_models_and_lam_one():
+    recipe = Hinton(student=Fixed([0.3, -1.0, 2.0]), teacher=Fixed([0.3, -1.0, 2.0]), lam=1.0, temperature=3.0)
+    assert recipe.compute_loss(batch([0, 1]))["loss"].item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_unlabelled_examples_feed_only_the_soft_term():
+    recipe = Hinton(student=Fixed([1.0, 2.0, 3.0]), teacher=Fixed([3.0, 2.0, 1.0]), lam=0.5, temperature=2.0)
+    terms = recipe.compute_loss(batch([2, IGNORE_INDEX, IGNORE_INDEX]))
+    assert terms["hard_ce"].item() == pytest.approx(0.407606, abs=1e-6)  # mean over the one labelled row
+    assert terms["soft_kd"].item() == pytest.approx(1.280627, abs=1e-6)  # mean over all three rows
+    none = recipe.compute_loss(batch([IGNORE_INDEX]))
+    assert none["hard_ce"].item() == 0.0 and torch.isfinite(none["loss"])
+
+
+def test_any_divergence_replaces_the_kl():
+    kw = dict(student=Fixed([1.0, 2.0, 3.0]), teacher=Fixed([3.0, 2.0, 1.0]), lam=1.0, temperature=2.0)
+    fkl = Hinton(**kw).compute_loss(batch([0]))["loss"]
+    assert Hinton(divergence=JSD(beta=0.0), **kw).compute_loss(batch([0]))["loss"].item() == pytest.approx(fkl.item())
+    assert Hinton(divergence=JSD(beta=0.5), **kw).compute_loss(batch([0]))["loss"].item() != pytest.approx(fkl.item())
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    ({"lam": 1.5}, "recipe.lam must be in [0, 1] (got 1.5)"),
+    ({"lam": -0.1}, "recipe.lam must be in [0, 1]"),
+    ({"temperature": 0.0}, "recipe.temperature must be > 0 (got 0.0)"),
+    ({"temperature": -2.0}, "recipe.temperature must be > 0"),
+])
+def test_bad_hinton_settings_fail_at_construction(kwargs, needle):
+    with pytest.raises(ConfigError) as err:
+        Hinton(student=Fixed([0.0, 0.0]), teacher=Fixed([0.0, 0.0]), **kwargs)
+    assert needle in str(err.value)
+
+
+def test_supervised_is_cross_entropy_on_gold_labels():
+    recipe = Supervised(student=Fixed([1.0, 2.0, 3.0]))
+    assert recipe.compute_loss(batch([2, IGNORE_INDEX]))["loss"].item() == pytest.approx(0.407606, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- the skeleton
+
+
+def test_a_recipe_that_needs_a_teacher_refuses_none():
+    with pytest.raises(ConfigError, match="needs a teacher; choose one with teacher="):
+        Hinton(student=Fixed([0.0, 0.0]), teacher=None)
+
+
+def test_teacher_is_frozen_in_eval_mode_and_outside_the_optimizer():
+    teacher = MLPClassifier(hidden=[8], dropout=0.5)
+    recipe = Hinton(student=MLPClassifier(hidden=[4], dropout=0.5), teacher=teacher)
+    recipe.train()
+    assert recipe.student.training and not teacher.training
+    assert not any(p.requires_grad for p in teacher.parameters())
+    optimizer = recipe.configure_optimizers()
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert in_optimizer == {id(p) for p in recipe.student.parameters()}
+    x = torch.randn(5, 64)
+    torch.testing.assert_close(recipe.teacher_logits({"inputs": x, "labels": torch.zeros(5)}), teacher(x))
+    recipe.compute_loss({"inputs": x, "labels": torch.zeros(5, dtype=torch.long)})["loss"].backward()
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_checkpoints_hold_the_student_not_the_teacher(tmp_path):
+    teacher = MLPClassifier(hidden=[8])
+    recipe = Hinton(student=MLPClassifier(hidden=[4]), teacher=teacher)
+    trainer = L.Trainer(max_epochs=0, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.strategy.connect(recipe)
+    trainer.save_checkpoint(tmp_path / "x.ckpt")
+    state = torch.load(tmp_path / "x.ckpt", weights_only=False)["state_dict"]
+    assert state and all(k.startswith("student.") for k in state)
+    # loading into a fresh recipe keeps its teacher and restores the student (strict load)
+    fresh = Hinton(student=MLPClassifier(hidden=[4]), teacher=MLPClassifier(hidden=[8]))
+    before = {k: v.clone() for k, v in fresh.teacher.state_dict().items()}
+    ckpt = torch.load(tmp_path / "x.ckpt", weights_only=False)
+    fresh.on_load_checkpoint(ckpt)
+    fresh.load_state_dict(ckpt["state_dict"], strict=True)
+    for k, v in fresh.student.state_dict().items():
+        torch.testing.assert_close(v, recipe.student.state_dict()[k])
+    for k, v in fresh.teacher.state_dict().items():
+        torch.testing.assert_close(v, before[k])
+
+
+def test_nan_loss_stops_training_with_a_clear_message(make_cfg):
+    recipe = Hinton(student=Fixed([float("nan"), 0.0]), teacher=Fixed([0.0, 0.0]))
+    with pytest.raises(FloatingPointError, match="not finite at step 0.*lower optimizer.lr"):
+        recipe.training_step(batch([0]), 0)
+
+
+def test_warmup_cosine_schedule():
+    from kd.recipe import warmup_cosine
+
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = warmup_cosine(opt, total_steps=10, warmup_ratio=0.2, min_lr_ratio=0.1)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.5) and lrs[1] == pytest.approx(1.0)  # 2 warm-up steps
+    assert lrs[2] == pytest.approx(1.0)  # cosine starts at the peak
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1)  # reaches min at total_steps
+    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:]))
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+@pytest.mark.parametrize("recipe", ["supervised", "hinton"])
+def test_fast_dev_run_of_each_recipe(recipe, make_cfg, tmp_path):
+    summary = run(make_cfg(f"recipe={recipe}", "debug=fast_dev_run"))
+    out = tmp_path / "run"
+    assert json.loads((out / "metrics.json").read_text())["results"] == summary["results"]
+    assert (out / "student" / "model.safetensors").is_file()
+    expected = {"student, from scratch"} if recipe == "supervised" else {
+        "teacher", "student, from scratch", f"student, {recipe}"}
+    assert set(summary["results"]) == expected
+
+
+def test_missing_teacher_checkpoint_fails_before_training(make_cfg, tmp_path):
+    cfg = make_cfg(f"teacher.checkpoint={tmp_path}/nope.safetensors", "debug=fast_dev_run")
+    with pytest.raises(ConfigError) as err:
+        run(cfg)
+    assert "nope.safetensors' does not exist" in str(err.value) and "set it to null" in str(err.value)
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("recipe.lam=1.5", "recipe.lam must be in [0, 1]"),
+    ("recipe.temperature=0", "recipe.temperature must be > 0"),
+    ("data.labeled_fraction=0", "data.labeled_fraction must be in (0, 1]"),
+])
+def test_bad_overrides_fail_at_setup(override, needle, make_cfg, tmp_path):
+    cfg = make_cfg(override, "debug=fast_dev_run", f"teacher.checkpoint={tmp_path}/t")
+    # a trained teacher so that the error comes from the override, not the teacher
+    from kd.models import DigitsCNN, save_model
+    save_model(DigitsCNN(), tmp_path / "t")
+    with pytest.raises(Exception) as err:
+        run(cfg)
+    assert needle in str(err.value)
