@@ -3,8 +3,10 @@
 
 One ``kd`` run, in its own output directory (``outputs/runs/<date>/<time>``):
 
-1. seeds everything with ``seed``; builds the datamodule (``data``) and the student;
-2. builds the teacher (``teacher``): weights from ``teacher.checkpoint``, or, when that is
+1. seeds everything with ``seed``; builds the datamodule (``data``), the student and the
+   teacher model;
+2. builds the recipe (so bad settings fail before any training), then loads the
+   teacher's weights (``teacher``): from ``teacher.checkpoint``, or, when that is
    null and the teacher config has a ``fit`` section, trains it once with the supervised
    recipe and caches it under ``paths.cache_dir`` keyed by a hash of everything that
    shapes it (model, data, fit settings, trainer, kd version); later runs and sweep jobs
@@ -86,6 +88,7 @@ def fit_and_test(cfg: DictConfig, recipe: DistillationRecipe, datamodule: L.Ligh
     """Train ``recipe`` with the trainer, loggers and callbacks of ``cfg``, then test the
     checkpoint with the best validation score (the last weights when none was kept).
     Returns the test metrics as floats."""
+    L.seed_everything(cfg.seed, workers=True, verbose=False)  # same batch order for every recipe
     loggers = _instantiate_all(cfg.get("logger"))
     callbacks = _instantiate_all(cfg.get("callbacks"))
     trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
@@ -162,15 +165,16 @@ def _cached_supervised(kind: str, name: str, cfg: DictConfig, **changes: Any) ->
     return final
 
 
-def build_teacher(cfg: DictConfig) -> tuple[Any, dict[str, Any]]:
-    """The teacher model (frozen later by the recipe) and where its weights came from."""
+def load_teacher(cfg: DictConfig, model: Any) -> dict[str, Any]:
+    """Fill the teacher ``model`` (built from ``cfg.teacher.model``) with its weights and
+    say where they came from: ``teacher.checkpoint``; else, when the config has a ``fit``
+    section, a supervised run of it trained once and cached; else the model factory."""
     t = cfg.teacher
-    model = instantiate(t.model)
     if t.get("checkpoint"):
         load_weights(model, t.checkpoint)
-        return model, {"source": str(t.checkpoint)}
+        return {"source": str(t.checkpoint)}
     if not t.get("fit"):
-        return model, {"source": "model factory"}  # pretrained by its factory (e.g. a hub model)
+        return {"source": "model factory"}  # pretrained by its factory (e.g. a hub model)
     fit = t.fit
     name = f"{_choice('teacher', 'teacher')}-{config_hash(t.model, fit, *_shaping(cfg))}"
     path = _cached_supervised(
@@ -184,7 +188,7 @@ def build_teacher(cfg: DictConfig) -> tuple[Any, dict[str, Any]]:
         **{"trainer.max_epochs": fit.max_epochs},
     )
     load_weights(model, path)
-    return model, {"source": str(path), **json.loads((path / "meta.json").read_text())}
+    return {"source": str(path), **json.loads((path / "meta.json").read_text())}
 
 
 def scratch_baseline(cfg: DictConfig) -> dict[str, Any]:
@@ -205,15 +209,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     recipe_cls = _recipe_class(cfg)
     recipe_name = _choice("recipe", recipe_cls.__name__.lower())
 
-    teacher, teacher_meta = (None, {})
-    if recipe_cls.needs_teacher:
-        if not _has_teacher(cfg):
-            raise ConfigError(f"recipe {recipe_name} needs a teacher; choose one with teacher=<config> (see conf/teacher/)")
-        teacher, teacher_meta = build_teacher(cfg)
+    teacher = None
+    if recipe_cls.needs_teacher and not _has_teacher(cfg):
+        raise ConfigError(f"recipe {recipe_name} needs a teacher; choose one with teacher=<config> (see conf/teacher/)")
 
+    # Build everything cheap first, so a bad setting fails before any training. The
+    # student is created right after seeding, as in the scratch baseline: same init.
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
     student = instantiate(cfg.student)
+    if recipe_cls.needs_teacher:
+        teacher = instantiate(cfg.teacher.model)
     recipe = instantiate(
         cfg.recipe,
         student=student,
@@ -223,6 +229,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
         _recursive_=False,
     )
+    teacher_meta = load_teacher(cfg, teacher) if teacher is not None else {}
     metrics = fit_and_test(cfg, recipe, datamodule)
     recipe.save_student(out / "student")
     OmegaConf.save(cfg.student, out / "student" / "model_config.yaml")
@@ -255,9 +262,23 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 def _hydra_main(cfg: DictConfig) -> dict[str, Any]:
     try:
         return run(cfg)
-    except ConfigError as e:
-        print(f"kd: error: {e}", file=sys.stderr)
+    except Exception as e:
+        cause = _config_error(e)
+        if cause is None:
+            raise
+        print(f"kd: error: {cause}", file=sys.stderr)
         sys.exit(2)
+
+
+def _config_error(e: BaseException | None) -> ConfigError | None:
+    """The ConfigError behind ``e`` (Hydra's instantiate wraps what constructors raise)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, ConfigError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def main() -> None:

@@ -75,6 +75,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from kd import ConfigError
+
 __all__ = [
     "REDUCTIONS",
     "compute_dtype",
@@ -112,7 +114,7 @@ PerPosition = Callable[[Tensor, Tensor], Tensor]
 
 def _check_reduction(reduction: str) -> None:
     if reduction not in REDUCTIONS:
-        raise ValueError(
+        raise ConfigError(
             f"unknown reduction {reduction!r}; valid reductions are "
             + ", ".join(repr(r) for r in REDUCTIONS)
         )
@@ -130,13 +132,13 @@ def _as_float(x: object) -> float | None:
 def _check_temperature(temperature: float) -> None:
     t = _as_float(temperature)
     if t is None or not (t > 0 and math.isfinite(t)):
-        raise ValueError(f"temperature must be > 0 (got {temperature!r})")
+        raise ConfigError(f"temperature must be > 0 (got {temperature!r})")
 
 
 def _check_beta(beta: float) -> None:
     b = _as_float(beta)
     if b is None or not (0.0 <= b <= 1.0):
-        raise ValueError(
+        raise ConfigError(
             f"JSD beta must be in [0, 1] (got {beta!r}); beta=0 is forward KL, beta=1 reverse KL"
         )
 
@@ -144,7 +146,7 @@ def _check_beta(beta: float) -> None:
 def _check_alpha(alpha: float, which: str) -> None:
     a = _as_float(alpha)
     if a is None or not (0.0 <= a < 1.0):
-        raise ValueError(
+        raise ConfigError(
             f"{which} alpha must be in [0, 1) (got {alpha!r}); alpha=0 is the plain KL, "
             "alpha=1 would make the loss identically 0"
         )

@@ -80,11 +80,16 @@ def test_console_script_runs_sweeps_and_never_overwrites(tmp_path):
     assert len(list((tmp_path / "outputs" / "runs").glob("*/*"))) == 2
 
 
-def test_console_script_config_errors_are_one_sentence(tmp_path):
-    done = _kd("teacher.checkpoint=/no/such/teacher.pt", "trainer.enable_progress_bar=false", cwd=tmp_path)
+@pytest.mark.parametrize("override,start", [
+    ("teacher.checkpoint=/no/such/teacher.pt", "kd: error: checkpoint '/no/such/teacher.pt' does not exist"),
+    ("recipe.lam=2", "kd: error: recipe.lam must be in [0, 1] (got 2)"),
+])
+def test_console_script_config_errors_are_one_sentence(override, start, tmp_path):
+    done = _kd(override, "trainer.enable_progress_bar=false", cwd=tmp_path)
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines()[-1].startswith("kd: error: checkpoint '/no/such/teacher.pt' does not exist")
+    assert done.stderr.strip().splitlines()[-1].startswith(start)
     assert "Traceback" not in done.stderr
+    assert not (tmp_path / "cache").exists(), "nothing may be trained before a config error"
 
 
 @pytest.mark.slow

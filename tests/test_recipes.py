@@ -183,12 +183,16 @@ def test_missing_teacher_checkpoint_fails_before_training(make_cfg, tmp_path):
     ("recipe.lam=1.5", "recipe.lam must be in [0, 1]"),
     ("recipe.temperature=0", "recipe.temperature must be > 0"),
     ("data.labeled_fraction=0", "data.labeled_fraction must be in (0, 1]"),
+    ("divergence.reduction=avg", "unknown reduction 'avg'"),
 ])
-def test_bad_overrides_fail_at_setup(override, needle, make_cfg, tmp_path):
-    cfg = make_cfg(override, "debug=fast_dev_run", f"teacher.checkpoint={tmp_path}/t")
-    # a trained teacher so that the error comes from the override, not the teacher
-    from kd.models import DigitsCNN, save_model
-    save_model(DigitsCNN(), tmp_path / "t")
+def test_bad_overrides_fail_before_any_training(override, needle, make_cfg, tmp_path):
+    cfg = make_cfg(override, "debug=fast_dev_run")
     with pytest.raises(Exception) as err:
         run(cfg)
     assert needle in str(err.value)
+    assert not (tmp_path / "cache").exists(), "the teacher was trained before the error"
+
+
+def test_bad_divergence_setting_fails_at_setup(make_cfg):
+    with pytest.raises(Exception, match=r"JSD beta must be in \[0, 1\] \(got 1.5\)"):
+        run(make_cfg("divergence=jsd", "divergence.beta=1.5", "debug=fast_dev_run"))
