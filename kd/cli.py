@@ -99,13 +99,16 @@ def fit_and_test(cfg: DictConfig, recipe: DistillationRecipe, datamodule: L.Ligh
     return {k: float(v) for k, v in (results[0] if results else {}).items()}
 
 
-def _sub_run(cfg: DictConfig, output_dir: Path, **changes: Any) -> DictConfig:
-    """A copy of ``cfg`` writing into ``output_dir`` with top-level keys replaced."""
+def _sub_run(cfg: DictConfig, **changes: Any) -> DictConfig:
+    """A copy of ``cfg`` with keys (dotted paths) replaced; dict values under ``merge``
+    are merged into the existing node instead (``merge={"data": {...}}``)."""
+    merges = changes.pop("merge", {}) or {}
     sub = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
     with open_dict(sub):
-        sub.paths.output_dir = str(output_dir)
         for key, value in changes.items():
             OmegaConf.update(sub, key, value, merge=False)
+        for key, value in merges.items():
+            OmegaConf.update(sub, key, value, merge=True)
     return sub
 
 
@@ -123,21 +126,28 @@ def _train_supervised(cfg: DictConfig) -> tuple[DistillationRecipe, dict[str, fl
     return recipe, fit_and_test(cfg, recipe, datamodule)
 
 
-def _shaping(cfg: DictConfig) -> list[Any]:
-    """The trainer and data settings that change what a training run produces."""
+def _run_key(cfg: DictConfig) -> str:
+    """Hash of everything that shapes what a supervised run of ``cfg`` produces."""
     trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
     data = OmegaConf.to_container(cfg.data, resolve=True)
-    return [
+    return config_hash(
+        cfg.student,
+        cfg.optimizer,
+        cfg.get("scheduler"),
+        cfg.seed,
         {k: v for k, v in trainer.items() if k != "default_root_dir"},
         {k: v for k, v in data.items() if k != "num_workers"},
-    ]
+    )
 
 
-def _cached_supervised(kind: str, name: str, cfg: DictConfig, **changes: Any) -> Path:
-    """Directory ``<paths.cache_dir>/<kind>/<name>`` with ``model.safetensors`` and
-    ``meta.json`` of a supervised run of ``cfg`` with ``changes``; trained when missing or
-    unreadable. Built in a temporary directory and renamed into place, so a crash never
-    leaves a half-written entry."""
+def _cached_supervised(kind: str, prefix: str, cfg: DictConfig, **changes: Any) -> Path:
+    """Directory ``<paths.cache_dir>/<kind>/<prefix>-<hash>`` holding ``model.safetensors``
+    and ``meta.json`` of a supervised run of ``cfg`` with ``changes`` (see :func:`_sub_run`),
+    the hash covering everything that shapes the result. Trained when missing or
+    unreadable, in a temporary directory renamed into place, so a crash never leaves a
+    half-written entry."""
+    sub = _sub_run(cfg, logger={}, teacher=None, **changes)
+    name = f"{prefix}-{_run_key(sub)}"
     root = Path(cfg.paths.cache_dir).expanduser() / kind
     final = root / name
     meta_file = final / "meta.json"
@@ -145,16 +155,18 @@ def _cached_supervised(kind: str, name: str, cfg: DictConfig, **changes: Any) ->
         try:
             if json.loads(meta_file.read_text()).get("name") == name:
                 read_state_dict(final)
-                log.info("reusing cached %s %s", kind, final)
+                log.info("reusing cached %s %s", kind.rstrip("s"), final)
                 return final
         except (ValueError, OSError, RuntimeError) as e:
-            log.warning("cached %s at %s is unreadable (%s); rebuilding it", kind, final, e)
+            log.warning("cached %s at %s is unreadable (%s); rebuilding it", kind.rstrip("s"), final, e)
         shutil.rmtree(final, ignore_errors=True)
     tmp = root / f".{name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     log.info("training the %s once (cached afterwards in %s)", kind.rstrip("s"), final)
-    recipe, metrics = _train_supervised(_sub_run(cfg, tmp, logger={}, teacher=None, **changes))
+    with open_dict(sub):
+        sub.paths.output_dir = str(tmp)
+    recipe, metrics = _train_supervised(sub)
     save_model(recipe.student, tmp)
     meta = {"name": name, "kd_version": kd.__version__, "metrics": metrics, "params": count_parameters(recipe.student)}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
@@ -168,23 +180,25 @@ def _cached_supervised(kind: str, name: str, cfg: DictConfig, **changes: Any) ->
 def load_teacher(cfg: DictConfig, model: Any) -> dict[str, Any]:
     """Fill the teacher ``model`` (built from ``cfg.teacher.model``) with its weights and
     say where they came from: ``teacher.checkpoint``; else, when the config has a ``fit``
-    section, a supervised run of it trained once and cached; else the model factory."""
+    section, a supervised run trained once and cached (``fit`` sets its epochs, seed,
+    optimizer and, under ``fit.data``, changes to the data config); else the model
+    factory (pretrained models)."""
     t = cfg.teacher
     if t.get("checkpoint"):
         load_weights(model, t.checkpoint)
         return {"source": str(t.checkpoint)}
     if not t.get("fit"):
-        return {"source": "model factory"}  # pretrained by its factory (e.g. a hub model)
+        return {"source": "model factory"}
     fit = t.fit
-    name = f"{_choice('teacher', 'teacher')}-{config_hash(t.model, fit, *_shaping(cfg))}"
     path = _cached_supervised(
         "teachers",
-        name,
+        _choice("teacher", "teacher"),
         cfg,
         student=t.model,
         optimizer=fit.optimizer,
         scheduler=fit.get("scheduler"),
         seed=fit.seed,
+        merge={"data": fit.get("data") or {}},
         **{"trainer.max_epochs": fit.max_epochs},
     )
     load_weights(model, path)
@@ -193,9 +207,8 @@ def load_teacher(cfg: DictConfig, model: Any) -> dict[str, Any]:
 
 def scratch_baseline(cfg: DictConfig) -> dict[str, Any]:
     """``meta.json`` of ``cfg.student`` trained without a teacher, everything else equal."""
-    key = config_hash(cfg.student, cfg.optimizer, cfg.get("scheduler"), cfg.seed, *_shaping(cfg))
-    name = f"{_choice('student', 'student')}-seed{cfg.seed}-{key}"
-    return json.loads((_cached_supervised("baselines", name, cfg) / "meta.json").read_text())
+    path = _cached_supervised("baselines", f"{_choice('student', 'student')}-seed{cfg.seed}", cfg)
+    return json.loads((path / "meta.json").read_text())
 
 
 # ----------------------------------------------------------------------------- the run
