@@ -92,7 +92,10 @@ def fit_and_test(cfg: DictConfig, recipe: DistillationRecipe, datamodule: L.Ligh
     loggers = _instantiate_all(cfg.get("logger"))
     callbacks = _instantiate_all(cfg.get("callbacks"))
     trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
-    trainer.fit(recipe, datamodule=datamodule)
+    plain = {k: v for k, v in cfg.items() if k != "hydra"}
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(OmegaConf.create(plain), resolve=True))
+    trainer.fit(recipe, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     ckpt = trainer.checkpoint_callback
     best = getattr(ckpt, "best_model_path", "") if ckpt is not None else ""
     results = trainer.test(recipe, datamodule=datamodule, ckpt_path=best or None, verbose=False)
@@ -146,7 +149,8 @@ def _cached_supervised(kind: str, prefix: str, cfg: DictConfig, **changes: Any) 
     the hash covering everything that shapes the result. Trained when missing or
     unreadable, in a temporary directory renamed into place, so a crash never leaves a
     half-written entry."""
-    sub = _sub_run(cfg, logger={}, teacher=None, **changes)
+    # no loggers, no teacher; a resumed run's checkpoint belongs to its own recipe
+    sub = _sub_run(cfg, logger={}, teacher=None, ckpt_path=None, **changes)
     name = f"{prefix}-{_run_key(sub)}"
     root = Path(cfg.paths.cache_dir).expanduser() / kind
     final = root / name
@@ -223,6 +227,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     recipe_name = _choice("recipe", recipe_cls.__name__.lower())
 
     teacher = None
+    resume = cfg.get("ckpt_path")
+    if resume and not Path(resume).is_file():
+        raise ConfigError(f"ckpt_path '{resume}' does not exist; pass a run's checkpoints/last.ckpt or set ckpt_path=null")
     if recipe_cls.needs_teacher and not _has_teacher(cfg):
         raise ConfigError(f"recipe {recipe_name} needs a teacher; choose one with teacher=<config> (see conf/teacher/)")
 

@@ -59,7 +59,7 @@ def _kd(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_console_script_runs_sweeps_and_never_overwrites(tmp_path):
-    quiet = ["trainer.enable_progress_bar=false", "logger=csv", *TINY]
+    quiet = ["trainer.enable_progress_bar=false", "logger=csv", "trainer.log_every_n_steps=1", *TINY]
     done = _kd("-m", "seed=0,1", *quiet, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Sweep summary (mean ± std over seeds)" in done.stdout
@@ -69,7 +69,11 @@ def test_console_script_runs_sweeps_and_never_overwrites(tmp_path):
         metrics = json.loads((sweep / job / "metrics.json").read_text())
         assert metrics["seed"] == int(job)
         assert (sweep / job / ".hydra" / "config.yaml").is_file()
-        assert (sweep / job / "csv" / "metrics.csv").is_file()
+        header = (sweep / job / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+        for column in ("train/loss", "train/hard_ce", "train/soft_kd", "train/targets_per_s", "train/lr",
+                       "val/loss", "val/acc", "val/kl_to_teacher", "test/acc", "test/teacher_acc"):
+            assert column in header, column  # every loss term and metric logged separately
+        assert "recipe" in (sweep / job / "csv" / "hparams.yaml").read_text()  # the resolved config
         assert (sweep / job / "student" / "model.safetensors").is_file()
     report = subprocess.run([sys.executable, "-c", "from kd.cli import report_main; report_main()", str(sweep)],
                             capture_output=True, text=True)

@@ -196,3 +196,16 @@ def test_bad_overrides_fail_before_any_training(override, needle, make_cfg, tmp_
 def test_bad_divergence_setting_fails_at_setup(make_cfg):
     with pytest.raises(Exception, match=r"JSD beta must be in \[0, 1\] \(got 1.5\)"):
         run(make_cfg("divergence=jsd", "divergence.beta=1.5", "debug=fast_dev_run"))
+
+
+def test_resume_from_last_checkpoint_continues_training(make_cfg, tmp_path):
+    tiny = ["trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
+            "teacher.fit.max_epochs=1", "scratch_baseline=false"]
+    run(make_cfg("trainer.max_epochs=1", *tiny, root=tmp_path / "a"))
+    last = tmp_path / "a" / "run" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["epoch"] == 0
+    run(make_cfg("trainer.max_epochs=2", f"ckpt_path={last}", *tiny, root=tmp_path / "b"))
+    resumed = torch.load(tmp_path / "b" / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert resumed["epoch"] == 1 and resumed["global_step"] == 4  # 2 steps before + 2 after resuming
+    with pytest.raises(ConfigError, match="ckpt_path '.*nope.ckpt' does not exist"):
+        run(make_cfg(f"ckpt_path={tmp_path}/nope.ckpt", *tiny, root=tmp_path / "c"))
