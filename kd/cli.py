@@ -43,7 +43,14 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 import kd
 from kd import ConfigError
 from kd.evaluation import load_runs, summarize
-from kd.models import count_parameters, load_weights, read_state_dict, save_model
+from kd.models import (
+    check_same_tokenizer,
+    count_parameters,
+    load_tokenizer,
+    load_weights,
+    read_state_dict,
+    save_model,
+)
 from kd.recipe import DistillationRecipe
 
 log = logging.getLogger("kd")
@@ -139,7 +146,7 @@ def _run_key(cfg: DictConfig) -> str:
         cfg.get("scheduler"),
         cfg.seed,
         {k: v for k, v in trainer.items() if k != "default_root_dir"},
-        {k: v for k, v in data.items() if k != "num_workers"},
+        {k: v for k, v in data.items() if k not in ("num_workers", "cache_dir")},
     )
 
 
@@ -249,9 +256,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
         _recursive_=False,
     )
+    if teacher is not None and cfg.teacher.get("tokenizer") and hasattr(datamodule, "tokenizer"):
+        datamodule.setup("fit")  # a same-tokenizer recipe refuses a foreign teacher before training
+        check_same_tokenizer(datamodule.tokenizer, load_tokenizer(cfg.teacher.tokenizer), "the data's and the teacher's")
     teacher_meta = load_teacher(cfg, teacher) if teacher is not None else {}
     metrics = fit_and_test(cfg, recipe, datamodule)
-    recipe.save_student(out / "student")
+    recipe.save_student(out / "student", tokenizer=getattr(datamodule, "tokenizer", None))
     OmegaConf.save(cfg.student, out / "student" / "model_config.yaml")
 
     results: dict[str, dict[str, Any]] = {}

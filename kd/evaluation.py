@@ -1,8 +1,10 @@
 """Evaluation: per-stage metrics (torchmetrics) and run summaries over seeds.
 
 :class:`StageMetrics` accumulates, over a validation or test epoch, the student's
-cross-entropy and accuracy on gold labels and, when a teacher is present, the forward
-KL(teacher || student) at T=1 and the teacher's own accuracy. Every value is a
+cross-entropy and accuracy on gold labels (per token for language models, with the
+perplexity exp(CE)) and, when a teacher is present, the forward KL(teacher || student)
+at T=1 and the teacher's own accuracy. Exact match of generated answers is computed by
+the recipe from greedy generations (``kd.recipe``) and scored by the data's task. Every value is a
 token-weighted mean (torchmetrics ``MeanMetric`` with weights), so it is exact across
 batches of different sizes and across devices.
 
@@ -66,11 +68,13 @@ class StageMetrics(nn.Module):
         self.kl_to_teacher = MeanMetric()
         self.teacher_acc = MeanMetric()
         self.has_teacher = False
+        self.tokens = False  # token-level data: report perplexity too
 
     @torch.no_grad()
     def update(
         self, student_logits: Tensor, labels: Tensor, mask: Tensor, teacher_logits: Tensor | None = None
     ) -> None:
+        self.tokens = self.tokens or labels.dim() > 1
         gold = labels != IGNORE_INDEX
         n_gold = int(gold.sum())
         if n_gold:
@@ -88,6 +92,8 @@ class StageMetrics(nn.Module):
 
     def compute(self) -> dict[str, Tensor]:
         out = {"loss": self.loss.compute(), "acc": self.acc.compute()}
+        if self.tokens:
+            out["ppl"] = out["loss"].exp()
         if self.has_teacher:
             out["kl_to_teacher"] = self.kl_to_teacher.compute()
             out["teacher_acc"] = self.teacher_acc.compute()

@@ -1,8 +1,16 @@
-"""Teacher and student models: small built-in architectures, freezing, weights on disk.
+"""Teacher and student models: loading, tiny configs, tokenizers, freezing, weights on disk.
 
 Every model config of the ``teacher/`` and ``student/`` groups names a factory with
-``_target_`` that returns an ``nn.Module``. This module holds the built-in ones (tiny
-classifiers for the bundled digits task) and the helpers every recipe shares:
+``_target_`` that returns an ``nn.Module``. This module holds the built-in ones:
+
+* :func:`load_hf_model`: a transformers model by hub name or local directory (causal or
+  masked LM), with dtype, attention implementation and an optional GGUF file;
+* :func:`tiny_causal_lm`: a randomly initialised Llama or GPT-2 from a small config (tests,
+  embedded tasks, from-scratch students);
+* :class:`MLPClassifier`, :class:`DigitsCNN`: tiny classifiers for the digits task;
+
+tokenizer helpers (:func:`load_tokenizer`, :func:`check_same_tokenizer`, which refuses
+tokenizers that map some id to different strings) and the helpers every recipe shares:
 
 * :func:`freeze` puts a teacher in eval mode without gradients;
 * :func:`load_weights` reads trained weights into a module from a plain state dict
@@ -15,6 +23,7 @@ classifiers for the bundled digits task) and the helpers every recipe shares:
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +32,9 @@ import torch
 from torch import nn
 
 from kd import ConfigError
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
 
 WEIGHT_FILES = ("model.safetensors", "model.pt", "model.pth", "pytorch_model.bin")
 
@@ -103,6 +115,139 @@ class DigitsCNN(nn.Module):
         return self.head(self.features(x))
 
 
+def _looks_local(name_or_path: str) -> bool:
+    return name_or_path.startswith(("/", "./", "../", "~")) or os.sep in name_or_path and Path(name_or_path).parent.exists()
+
+
+def load_hf_model(
+    name_or_path: str,
+    task: str = "causal_lm",
+    dtype: str | None = "float32",
+    attn_implementation: str | None = None,
+    gguf_file: str | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+) -> nn.Module:
+    """A transformers model by hub name or local directory.
+
+    Args:
+        name_or_path: hub id (``HuggingFaceTB/SmolLM2-135M-Instruct``; downloads unless
+            cached) or a local directory written by ``save_pretrained``.
+        task: ``"causal_lm"`` (AutoModelForCausalLM) or ``"masked_lm"`` (AutoModelForMaskedLM).
+        dtype: ``"float32"``, ``"bfloat16"``, ``"float16"`` or ``"auto"`` (the checkpoint's).
+        attn_implementation: e.g. ``"sdpa"``, ``"eager"``, ``"flash_attention_2"``; None = default.
+        gguf_file: a GGUF file inside ``name_or_path`` to load and dequantize (needs ``gguf``).
+        revision: hub revision.
+        trust_remote_code: allow custom modelling code from the hub.
+    """
+    import transformers
+
+    auto = {"causal_lm": transformers.AutoModelForCausalLM, "masked_lm": transformers.AutoModelForMaskedLM}
+    if task not in auto:
+        raise ConfigError(f"model task must be one of {sorted(auto)} (got {task!r})")
+    if dtype is not None and dtype != "auto" and dtype not in DTYPES:
+        raise ConfigError(f"model dtype must be one of {sorted(DTYPES)} or 'auto' (got {dtype!r})")
+    path = Path(name_or_path).expanduser()
+    if _looks_local(str(name_or_path)) and not path.exists():
+        raise ConfigError(
+            f"model directory '{path}' does not exist; pass a directory written by save_pretrained or a hub name"
+        )
+    kwargs: dict = {"trust_remote_code": trust_remote_code}
+    if dtype is not None:
+        kwargs["dtype"] = dtype if dtype == "auto" else DTYPES[dtype]
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    if revision:
+        kwargs["revision"] = revision
+    return auto[task].from_pretrained(str(path) if path.exists() else name_or_path, **kwargs)
+
+
+def tiny_causal_lm(
+    arch: str = "llama",
+    vocab_size: int = 512,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int | None = None,
+    intermediate_size: int | None = None,
+    max_position_embeddings: int = 256,
+    tie_word_embeddings: bool = True,
+    dropout: float = 0.0,
+    pad_token_id: int | None = None,
+    bos_token_id: int | None = None,
+    eos_token_id: int | None = None,
+) -> nn.Module:
+    """A randomly initialised small causal LM (``"llama"`` or ``"gpt2"``) from a config.
+
+    ``vocab_size`` may exceed the tokenizer's (the extra rows are padding, sliced away
+    by the recipes). ``intermediate_size`` defaults to 4x (GPT-2) or 8/3x rounded up to
+    a multiple of 16 (Llama) the hidden size.
+    """
+    import transformers
+
+    if hidden_size % num_heads:
+        raise ConfigError(f"hidden_size {hidden_size} must be divisible by num_heads {num_heads}")
+    special = {"pad_token_id": pad_token_id, "bos_token_id": bos_token_id, "eos_token_id": eos_token_id}
+    if arch == "llama":
+        inter = intermediate_size or 16 * math.ceil(hidden_size * 8 / 3 / 16)
+        config = transformers.LlamaConfig(
+            vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=inter, num_hidden_layers=num_layers,
+            num_attention_heads=num_heads, num_key_value_heads=num_kv_heads or num_heads,
+            max_position_embeddings=max_position_embeddings, tie_word_embeddings=tie_word_embeddings,
+            attention_dropout=dropout, **special,
+        )
+        return transformers.LlamaForCausalLM(config)
+    if arch == "gpt2":
+        config = transformers.GPT2Config(
+            vocab_size=vocab_size, n_embd=hidden_size, n_layer=num_layers, n_head=num_heads,
+            n_inner=intermediate_size, n_positions=max_position_embeddings, tie_word_embeddings=tie_word_embeddings,
+            resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout, **special,
+        )
+        return transformers.GPT2LMHeadModel(config)
+    raise ConfigError(f"tiny_causal_lm arch must be 'llama' or 'gpt2' (got {arch!r})")
+
+
+def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False):
+    """A transformers tokenizer by hub name or local directory; a pad token is set to the
+    EOS token when the tokenizer has none (training pads; padded positions never count)."""
+    from transformers import AutoTokenizer
+
+    path = Path(name_or_path).expanduser()
+    if _looks_local(str(name_or_path)) and not path.exists():
+        raise ConfigError(f"tokenizer directory '{path}' does not exist; pass a directory or a hub name")
+    kwargs = {"revision": revision} if revision else {}
+    tok = AutoTokenizer.from_pretrained(str(path) if path.exists() else name_or_path,
+                                        trust_remote_code=trust_remote_code, **kwargs)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _vocab_strings(tok) -> dict[int, str]:
+    return {i: s for s, i in tok.get_vocab().items()}
+
+
+def check_same_tokenizer(student_tok, teacher_tok, what: str = "teacher and student") -> None:
+    """Refuse two tokenizers unless every id maps to the same token string in both
+    (equal sizes are not enough) and the EOS tokens agree."""
+    a, b = _vocab_strings(student_tok), _vocab_strings(teacher_tok)
+    hint = "use a cross-tokenizer recipe (recipe=byte_kd) or give both models the same tokenizer"
+    if len(a) != len(b):
+        raise ConfigError(f"{what} tokenizers differ ({len(a)} vs {len(b)} tokens); {hint}")
+    diff = [i for i in a if a[i] != b.get(i)]
+    if diff:
+        i = diff[0]
+        raise ConfigError(
+            f"{what} tokenizers map {len(diff)} ids to different strings (id {i}: {a[i]!r} vs {b.get(i)!r}); {hint}"
+        )
+    if student_tok.eos_token_id != teacher_tok.eos_token_id:
+        raise ConfigError(
+            f"{what} tokenizers use different EOS ids ({student_tok.eos_token_id} vs {teacher_tok.eos_token_id}); {hint}"
+        )
+
+
 def count_parameters(model: nn.Module | None, trainable_only: bool = False) -> int:
     """Number of parameters (0 for ``None``)."""
     if model is None:
@@ -163,10 +308,18 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load the weights stored at ``path`` into ``model`` (strict: every key must match)."""
+    """Load the weights stored at ``path`` into ``model``, strictly: every key must match,
+    except entries the file omits because they share storage with one it has (tied input
+    and output embeddings, as ``save_pretrained`` writes them)."""
     state = read_state_dict(path)
+    own = model.state_dict(keep_vars=True)
+    stored = {own[k].data_ptr() for k in state if k in own}
+    omitted_ties = {k for k in own if k not in state and own[k].data_ptr() in stored}
     try:
-        model.load_state_dict(state, strict=True)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if k not in omitted_ties]
+        if missing or unexpected:
+            raise RuntimeError(f"missing keys {missing[:3]}, unexpected keys {unexpected[:3]}")
     except RuntimeError as e:
         first = str(e).splitlines()[0]
         raise ConfigError(

@@ -102,6 +102,9 @@ class DistillationRecipe(L.LightningModule):
         self.metrics = nn.ModuleDict({"val": StageMetrics(), "test": StageMetrics()})
         self._step_started: float | None = None
         self._num_targets = torch.zeros(())
+        #: the tokenizer's true vocabulary size; logits are cut to it (set by the caller)
+        self.vocab_size: int | None = None
+        self._predictions: dict[str, dict[int, str]] = {"val": {}, "test": {}}
 
     # ------------------------------------------------------------------ model calls
 
@@ -110,19 +113,38 @@ class DistillationRecipe(L.LightningModule):
 
         ``labels`` holds gold targets (IGNORE_INDEX where there is none) and ``mask`` the
         positions where a distribution is predicted and compared with the teacher.
-        Classification batches ``{"inputs", "labels"}``: one position per example, every
-        example in the mask (unlabelled ones too).
+
+        * classification ``{"inputs", "labels"}``: one position per example, every example
+          in the mask (unlabelled ones too);
+        * token batches ``{"input_ids", "attention_mask", "labels"}``: logits of position i
+          predict token i+1, so logits drop the last position and labels the first; the
+          mask keeps response tokens (prompt and padding are IGNORE_INDEX).
+
+        Logits are cut to ``self.vocab_size`` (the tokenizer's true vocabulary) when set,
+        so a model whose output layer is padded past it compares with one that is not.
         """
-        if "inputs" in batch:
+        if "input_ids" in batch:
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            logits = out.logits[:, :-1]
+            labels = batch["labels"][:, 1:]
+            mask = labels != IGNORE_INDEX
+        elif "inputs" in batch:
             logits = model(batch["inputs"])
             logits = getattr(logits, "logits", logits)
             labels = batch["labels"]
             mask = torch.ones_like(labels, dtype=torch.bool)
         else:
             raise ConfigError(
-                f"batches with keys {sorted(batch)} are not a format recipes understand; "
-                "use a datamodule from kd.data (classification batches carry 'inputs' and 'labels')"
+                f"batches with keys {sorted(batch)} are not a format recipes understand; use a datamodule "
+                "from kd.data (classification: 'inputs'/'labels'; language models: 'input_ids'/'labels')"
             )
+        if self.vocab_size is not None:
+            if logits.shape[-1] < self.vocab_size:
+                raise ConfigError(
+                    f"a model has {logits.shape[-1]} output logits but the tokenizer {self.vocab_size} tokens; "
+                    "give the model a vocabulary at least as large as the tokenizer's"
+                )
+            logits = logits[..., : self.vocab_size]
         if model is self.student and self.training:
             self._num_targets = mask.sum()  # for train/targets_per_s
         return logits, labels, mask
@@ -136,6 +158,13 @@ class DistillationRecipe(L.LightningModule):
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
         return self.outputs(self.student, batch)[0]
+
+    def setup(self, stage: str) -> None:
+        """Take the true vocabulary size from the datamodule's tokenizer, if it has one."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        tokenizer = getattr(datamodule, "tokenizer", None)
+        if tokenizer is not None and self.vocab_size is None:
+            self.vocab_size = len(tokenizer)
 
     # ------------------------------------------------------------------ the loss
 
@@ -175,23 +204,41 @@ class DistillationRecipe(L.LightningModule):
     # ------------------------------------------------------------------ evaluation
 
     def _eval_step(self, stage: str, batch: dict[str, Tensor]) -> None:
+        if "prompt_ids" in batch:
+            self._generation_eval_step(stage, batch)
+            return
         logits, labels, mask = self.outputs(self.student, batch)
         teacher = self.teacher_logits(batch) if self.teacher is not None else None
         self.metrics[stage].update(logits, labels, mask, teacher)
 
+    def _generation_eval_step(self, stage: str, batch: dict[str, Tensor]) -> None:
+        """Greedy answers to held-out prompts, decoded and kept for exact-match scoring."""
+        from kd.generation import GenerationConfig, generate
+
+        dm = self.trainer.datamodule
+        tok = dm.tokenizer
+        config = GenerationConfig(max_new_tokens=dm.max_new_tokens, temperature=0.0,
+                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        out = generate(self.student, batch["prompt_ids"], batch["prompt_mask"], config)
+        for i, tokens, keep in zip(batch["index"].tolist(), out.responses, out.response_mask):
+            self._predictions[stage][i] = tok.decode(tokens[keep].tolist(), skip_special_tokens=True)
+
     def _eval_epoch_end(self, stage: str) -> None:
         values = self.metrics[stage].compute()
+        if self._predictions[stage]:
+            values.update(self.trainer.datamodule.score(stage, self._predictions[stage]))
+            self._predictions[stage] = {}
         for key, value in values.items():
-            self.log(f"{stage}/{key}", value, prog_bar=key in ("acc", "loss"))
+            self.log(f"{stage}/{key}", value, prog_bar=key in ("acc", "loss", "exact_match"), add_dataloader_idx=False)
         self.metrics[stage].reset()
 
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step("val", batch)
 
     def on_validation_epoch_end(self) -> None:
         self._eval_epoch_end("val")
 
-    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step("test", batch)
 
     def on_test_epoch_end(self) -> None:
@@ -234,10 +281,14 @@ class DistillationRecipe(L.LightningModule):
 
     # ------------------------------------------------------------------ export
 
-    def save_student(self, directory: str | Path) -> Path:
+    def save_student(self, directory: str | Path, tokenizer: Any = None) -> Path:
         """Write the student in its native format (``save_pretrained`` for transformers
-        models, ``model.safetensors`` otherwise) and return the directory."""
-        return save_model(self.student, directory)
+        models, ``model.safetensors`` otherwise), with its tokenizer when given, so plain
+        transformers loads the directory; return it."""
+        out = save_model(self.student, directory)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out)
+        return out
 
 
 __all__ = ["DistillationRecipe", "IGNORE_INDEX", "warmup_cosine"]

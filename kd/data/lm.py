@@ -1,0 +1,365 @@
+"""Prompt/response data for language models: sources, tokenization, collation, datamodule.
+
+An example is a prompt and a response (:class:`kd.data.tasks.Example`). It is rendered
+with the tokenizer's chat template when it has one (the user turn, then the generation
+prompt), tokenized as ``prompt_ids`` and ``response_ids + [eos]`` separately (so the
+boundary never merges across prompt and response) and concatenated.
+
+Batches (what recipes receive):
+
+* training / teacher-forced evaluation, right-padded: ``input_ids`` (B, L),
+  ``attention_mask`` (B, L), ``labels`` (B, L) equal to ``input_ids`` on response tokens
+  (EOS included) and :data:`kd.data.IGNORE_INDEX` on prompt and padding; position i of
+  the logits predicts token i+1 (the recipe shifts);
+* generation evaluation, left-padded prompts: ``prompt_ids`` (B, P), ``prompt_mask``
+  (B, P), ``index`` (B,) the examples' positions in their split, to score the generated
+  answers against the references (exact match, per skill).
+
+Sources give ``{"train": [...], "val": [...], "test": [...]}`` lists of examples:
+:class:`TaskSource` (the embedded generative task) and :class:`JsonlSource` (local
+``.jsonl``/``.json``/``.parquet`` files with ``prompt``/``response`` fields or chat
+``messages``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from kd import ConfigError
+from kd.data import IGNORE_INDEX
+from kd.data.tasks import Example
+
+log = logging.getLogger(__name__)
+
+# ----------------------------------------------------------------------------- sources
+
+
+class TaskSource:
+    """The embedded generative task of :mod:`kd.data.tasks` (deterministic from ``seed``)."""
+
+    def __init__(self, train_size: int = 20000, val_size: int = 300, test_size: int = 1000, seed: int = 0,
+                 skills: Sequence[str] | None = None) -> None:
+        self.kwargs = dict(train_size=train_size, val_size=val_size, test_size=test_size, seed=seed,
+                           skills=list(skills) if skills else None)
+
+    def load(self) -> dict[str, list[Example]]:
+        from kd.data.tasks import make_task
+
+        return make_task(**self.kwargs)
+
+    def fingerprint(self) -> dict:
+        return {"task": self.kwargs}
+
+
+def _read_records(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise ConfigError(f"data file '{path}' does not exist; pass an existing .jsonl, .json or .parquet file")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq  # optional dependency, only for parquet files
+
+        return pq.read_table(path).to_pylist()
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"'{path}' is not valid JSON ({e}); fix the file or convert it to one object per line") from e
+        if not isinstance(records, list):
+            raise ConfigError(f"'{path}' must hold a JSON list of objects")
+        return records
+    records = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"'{path}' line {n} is not valid JSON ({e.msg}); each line must be one JSON object") from e
+    return records
+
+
+def _to_example(record: Any, path: Path, n: int, prompt_key: str, response_key: str) -> Example:
+    if isinstance(record, dict) and "messages" in record:
+        msgs = record["messages"]
+        users = [m.get("content", "") for m in msgs if m.get("role") == "user"]
+        answers = [m.get("content", "") for m in msgs if m.get("role") == "assistant"]
+        if users and answers:
+            return Example(prompt=users[-1], response=answers[-1], skill=str(record.get("skill", "data")))
+    elif isinstance(record, dict) and prompt_key in record and response_key in record:
+        return Example(prompt=str(record[prompt_key]), response=str(record[response_key]),
+                       skill=str(record.get("skill", "data")))
+    raise ConfigError(
+        f"'{path}' record {n} has neither '{prompt_key}'/'{response_key}' fields nor chat 'messages' with a "
+        "user and an assistant turn; rename the fields or set data.source.prompt_key/response_key"
+    )
+
+
+class JsonlSource:
+    """Local files of prompt/response records (``.jsonl``, ``.json`` list or ``.parquet``).
+
+    Args:
+        train: path of the training file.
+        val, test: paths of held-out files; when missing, ``val_fraction`` / ``test_fraction``
+            of the training records (a fixed seeded split) are held out instead.
+        prompt_key, response_key: field names; records with chat ``messages`` use the
+            last user turn as prompt and the last assistant turn as response.
+    """
+
+    def __init__(self, train: str, val: str | None = None, test: str | None = None, prompt_key: str = "prompt",
+                 response_key: str = "response", val_fraction: float = 0.05, test_fraction: float = 0.05,
+                 seed: int = 0) -> None:
+        self.paths = {"train": train, "val": val, "test": test}
+        self.prompt_key, self.response_key = prompt_key, response_key
+        self.fractions = {"val": val_fraction, "test": test_fraction}
+        self.seed = seed
+
+    def _examples(self, path: str) -> list[Example]:
+        p = Path(path).expanduser()
+        records = _read_records(p)
+        if not records:
+            raise ConfigError(f"data file '{p}' holds no records; give it at least one prompt/response pair")
+        return [_to_example(r, p, n, self.prompt_key, self.response_key) for n, r in enumerate(records, 1)]
+
+    def load(self) -> dict[str, list[Example]]:
+        train = self._examples(self.paths["train"])
+        splits: dict[str, list[Example]] = {}
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.seed)).tolist()
+        held = 0
+        for split in ("val", "test"):
+            if self.paths[split]:
+                splits[split] = self._examples(self.paths[split])
+            else:
+                k = max(1, int(self.fractions[split] * len(train)))
+                splits[split] = [train[i] for i in order[held : held + k]]
+                held += k
+        splits["train"] = [train[i] for i in order[held:]]
+        if not splits["train"]:
+            raise ConfigError(f"'{self.paths['train']}' is too small to hold out val/test; add records or give val/test files")
+        return splits
+
+    def fingerprint(self) -> dict:
+        stats = {k: (str(v), os.path.getmtime(v), os.path.getsize(v)) for k, v in self.paths.items() if v}
+        return {"files": stats, "keys": [self.prompt_key, self.response_key], "fractions": self.fractions,
+                "seed": self.seed}
+
+
+# ----------------------------------------------------------------------------- tokenization
+
+
+def render_prompt(tokenizer: Any, prompt: str) -> str:
+    """The prompt as the model sees it: the chat template's user turn plus generation
+    prompt when the tokenizer has a template, else the raw prompt."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                             tokenize=False)
+    return prompt
+
+
+def encode_example(tokenizer: Any, example: Example, max_length: int) -> tuple[list[int], list[int]] | None:
+    """``(prompt_ids, response_ids + [eos])``, the response truncated to fit ``max_length``;
+    None when the prompt alone leaves no room for a response token."""
+    prompt = tokenizer(render_prompt(tokenizer, example.prompt), add_special_tokens=False)["input_ids"]
+    response = tokenizer(example.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    if len(prompt) >= max_length:
+        return None
+    return prompt, response[: max_length - len(prompt)]
+
+
+class EncodedSplit(Dataset):
+    """One split: examples and their token ids."""
+
+    def __init__(self, examples: list[Example], encoded: list[tuple[list[int], list[int]]]) -> None:
+        self.examples = examples
+        self.encoded = encoded
+
+    def __len__(self) -> int:
+        return len(self.encoded)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        prompt, response = self.encoded[i]
+        return {"prompt_ids": prompt, "response_ids": response, "index": i}
+
+
+def collate_train(items: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (prompt and padding
+    ignored)."""
+    length = max(len(it["prompt_ids"]) + len(it["response_ids"]) for it in items)
+    ids = torch.full((len(items), length), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(items), length), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(items), length), dtype=torch.long)
+    for row, it in enumerate(items):
+        p, r = it["prompt_ids"], it["response_ids"]
+        n = len(p) + len(r)
+        ids[row, :n] = torch.tensor(p + r)
+        labels[row, len(p) : n] = torch.tensor(r)
+        mask[row, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def collate_prompts(items: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Left-padded ``prompt_ids`` / ``prompt_mask`` and the examples' ``index``."""
+    length = max(len(it["prompt_ids"]) for it in items)
+    ids = torch.full((len(items), length), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(items), length), dtype=torch.long)
+    for row, it in enumerate(items):
+        p = it["prompt_ids"]
+        ids[row, length - len(p) :] = torch.tensor(p)
+        mask[row, length - len(p) :] = 1
+    return {"prompt_ids": ids, "prompt_mask": mask, "index": torch.tensor([it["index"] for it in items])}
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def _trained_tokenizer(examples: list[Example], vocab_size: int, cache_dir: str | None, fingerprint: dict):
+    """A BPE tokenizer trained on the training examples, cached by a hash of the data."""
+    from kd.data.tokenizer import task_tokenizer
+    from kd.models import load_tokenizer
+
+    key = hashlib.sha256(json.dumps([fingerprint, vocab_size], sort_keys=True, default=str).encode()).hexdigest()[:16]
+    if cache_dir is None:
+        return task_tokenizer(examples, vocab_size=vocab_size)
+    final = Path(cache_dir).expanduser() / "tokenizers" / f"bpe{vocab_size}-{key}"
+    if (final / "tokenizer.json").is_file():
+        try:
+            return load_tokenizer(str(final))
+        except Exception as e:  # unreadable cache entry: rebuild it
+            log.warning("cached tokenizer at %s is unreadable (%s); rebuilding it", final, e)
+            shutil.rmtree(final, ignore_errors=True)
+    tok = task_tokenizer(examples, vocab_size=vocab_size)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    tok.save_pretrained(tmp)
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return tok
+
+
+class LMDataModule(L.LightningDataModule):
+    """Prompt/response data for causal LMs.
+
+    Args:
+        source: a :class:`TaskSource`, :class:`JsonlSource` or anything with ``load()``
+            returning ``{"train", "val", "test"}`` lists of examples and ``fingerprint()``.
+        tokenizer: hub name or directory of the tokenizer; null trains a byte-level BPE
+            of ``vocab_size`` tokens on the training data (cached under ``cache_dir``).
+        vocab_size: size of the locally trained tokenizer (an upper bound models can use).
+        batch_size: training batch size; ``eval_batch_size`` for evaluation.
+        max_length: longest prompt + response in tokens (longer responses are truncated,
+            examples whose prompt alone is too long are dropped with a warning).
+        generation_eval_size: held-out prompts per split whose greedy answers are scored
+            by exact match at every validation and at test (0 turns it off).
+        max_new_tokens: generation budget of that evaluation.
+        cache_dir: where trained tokenizers are cached (``paths.cache_dir``).
+    """
+
+    def __init__(
+        self,
+        source: Any,
+        tokenizer: str | None = None,
+        vocab_size: int = 512,
+        batch_size: int = 32,
+        eval_batch_size: int = 64,
+        max_length: int = 128,
+        generation_eval_size: int = 200,
+        max_new_tokens: int = 32,
+        num_workers: int = 0,
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1 or max_length < 2:
+            raise ConfigError(f"data.batch_size must be >= 1 and data.max_length >= 2 (got {batch_size}, {max_length})")
+        self.source = source
+        self.tokenizer_name = tokenizer
+        self.vocab_size = vocab_size
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.max_length = max_length
+        self.generation_eval_size = generation_eval_size
+        self.max_new_tokens = max_new_tokens
+        self.num_workers = num_workers
+        self.cache_dir = cache_dir
+        self.tokenizer: Any = None
+        self.splits: dict[str, EncodedSplit] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        raw = self.source.load()
+        if not raw.get("train"):
+            raise ConfigError("the training split is empty; give the data source at least one example")
+        if self.tokenizer is None:
+            if self.tokenizer_name:
+                from kd.models import load_tokenizer
+
+                self.tokenizer = load_tokenizer(self.tokenizer_name)
+            else:
+                self.tokenizer = _trained_tokenizer(raw["train"], self.vocab_size, self.cache_dir,
+                                                    self.source.fingerprint())
+        for split, examples in raw.items():
+            kept, encoded = [], []
+            for ex in examples:
+                enc = encode_example(self.tokenizer, ex, self.max_length)
+                if enc is not None:
+                    kept.append(ex)
+                    encoded.append(enc)
+            if len(kept) < len(examples):
+                log.warning("%s: dropped %d of %d examples whose prompt exceeds max_length=%d tokens",
+                            split, len(examples) - len(kept), len(examples), self.max_length)
+            if not kept:
+                raise ConfigError(f"no {split} example fits data.max_length={self.max_length}; raise it")
+            self.splits[split] = EncodedSplit(kept, encoded)
+
+    # -- loaders
+    @property
+    def pad_token_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    def _train_like(self, split: str, shuffle: bool) -> DataLoader:
+        self.setup()
+        return DataLoader(self.splits[split], batch_size=self.batch_size if shuffle else self.eval_batch_size,
+                          shuffle=shuffle, num_workers=self.num_workers,
+                          collate_fn=lambda b: collate_train(b, self.pad_token_id))
+
+    def _prompts(self, split: str) -> DataLoader:
+        ds = self.splits[split]
+        subset = torch.utils.data.Subset(ds, range(min(self.generation_eval_size, len(ds))))
+        return DataLoader(subset, batch_size=self.eval_batch_size, shuffle=False, num_workers=self.num_workers,
+                          collate_fn=lambda b: collate_prompts(b, self.pad_token_id))
+
+    def train_dataloader(self) -> DataLoader:
+        return self._train_like("train", shuffle=True)
+
+    def _eval(self, split: str) -> list[DataLoader]:
+        self.setup()
+        loaders = [self._train_like(split, shuffle=False)]
+        if self.generation_eval_size > 0:
+            loaders.append(self._prompts(split))
+        return loaders
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return self._eval("val")
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return self._eval("test")
+
+    # -- scoring
+    def score(self, split: str, predictions: dict[int, str]) -> dict[str, float]:
+        """Exact match of generated answers (by example index) against the references."""
+        from kd.data.tasks import score
+
+        examples = self.splits[split].examples
+        idx = sorted(predictions)
+        return score([predictions[i] for i in idx], [examples[i] for i in idx])
