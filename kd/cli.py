@@ -42,7 +42,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 import kd
 from kd import ConfigError
-from kd.evaluation import load_runs, summarize
+from kd.evaluation import headline_metric, load_runs, summarize
 from kd.models import (
     check_same_tokenizer,
     count_parameters,
@@ -266,7 +266,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     results: dict[str, dict[str, Any]] = {}
     if teacher is not None:
-        results["teacher"] = {"test/acc": metrics.get("test/teacher_acc"), "params": count_parameters(teacher)}
+        teacher_metrics = {k.replace("test/teacher_", "test/"): v for k, v in metrics.items() if k.startswith("test/teacher_")}
+        results["teacher"] = {**teacher_metrics, "params": count_parameters(teacher)}
         if cfg.get("scratch_baseline"):
             base = scratch_baseline(cfg)
             results["student, from scratch"] = {**base["metrics"], "params": base["params"]}
@@ -284,7 +285,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "wall_time_s": round(time.perf_counter() - started, 2),
     }
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
-    print("\n" + summarize([summary]) + f"\n\noutputs: {out}\n", flush=True)
+    print("\n" + summarize([summary], metric=headline_metric([summary])) + f"\n\noutputs: {out}\n", flush=True)
     return summary
 
 
@@ -332,7 +333,7 @@ class SweepSummary(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         runs = self.runs or load_runs([config.hydra.sweep.dir])
         if runs:
-            print("\nSweep summary (mean ± std over seeds)\n" + summarize(runs), flush=True)
+            print("\nSweep summary (mean ± std over seeds)\n" + summarize(runs, metric=headline_metric(runs)), flush=True)
 
 
 def report_main(argv: list[str] | None = None) -> None:
@@ -341,6 +342,7 @@ def report_main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(prog="kd-report", description=report_main.__doc__)
     parser.add_argument("paths", nargs="+", help="run or sweep directories (searched for metrics.json)")
-    parser.add_argument("--metric", default="test/acc", help="metric to tabulate (default: test/acc)")
+    parser.add_argument("--metric", default=None, help="metric to tabulate (default: test/exact_match if present, else test/acc)")
     args = parser.parse_args(argv)
-    print(summarize(load_runs(args.paths), metric=args.metric))
+    runs = load_runs(args.paths)
+    print(summarize(runs, metric=args.metric or headline_metric(runs)))

@@ -126,6 +126,14 @@ def load_runs(paths: Iterable[str | Path]) -> list[dict]:
     return runs
 
 
+def headline_metric(runs: list[dict]) -> str:
+    """``test/exact_match`` when the runs report it (generative tasks), else ``test/acc``."""
+    for run in runs:
+        if any("test/exact_match" in res for res in run.get("results", {}).values()):
+            return "test/exact_match"
+    return "test/acc"
+
+
 def summarize(runs: list[dict], metric: str = "test/acc") -> str:
     """A text table: one block per setting, one row per model, mean ± std over seeds.
 
@@ -138,7 +146,7 @@ def summarize(runs: list[dict], metric: str = "test/acc") -> str:
     for run in runs:
         key = " ".join(o for o in run.get("overrides", []) if not o.startswith("seed=")) or "(defaults)"
         groups[key].append(run)
-    percent = metric.endswith("acc")
+    percent = metric.endswith(("acc", "exact_match"))
     lines = []
     for key, members in groups.items():
         seeds = sorted({r.get("seed") for r in members})

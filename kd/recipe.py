@@ -104,7 +104,7 @@ class DistillationRecipe(L.LightningModule):
         self._num_targets = torch.zeros(())
         #: the tokenizer's true vocabulary size; logits are cut to it (set by the caller)
         self.vocab_size: int | None = None
-        self._predictions: dict[str, dict[int, str]] = {"val": {}, "test": {}}
+        self._predictions: dict[str, dict[int, str]] = {}  # generated answers by example index
 
     # ------------------------------------------------------------------ model calls
 
@@ -164,7 +164,20 @@ class DistillationRecipe(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         tokenizer = getattr(datamodule, "tokenizer", None)
         if tokenizer is not None and self.vocab_size is None:
-            self.vocab_size = len(tokenizer)
+            self.set_vocabulary(len(tokenizer))
+
+    def set_vocabulary(self, vocab_size: int) -> None:
+        """Cut logits to the tokenizer's ``vocab_size`` tokens; refuse models whose
+        embedding table is smaller (their lookups of high ids would fail)."""
+        for role, model in (("student", self.student), ("teacher", self.teacher)):
+            embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+            rows = getattr(embeddings, "num_embeddings", None)
+            if rows is not None and rows < vocab_size:
+                raise ConfigError(
+                    f"the {role} has {rows} embedding rows but the tokenizer {vocab_size} tokens; "
+                    f"give the {role} a vocabulary at least as large as the tokenizer's"
+                )
+        self.vocab_size = vocab_size
 
     # ------------------------------------------------------------------ the loss
 
@@ -212,22 +225,30 @@ class DistillationRecipe(L.LightningModule):
         self.metrics[stage].update(logits, labels, mask, teacher)
 
     def _generation_eval_step(self, stage: str, batch: dict[str, Tensor]) -> None:
-        """Greedy answers to held-out prompts, decoded and kept for exact-match scoring."""
+        """Greedy answers to held-out prompts, decoded and kept for exact-match scoring
+        (the teacher's too at test time, so tables compare both on the same prompts)."""
         from kd.generation import GenerationConfig, generate
 
         dm = self.trainer.datamodule
         tok = dm.tokenizer
         config = GenerationConfig(max_new_tokens=dm.max_new_tokens, temperature=0.0,
                                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        out = generate(self.student, batch["prompt_ids"], batch["prompt_mask"], config)
-        for i, tokens, keep in zip(batch["index"].tolist(), out.responses, out.response_mask):
-            self._predictions[stage][i] = tok.decode(tokens[keep].tolist(), skip_special_tokens=True)
+        models = {stage: self.student}
+        if stage == "test" and self.teacher is not None:
+            models["teacher"] = self.teacher
+        for key, model in models.items():
+            out = generate(model, batch["prompt_ids"], batch["prompt_mask"], config)
+            for i, tokens, keep in zip(batch["index"].tolist(), out.responses, out.response_mask):
+                self._predictions.setdefault(key, {})[i] = tok.decode(tokens[keep].tolist(), skip_special_tokens=True)
 
     def _eval_epoch_end(self, stage: str) -> None:
         values = self.metrics[stage].compute()
-        if self._predictions[stage]:
-            values.update(self.trainer.datamodule.score(stage, self._predictions[stage]))
-            self._predictions[stage] = {}
+        dm = getattr(self.trainer, "datamodule", None)
+        if self._predictions.get(stage):
+            values.update(dm.score(stage, self._predictions.pop(stage)))
+        if stage == "test" and self._predictions.get("teacher"):
+            scores = dm.score(stage, self._predictions.pop("teacher"))
+            values.update({f"teacher_{k}": v for k, v in scores.items()})
         for key, value in values.items():
             self.log(f"{stage}/{key}", value, prog_bar=key in ("acc", "loss", "exact_match"), add_dataloader_idx=False)
         self.metrics[stage].reset()

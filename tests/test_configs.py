@@ -50,16 +50,42 @@ def _build(cfg):
     return recipe
 
 
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory):
+    """A tiny causal LM and tokenizer saved like a hub checkpoint, plus a jsonl file."""
+    from kd.data.tokenizer import train_bpe_tokenizer
+    from kd.models import save_model, tiny_causal_lm
+
+    root = tmp_path_factory.mktemp("hf")
+    save_model(tiny_causal_lm(vocab_size=300, hidden_size=32, num_layers=1), root / "model")
+    train_bpe_tokenizer(["Q: a\nA: b"] * 10, vocab_size=280).save_pretrained(root / "model")
+    (root / "train.jsonl").write_text('{"prompt": "p", "response": "r"}\n' * 30)
+    return root
+
+
+def extra_overrides(group: str, option: str, tiny_hf) -> list[str]:
+    """What an option needs to compose on its own (mandatory values, a matching data group)."""
+    model = str(tiny_hf / "model")
+    if group == "teacher" and option == "none":
+        return ["recipe=supervised"]
+    if (group, option) == ("student", "hf"):
+        return ["data=task", f"student.name_or_path={model}"]
+    if (group, option) == ("teacher", "hf"):
+        return ["data=task", f"teacher.name_or_path={model}"]
+    if "task_llama" in option:
+        return ["data=task"]
+    if (group, option) == ("data", "jsonl"):
+        return [f"data.source.train={tiny_hf / 'train.jsonl'}", f"data.tokenizer={model}"]
+    return []
+
+
 @pytest.mark.parametrize("group,option", ALL, ids=[f"{g}={o}" for g, o in ALL])
-def test_every_option_composes_and_instantiates(group, option, make_cfg, tmp_path):
+def test_every_option_composes_and_instantiates(group, option, make_cfg, tmp_path, tiny_hf):
     if group == "hydra":
         cfg = make_cfg(f"hydra={option}")
         assert "${now:" in OmegaConf.to_container(cfg.hydra, resolve=False)["run"]["dir"]
         return
-    overrides = [f"{group}={option}"]
-    if group == "teacher" and option == "none":
-        overrides.append("recipe=supervised")
-    cfg = make_cfg(*overrides)
+    cfg = make_cfg(f"{group}={option}", *extra_overrides(group, option, tiny_hf))
     plain = cfg.copy()
     with open_dict(plain):
         del plain["hydra"]

@@ -1,0 +1,178 @@
+"""Language-model data, token batches in the recipe, word-level KD, tokenizer checks,
+and a run on the embedded task whose student loads in plain transformers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from kd import ConfigError
+from kd.cli import run
+from kd.data import IGNORE_INDEX
+from kd.data.lm import JsonlSource, LMDataModule, TaskSource
+from kd.data.tokenizer import train_bpe_tokenizer
+from kd.models import check_same_tokenizer, load_weights, save_model, tiny_causal_lm
+from recipes.hinton import Hinton
+from recipes.supervised import Supervised
+
+SMALL_TASK = ["data=task", "data.source.train_size=300", "data.source.val_size=30", "data.source.test_size=30",
+              "data.vocab_size=300", "data.generation_eval_size=8", "data.max_new_tokens=6", "data.batch_size=16",
+              "teacher=task_llama", "student=task_llama", "teacher.fit.max_epochs=1",
+              "student.hidden_size=32", "teacher.model.hidden_size=32", "teacher.model.num_layers=1"]
+
+
+@pytest.fixture(scope="module")
+def dm():
+    module = LMDataModule(TaskSource(train_size=200, val_size=20, test_size=20), vocab_size=300, batch_size=8,
+                          max_length=64)
+    module.setup()
+    return module
+
+
+def test_labels_cover_exactly_the_response_and_eos(dm):
+    batch = next(iter(dm.train_dataloader()))
+    tok = dm.tokenizer
+    for row in range(len(batch["input_ids"])):
+        ids, labels, mask = batch["input_ids"][row], batch["labels"][row], batch["attention_mask"][row]
+        gold = labels != IGNORE_INDEX
+        assert torch.equal(labels[gold], ids[gold])  # labels are the tokens themselves (the recipe shifts)
+        assert not gold[mask == 0].any()  # padding never in the loss
+        first = int(gold.nonzero()[0])
+        prompt_text = tok.decode(ids[:first])
+        assert prompt_text.startswith("Q: ") and prompt_text.endswith("A: ")  # the prompt is never in the loss
+        assert ids[gold][-1] == tok.eos_token_id
+        response = tok.decode(ids[gold][:-1])
+        assert any(ex.response == response for ex in dm.splits["train"].examples)
+
+
+def test_prompt_batches_are_left_padded_and_indexed(dm):
+    loader = dm.val_dataloader()[1]
+    batch = next(iter(loader))
+    assert (batch["prompt_mask"][:, -1] == 1).all()  # every prompt ends at the right edge
+    i = int(batch["index"][0])
+    ids = batch["prompt_ids"][0][batch["prompt_mask"][0] == 1]
+    assert dm.tokenizer.decode(ids) == f"Q: {dm.splits['val'].examples[i].prompt}\nA: "
+
+
+def test_supervised_loss_is_ce_on_response_tokens_only(dm):
+    torch.manual_seed(0)
+    model = tiny_causal_lm(vocab_size=320, hidden_size=32, num_layers=1)
+    recipe = Supervised(student=model)
+    recipe.set_vocabulary(len(dm.tokenizer))
+    batch = next(iter(dm.train_dataloader()))
+    loss = recipe.compute_loss(batch)["loss"]
+    # independent: per row, next-token CE at every position whose target is a response token
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    total, count = 0.0, 0
+    for b in range(len(logits)):
+        for t in range(1, logits.shape[1]):
+            target = int(batch["labels"][b, t])
+            if target != IGNORE_INDEX:
+                total += -F.log_softmax(logits[b, t - 1, : len(dm.tokenizer)], -1)[target].item()
+                count += 1
+    assert loss.item() == pytest.approx(total / count, rel=1e-5)
+
+
+def test_word_level_kd_is_hinton_on_response_token_rows(dm):
+    torch.manual_seed(0)
+    student, teacher = tiny_causal_lm(vocab_size=300, hidden_size=32, num_layers=1), tiny_causal_lm(
+        vocab_size=320, hidden_size=32, num_layers=1)  # the teacher's output layer is padded past the tokenizer
+    recipe = Hinton(student=student, teacher=teacher, lam=0.3, temperature=2.0)
+    recipe.set_vocabulary(V := len(dm.tokenizer))
+    batch = next(iter(dm.train_dataloader()))
+    terms = recipe.compute_loss(batch)
+    s = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1, :V]
+    with torch.no_grad():
+        t = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1, :V]
+    labels = batch["labels"][:, 1:]
+    rows = labels != IGNORE_INDEX
+    s_rows, t_rows, y = s[rows], t[rows], labels[rows]  # (N, V): one row per response token
+    kl = F.kl_div(F.log_softmax(s_rows / 2, -1), F.log_softmax(t_rows / 2, -1), log_target=True,
+                  reduction="sum") / len(y)
+    ce = F.cross_entropy(s_rows, y)
+    expected = 0.7 * ce + 0.3 * 4 * kl
+    assert terms["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert terms["soft_kd"].item() == pytest.approx(4 * kl.item(), rel=1e-5)
+
+
+def test_logits_smaller_than_the_tokenizer_are_refused(dm):
+    recipe = Supervised(student=tiny_causal_lm(vocab_size=50, hidden_size=32, num_layers=1))
+    with pytest.raises(ConfigError, match="the student has 50 embedding rows .* at least as large as the tokenizer"):
+        recipe.set_vocabulary(len(dm.tokenizer))
+
+
+def test_tokenizers_with_same_size_but_different_strings_are_refused():
+    a = train_bpe_tokenizer(["aaa bbb ccc abc"] * 20, vocab_size=280)
+    b = train_bpe_tokenizer(["xxx yyy zzz xyz"] * 20, vocab_size=280)
+    assert len(a) == len(b)
+    check_same_tokenizer(a, train_bpe_tokenizer(["aaa bbb ccc abc"] * 20, vocab_size=280))
+    with pytest.raises(ConfigError, match="map .* ids to different strings.*recipe=byte_kd"):
+        check_same_tokenizer(a, b)
+
+
+def test_hf_weights_with_tied_embeddings_load_strictly(tmp_path):
+    torch.manual_seed(0)
+    a, b = tiny_causal_lm(vocab_size=64, hidden_size=32, num_layers=1), tiny_causal_lm(
+        vocab_size=64, hidden_size=32, num_layers=1)
+    save_model(a, tmp_path)
+    load_weights(b, tmp_path)
+    x = torch.randint(0, 64, (2, 5))
+    torch.testing.assert_close(a(input_ids=x).logits, b(input_ids=x).logits)
+    with pytest.raises(ConfigError, match="do not fit"):
+        load_weights(tiny_causal_lm(vocab_size=64, hidden_size=32, num_layers=2), tmp_path)
+
+
+@pytest.mark.parametrize("content,needle", [
+    ("", "holds no records"),
+    ('{"prompt": "hi", "response": "yo"}\nnot json\n', "line 2 is not valid JSON"),
+    ('{"question": "hi", "answer": "yo"}\n', "has neither 'prompt'/'response' fields"),
+])
+def test_empty_or_malformed_data_files_fail_clearly(tmp_path, content, needle):
+    path = tmp_path / "train.jsonl"
+    path.write_text(content)
+    with pytest.raises(ConfigError, match=needle):
+        JsonlSource(str(path)).load()
+    with pytest.raises(ConfigError, match="does not exist"):
+        JsonlSource(str(tmp_path / "missing.jsonl")).load()
+
+
+def test_jsonl_source_with_chat_messages(tmp_path):
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+            for i in range(40)]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    splits = JsonlSource(str(path), val_fraction=0.1, test_fraction=0.1).load()
+    assert [len(splits[k]) for k in ("train", "val", "test")] == [32, 4, 4]
+    prompts = {ex.prompt for split in splits.values() for ex in split}
+    assert len(prompts) == 40  # disjoint splits covering every record
+
+
+def test_hinton_run_on_the_embedded_task_exports_a_plain_transformers_student(make_cfg, tmp_path):
+    summary = run(make_cfg(*SMALL_TASK, "debug=fast_dev_run"))
+    results = summary["results"]
+    assert set(results) == {"teacher", "student, from scratch", "student, hinton"}
+    for row in results.values():
+        assert 0.0 <= row["test/exact_match"] <= 1.0
+    student_dir = tmp_path / "run" / "student"
+    model = AutoModelForCausalLM.from_pretrained(student_dir)
+    tok = AutoTokenizer.from_pretrained(student_dir)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "2+2="}], add_generation_prompt=True, tokenize=False)
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    assert model(input_ids=ids).logits.shape[-1] >= len(tok)
+
+
+def test_a_foreign_teacher_tokenizer_is_refused_before_training(make_cfg, tmp_path):
+    other = train_bpe_tokenizer(["xxx yyy zzz"] * 20, vocab_size=280)
+    teacher_dir = tmp_path / "teacher"
+    save_model(tiny_causal_lm(vocab_size=300, hidden_size=32, num_layers=1), teacher_dir)
+    other.save_pretrained(teacher_dir)
+    cfg = make_cfg(*[o for o in SMALL_TASK if not o.startswith(("teacher", "student.hidden"))],
+                   "student.hidden_size=32", "teacher=hf", f"teacher.name_or_path={teacher_dir}",
+                   "debug=fast_dev_run")
+    with pytest.raises(ConfigError, match="the data's and the teacher's tokenizers .*recipe=byte_kd"):
+        run(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()
