@@ -244,6 +244,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     # student is created right after seeding, as in the scratch baseline: same init.
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
+    regime = instantiate(cfg.regime) if cfg.get("regime") else None
+    if regime is not None:
+        regime.validate(datamodule)
     student = instantiate(cfg.student)
     if recipe_cls.needs_teacher:
         teacher = instantiate(cfg.teacher.model)
@@ -254,6 +257,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         divergence=instantiate(cfg.divergence) if cfg.get("divergence") else None,
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        regime=regime,
         _recursive_=False,
     )
     if teacher is not None and cfg.teacher.get("tokenizer") and hasattr(datamodule, "tokenizer"):

@@ -3,6 +3,8 @@
 A recipe subclass adds only what is specific to its paper, usually :meth:`compute_loss`.
 The base class owns everything recipes share:
 
+* the data regime (:mod:`kd.regimes`): prepared when training starts, applied to every
+  training batch (offline, teacher-generated, on-policy, mixed);
 * the teacher: frozen (``requires_grad=False``), kept in eval mode even while the
   student trains, run under ``torch.no_grad``, absent from the optimizer and from saved
   checkpoints (its entries are dropped on save and restored from the live teacher on
@@ -39,6 +41,7 @@ from kd.data import IGNORE_INDEX
 from kd.divergences import Divergence
 from kd.evaluation import StageMetrics
 from kd.models import freeze, save_model
+from kd.regimes import Offline, Regime
 
 # the frozen teacher is in eval mode on purpose
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
@@ -77,6 +80,7 @@ class DistillationRecipe(L.LightningModule):
         optimizer: factory ``params -> Optimizer`` (default AdamW, lr 1e-3).
         scheduler: optional factory ``(optimizer, total_steps) -> LRScheduler``, stepped
             every optimizer step.
+        regime: whose sequences a step trains on (:mod:`kd.regimes`; default offline).
     """
 
     #: recipes that train without a teacher (the supervised baseline) set this to False
@@ -89,6 +93,7 @@ class DistillationRecipe(L.LightningModule):
         divergence: Divergence | None = None,
         optimizer: OptimizerFactory | None = None,
         scheduler: SchedulerFactory | None = None,
+        regime: Regime | None = None,
     ) -> None:
         super().__init__()
         name = type(self).__name__
@@ -99,6 +104,7 @@ class DistillationRecipe(L.LightningModule):
         self.divergence = divergence
         self.optimizer_factory = optimizer or partial(torch.optim.AdamW, lr=1e-3)
         self.scheduler_factory = scheduler
+        self.regime = regime or Offline()
         self.metrics = nn.ModuleDict({"val": StageMetrics(), "test": StageMetrics()})
         self._step_started: float | None = None
         self._num_targets = torch.zeros(())
@@ -185,7 +191,11 @@ class DistillationRecipe(L.LightningModule):
         """Return ``{"loss": total, <term>: value, ...}``; every entry is logged."""
         raise NotImplementedError
 
+    def on_fit_start(self) -> None:
+        self.regime.prepare(self, self.trainer.datamodule)
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        batch = self.regime.batch(self, batch)
         terms = self.compute_loss(batch)
         loss = terms["loss"]
         if not torch.isfinite(loss):
@@ -217,7 +227,7 @@ class DistillationRecipe(L.LightningModule):
     # ------------------------------------------------------------------ evaluation
 
     def _eval_step(self, stage: str, batch: dict[str, Tensor]) -> None:
-        if "prompt_ids" in batch:
+        if "prompt_ids" in batch and "input_ids" not in batch:  # prompts only: score generated answers
             self._generation_eval_step(stage, batch)
             return
         logits, labels, mask = self.outputs(self.student, batch)

@@ -19,6 +19,12 @@ torch.set_num_threads(1)
 # Quiet, quick defaults for runs made by tests (each test adds its own overrides).
 QUIET = ["trainer.enable_progress_bar=false", "logger=none"]
 
+# The embedded generative task at toy size with toy models (seconds, not minutes).
+SMALL_TASK = ["data=task", "data.source.train_size=300", "data.source.val_size=30", "data.source.test_size=30",
+              "data.vocab_size=300", "data.min_frequency=20", "data.generation_eval_size=8", "data.max_new_tokens=6",
+              "data.batch_size=16", "teacher=task_llama", "student=task_llama", "teacher.fit.max_epochs=1",
+              "student.hidden_size=32", "teacher.model.hidden_size=32", "teacher.model.num_layers=1"]
+
 
 def compose_cfg(overrides: list[str], root: Path) -> DictConfig:
     """The config `kd <overrides>` would run, writing into ``root``/run with caches in ``root``/cache."""

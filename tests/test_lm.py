@@ -18,12 +18,7 @@ from kd.data.tokenizer import train_bpe_tokenizer
 from kd.models import check_same_tokenizer, load_weights, save_model, tiny_causal_lm
 from recipes.hinton import Hinton
 from recipes.supervised import Supervised
-
-SMALL_TASK = ["data=task", "data.source.train_size=300", "data.source.val_size=30", "data.source.test_size=30",
-              "data.vocab_size=300", "data.generation_eval_size=8", "data.max_new_tokens=6", "data.batch_size=16",
-              "teacher=task_llama", "student=task_llama", "teacher.fit.max_epochs=1",
-              "student.hidden_size=32", "teacher.model.hidden_size=32", "teacher.model.num_layers=1"]
-
+from tests.conftest import SMALL_TASK
 
 @pytest.fixture(scope="module")
 def dm():

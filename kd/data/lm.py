@@ -10,7 +10,8 @@ Batches (what recipes receive):
 * training / teacher-forced evaluation, right-padded: ``input_ids`` (B, L),
   ``attention_mask`` (B, L), ``labels`` (B, L) equal to ``input_ids`` on response tokens
   (EOS included) and :data:`kd.data.IGNORE_INDEX` on prompt and padding; position i of
-  the logits predicts token i+1 (the recipe shifts);
+  the logits predicts token i+1 (the recipe shifts); plus the same prompts left-padded
+  (``prompt_ids``, ``prompt_mask``) for on-policy generation;
 * generation evaluation, left-padded prompts: ``prompt_ids`` (B, P), ``prompt_mask``
   (B, P), ``index`` (B,) the examples' positions in their split, to score the generated
   answers against the references (exact match, per skill).
@@ -193,7 +194,8 @@ class EncodedSplit(Dataset):
 
 def collate_train(items: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (prompt and padding
-    ignored)."""
+    ignored), plus the left-padded ``prompt_ids``/``prompt_mask`` that on-policy regimes
+    generate from."""
     length = max(len(it["prompt_ids"]) + len(it["response_ids"]) for it in items)
     ids = torch.full((len(items), length), pad_token_id, dtype=torch.long)
     labels = torch.full((len(items), length), IGNORE_INDEX, dtype=torch.long)
@@ -204,7 +206,9 @@ def collate_train(items: list[dict], pad_token_id: int) -> dict[str, torch.Tenso
         ids[row, :n] = torch.tensor(p + r)
         labels[row, len(p) : n] = torch.tensor(r)
         mask[row, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    prompts = collate_prompts(items, pad_token_id)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "prompt_ids": prompts["prompt_ids"],
+            "prompt_mask": prompts["prompt_mask"]}
 
 
 def collate_prompts(items: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -216,20 +220,22 @@ def collate_prompts(items: list[dict], pad_token_id: int) -> dict[str, torch.Ten
         p = it["prompt_ids"]
         ids[row, length - len(p) :] = torch.tensor(p)
         mask[row, length - len(p) :] = 1
-    return {"prompt_ids": ids, "prompt_mask": mask, "index": torch.tensor([it["index"] for it in items])}
+    return {"prompt_ids": ids, "prompt_mask": mask, "index": torch.tensor([it.get("index", -1) for it in items])}
 
 
 # ----------------------------------------------------------------------------- tokenizer
 
 
-def _trained_tokenizer(examples: list[Example], vocab_size: int, cache_dir: str | None, fingerprint: dict):
+def _trained_tokenizer(examples: list[Example], vocab_size: int, min_frequency: int, cache_dir: str | None,
+                       fingerprint: dict):
     """A BPE tokenizer trained on the training examples, cached by a hash of the data."""
     from kd.data.tokenizer import task_tokenizer
     from kd.models import load_tokenizer
 
-    key = hashlib.sha256(json.dumps([fingerprint, vocab_size], sort_keys=True, default=str).encode()).hexdigest()[:16]
+    settings = [fingerprint, vocab_size, min_frequency]
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
     if cache_dir is None:
-        return task_tokenizer(examples, vocab_size=vocab_size)
+        return task_tokenizer(examples, vocab_size=vocab_size, min_frequency=min_frequency)
     final = Path(cache_dir).expanduser() / "tokenizers" / f"bpe{vocab_size}-{key}"
     if (final / "tokenizer.json").is_file():
         try:
@@ -237,7 +243,7 @@ def _trained_tokenizer(examples: list[Example], vocab_size: int, cache_dir: str 
         except Exception as e:  # unreadable cache entry: rebuild it
             log.warning("cached tokenizer at %s is unreadable (%s); rebuilding it", final, e)
             shutil.rmtree(final, ignore_errors=True)
-    tok = task_tokenizer(examples, vocab_size=vocab_size)
+    tok = task_tokenizer(examples, vocab_size=vocab_size, min_frequency=min_frequency)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
     tok.save_pretrained(tmp)
     try:
@@ -256,6 +262,9 @@ class LMDataModule(L.LightningDataModule):
         tokenizer: hub name or directory of the tokenizer; null trains a byte-level BPE
             of ``vocab_size`` tokens on the training data (cached under ``cache_dir``).
         vocab_size: size of the locally trained tokenizer (an upper bound models can use).
+        min_frequency: a pair must occur this often to become a merge of that tokenizer
+            (high values keep only frequent words merged, e.g. the instructions of the
+            embedded task, and leave random letter strings as single characters).
         batch_size: training batch size; ``eval_batch_size`` for evaluation.
         max_length: longest prompt + response in tokens (longer responses are truncated,
             examples whose prompt alone is too long are dropped with a warning).
@@ -270,6 +279,7 @@ class LMDataModule(L.LightningDataModule):
         source: Any,
         tokenizer: str | None = None,
         vocab_size: int = 512,
+        min_frequency: int = 2,
         batch_size: int = 32,
         eval_batch_size: int = 64,
         max_length: int = 128,
@@ -284,6 +294,7 @@ class LMDataModule(L.LightningDataModule):
         self.source = source
         self.tokenizer_name = tokenizer
         self.vocab_size = vocab_size
+        self.min_frequency = min_frequency
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.max_length = max_length
@@ -306,8 +317,8 @@ class LMDataModule(L.LightningDataModule):
 
                 self.tokenizer = load_tokenizer(self.tokenizer_name)
             else:
-                self.tokenizer = _trained_tokenizer(raw["train"], self.vocab_size, self.cache_dir,
-                                                    self.source.fingerprint())
+                self.tokenizer = _trained_tokenizer(raw["train"], self.vocab_size, self.min_frequency,
+                                                    self.cache_dir, self.source.fingerprint())
         for split, examples in raw.items():
             kept, encoded = [], []
             for ex in examples:

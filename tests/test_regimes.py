@@ -1,0 +1,234 @@
+"""Data regimes (offline, teacher-generated with its cache, on-policy, mixed) and the
+sequence-level KD recipe, against RECIPES.md section 3."""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from kd import ConfigError
+from kd.cli import run
+from kd.data import IGNORE_INDEX
+from kd.data.lm import LMDataModule, TaskSource
+from kd.evaluation import cross_entropy
+from kd.generation import GenerationConfig, generate
+from kd.models import freeze, tiny_causal_lm
+from kd.regimes import (
+    Mixed,
+    OnPolicy,
+    TeacherGenerated,
+    closest_to_reference,
+    join_prompts_and_responses,
+    sentence_bleu,
+)
+from recipes.seqkd import SeqKD
+from tests.conftest import SMALL_TASK
+
+
+@pytest.fixture(scope="module")
+def dm():
+    module = LMDataModule(TaskSource(train_size=48, val_size=8, test_size=8), vocab_size=300, batch_size=8,
+                          max_length=48, max_new_tokens=6)
+    module.setup()
+    return module
+
+
+def fresh_dm(dm):
+    """The same data with its own copy of the encoded responses (regimes rewrite them)."""
+    clone = LMDataModule(dm.source, vocab_size=300, batch_size=8, max_length=48, max_new_tokens=6)
+    clone.tokenizer = dm.tokenizer
+    clone.setup()
+    return clone
+
+
+def model(seed, vocab=300):
+    torch.manual_seed(seed)
+    return tiny_causal_lm(vocab_size=vocab, hidden_size=32, num_layers=1).eval()
+
+
+def fake_recipe(dm, student=None, teacher=None):
+    return SimpleNamespace(student=student, teacher=teacher, trainer=SimpleNamespace(datamodule=dm))
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def test_join_prompts_and_responses_layout():
+    prompts = torch.tensor([[0, 5, 6], [7, 8, 9]])
+    pmask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    responses = torch.tensor([[3, 4, 0], [2, 0, 0]])
+    rmask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    out = join_prompts_and_responses(prompts, pmask, responses, rmask, pad_token_id=0)
+    assert out["input_ids"].tolist() == [[5, 6, 3, 4], [7, 8, 9, 2]]
+    assert out["labels"].tolist() == [[IGNORE_INDEX, IGNORE_INDEX, 3, 4], [IGNORE_INDEX] * 3 + [2]]
+    assert out["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 1]]
+
+
+def test_sentence_bleu_by_hand():
+    assert sentence_bleu("a b c d", "a b c d") == 1.0
+    assert sentence_bleu("x y", "a b") == 0.0
+    # order 3; p1 = 3/3; p2 = (2+1)/(2+1); p3 = (1+1)/(1+1); brevity exp(1 - 4/3)
+    assert sentence_bleu("the cat sat", "the cat sat on") == pytest.approx(math.exp(-1 / 3), abs=1e-9)
+
+
+def test_seq_inter_picks_the_reference_when_it_is_among_the_candidates():
+    assert closest_to_reference(["12", "1560", "156"], "1560") == 1
+    assert closest_to_reference(["a b c", "a b x", "a b c d"], "a b c d") == 2
+
+
+# ----------------------------------------------------------------------------- teacher generated
+
+
+def test_teacher_generated_replaces_responses_with_greedy_teacher_outputs_and_caches_them(dm, tmp_path, monkeypatch):
+    teacher = freeze(model(1))
+    data = fresh_dm(dm)
+    regime = TeacherGenerated(cache_dir=str(tmp_path), temperature=0.0, batch_size=16)
+    regime.prepare(fake_recipe(data, teacher=teacher), data)
+    # independent: greedy-generate the first prompts directly
+    from kd.data.lm import collate_prompts
+
+    items = [data.splits["train"][i] for i in range(4)]
+    prompts = collate_prompts(items, data.pad_token_id)
+    config = GenerationConfig(max_new_tokens=6, temperature=0.0, eos_token_id=data.tokenizer.eos_token_id,
+                              pad_token_id=data.pad_token_id)
+    out = generate(teacher, prompts["prompt_ids"], prompts["prompt_mask"], config)
+    for i in range(4):
+        expected = out.responses[i][out.response_mask[i]].tolist()
+        assert data.splits["train"].encoded[i][1] == expected
+    manifest = json.loads((regime.path / "manifest.json").read_text())
+    assert manifest["count"] == len(data.splits["train"])
+
+    # a second run reuses the cache without generating
+    monkeypatch.setattr(TeacherGenerated, "generate_responses", lambda *a: pytest.fail("regenerated"))
+    again = fresh_dm(dm)
+    TeacherGenerated(cache_dir=str(tmp_path), temperature=0.0, batch_size=16).prepare(
+        fake_recipe(again, teacher=teacher), again)
+    assert again.splits["train"].encoded == data.splits["train"].encoded
+
+
+def test_teacher_generated_cache_is_keyed_and_broken_entries_are_rebuilt(dm, tmp_path):
+    teacher = freeze(model(1))
+    regime = TeacherGenerated(cache_dir=str(tmp_path), temperature=0.0)
+    key = regime.key(teacher, dm)
+    assert TeacherGenerated(cache_dir=str(tmp_path), temperature=0.5).key(teacher, dm) != key
+    other = freeze(model(2))
+    assert regime.key(other, dm) != key  # another teacher, another entry
+
+    data = fresh_dm(dm)
+    regime.prepare(fake_recipe(data, teacher=teacher), data)
+    good = [r for _, r in data.splits["train"].encoded]
+    calls = []
+    original = TeacherGenerated.generate_responses
+
+    def counting(self, *args):
+        calls.append(1)
+        return original(self, *args)
+
+    for breakage in ("truncate", "foreign"):
+        if breakage == "truncate":
+            blob = (regime.path / "responses.pt").read_bytes()
+            (regime.path / "responses.pt").write_bytes(blob[: len(blob) // 2])
+        else:
+            meta = json.loads((regime.path / "manifest.json").read_text())
+            (regime.path / "manifest.json").write_text(json.dumps({**meta, "key": "someone-else"}))
+        data = fresh_dm(dm)
+        fresh = TeacherGenerated(cache_dir=str(tmp_path), temperature=0.0)
+        fresh.generate_responses = counting.__get__(fresh)
+        fresh.prepare(fake_recipe(data, teacher=teacher), data)
+        assert [r for _, r in data.splits["train"].encoded] == good
+    assert len(calls) == 2  # each broken entry was rebuilt, never used
+
+
+# ----------------------------------------------------------------------------- on-policy / mixed
+
+
+def test_on_policy_batch_is_the_students_own_greedy_output_without_gradient(dm):
+    student = model(3)
+    batch = next(iter(dm.train_dataloader()))
+    regime = OnPolicy(temperature=0.0)
+    out = regime.batch(fake_recipe(dm, student=student), batch)
+    assert not out["input_ids"].requires_grad
+    gen = generate(student, batch["prompt_ids"], batch["prompt_mask"],
+                   GenerationConfig(max_new_tokens=6, temperature=0.0, eos_token_id=dm.tokenizer.eos_token_id,
+                                    pad_token_id=dm.pad_token_id))
+    for row in range(len(out["labels"])):
+        labels = out["labels"][row]
+        assert labels[labels != IGNORE_INDEX].tolist() == gen.responses[row][gen.response_mask[row]].tolist()
+        prompt = batch["prompt_ids"][row][batch["prompt_mask"][row] == 1]
+        assert out["input_ids"][row][: len(prompt)].tolist() == prompt.tolist()
+
+
+def test_mixed_flips_a_seeded_coin_per_batch(dm):
+    batch = next(iter(dm.train_dataloader()))
+    recipe = fake_recipe(dm, student=model(3))
+    assert all(Mixed(lmbda=0.0).batch(recipe, batch) is batch for _ in range(5))
+    assert all(Mixed(lmbda=1.0, temperature=0.0).batch(recipe, batch) is not batch for _ in range(3))
+    half = Mixed(lmbda=0.5, seed=7, temperature=0.0)
+    for _ in range(40):
+        half.batch(recipe, batch)
+    assert 10 <= half.on_policy_batches <= 30 and half.batches == 40
+    again = Mixed(lmbda=0.5, seed=7, temperature=0.0)
+    for _ in range(40):
+        again.batch(recipe, batch)
+    assert again.on_policy_batches == half.on_policy_batches  # reproducible schedule
+    with pytest.raises(ConfigError, match=r"regime.lmbda must be in \[0, 1\]"):
+        Mixed(lmbda=1.5)
+
+
+def test_generative_regime_with_a_classifier_fails_before_training(make_cfg, tmp_path):
+    with pytest.raises(ConfigError, match="regime=on_policy generates text and needs a language-model datamodule"):
+        run(make_cfg("regime=on_policy", "debug=fast_dev_run"))
+    assert not (tmp_path / "cache").exists()
+
+
+# ----------------------------------------------------------------------------- Seq-KD recipe
+
+
+def test_seqkd_with_alpha_zero_is_token_ce_on_the_targets(dm):
+    student = model(4)
+    batch = next(iter(dm.train_dataloader()))
+    recipe = SeqKD(student=student, teacher=model(5), alpha=0.0)
+    recipe.set_vocabulary(len(dm.tokenizer))
+    logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    expected = cross_entropy(logits[:, :-1, : len(dm.tokenizer)], batch["labels"][:, 1:])
+    assert recipe.compute_loss(batch)["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_word_kd_with_a_one_hot_teacher_equals_seq_kd(dm):
+    """A teacher that puts (numerically) all mass on the target token makes the word-level
+    soft term equal to the NLL, so every alpha gives the Seq-KD loss."""
+    batch = next(iter(dm.train_dataloader()))
+    V = len(dm.tokenizer)
+
+    class OneHot(torch.nn.Module):
+        def get_input_embeddings(self):
+            return torch.nn.Embedding(V, 1)
+
+        def forward(self, input_ids, attention_mask=None):
+            logits = torch.full((*input_ids.shape, V), -1e4)
+            nxt = torch.roll(input_ids, -1, dims=1)  # position i predicts token i+1
+            logits.scatter_(-1, nxt.unsqueeze(-1), 0.0)
+            return SimpleNamespace(logits=logits)
+
+    student = model(6)
+    seq = SeqKD(student=student, teacher=OneHot(), alpha=0.0)
+    word = SeqKD(student=student, teacher=OneHot(), alpha=0.7)
+    for r in (seq, word):
+        r.set_vocabulary(V)
+    assert word.compute_loss(batch)["loss"].item() == pytest.approx(seq.compute_loss(batch)["loss"].item(), rel=1e-5)
+
+
+def test_bad_alpha_is_refused():
+    with pytest.raises(ConfigError, match=r"recipe.alpha must be in \[0, 1\]"):
+        SeqKD(student=model(0), teacher=model(1), alpha=2.0)
+
+
+@pytest.mark.parametrize("overrides", [["recipe=seqkd"], ["recipe=word_kd"], ["recipe=hinton", "regime=mixed",
+                                                                              "regime.lmbda=1.0"]])
+def test_lm_recipes_and_regimes_run_inside_lightning(overrides, make_cfg):
+    summary = run(make_cfg(*SMALL_TASK, *overrides, "debug=fast_dev_run"))
+    assert "teacher" in summary["results"] and len(summary["results"]) == 3
