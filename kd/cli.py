@@ -91,6 +91,30 @@ def _choice(group: str, default: str = "") -> str:
     return default
 
 
+def _student_tokenizer(cfg: DictConfig) -> Any:
+    """The tokenizer saved with a pretrained student (``student.name_or_path``), if any."""
+    name = cfg.student.get("name_or_path") if isinstance(cfg.get("student"), DictConfig) else None
+    if not name:
+        return None
+    try:
+        return load_tokenizer(str(name))
+    except Exception:  # a model without a tokenizer: nothing to compare
+        return None
+
+
+def _check_tokenizers(cfg: DictConfig, datamodule: Any, teacher: Any) -> None:
+    """Same-tokenizer recipes: the data's tokenizer must be the student's and the teacher's
+    (same ids for the same strings), checked before any training."""
+    if not hasattr(datamodule, "tokenizer"):
+        return
+    datamodule.setup("fit")
+    student_tok = _student_tokenizer(cfg)
+    if student_tok is not None:
+        check_same_tokenizer(datamodule.tokenizer, student_tok, "the data's and the student's")
+    if teacher is not None and cfg.teacher.get("tokenizer"):
+        check_same_tokenizer(datamodule.tokenizer, load_tokenizer(cfg.teacher.tokenizer), "the data's and the teacher's")
+
+
 def fit_and_test(cfg: DictConfig, recipe: DistillationRecipe, datamodule: L.LightningDataModule) -> dict[str, float]:
     """Train ``recipe`` with the trainer, loggers and callbacks of ``cfg``, then test the
     checkpoint with the best validation score (the last weights when none was kept).
@@ -260,9 +284,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         regime=regime,
         _recursive_=False,
     )
-    if teacher is not None and cfg.teacher.get("tokenizer") and hasattr(datamodule, "tokenizer"):
-        datamodule.setup("fit")  # a same-tokenizer recipe refuses a foreign teacher before training
-        check_same_tokenizer(datamodule.tokenizer, load_tokenizer(cfg.teacher.tokenizer), "the data's and the teacher's")
+    _check_tokenizers(cfg, datamodule, teacher)
     teacher_meta = load_teacher(cfg, teacher) if teacher is not None else {}
     metrics = fit_and_test(cfg, recipe, datamodule)
     recipe.save_student(out / "student", tokenizer=getattr(datamodule, "tokenizer", None))
@@ -321,6 +343,50 @@ def main() -> None:
     if not (CONF_DIR / "train.yaml").is_file():
         sys.exit(f"kd: error: config directory {CONF_DIR} not found; install kd from its repository with pip install -e .")
     _hydra_main()
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Test ``cfg.student`` on ``cfg.data`` (exact match, perplexity, accuracy; the KL to
+    the teacher when one is configured); writes ``eval.json`` in the output directory."""
+    from recipes.supervised import Supervised
+
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    if "tokenizer" in cfg.data and not cfg.data.tokenizer and _student_tokenizer(cfg) is not None:
+        with open_dict(cfg):
+            cfg.data.tokenizer = str(cfg.student.name_or_path)  # evaluate with the student's own tokenizer
+    datamodule = instantiate(cfg.data)
+    student = instantiate(cfg.student)
+    teacher = instantiate(cfg.teacher.model) if _has_teacher(cfg) else None
+    _check_tokenizers(cfg, datamodule, teacher)
+    recipe = Supervised(student=student, teacher=teacher)
+    if teacher is not None:
+        load_teacher(cfg, teacher)
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=_instantiate_all(cfg.get("logger")) or False, callbacks=[])
+    results = trainer.test(recipe, datamodule=datamodule, verbose=False)
+    metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
+    (out / "eval.json").write_text(json.dumps(metrics, indent=2))
+    width = max(len(k) for k in metrics) if metrics else 0
+    print("\n".join(f"{k:<{width}}  {v:.4f}" for k, v in sorted(metrics.items())), flush=True)
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")
+def _hydra_eval(cfg: DictConfig) -> dict[str, Any]:
+    try:
+        return evaluate(cfg)
+    except Exception as e:
+        cause = _config_error(e)
+        if cause is None:
+            raise
+        print(f"kd-eval: error: {cause}", file=sys.stderr)
+        sys.exit(2)
+
+
+def eval_main() -> None:
+    """Console script ``kd-eval``."""
+    _hydra_eval()
 
 
 class SweepSummary(Callback):

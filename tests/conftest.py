@@ -26,11 +26,11 @@ SMALL_TASK = ["data=task", "data.source.train_size=300", "data.source.val_size=3
               "student.hidden_size=32", "teacher.model.hidden_size=32", "teacher.model.num_layers=1"]
 
 
-def compose_cfg(overrides: list[str], root: Path) -> DictConfig:
+def compose_cfg(overrides: list[str], root: Path, config_name: str = "train") -> DictConfig:
     """The config `kd <overrides>` would run, writing into ``root``/run with caches in ``root``/cache."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+        cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
     HydraConfig().set_config(cfg)
     with open_dict(cfg):
         cfg.paths.output_dir = str(root / "run")
@@ -40,7 +40,7 @@ def compose_cfg(overrides: list[str], root: Path) -> DictConfig:
 
 @pytest.fixture
 def make_cfg(tmp_path: Path):
-    def _make(*overrides: str, quiet: bool = True, root: Path | None = None) -> DictConfig:
-        return compose_cfg([*(QUIET if quiet else []), *overrides], root or tmp_path)
+    def _make(*overrides: str, quiet: bool = True, root: Path | None = None, config_name: str = "train") -> DictConfig:
+        return compose_cfg([*(QUIET if quiet else []), *overrides], root or tmp_path, config_name)
 
     return _make

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kd import ConfigError
-from kd.cli import run
+from kd.cli import evaluate, run
 from kd.data import IGNORE_INDEX
 from kd.data.lm import JsonlSource, LMDataModule, TaskSource
 from kd.data.tokenizer import train_bpe_tokenizer
@@ -158,6 +158,14 @@ def test_hinton_run_on_the_embedded_task_exports_a_plain_transformers_student(ma
     prompt = tok.apply_chat_template([{"role": "user", "content": "2+2="}], add_generation_prompt=True, tokenize=False)
     ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
     assert model(input_ids=ids).logits.shape[-1] >= len(tok)
+
+    # kd-eval on the exported student reproduces the run's own test metrics
+    data = [o for o in SMALL_TASK if o.startswith("data")]
+    metrics = evaluate(make_cfg(*data, "student=hf", f"student.name_or_path={student_dir}", config_name="eval",
+                                root=tmp_path / "eval"))
+    assert json.loads((tmp_path / "eval" / "run" / "eval.json").read_text()) == metrics
+    for key in ("test/loss", "test/exact_match", "test/acc"):
+        assert metrics[key] == pytest.approx(results["student, hinton"][key], abs=1e-5)
 
 
 def test_a_foreign_teacher_tokenizer_is_refused_before_training(make_cfg, tmp_path):
