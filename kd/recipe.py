@@ -108,7 +108,7 @@ class DistillationRecipe(L.LightningModule):
         self.metrics = nn.ModuleDict({"val": StageMetrics(), "test": StageMetrics()})
         self._step_started: float | None = None
         self._num_targets = torch.zeros(())
-        #: the tokenizer's true vocabulary size; logits are cut to it (set by the caller)
+        #: the tokenizer's true vocabulary size; logits are cut to it (see set_vocabulary)
         self.vocab_size: int | None = None
         self._predictions: dict[str, dict[int, str]] = {}  # generated answers by example index
 
