@@ -179,3 +179,21 @@ def test_a_foreign_teacher_tokenizer_is_refused_before_training(make_cfg, tmp_pa
     with pytest.raises(ConfigError, match="the data's and the teacher's tokenizers .*recipe=byte_kd"):
         run(cfg)
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_prompts_without_a_chat_template_start_as_the_tokenizer_would():
+    from tokenizers import processors
+
+    from kd.data.lm import encode_example
+    from kd.data.tasks import Example
+
+    tok = train_bpe_tokenizer(["Q: a\nA: b", "hello world"] * 10, vocab_size=280)
+    tok.chat_template = None
+    ex = Example(prompt="hello", response="world", skill="x")
+    plain, _ = encode_example(tok, ex, 32)
+    assert plain == tok("hello", add_special_tokens=False)["input_ids"]  # adds nothing: nothing prepended
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", tok.bos_token_id)])  # a Gemma-like tokenizer
+    with_bos, response = encode_example(tok, ex, 32)
+    assert with_bos == [tok.bos_token_id, *plain]
+    assert response[-1] == tok.eos_token_id and tok.bos_token_id not in response

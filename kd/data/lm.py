@@ -171,6 +171,10 @@ def encode_example(tokenizer: Any, example: Example, max_length: int) -> tuple[l
     """``(prompt_ids, response_ids + [eos])``, the response truncated to fit ``max_length``;
     None when the prompt alone leaves no room for a response token."""
     prompt = tokenizer(render_prompt(tokenizer, example.prompt), add_special_tokens=False)["input_ids"]
+    if not getattr(tokenizer, "chat_template", None) and tokenizer.bos_token_id is not None:
+        # no template: start like the tokenizer itself would (e.g. Gemma's <bos>)
+        if tokenizer("", add_special_tokens=True)["input_ids"] == [tokenizer.bos_token_id]:
+            prompt = [tokenizer.bos_token_id, *prompt]
     response = tokenizer(example.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     if len(prompt) >= max_length:
         return None
