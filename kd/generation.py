@@ -140,6 +140,9 @@ class GenerationConfig:
             prompts are re-packed to left padding).
         use_cache: reuse the KV cache between steps; ``False`` recomputes the full forward
             at each step (for tests / debugging).
+        vocab_size: the tokenizer's true vocabulary; logits past it (output rows that only
+            pad the embedding table, never trained) are dropped before sampling, so no
+            such id is ever generated. ``None`` keeps every logit.
     """
 
     max_new_tokens: int = 64
@@ -149,6 +152,7 @@ class GenerationConfig:
     eos_token_id: int | list[int] | None = None
     pad_token_id: int = 0
     use_cache: bool = True
+    vocab_size: int | None = None
 
     def __post_init__(self) -> None:
         n = self.max_new_tokens
@@ -565,6 +569,8 @@ def generate(
             for step in range(config.max_new_tokens):
                 state = DecodeState(step, sequences, mask, positions, finished, prompt_length, temperature)
                 logits = stepper.next_logits(state)
+                if config.vocab_size is not None:
+                    logits = logits[..., : config.vocab_size]
                 mixed = mix(logits, state) if mix is not None else None
                 dist = mixed.logprobs if mixed is not None else _log_probs(logits, temperature)
                 if config.greedy:

@@ -241,7 +241,7 @@ class DistillationRecipe(L.LightningModule):
 
         dm = self.trainer.datamodule
         tok = dm.tokenizer
-        config = GenerationConfig(max_new_tokens=dm.max_new_tokens, temperature=0.0,
+        config = GenerationConfig(max_new_tokens=dm.max_new_tokens, temperature=0.0, vocab_size=len(tok),
                                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
         models = {stage: self.student}
         if stage == "test" and self.teacher is not None:

@@ -156,7 +156,7 @@ def _generation_config(datamodule: Any, settings: dict[str, Any]) -> GenerationC
     return GenerationConfig(
         max_new_tokens=settings.get("max_new_tokens") or datamodule.max_new_tokens,
         temperature=settings["temperature"], top_k=settings["top_k"], top_p=settings["top_p"],
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, vocab_size=len(tok),
     )
 
 

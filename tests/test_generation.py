@@ -296,3 +296,20 @@ def test_mix_in_log_space_is_stable():
     assert torch.isfinite(m[0, :2]).all() and m[0, 2] == float("-inf")
     assert math.isclose(float(m[0, 0]), math.log(0.25), rel_tol=1e-6)
     assert math.isclose(float(m[0, 1]), math.log(0.75), rel_tol=1e-6)
+
+
+def test_ids_past_the_tokenizer_vocabulary_are_never_generated():
+    """Output rows that only pad the embedding table are never trained; with
+    ``vocab_size`` they cannot be sampled even when they carry the most mass."""
+    model = _llama()
+    V = model.config.vocab_size
+    with torch.no_grad():
+        model.lm_head.weight[V - 10 :] = 0.0
+        model.model.norm.weight.zero_()  # all logits 0 ...
+    prompts = torch.randint(3, V - 10, (4, 5))
+    sampled = generate(model, prompts, None, GenerationConfig(max_new_tokens=8, temperature=1.0),
+                       generator=torch.Generator().manual_seed(0))
+    assert (sampled.responses >= V - 10).any()  # ... so padding ids get sampled without the limit
+    limited = generate(model, prompts, None, GenerationConfig(max_new_tokens=8, temperature=1.0, vocab_size=V - 10),
+                       generator=torch.Generator().manual_seed(0))
+    assert (limited.responses < V - 10).all()
