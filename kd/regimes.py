@@ -199,7 +199,7 @@ class TeacherGenerated(Regime):
                            "settings": self.settings, "max_new": datamodule.max_new_tokens}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
-    def _load(self, directory: Path, key: str, n: int) -> list[list[int]] | None:
+    def _load(self, directory: Path, key: str, n: int, vocab_size: int) -> list[list[int]] | None:
         manifest, data = directory / "manifest.json", directory / "responses.pt"
         if not manifest.is_file() or not data.is_file():
             return None
@@ -212,7 +212,10 @@ class TeacherGenerated(Regime):
                 log.warning("generation cache %s does not match its checksum (half-written?); rebuilding it", directory)
                 return None
             responses = torch.load(data, weights_only=True)
-            return responses if len(responses) == n else None
+            if len(responses) != n or any(t >= vocab_size or t < 0 for r in responses for t in r):
+                log.warning("generation cache %s holds ids outside the tokenizer; rebuilding it", directory)
+                return None
+            return responses
         except Exception as e:  # unreadable: rebuild
             log.warning("generation cache %s is unreadable (%s); rebuilding it", directory, e)
             return None
@@ -254,7 +257,7 @@ class TeacherGenerated(Regime):
         key = self.key(recipe.teacher, datamodule)
         directory = Path(self.cache_dir).expanduser() / "generations" / key
         self.path = directory
-        responses = self._load(directory, key, len(split))
+        responses = self._load(directory, key, len(split), len(datamodule.tokenizer))
         if responses is None:
             log.info("generating teacher responses for %d training prompts (cached in %s)", len(split), directory)
             responses = self.generate_responses(recipe.teacher, datamodule)

@@ -128,8 +128,15 @@ def test_teacher_generated_cache_is_keyed_and_broken_entries_are_rebuilt(dm, tmp
         calls.append(1)
         return original(self, *args)
 
-    for breakage in ("truncate", "foreign"):
-        if breakage == "truncate":
+    for breakage in ("truncate", "foreign", "ids"):
+        if breakage == "ids":  # a consistent entry holding ids the tokenizer does not have
+            bad = [[*r, len(dm.tokenizer) + 5] for r in good]
+            torch.save(bad, regime.path / "responses.pt")
+            from kd.regimes import _file_sha256
+
+            meta = json.loads((regime.path / "manifest.json").read_text())
+            (regime.path / "manifest.json").write_text(json.dumps({**meta, "sha256": _file_sha256(regime.path / "responses.pt")}))
+        elif breakage == "truncate":
             blob = (regime.path / "responses.pt").read_bytes()
             (regime.path / "responses.pt").write_bytes(blob[: len(blob) // 2])
         else:
@@ -140,7 +147,7 @@ def test_teacher_generated_cache_is_keyed_and_broken_entries_are_rebuilt(dm, tmp
         fresh.generate_responses = counting.__get__(fresh)
         fresh.prepare(fake_recipe(data, teacher=teacher), data)
         assert [r for _, r in data.splits["train"].encoded] == good
-    assert len(calls) == 2  # each broken entry was rebuilt, never used
+    assert len(calls) == 3  # each broken entry was rebuilt, never used
 
 
 # ----------------------------------------------------------------------------- on-policy / mixed
