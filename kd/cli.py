@@ -315,16 +315,21 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
-def _hydra_main(cfg: DictConfig) -> dict[str, Any]:
+def _one_sentence_errors(prog: str, fn: Any, cfg: DictConfig) -> Any:
+    """Run ``fn(cfg)``; a configuration error exits with its sentence (code 2), no traceback."""
     try:
-        return run(cfg)
+        return fn(cfg)
     except Exception as e:
         cause = _config_error(e)
         if cause is None:
             raise
-        print(f"kd: error: {cause}", file=sys.stderr)
+        print(f"{prog}: error: {cause}", file=sys.stderr)
         sys.exit(2)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
+def _hydra_main(cfg: DictConfig) -> dict[str, Any]:
+    return _one_sentence_errors("kd", run, cfg)
 
 
 def _config_error(e: BaseException | None) -> ConfigError | None:
@@ -374,14 +379,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")
 def _hydra_eval(cfg: DictConfig) -> dict[str, Any]:
-    try:
-        return evaluate(cfg)
-    except Exception as e:
-        cause = _config_error(e)
-        if cause is None:
-            raise
-        print(f"kd-eval: error: {cause}", file=sys.stderr)
-        sys.exit(2)
+    return _one_sentence_errors("kd-eval", evaluate, cfg)
 
 
 def eval_main() -> None:
