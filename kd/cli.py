@@ -68,7 +68,7 @@ def config_hash(*parts: Any) -> str:
 
 
 def _has_teacher(cfg: DictConfig) -> bool:
-    return cfg.get("teacher") not in (None, {}) and bool(cfg.teacher)
+    return bool(cfg.get("teacher"))
 
 
 def _recipe_class(cfg: DictConfig) -> type[DistillationRecipe]:

@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 from kd import ConfigError
 from kd.data import IGNORE_INDEX
+from kd.data.lm import collate_prompts
 from kd.generation import GenerationConfig, generate
 
 log = logging.getLogger(__name__)
@@ -230,8 +231,6 @@ class TeacherGenerated(Regime):
         chosen: list[list[int]] = []
         for start in range(0, len(split), self.batch_size):
             items = [split[i] for i in range(start, min(start + self.batch_size, len(split)))]
-            from kd.data.lm import collate_prompts
-
             prompts = collate_prompts(items, tok.pad_token_id)
             candidates: list[list[list[int]]] = [[] for _ in items]
             for _ in range(self.settings["num_candidates"]):
