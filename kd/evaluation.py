@@ -134,6 +134,18 @@ def headline_metric(runs: list[dict]) -> str:
     return "test/acc"
 
 
+def gap_closed(results: dict[str, dict], metric: str) -> dict[str, float]:
+    """Share of the teacher-student gap each distilled student closes in one run:
+    ``(student - scratch) / (teacher - scratch)``, for runs holding both a ``teacher`` and a
+    ``student, from scratch`` row with different values (empty otherwise)."""
+    teacher = results.get("teacher", {}).get(metric)
+    scratch = results.get("student, from scratch", {}).get(metric)
+    if teacher is None or scratch is None or teacher == scratch:
+        return {}
+    return {name: (res[metric] - scratch) / (teacher - scratch) for name, res in results.items()
+            if name not in ("teacher", "student, from scratch") and res.get(metric) is not None}
+
+
 def summarize(runs: list[dict], metric: str = "test/acc") -> str:
     """A text table: one block per setting, one row per model, mean ± std over seeds.
 
@@ -150,8 +162,11 @@ def summarize(runs: list[dict], metric: str = "test/acc") -> str:
     lines = []
     for key, members in groups.items():
         seeds = sorted({r.get("seed") for r in members})
-        lines.append(f"{key}  [{len(seeds)} seed{'s' if len(seeds) != 1 else ''}: {seeds}]")
+        walls = [r["wall_time_s"] for r in members if "wall_time_s" in r]
+        wall = f"; wall time {_fmt(walls, False)} s per run" if walls else ""
+        lines.append(f"{key}  [{len(seeds)} seed{'s' if len(seeds) != 1 else ''}: {seeds}{wall}]")
         rows: dict[str, list[float]] = defaultdict(list)
+        gaps: dict[str, list[float]] = defaultdict(list)
         params: dict[str, int] = {}
         for r in members:
             for name, res in r["results"].items():
@@ -159,10 +174,14 @@ def summarize(runs: list[dict], metric: str = "test/acc") -> str:
                 if value is not None and math.isfinite(value):
                     rows[name].append(value)
                 params[name] = res.get("params", 0)
+            for name, gap in gap_closed(r["results"], metric).items():
+                gaps[name].append(gap)
         width = max([len(n) for n in rows] + [5])
         label = f"{metric} (%)" if percent else metric
-        lines.append(f"  {'model':<{width}}  {label:>18}  {'params':>10}")
+        gap_label = "gap closed (%)" if gaps else ""
+        lines.append(f"  {'model':<{width}}  {label:>18}  {'params':>10}  {gap_label}".rstrip())
         for name, values in rows.items():
-            lines.append(f"  {name:<{width}}  {_fmt(values, percent):>18}  {params[name]:>10,}")
+            gap = _fmt(gaps[name], True) if gaps.get(name) else ""
+            lines.append(f"  {name:<{width}}  {_fmt(values, percent):>18}  {params[name]:>10,}  {gap:>14}".rstrip())
         lines.append("")
     return "\n".join(lines).rstrip()

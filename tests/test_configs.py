@@ -76,7 +76,9 @@ def extra_overrides(group: str, option: str, tiny_hf) -> list[str]:
                                                      ("regime", "on_policy"), ("regime", "mixed")}:
         return ["data=task", "teacher=task_llama", "student=task_llama"]
     if (group, option) == ("data", "jsonl"):
-        return [f"data.source.train={tiny_hf / 'train.jsonl'}", f"data.tokenizer={model}"]
+        return [f"data.source.train={tiny_hf / 'train.jsonl'}", "student=hf", f"student.name_or_path={model}"]
+    if (group, option) == ("data", "hf"):
+        return ["data.source.path=json", f"data.source.data_files={tiny_hf / 'train.jsonl'}"]
     return []
 
 
@@ -94,6 +96,15 @@ def test_every_option_composes_and_instantiates(group, option, make_cfg, tmp_pat
     recipe = _build(cfg)
     if group == "recipe":
         assert type(recipe).__module__.startswith("recipes.")
+
+
+def test_text_data_takes_the_students_tokenizer_unless_told(make_cfg, tiny_hf):
+    model = str(tiny_hf / "model")
+    for data in ("jsonl", "hf", "chatterbot"):
+        assert make_cfg(f"data={data}", "student=hf", f"student.name_or_path={model}").data.tokenizer == model
+        assert make_cfg(f"data={data}", "student=task_llama").data.tokenizer is None  # BPE trained on the data
+        assert make_cfg(f"data={data}", "student=hf", f"student.name_or_path={model}",
+                        "data.tokenizer=other").data.tokenizer == "other"
 
 
 def test_recipe_picks_its_own_teacher_default_and_command_line_wins(make_cfg):

@@ -52,3 +52,19 @@ def test_summary_groups_by_overrides_without_seed():
     assert "recipe.lam=0.7  [3 seeds: [0, 1, 2]]" in table
     std = statistics.stdev([90.0, 92.0, 94.0])
     assert f"92.00 ± {std:.2f}" in table
+
+
+def test_summary_reports_share_of_the_gap_closed_and_wall_time():
+    runs = [
+        {"seed": s, "overrides": [f"seed={s}"], "wall_time_s": w,
+         "results": {"teacher": {"test/acc": 0.9}, "student, from scratch": {"test/acc": 0.5},
+                     "student, hinton": {"test/acc": a}}}
+        for s, a, w in [(0, 0.7, 10.0), (1, 0.8, 14.0)]
+    ]
+    table = summarize(runs)
+    hinton = next(line for line in table.splitlines() if "student, hinton" in line)
+    gaps = [50.0, 75.0]  # (0.7 - 0.5) / (0.9 - 0.5), (0.8 - 0.5) / 0.4
+    assert hinton.endswith(f"{statistics.fmean(gaps):.2f} ± {statistics.stdev(gaps):.2f}")
+    assert "wall time 12.00 ± 2.83 s per run" in table
+    teacher = next(line for line in table.splitlines() if line.strip().startswith("teacher"))
+    assert teacher.endswith(" 0")  # params last: no gap column for the reference rows

@@ -197,3 +197,41 @@ def test_prompts_without_a_chat_template_start_as_the_tokenizer_would():
     with_bos, response = encode_example(tok, ex, 32)
     assert with_bos == [tok.bos_token_id, *plain]
     assert response[-1] == tok.eos_token_id and tok.bos_token_id not in response
+
+
+def test_hf_dataset_source_loads_builder_files_and_names_bad_splits(tmp_path):
+    pytest.importorskip("datasets")
+    from kd.data.lm import HFDatasetSource
+
+    for split, n in (("train", 30), ("test", 5)):
+        rows = [{"question": f"{split} q{i}", "answer": f"a{i}", "other": i} for i in range(n)]
+        (tmp_path / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    files = {"train": str(tmp_path / "train.jsonl"), "test": str(tmp_path / "test.jsonl")}
+    source = HFDatasetSource("json", data_files=files, test_split="test", prompt_key="question",
+                             response_key="answer", val_fraction=0.1)
+    splits = source.load()
+    assert [len(splits[k]) for k in ("train", "val", "test")] == [27, 3, 5]
+    assert {ex.prompt for ex in splits["test"]} == {f"test q{i}" for i in range(5)}
+    assert all(ex.prompt.startswith("train") for ex in splits["train"] + splits["val"])
+    with pytest.raises(ConfigError, match="could not load split 'validation'"):
+        HFDatasetSource("json", data_files=files, val_split="validation").load()
+    with pytest.raises(ConfigError, match="has neither 'prompt'/'response' fields"):
+        HFDatasetSource("json", data_files=files).load()
+
+
+def test_chatterbot_source_pairs_consecutive_turns():
+    pytest.importorskip("chatterbot_corpus")
+    import yaml
+
+    from kd.data.lm import ChatterbotSource
+
+    folder = ChatterbotSource.directory()
+    conversations = yaml.safe_load((folder / "greetings.yml").read_text())["conversations"]
+    expected = sum(len(c) - 1 for c in conversations)
+    splits = ChatterbotSource(categories=["greetings"], val_fraction=0.1, test_fraction=0.1).load()
+    assert sum(len(s) for s in splits.values()) == expected
+    first = conversations[0]
+    pairs = {(ex.prompt, ex.response) for s in splits.values() for ex in s}
+    assert (first[0], first[1]) in pairs
+    with pytest.raises(ConfigError, match="no categories \\['klingon'\\]"):
+        ChatterbotSource(categories=["klingon"]).load()

@@ -90,7 +90,7 @@ def _read_records(path: Path) -> list[dict]:
     return records
 
 
-def _to_example(record: Any, path: Path, n: int, prompt_key: str, response_key: str) -> Example:
+def _to_example(record: Any, origin: str, n: int, prompt_key: str, response_key: str) -> Example:
     if isinstance(record, dict) and "messages" in record:
         msgs = record["messages"]
         users = [m.get("content", "") for m in msgs if m.get("role") == "user"]
@@ -101,9 +101,35 @@ def _to_example(record: Any, path: Path, n: int, prompt_key: str, response_key: 
         return Example(prompt=str(record[prompt_key]), response=str(record[response_key]),
                        skill=str(record.get("skill", "data")))
     raise ConfigError(
-        f"'{path}' record {n} has neither '{prompt_key}'/'{response_key}' fields nor chat 'messages' with a "
+        f"{origin} record {n} has neither '{prompt_key}'/'{response_key}' fields nor chat 'messages' with a "
         "user and an assistant turn; rename the fields or set data.source.prompt_key/response_key"
     )
+
+
+def _hold_out(train: list[Example], given: dict[str, list[Example] | None], fractions: dict[str, float],
+              seed: int, name: str) -> dict[str, list[Example]]:
+    """Splits ``train``/``val``/``test``: a held-out split not ``given`` takes its fraction of
+    ``train`` (a fixed seeded permutation), the rest stays for training."""
+    splits: dict[str, list[Example]] = {}
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
+    held = 0
+    for split in ("val", "test"):
+        if given.get(split) is not None:
+            splits[split] = given[split]
+        else:
+            k = max(1, int(fractions[split] * len(train)))
+            splits[split] = [train[i] for i in order[held : held + k]]
+            held += k
+    splits["train"] = [train[i] for i in order[held:]]
+    if not splits["train"]:
+        raise ConfigError(f"{name} is too small to hold out val/test; add records or give separate val/test splits")
+    return splits
+
+
+def _examples_from(records: list[Any], origin: Any, prompt_key: str, response_key: str) -> list[Example]:
+    if not records:
+        raise ConfigError(f"{origin} holds no records; give it at least one prompt/response pair")
+    return [_to_example(r, origin, n, prompt_key, response_key) for n, r in enumerate(records, 1)]
 
 
 class JsonlSource:
@@ -127,32 +153,125 @@ class JsonlSource:
 
     def _examples(self, path: str) -> list[Example]:
         p = Path(path).expanduser()
-        records = _read_records(p)
-        if not records:
-            raise ConfigError(f"data file '{p}' holds no records; give it at least one prompt/response pair")
-        return [_to_example(r, p, n, self.prompt_key, self.response_key) for n, r in enumerate(records, 1)]
+        return _examples_from(_read_records(p), f"data file '{p}'", self.prompt_key, self.response_key)
 
     def load(self) -> dict[str, list[Example]]:
-        train = self._examples(self.paths["train"])
-        splits: dict[str, list[Example]] = {}
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.seed)).tolist()
-        held = 0
-        for split in ("val", "test"):
-            if self.paths[split]:
-                splits[split] = self._examples(self.paths[split])
-            else:
-                k = max(1, int(self.fractions[split] * len(train)))
-                splits[split] = [train[i] for i in order[held : held + k]]
-                held += k
-        splits["train"] = [train[i] for i in order[held:]]
-        if not splits["train"]:
-            raise ConfigError(f"'{self.paths['train']}' is too small to hold out val/test; add records or give val/test files")
-        return splits
+        given = {s: self._examples(self.paths[s]) if self.paths[s] else None for s in ("val", "test")}
+        return _hold_out(self._examples(self.paths["train"]), given, self.fractions, self.seed,
+                         f"'{self.paths['train']}'")
 
     def fingerprint(self) -> dict:
         stats = {k: (str(v), os.path.getmtime(v), os.path.getsize(v)) for k, v in self.paths.items() if v}
         return {"files": stats, "keys": [self.prompt_key, self.response_key], "fractions": self.fractions,
                 "seed": self.seed}
+
+
+def _plain(value: Any) -> Any:
+    """Hydra hands lists and dicts over as OmegaConf containers; libraries want plain ones."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    return OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value
+
+
+class HFDatasetSource:
+    """Prompt/response records through ``datasets.load_dataset``: a hub dataset by name
+    (downloaded by ``datasets`` into its own cache: the only network access, and only
+    because the user named it), a local dataset directory, or a builder such as ``json`` /
+    ``parquet`` / ``csv`` with ``data_files``.
+
+    Args:
+        path: hub name (``"org/dataset"``), local directory, or builder name.
+        name: the dataset's configuration (subset), if it has several.
+        data_files: files for a builder (a path, list, or ``{split: path}``).
+        train_split, val_split, test_split: split names; a missing held-out split takes
+            ``val_fraction`` / ``test_fraction`` of the training split.
+        prompt_key, response_key: field names (or chat ``messages``), as in :class:`JsonlSource`.
+        max_examples: keep the first N training records (None: all).
+        revision: a hub revision (commit, tag or branch) for reproducible runs.
+    """
+
+    def __init__(self, path: str, name: str | None = None, data_files: Any = None, train_split: str = "train",
+                 val_split: str | None = None, test_split: str | None = None, prompt_key: str = "prompt",
+                 response_key: str = "response", val_fraction: float = 0.05, test_fraction: float = 0.05,
+                 max_examples: int | None = None, revision: str | None = None, seed: int = 0) -> None:
+        self.args = dict(path=path, name=name, data_files=data_files, revision=revision)
+        self.splits = {"train": train_split, "val": val_split, "test": test_split}
+        self.prompt_key, self.response_key = prompt_key, response_key
+        self.fractions = {"val": val_fraction, "test": test_fraction}
+        self.max_examples, self.seed = max_examples, seed
+
+    def _load_split(self, split: str) -> list[Example]:
+        try:
+            import datasets
+        except ImportError as e:
+            raise ConfigError("data.source HFDatasetSource needs the datasets library; pip install 'kd[data]'") from e
+        kwargs = {k: _plain(v) for k, v in self.args.items() if v is not None}
+        try:
+            ds = datasets.load_dataset(**kwargs, split=split)
+        except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as e:
+            raise ConfigError(f"datasets could not load split '{split}' of '{self.args['path']}' ({e}); "
+                              "check data.source.path/name/data_files and the split names") from e
+        if split == self.splits["train"] and self.max_examples:
+            ds = ds.select(range(min(self.max_examples, len(ds))))
+        origin = f"dataset '{self.args['path']}' split '{split}'"
+        return _examples_from(ds.to_list(), origin, self.prompt_key, self.response_key)
+
+    def load(self) -> dict[str, list[Example]]:
+        given = {s: self._load_split(self.splits[s]) if self.splits[s] else None for s in ("val", "test")}
+        return _hold_out(self._load_split(self.splits["train"]), given, self.fractions, self.seed,
+                         f"dataset '{self.args['path']}'")
+
+    def fingerprint(self) -> dict:
+        local = Path(str(self.args["path"])).expanduser()
+        stamp = os.path.getmtime(local) if local.exists() else None
+        return {"hf_dataset": {k: str(v) for k, v in self.args.items()}, "stamp": stamp, "splits": self.splits,
+                "keys": [self.prompt_key, self.response_key], "fractions": self.fractions,
+                "max_examples": self.max_examples, "seed": self.seed}
+
+
+class ChatterbotSource:
+    """Real English questions and answers, offline: the ``chatterbot-corpus`` package's YAML
+    conversations (2,026 conversations in 21 categories; each consecutive pair of turns is
+    one prompt/response example, 2,393 in all). ``pip install chatterbot-corpus`` (or
+    ``kd[data]``).
+
+    Args:
+        categories: file names of ``chatterbot_corpus/data/english`` without ``.yml``
+            (e.g. ``[greetings, science]``); None: all.
+        val_fraction, test_fraction, seed: the held-out splits, as in :class:`JsonlSource`.
+    """
+
+    def __init__(self, categories: Sequence[str] | None = None, val_fraction: float = 0.05,
+                 test_fraction: float = 0.05, seed: int = 0) -> None:
+        self.categories = sorted(categories) if categories else None
+        self.fractions = {"val": val_fraction, "test": test_fraction}
+        self.seed = seed
+
+    @staticmethod
+    def directory() -> Path:
+        try:
+            import chatterbot_corpus
+        except ImportError as e:
+            raise ConfigError("data=chatterbot needs the chatterbot-corpus package; pip install chatterbot-corpus") from e
+        return Path(chatterbot_corpus.__file__).parent / "data" / "english"
+
+    def load(self) -> dict[str, list[Example]]:
+        import yaml
+
+        folder = self.directory()
+        available = sorted(p.stem for p in folder.glob("*.yml"))
+        unknown = sorted(set(self.categories or []) - set(available))
+        if unknown:
+            raise ConfigError(f"chatterbot-corpus has no categories {unknown}; choose among {available}")
+        examples = []
+        for category in self.categories or available:
+            for turns in yaml.safe_load((folder / f"{category}.yml").read_text(encoding="utf-8"))["conversations"]:
+                turns = [str(t).strip() for t in turns]
+                examples += [Example(prompt=a, response=b, skill=category) for a, b in zip(turns, turns[1:]) if a and b]
+        return _hold_out(examples, {}, self.fractions, self.seed, "chatterbot-corpus")
+
+    def fingerprint(self) -> dict:
+        return {"chatterbot": self.categories, "fractions": self.fractions, "seed": self.seed}
 
 
 # ----------------------------------------------------------------------------- tokenization
