@@ -13,10 +13,13 @@ One ``kd`` run, in its own output directory (``outputs/runs/<date>/<time>``):
    reuse it;
 3. trains the recipe, tests the best validation checkpoint, saves the student in its
    native format under ``student/``;
-4. with ``scratch_baseline: true`` (and a recipe that uses a teacher) also trains the same
+4. with ``student_sft`` set, starts the student from its supervised fine-tune (trained once
+   per seed and cached, like the teacher), as MiniLLM and GKD do;
+5. with ``scratch_baseline: true`` (and a recipe that uses a teacher) also trains the same
    student without a teacher on the same data, epochs and optimizer (cached the same way,
    per seed), so every run reports a fair comparison;
-5. writes ``metrics.json`` and prints a table: teacher / student from scratch / distilled.
+   (with ``student_sft``, the baseline is that SFT);
+6. writes ``metrics.json`` and prints a table: teacher / student from scratch / distilled.
 
 Errors of configuration (:class:`kd.ConfigError`) are printed as one sentence, exit code 2.
 """
@@ -224,25 +227,40 @@ def load_teacher(cfg: DictConfig, model: Any) -> dict[str, Any]:
         return {"source": str(t.checkpoint)}
     if not t.get("fit"):
         return {"source": "model factory"}
-    fit = t.fit
-    path = _cached_supervised(
-        "teachers",
-        _choice("teacher", "teacher"),
-        cfg,
-        student=t.model,
-        optimizer=fit.optimizer,
-        scheduler=fit.get("scheduler"),
-        seed=fit.seed,
-        merge={"data": fit.get("data") or {}},
-        **{"trainer.max_epochs": fit.max_epochs},
-    )
+    path = _fitted("teachers", _choice("teacher", "teacher"), cfg, t.model, t.fit)
     load_weights(model, path)
     return {"source": str(path), **json.loads((path / "meta.json").read_text())}
 
 
+def _fitted(kind: str, prefix: str, cfg: DictConfig, model: DictConfig, fit: DictConfig) -> Path:
+    """The cached supervised run of ``model`` described by a ``fit`` section (epochs, seed,
+    optimizer, scheduler and, under ``fit.data``, changes to the data config)."""
+    return _cached_supervised(
+        kind,
+        prefix,
+        cfg,
+        student=model,
+        optimizer=fit.optimizer,
+        scheduler=fit.get("scheduler"),
+        seed=fit.get("seed", cfg.seed),
+        merge={"data": fit.get("data") or {}},
+        **{"trainer.max_epochs": fit.max_epochs},
+    )
+
+
+def student_sft(cfg: DictConfig) -> Path:
+    """The supervised fine-tune of ``cfg.student`` that ``student_sft`` describes (one per
+    seed, cached): the starting point of recipes that distil from an SFT student."""
+    return _fitted("sft", f"{_choice('student', 'student')}-seed{cfg.seed}", cfg, cfg.student, cfg.student_sft)
+
+
 def scratch_baseline(cfg: DictConfig) -> dict[str, Any]:
-    """``meta.json`` of ``cfg.student`` trained without a teacher, everything else equal."""
-    path = _cached_supervised("baselines", f"{_choice('student', 'student')}-seed{cfg.seed}", cfg)
+    """``meta.json`` of ``cfg.student`` trained without a teacher, everything else equal;
+    with ``student_sft`` set, the SFT the distilled student started from."""
+    if cfg.get("student_sft"):
+        path = student_sft(cfg)
+    else:
+        path = _cached_supervised("baselines", f"{_choice('student', 'student')}-seed{cfg.seed}", cfg)
     return json.loads((path / "meta.json").read_text())
 
 
@@ -272,6 +290,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if regime is not None:
         regime.validate(datamodule)
     student = instantiate(cfg.student)
+    if cfg.get("student_sft"):
+        load_weights(student, student_sft(cfg))
     if recipe_cls.needs_teacher:
         teacher = instantiate(cfg.teacher.model)
     recipe = instantiate(

@@ -13,6 +13,13 @@ The base class owns everything recipes share:
   logits ``(..., V)``, gold labels ``(...)`` and the mask of positions that count;
 * logging: every loss term under ``train/<name>``, targets per second, and per-epoch
   validation/test metrics from :class:`kd.evaluation.StageMetrics`;
+* exact means under gradient accumulation: a recipe whose loss is a mean over items
+  (tokens, sequences) returns their count as ``num_items``; with
+  ``accumulate_grad_batches > 1`` the micro-batch losses are then summed and the
+  gradient divided by the items of the whole accumulation window before the optimizer
+  step (and before gradient clipping), so 2 x half a batch gives the full batch's
+  gradient even when the halves hold different numbers of tokens (Lightning's own
+  averaging of micro-batch means does not);
 * a guard that stops training with a clear message on a NaN/inf loss (checkpoints
   already written are kept);
 * optimizer and scheduler built from config factories (Hydra ``_partial_``);
@@ -86,6 +93,12 @@ class DistillationRecipe(L.LightningModule):
     #: recipes that train without a teacher (the supervised baseline) set this to False
     needs_teacher: ClassVar[bool] = True
 
+    @property
+    def optimizer_steps_per_batch(self) -> int:
+        """Optimizer steps per training batch (1; recipes with inner loops, e.g. PPO
+        epochs, override it so the scheduler spans the real number of steps)."""
+        return 1
+
     def __init__(
         self,
         student: nn.Module,
@@ -111,6 +124,7 @@ class DistillationRecipe(L.LightningModule):
         #: the tokenizer's true vocabulary size; logits are cut to it (see set_vocabulary)
         self.vocab_size: int | None = None
         self._predictions: dict[str, dict[int, str]] = {}  # generated answers by example index
+        self._window_items = 0.0  # items (num_items) of the current accumulation window
 
     # ------------------------------------------------------------------ model calls
 
@@ -188,7 +202,9 @@ class DistillationRecipe(L.LightningModule):
     # ------------------------------------------------------------------ the loss
 
     def compute_loss(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Return ``{"loss": total, <term>: value, ...}``; every entry is logged."""
+        """Return ``{"loss": total, <term>: value, ...}``; every entry is logged. A loss
+        that is a mean over items may add ``"num_items"`` (their count, not logged) to be
+        exact under gradient accumulation (see the module docstring)."""
         raise NotImplementedError
 
     def on_fit_start(self) -> None:
@@ -197,6 +213,7 @@ class DistillationRecipe(L.LightningModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         batch = self.regime.batch(self, batch)
         terms = self.compute_loss(batch)
+        num_items = terms.pop("num_items", None)
         loss = terms["loss"]
         if not torch.isfinite(loss):
             detail = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
@@ -209,7 +226,25 @@ class DistillationRecipe(L.LightningModule):
             self.log(f"train/{key}", value.detach(), prog_bar=key == "loss", batch_size=n)
         if self._trainer is not None and self.trainer.optimizers:
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=n)
+        if num_items is not None and self._accumulating():
+            self._window_items += float(num_items)
+            return loss * num_items  # a sum; divided by the window's items in on_before_optimizer_step
         return loss
+
+    def _accumulating(self) -> bool:
+        return (self._trainer is not None and self.automatic_optimization
+                and self.trainer.accumulate_grad_batches > 1)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Turn the window's summed micro-batch losses into the mean over its items:
+        Lightning divided each by ``accumulate_grad_batches``, so scale by N / items."""
+        if self._window_items > 0 and self._accumulating():
+            scale = self.trainer.accumulate_grad_batches / self._window_items
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.grad.mul_(scale)
+        self._window_items = 0.0
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._step_started = time.perf_counter()
@@ -306,7 +341,7 @@ class DistillationRecipe(L.LightningModule):
         optimizer = self.optimizer_factory(self.trainable_parameters())
         if self.scheduler_factory is None:
             return optimizer
-        total = int(self.trainer.estimated_stepping_batches)
+        total = int(self.trainer.estimated_stepping_batches) * self.optimizer_steps_per_batch
         scheduler = self.scheduler_factory(optimizer, total_steps=total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

@@ -20,12 +20,9 @@ from recipes.hinton import Hinton
 from recipes.supervised import Supervised
 from tests.conftest import SMALL_TASK
 
-@pytest.fixture(scope="module")
-def dm():
-    module = LMDataModule(TaskSource(train_size=200, val_size=20, test_size=20), vocab_size=300, batch_size=8,
-                          max_length=64)
-    module.setup()
-    return module
+@pytest.fixture
+def dm(task_dm):
+    return task_dm
 
 
 def test_labels_cover_exactly_the_response_and_eos(dm):
