@@ -204,9 +204,11 @@ def _cached_supervised(kind: str, prefix: str, cfg: DictConfig, **changes: Any) 
     log.info("training the %s once (cached afterwards in %s)", kind.rstrip("s"), final)
     with open_dict(sub):
         sub.paths.output_dir = str(tmp)
+    started = time.perf_counter()
     recipe, metrics = _train_supervised(sub)
     save_model(recipe.student, tmp)
-    meta = {"name": name, "kd_version": kd.__version__, "metrics": metrics, "params": count_parameters(recipe.student)}
+    meta = {"name": name, "kd_version": kd.__version__, "metrics": metrics, "params": count_parameters(recipe.student),
+            "wall_time_s": round(time.perf_counter() - started, 2)}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     try:
         os.replace(tmp, final)

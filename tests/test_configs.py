@@ -72,7 +72,7 @@ def extra_overrides(group: str, option: str, tiny_hf) -> list[str]:
         return ["data=task", f"student.name_or_path={model}"]
     if (group, option) == ("teacher", "hf"):
         return ["data=task", f"teacher.name_or_path={model}"]
-    if "task_llama" in option or option.startswith("gkd") or (group, option) in {("recipe", "seqkd"), ("regime", "teacher_generated"),
+    if "task_llama" in option or option.startswith(("gkd", "minillm")) or (group, option) in {("recipe", "seqkd"), ("regime", "teacher_generated"),
                                                      ("regime", "on_policy"), ("regime", "mixed")}:
         return ["data=task", "teacher=task_llama", "student=task_llama"]
     if (group, option) == ("data", "jsonl"):

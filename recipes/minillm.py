@@ -1,0 +1,285 @@
+"""MiniLLM (Gu, Dong, Wei & Huang 2024, "MiniLLM: Knowledge Distillation of Large Language
+Models", ICLR; arXiv:2306.08543; official code microsoft/LMOps, folder minillm).
+
+Objective: the reverse KL between the student q_theta and the teacher p over sequences,
+min KL(q_theta || p), optimised by policy gradient on sequences sampled from the student.
+With per-token reward ``r_t = log p(y_t | y_<t, x) - log q(y_t | y_<t, x)``, the paper's
+gradient splits into
+
+* the **single-step** term, exact over the vocabulary: the expected immediate reward at
+  step t is ``-KL(q(. | y_<t) || p(. | y_<t))``, so its loss is the per-token reverse KL
+  (differentiated through q, no sampling noise), weighted by ``w_t``;
+* the **long-term** term, ``-E[sum_t R_{t+1} grad log q(y_t)]`` with the
+  length-normalised return ``R_{t+1} = 1/(T-t-1) sum_{t'>t} r_t'``, optimised with PPO
+  clipping on the ratio ``rho_t = q_theta(y_t) / q_old(y_t)`` times ``w_t``:
+  ``-min(rho_t w_t A_t, clip(rho_t w_t, 1-eps, 1+eps) A_t)`` with ``A_t = R_{t+1}``;
+* a **language-modelling** term on the training data's responses (the paper's L_PT on
+  pretraining text), so the student keeps its SFT skills.
+
+Rollouts come from **teacher-mixed sampling**: each token is drawn from
+``p~ = alpha p + (1 - alpha) q_old`` (alpha 0.2), and ``w_t = q_old(y_t) / p~(y_t)`` is
+the per-token importance weight (:class:`kd.generation.TeacherMix`). One training batch's
+prompts make one rollout buffer; the recipe then runs ``ppo_epochs`` passes over it in
+``num_minibatches`` shuffled mini-batches, one optimizer step each (manual optimisation).
+Rewards, old log-probs and advantages are computed once per buffer, without gradient;
+no gradient flows through sampling. The student starts from an SFT checkpoint
+(``student_sft``), as in the paper.
+
+``variant`` switches every point where the official code differs from the paper:
+
+=========================  ==============================  ===============================
+                           ``paper`` (default)             ``code`` (LMOps)
+=========================  ==============================  ===============================
+reward r_t                 log p - log q                   (log p - log q) / 0.5, clip +-100
+advantage A_t              R_{t+1}, excludes r_t,          sum_{t'>=t} 0.95^(t'-t) r_t'
+                           undiscounted, / (T - t - 1)     / (T - t), whitened over the
+                                                           batch's tokens (padding excluded)
+single-step term           w_t * KL(q || p)                KL(q || p), no weight
+LM term                    NLL                             0.5 NLL + 0.5 KL(p || q)
+=========================  ==============================  ===============================
+
+The default is ``paper``: the zoo reproduces papers, and the paper's estimator is the
+one its derivation justifies; ``code`` exists to match the released checkpoints'
+training. Either way each term is a mean over the mini-batch's response tokens (the paper
+writes sums over t; with length-normalised returns the scale is the same up to the
+average length), and the loss is ``ppo + single_step + pt_weight * lm``.
+
+Deviations: the official code keeps a buffer of 256 rollouts and runs 4 PPO epochs at lr
+5e-6; here the buffer is one training batch (``data.batch_size`` prompts) and the lr is the
+run's. The student is run without dropout (rollouts, old log-probs and the update then
+see the same network, so the first PPO ratio is exactly 1). The LM term uses the
+training batch's dataset responses rather than a separate pretraining corpus.
+
+Run: ``kd experiment=task_minillm`` or ``kd recipe=minillm data=task teacher=task_llama student=task_llama``
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from kd import ConfigError
+from kd.divergences import forward_kl, reduce, reverse_kl_per_position, to_log_probs
+from kd.evaluation import cross_entropy
+from kd.generation import GenerationConfig, TeacherMix, generate
+from kd.recipe import DistillationRecipe
+from kd.regimes import Offline, join_prompts_and_responses
+
+VARIANTS = {
+    "paper": {"reward_scale": 1.0, "reward_clip": None, "gamma": 1.0, "include_current": False, "whiten": False,
+              "weighted_single_step": True, "lm_kd_share": 0.0},
+    "code": {"reward_scale": 2.0, "reward_clip": 100.0, "gamma": 0.95, "include_current": True, "whiten": True,
+             "weighted_single_step": False, "lm_kd_share": 0.5},
+}
+
+
+def normalized_returns(rewards: Tensor, mask: Tensor, gamma: float = 1.0) -> Tensor:
+    """``G_t = sum_{t' >= t} gamma^(t'-t) r_t' / n_t`` with ``n_t`` the number of valid
+    positions from t to the end of the sequence; ``(B, L) -> (B, L)``, 0 where masked.
+
+    ``mask`` marks each row's response positions (one contiguous run per row). Rewards
+    ``[1, 2, 3]`` give ``[2, 2.5, 3]`` at gamma 1 and ``[1.869167, 2.425, 3]`` at 0.95.
+    """
+    mask = mask.bool()
+    out = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[..., 0])
+    count = torch.zeros_like(rewards[..., 0])
+    for t in reversed(range(rewards.shape[-1])):
+        m = mask[..., t]
+        running = torch.where(m, rewards[..., t] + gamma * running, torch.zeros_like(running))
+        count = torch.where(m, count + 1, torch.zeros_like(count))
+        out[..., t] = running / count.clamp(min=1)
+    return out
+
+
+def advantages(rewards: Tensor, mask: Tensor, gamma: float, include_current: bool, whiten: bool) -> Tensor:
+    """MiniLLM's advantage per response token ``(B, L)``: the normalized return from t
+    (``include_current``, code) or from t+1 (paper, 0 at the last token), optionally
+    whitened over the valid tokens of the batch; 0 where masked."""
+    mask = mask.bool()
+    returns = normalized_returns(rewards, mask, gamma)
+    if not include_current:
+        returns = torch.cat([returns[..., 1:], torch.zeros_like(returns[..., :1])], dim=-1)
+    if whiten:
+        valid = returns[mask]
+        if valid.numel() > 1:
+            returns = (returns - valid.mean()) / (valid.std() + 1e-8)
+    return torch.where(mask, returns, torch.zeros_like(returns))
+
+
+def ppo_clipped_loss(ratio_w: Tensor, advantage: Tensor, eps: float = 0.2) -> Tensor:
+    """Per-token clipped surrogate ``-min(rw A, clip(rw, 1-eps, 1+eps) A)`` where ``rw`` is
+    the PPO ratio times the importance weight. A token whose clipped branch is active gets
+    no gradient."""
+    return -torch.minimum(ratio_w * advantage, ratio_w.clamp(1 - eps, 1 + eps) * advantage)
+
+
+class MiniLLM(DistillationRecipe):
+    """MiniLLM: policy-gradient reverse-KL distillation with PPO (see the module docstring).
+
+    Args:
+        variant: ``paper`` or ``code`` (the official implementation's choices).
+        mix_alpha: teacher share of the sampling mixture (0.2; 0 samples from the student).
+        clip_eps: PPO clipping range on ratio x importance weight.
+        ppo_epochs: passes over each rollout buffer.
+        num_minibatches: optimizer steps per pass (the buffer is split in this many).
+        pt_weight: weight of the language-modelling term (0 turns it off).
+        max_grad_norm: gradient-norm clipping of each update (None: off).
+        temperature, top_k, top_p, max_new_tokens: rollout sampling (paper: T=1, no filter;
+            ``max_new_tokens`` None takes the datamodule's).
+        seed: seed of the rollout sampler and the mini-batch shuffles.
+        **kwargs: passed to :class:`kd.recipe.DistillationRecipe`.
+    """
+
+    def __init__(self, *, variant: str = "paper", mix_alpha: float = 0.2, clip_eps: float = 0.2,
+                 ppo_epochs: int = 4, num_minibatches: int = 4, pt_weight: float = 1.0,
+                 max_grad_norm: float | None = 1.0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 max_new_tokens: int | None = None, seed: int = 0, **kwargs: Any) -> None:
+        if variant not in VARIANTS:
+            raise ConfigError(f"recipe.variant must be one of {sorted(VARIANTS)} (got {variant!r})")
+        if not 0.0 <= mix_alpha <= 1.0:
+            raise ConfigError(f"recipe.mix_alpha must be in [0, 1] (got {mix_alpha}); the paper uses 0.2")
+        if ppo_epochs < 1 or num_minibatches < 1:
+            raise ConfigError("recipe.ppo_epochs and recipe.num_minibatches must be >= 1")
+        if not clip_eps > 0:
+            raise ConfigError(f"recipe.clip_eps must be > 0 (got {clip_eps}); the paper uses 0.2")
+        if kwargs.get("regime") is not None and not isinstance(kwargs["regime"], Offline):
+            raise ConfigError("MiniLLM samples its own rollouts (teacher-mixed); use regime=offline")
+        super().__init__(**kwargs)
+        self.automatic_optimization = False
+        self.variant = variant
+        self.settings = VARIANTS[variant]
+        self.mix_alpha, self.clip_eps = mix_alpha, clip_eps
+        self.ppo_epochs, self.num_minibatches = ppo_epochs, num_minibatches
+        self.pt_weight, self.max_grad_norm = pt_weight, max_grad_norm
+        self.sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "max_new_tokens": max_new_tokens}
+        GenerationConfig(temperature=temperature, top_k=top_k, top_p=top_p)  # validate now
+        self.seed = seed
+        self._rng: torch.Generator | None = None
+
+    @property
+    def optimizer_steps_per_batch(self) -> int:
+        return self.ppo_epochs * self.num_minibatches
+
+    def train(self, mode: bool = True) -> MiniLLM:
+        super().train(mode)
+        self.student.eval()  # no dropout: rollouts, old log-probs and updates see one network
+        return self
+
+    # ------------------------------------------------------------------ rollouts
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if self._rng is None or self._rng.device != device:
+            self._rng = torch.Generator(device=device).manual_seed(self.seed)
+        return self._rng
+
+    @torch.no_grad()
+    def rollout(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Sample responses to the batch's prompts from ``p~`` and score them: the joined
+        token batch plus, on its ``(B, L)`` target layout, ``mask``, ``old_logprobs``
+        (log q_old of each sampled token), ``teacher_logprobs`` ``(B, L, V)``, ``weights``
+        w_t, ``rewards`` r_t and ``advantages`` A_t. Nothing here carries a gradient."""
+        if "prompt_ids" not in batch:
+            raise ConfigError("MiniLLM needs prompts to sample from; use a language-model datamodule (data=task, ...)")
+        dm = self.trainer.datamodule
+        tok = dm.tokenizer
+        s = self.sampling
+        config = GenerationConfig(max_new_tokens=s["max_new_tokens"] or dm.max_new_tokens,
+                                  temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"],
+                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, vocab_size=len(tok))
+        out = generate(self.student, batch["prompt_ids"], batch["prompt_mask"], config,
+                       generator=self._generator(batch["prompt_ids"].device),
+                       mix=TeacherMix(self.teacher, self.mix_alpha))
+        joined = join_prompts_and_responses(batch["prompt_ids"], batch["prompt_mask"], out.responses,
+                                            out.response_mask, tok.pad_token_id)
+        student_logits, labels, mask = self.outputs(self.student, joined)
+        teacher_logits, _, _ = self.outputs(self.teacher, joined)
+        return {**joined, **self.score(student_logits, teacher_logits, labels, mask,
+                                       out.importance_weights[out.response_mask])}
+
+    def score(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, mask: Tensor,
+              weights: Tensor) -> dict[str, Tensor]:
+        """Rewards and advantages of sampled tokens ``labels (B, L)`` at the ``mask``
+        positions, from both models' logits ``(B, L, V)`` (temperature 1) and the sampling
+        importance weights ``w`` of the valid tokens (row-major, as ``labels[mask]``)."""
+        log_q = to_log_probs(student_logits)
+        log_p = to_log_probs(teacher_logits)
+        index = labels.clamp(min=0).unsqueeze(-1)
+        old = log_q.gather(-1, index).squeeze(-1)
+        reward = (log_p.gather(-1, index).squeeze(-1) - old) * self.settings["reward_scale"]
+        if self.settings["reward_clip"] is not None:
+            reward = reward.clamp(-self.settings["reward_clip"], self.settings["reward_clip"])
+        reward = torch.where(mask, reward, torch.zeros_like(reward))
+        w = torch.ones_like(reward)
+        w[mask] = weights.to(w.dtype)
+        adv = advantages(reward, mask, self.settings["gamma"], self.settings["include_current"],
+                         self.settings["whiten"])
+        return {"mask": mask, "old_logprobs": old, "teacher_logprobs": log_p, "weights": w, "rewards": reward,
+                "advantages": adv}
+
+    # ------------------------------------------------------------------ the loss
+
+    def minibatch_loss(self, rollout: dict[str, Tensor], data: dict[str, Tensor] | None) -> dict[str, Tensor]:
+        """The loss of one PPO update on ``rollout`` (a slice of :meth:`rollout`'s output)
+        plus the LM term on ``data`` (dataset token batch, or None)."""
+        logits, labels, _ = self.outputs(self.student, rollout)
+        mask = rollout["mask"]
+        log_q = to_log_probs(logits, mask=mask)
+        new = log_q.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        ratio_w = torch.exp(torch.where(mask, new - rollout["old_logprobs"], torch.zeros_like(new))) * rollout["weights"]
+        ppo_tokens = ppo_clipped_loss(ratio_w, rollout["advantages"], self.clip_eps)
+        ppo = reduce(ppo_tokens, mask)
+        kl = reverse_kl_per_position(log_q, rollout["teacher_logprobs"])
+        weighted = kl * rollout["weights"] if self.settings["weighted_single_step"] else kl
+        single = reduce(weighted, mask)
+        clipped = ((ratio_w - 1).abs() > self.clip_eps) & mask
+        terms = {"ppo": ppo, "single_step": single, "reverse_kl": reduce(kl.detach(), mask),
+                 "clip_fraction": clipped.sum() / mask.sum().clamp(min=1)}
+        loss = ppo + single
+        if data is not None and self.pt_weight > 0:
+            d_logits, d_labels, d_mask = self.outputs(self.student, data)
+            lm = cross_entropy(d_logits, d_labels)
+            share = self.settings["lm_kd_share"]
+            if share > 0:
+                lm = (1 - share) * lm + share * forward_kl(d_logits, self.teacher_logits(data), d_mask)
+            terms["lm"] = lm
+            loss = loss + self.pt_weight * lm
+        return {"loss": loss, **terms}
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        optimizer = self.optimizers()
+        scheduler = self.lr_schedulers()
+        buffer = self.rollout(batch)
+        n = len(buffer["input_ids"])
+        generator = torch.Generator().manual_seed(self.seed * 100003 + self.global_step)
+        sums: dict[str, float] = {}
+        for _ in range(self.ppo_epochs):
+            for chunk in torch.randperm(n, generator=generator).chunk(self.num_minibatches):
+                chunk = chunk.to(buffer["input_ids"].device)
+                part = {k: v[chunk] for k, v in buffer.items()}
+                data = {k: batch[k][chunk] for k in ("input_ids", "attention_mask", "labels")}
+                terms = self.minibatch_loss(part, data)
+                if not torch.isfinite(terms["loss"]):
+                    raise FloatingPointError(
+                        f"the MiniLLM loss is not finite at step {self.global_step}; lower optimizer.lr or "
+                        "recipe.max_grad_norm (checkpoints so far are kept)")
+                optimizer.zero_grad()
+                self.manual_backward(terms["loss"])
+                if self.max_grad_norm is not None:
+                    self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+                optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+        steps = self.ppo_epochs * self.num_minibatches
+        mask = buffer["mask"]
+        logged = {k: v / steps for k, v in sums.items()}
+        logged["reward"] = float(reduce(buffer["rewards"], mask))
+        logged["response_length"] = float(mask.sum(-1).float().mean())
+        for key, value in logged.items():
+            self.log(f"train/{key}", value, prog_bar=key == "loss", batch_size=n)
+        self.log("train/lr", optimizer.param_groups[0]["lr"], batch_size=n)
+        return torch.tensor(logged["loss"])
