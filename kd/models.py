@@ -209,6 +209,83 @@ def tiny_causal_lm(
     raise ConfigError(f"tiny_causal_lm arch must be 'llama' or 'gpt2' (got {arch!r})")
 
 
+def tiny_masked_lm(
+    vocab_size: int = 512,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    intermediate_size: int | None = None,
+    max_position_embeddings: int = 128,
+    dropout: float = 0.1,
+    pad_token_id: int = 0,
+) -> nn.Module:
+    """A randomly initialised small BERT masked LM (``BertForMaskedLM``) from a config;
+    ``intermediate_size`` defaults to 4x the hidden size."""
+    import transformers
+
+    if hidden_size % num_heads:
+        raise ConfigError(f"hidden_size {hidden_size} must be divisible by num_heads {num_heads}")
+    config = transformers.BertConfig(
+        vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
+        intermediate_size=intermediate_size or 4 * hidden_size, max_position_embeddings=max_position_embeddings,
+        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout, pad_token_id=pad_token_id,
+    )
+    return transformers.BertForMaskedLM(config)
+
+
+#: DistilBERT's published 12 -> 6 layer map (HF research_projects/distillation)
+DISTILBERT_LAYERS = (0, 2, 4, 7, 9, 11)
+
+
+def layer_map(teacher_layers: int, student_layers: int, scheme: str | Sequence[int] = "even") -> list[int]:
+    """Which teacher layer initialises each student layer.
+
+    ``"distilbert"``: the published map ``[0, 2, 4, 7, 9, 11]`` (12 -> 6 only); ``"even"``:
+    ``round(linspace(0, T - 1, S))``, first and last layer kept, evenly spread between
+    (for 12 -> 6 it equals the published map); or an explicit list of teacher indices.
+    """
+    if isinstance(scheme, str):
+        if scheme == "distilbert":
+            if (teacher_layers, student_layers) != (12, 6):
+                raise ConfigError(f"layer_map=distilbert is the 12 -> 6 map; for {teacher_layers} -> "
+                                  f"{student_layers} layers use layer_map=even or a list")
+            return list(DISTILBERT_LAYERS)
+        if scheme != "even":
+            raise ConfigError(f"layer_map must be 'distilbert', 'even' or a list of teacher layers (got {scheme!r})")
+        if student_layers == 1:
+            return [0]
+        step = (teacher_layers - 1) / (student_layers - 1)
+        return [int(math.floor(i * step + 0.5)) for i in range(student_layers)]
+    mapping = [int(i) for i in scheme]
+    if len(mapping) != student_layers or not all(0 <= i < teacher_layers for i in mapping):
+        raise ConfigError(f"layer_map {mapping} must list {student_layers} teacher layers in [0, {teacher_layers})")
+    return mapping
+
+
+def init_from_teacher(student: nn.Module, teacher: nn.Module, scheme: str | Sequence[int] = "even") -> list[int]:
+    """Copy into ``student`` the teacher's embeddings (with their LayerNorm), output head
+    and the layers :func:`layer_map` picks; return the map. Works for any transformers
+    encoder whose layers are named ``...layer.<i>....`` (BERT, RoBERTa, DistilBERT);
+    shapes must agree everywhere but in depth."""
+    import re
+
+    pattern = re.compile(r"(.*\blayer\.)(\d+)(\..*)")
+    t_state = teacher.state_dict()
+    depth = lambda state: 1 + max((int(m.group(2)) for k in state if (m := pattern.match(k))), default=-1)  # noqa: E731
+    s_state = student.state_dict()
+    mapping = layer_map(depth(t_state), depth(s_state), scheme)
+    new = {}
+    for key, value in s_state.items():
+        m = pattern.match(key)
+        source = f"{m.group(1)}{mapping[int(m.group(2))]}{m.group(3)}" if m else key
+        if source not in t_state or t_state[source].shape != value.shape:
+            raise ConfigError(f"the student's '{key}' has no teacher counterpart of the same shape; a student "
+                              "initialised from the teacher must match it in everything but depth")
+        new[key] = t_state[source].detach().clone()
+    student.load_state_dict(new)
+    return mapping
+
+
 def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False):
     """A transformers tokenizer by hub name or local directory; a pad token is set to the
     EOS token when the tokenizer has none (training pads; padded positions never count)."""

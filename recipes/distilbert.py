@@ -1,0 +1,107 @@
+"""DistilBERT's triple loss (Sanh, Debut, Chaumond & Wolf 2019, "DistilBERT, a distilled
+version of BERT", arXiv:1910.01108; code: HF transformers research_projects/distillation).
+
+    L = a_ce * T^2 * KL(softmax(z_t / T) || softmax(z_s / T))      (named "ce" in the code)
+      + a_mlm * CE(z_s, masked tokens)
+      + a_cos * mean(1 - cos(h_s, h_t))
+
+* the KL term covers every non-pad token (``restrict_ce_to_mask=true``: only the masked
+  ones), summed over the vocabulary and averaged over those rows ("batchmean"); the
+  ``divergence/`` group can replace the KL;
+* the MLM term is the student's cross-entropy at T = 1 on the masked positions;
+* the cosine term compares the **last** hidden states of student and teacher at every
+  non-pad position (equal hidden sizes, no projection).
+
+Batches come from :class:`kd.data.mlm.MLMCollator`: 15% of tokens drawn without
+replacement with smoothed frequency weights (exponent -0.7, special tokens never), 80%
+``[MASK]`` / 10% kept / 10% random, re-drawn every batch. The student usually starts from
+the teacher (:func:`kd.models.init_from_teacher`: embeddings, their LayerNorm, the MLM
+head and every other layer, ``[0, 2, 4, 7, 9, 11]`` for 12 -> 6).
+
+Defaults are the published run's (code README): a_ce 5.0, a_mlm 2.0, a_cos 1.0, T 2.
+
+Deviations: the code's optional causal-LM and hidden-state MSE terms (a_clm, a_mse, 0 in
+the published run) are left out.
+
+Run: ``kd recipe=distilbert data=<masked-LM data> teacher=<masked LM> student=<masked LM>``
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from kd import ConfigError
+from kd.divergences import Divergence, ForwardKL, reduce
+from kd.evaluation import cross_entropy
+from kd.recipe import DistillationRecipe
+
+
+def cosine_loss(student_hidden: Tensor, teacher_hidden: Tensor, mask: Tensor) -> Tensor:
+    """``mean(1 - cos(h_s, h_t))`` over the positions in ``mask``; ``(..., H) -> scalar``:
+    0 for identical vectors, 1 for orthogonal, 2 for opposite."""
+    cos = torch.nn.functional.cosine_similarity(student_hidden.float(), teacher_hidden.float(), dim=-1)
+    return reduce(1 - cos, mask)
+
+
+class DistilBERT(DistillationRecipe):
+    """DistilBERT's KL + MLM + cosine loss for masked-LM encoders.
+
+    Args:
+        alpha_ce, alpha_mlm, alpha_cos: weights of the three terms (>= 0).
+        temperature: softens both distributions of the KL term (T^2 scaling).
+        restrict_ce_to_mask: the KL term only on masked positions (default: all non-pad).
+        divergence: replaces the forward KL (default ``ForwardKL()``).
+        **kwargs: passed to :class:`kd.recipe.DistillationRecipe`.
+    """
+
+    def __init__(self, *, alpha_ce: float = 5.0, alpha_mlm: float = 2.0, alpha_cos: float = 1.0,
+                 temperature: float = 2.0, restrict_ce_to_mask: bool = False, divergence: Divergence | None = None,
+                 **kwargs: Any) -> None:
+        if min(alpha_ce, alpha_mlm, alpha_cos) < 0 or alpha_ce + alpha_mlm + alpha_cos == 0:
+            raise ConfigError("recipe.alpha_ce/alpha_mlm/alpha_cos must be >= 0 and not all 0")
+        if not temperature > 0:
+            raise ConfigError(f"recipe.temperature must be > 0 (got {temperature}); DistilBERT uses 2")
+        super().__init__(divergence=divergence or ForwardKL(), **kwargs)
+        self.alpha_ce, self.alpha_mlm, self.alpha_cos = alpha_ce, alpha_mlm, alpha_cos
+        self.temperature = temperature
+        self.restrict_ce_to_mask = restrict_ce_to_mask
+        self._hidden: dict[int, Tensor] = {}
+
+    def outputs(self, model: torch.nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """Masked-LM outputs: logits ``(B, L, V)`` at every position (no shift), labels
+        (the original ids at masked positions, -100 elsewhere), mask = non-pad tokens. The
+        last hidden state is kept for the cosine term."""
+        if "input_ids" not in batch or "labels" not in batch:
+            raise ConfigError("DistilBERT needs masked-LM batches (input_ids, attention_mask, labels); use an MLM datamodule")
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+        self._hidden[id(model)] = out.hidden_states[-1]
+        logits = out.logits
+        if self.vocab_size is not None:
+            logits = logits[..., : self.vocab_size]
+        mask = batch["attention_mask"].bool()
+        if model is self.student and self.training:
+            self._num_targets = mask.sum()
+        return logits, batch["labels"], mask
+
+    def compute_loss(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        logits, labels, mask = self.outputs(self.student, batch)
+        with torch.no_grad():
+            teacher_logits, _, _ = self.outputs(self.teacher, batch)
+        rows = mask & (labels != -100) if self.restrict_ce_to_mask else mask
+        terms: dict[str, Tensor] = {}
+        loss = logits.new_zeros(())
+        if self.alpha_ce > 0:
+            terms["kd"] = self.temperature**2 * self.divergence(logits, teacher_logits, rows,
+                                                                temperature=self.temperature)
+            loss = loss + self.alpha_ce * terms["kd"]
+        if self.alpha_mlm > 0:
+            terms["mlm"] = cross_entropy(logits, labels)
+            loss = loss + self.alpha_mlm * terms["mlm"]
+        if self.alpha_cos > 0:
+            terms["cos"] = cosine_loss(self._hidden[id(self.student)], self._hidden[id(self.teacher)], mask)
+            loss = loss + self.alpha_cos * terms["cos"]
+        self._hidden.clear()
+        return {"loss": loss, **terms}
