@@ -48,6 +48,7 @@ from kd import ConfigError
 from kd.evaluation import headline_metric, load_runs, summarize
 from kd.models import (
     check_same_tokenizer,
+    init_from_teacher,
     count_parameters,
     load_tokenizer,
     load_weights,
@@ -308,6 +309,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     )
     _check_tokenizers(cfg, datamodule, teacher)
     teacher_meta = load_teacher(cfg, teacher) if teacher is not None else {}
+    label = "student, from scratch" if teacher is None else f"student, {recipe_name}"
+    scheme = getattr(student, "kd_init_from_teacher", None)
+    if scheme is not None:  # student=from_teacher: copy the trained teacher's layers into it
+        source = teacher
+        if source is None:  # a recipe without a teacher: the "teacher init, no KD" ablation
+            if not _has_teacher(cfg):
+                raise ConfigError("this student is initialised from a teacher's layers; choose one with teacher=<config>")
+            source = instantiate(cfg.teacher.model)
+            load_teacher(cfg, source)
+            label = "student, teacher init (no KD)"
+        mapping = init_from_teacher(student, source, scheme)
+        log.info("student initialised from the teacher: student layer i <- teacher layer %s[i]", mapping)
     metrics = fit_and_test(cfg, recipe, datamodule)
     recipe.save_student(out / "student", tokenizer=getattr(datamodule, "tokenizer", None))
     OmegaConf.save(cfg.student, out / "student" / "model_config.yaml")
@@ -319,7 +332,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if cfg.get("scratch_baseline"):
             base = scratch_baseline(cfg)
             results["student, from scratch"] = {**base["metrics"], "params": base["params"]}
-    label = "student, from scratch" if teacher is None else f"student, {recipe_name}"
     results[label] = {**metrics, "params": count_parameters(student)}
 
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []

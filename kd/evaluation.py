@@ -67,6 +67,7 @@ class StageMetrics(nn.Module):
         self.acc = MeanMetric()
         self.kl_to_teacher = MeanMetric()
         self.teacher_acc = MeanMetric()
+        self.teacher_loss = MeanMetric()
         self.has_teacher = False
         self.tokens = False  # token-level data: report perplexity too
 
@@ -89,6 +90,7 @@ class StageMetrics(nn.Module):
             if n_gold:
                 t_correct = (teacher_logits.argmax(-1) == labels) & gold
                 self.teacher_acc.update(t_correct.sum() / n_gold, weight=n_gold)
+                self.teacher_loss.update(cross_entropy(teacher_logits, labels), weight=n_gold)
 
     def compute(self) -> dict[str, Tensor]:
         out = {"loss": self.loss.compute(), "acc": self.acc.compute()}
@@ -97,10 +99,13 @@ class StageMetrics(nn.Module):
         if self.has_teacher:
             out["kl_to_teacher"] = self.kl_to_teacher.compute()
             out["teacher_acc"] = self.teacher_acc.compute()
+            out["teacher_loss"] = self.teacher_loss.compute()
+            if self.tokens:
+                out["teacher_ppl"] = out["teacher_loss"].exp()
         return out
 
     def reset(self) -> None:
-        for m in (self.loss, self.acc, self.kl_to_teacher, self.teacher_acc):
+        for m in (self.loss, self.acc, self.kl_to_teacher, self.teacher_acc, self.teacher_loss):
             m.reset()
 
 

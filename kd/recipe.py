@@ -138,12 +138,19 @@ class DistillationRecipe(L.LightningModule):
           in the mask (unlabelled ones too);
         * token batches ``{"input_ids", "attention_mask", "labels"}``: logits of position i
           predict token i+1, so logits drop the last position and labels the first; the
-          mask keeps response tokens (prompt and padding are IGNORE_INDEX).
+          mask keeps response tokens (prompt and padding are IGNORE_INDEX);
+        * masked-LM batches (they carry ``original_ids``, :mod:`kd.data.mlm`): no shift,
+          labels at the masked positions, the mask holds every non-pad token.
 
         Logits are cut to ``self.vocab_size`` (the tokenizer's true vocabulary) when set,
         so a model whose output layer is padded past it compares with one that is not.
         """
-        if "input_ids" in batch:
+        if "original_ids" in batch:  # masked LM (kd.data.mlm): each position predicts its own token
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            logits = out.logits
+            labels = batch["labels"]
+            mask = batch["attention_mask"].bool()
+        elif "input_ids" in batch:
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
             logits = out.logits[:, :-1]
             labels = batch["labels"][:, 1:]

@@ -149,3 +149,29 @@ def test_the_divergence_group_replaces_the_kl():
     recipe, batch = _recipe_and_batch(divergence=ReverseKL())
     kl, _, _ = _by_hand(recipe, batch, batch["attention_mask"].bool(), reverse=True)
     assert recipe.compute_loss(batch)["kd"].item() == pytest.approx(kl.item(), rel=1e-5)
+
+
+TINY_TEXT = ["data=text", "teacher=text_bert", "student=from_teacher", "data.max_length=32", "data.vocab_size=600",
+             "teacher.model.hidden_size=32", "teacher.model.num_layers=4", "teacher.fit.max_epochs=1",
+             "trainer.max_epochs=1", "trainer.limit_train_batches=4", "trainer.limit_val_batches=2",
+             "trainer.limit_test_batches=2"]
+
+
+def test_distilbert_run_on_real_text_from_a_teacher_initialised_student(make_cfg):
+    pytest.importorskip("gensim")
+    from kd.cli import run
+
+    summary = run(make_cfg(*TINY_TEXT, "recipe=distilbert", "scratch_baseline=false"))
+    rows = summary["results"]
+    assert set(rows) == {"teacher", "student, distilbert"}
+    assert rows["student, distilbert"]["params"] < rows["teacher"]["params"]
+    for row in rows.values():
+        assert 0.0 <= row["test/acc"] <= 1.0 and row["test/ppl"] > 1.0  # masked-token accuracy, perplexity
+
+
+def test_teacher_init_without_kd_is_its_own_row(make_cfg, tmp_path):
+    pytest.importorskip("gensim")
+    from kd.cli import run
+
+    summary = run(make_cfg(*TINY_TEXT, "recipe=supervised"))
+    assert set(summary["results"]) == {"student, teacher init (no KD)"}

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Any
 
+import lightning as L
 import torch
 from torch import Tensor
 
@@ -112,3 +114,163 @@ class MLMCollator:
         masked, labels = mask_tokens(ids, attention, self.weights, self.mask_token_id, self.vocab_size,
                                      self.mlm_probability, generator=generator)
         return {"input_ids": masked, "attention_mask": attention, "labels": labels, "original_ids": ids}
+
+
+# ----------------------------------------------------------------------------- text sources
+
+
+def _split_documents(docs: list[str], fractions: dict[str, float], seed: int, name: str) -> dict[str, list[str]]:
+    docs = [d.strip() for d in docs if d and d.strip()]
+    if len(docs) < 3:
+        from kd import ConfigError
+
+        raise ConfigError(f"{name} holds {len(docs)} non-empty documents; masked-LM data needs at least 3 "
+                          "(train, val and test)")
+    order = torch.randperm(len(docs), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = max(1, int(fractions["val"] * len(docs)))
+    n_test = max(1, int(fractions["test"] * len(docs)))
+    return {"val": [docs[i] for i in order[:n_val]], "test": [docs[i] for i in order[n_val : n_val + n_test]],
+            "train": [docs[i] for i in order[n_val + n_test :]]}
+
+
+class TextSource:
+    """Plain-text documents, held-out splits by document (fixed seeded permutation).
+
+    Args:
+        corpus: ``lee`` (gensim's Lee news corpus, 300 + 50 Australian news articles; needs
+            ``gensim``), ``chatterbot`` (every turn of chatterbot-corpus's English
+            conversations, one document per conversation; needs ``chatterbot-corpus``), or
+            a path to a local text file with one document per line.
+        val_fraction, test_fraction, seed: the held-out documents.
+    """
+
+    def __init__(self, corpus: str = "lee", val_fraction: float = 0.05, test_fraction: float = 0.1,
+                 seed: int = 0) -> None:
+        self.corpus = corpus
+        self.fractions = {"val": val_fraction, "test": test_fraction}
+        self.seed = seed
+
+    def documents(self) -> list[str]:
+        from pathlib import Path
+
+        from kd import ConfigError
+
+        if self.corpus == "lee":
+            try:
+                from gensim.test.utils import datapath
+            except ImportError as e:
+                raise ConfigError("the lee corpus ships with gensim; pip install gensim (or kd[data])") from e
+            lines = []
+            for name in ("lee_background.cor", "lee.cor"):
+                lines += Path(datapath(name)).read_text(encoding="latin-1").splitlines()
+            return lines
+        if self.corpus == "chatterbot":
+            import yaml
+
+            from kd.data.lm import ChatterbotSource
+
+            docs = []
+            for path in sorted(ChatterbotSource.directory().glob("*.yml")):
+                for turns in yaml.safe_load(path.read_text(encoding="utf-8"))["conversations"]:
+                    docs.append(" ".join(str(t).strip() for t in turns))
+            return docs
+        path = Path(self.corpus).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"data.source.corpus '{self.corpus}' is neither lee, chatterbot nor an existing text file")
+        return path.read_text(encoding="utf-8").splitlines()
+
+    def load(self) -> dict[str, list[str]]:
+        return _split_documents(self.documents(), self.fractions, self.seed, f"corpus '{self.corpus}'")
+
+
+# ----------------------------------------------------------------------------- the datamodule
+
+
+class _Chunks(torch.utils.data.Dataset):
+    def __init__(self, chunks: list[list[int]]) -> None:
+        self.chunks = chunks
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.chunks[i], "index": i}
+
+
+def chunk_documents(tokenizer: Any, docs: list[str], max_length: int) -> list[list[int]]:
+    """Each document's tokens cut into windows of ``max_length - 2``, each wrapped as
+    ``[CLS] window [SEP]`` (documents never share a window)."""
+    width = max_length - 2
+    chunks = []
+    for doc in docs:
+        ids = tokenizer(doc, add_special_tokens=False)["input_ids"]
+        for start in range(0, len(ids), width):
+            chunks.append([tokenizer.cls_token_id, *ids[start : start + width], tokenizer.sep_token_id])
+    return chunks
+
+
+class MLMDataModule(L.LightningDataModule):
+    """Masked-LM batches of text (``input_ids``, ``attention_mask``, ``labels``,
+    ``original_ids``), masked by :class:`MLMCollator`: redrawn per training batch, fixed on
+    the held-out splits.
+
+    Args:
+        source: a :class:`TextSource` (or anything with ``load() -> {split: [documents]}``).
+        tokenizer: hub name or directory of a tokenizer with a ``[MASK]`` token; None
+            trains a WordPiece tokenizer of ``vocab_size`` on the training documents.
+        max_length: tokens per window, ``[CLS]`` and ``[SEP]`` included.
+        mlm_probability, smoothing: DistilBERT's masking (0.15, 0.7).
+        eval_seed: the seed of the held-out masks.
+    """
+
+    def __init__(self, source: Any, tokenizer: str | None = None, vocab_size: int = 2000, min_frequency: int = 2,
+                 max_length: int = 64, batch_size: int = 32, eval_batch_size: int = 64, mlm_probability: float = 0.15,
+                 smoothing: float = 0.7, eval_seed: int = 0, num_workers: int = 0) -> None:
+        super().__init__()
+        self.source, self.tokenizer_name = source, tokenizer
+        self.vocab_size, self.min_frequency, self.max_length = vocab_size, min_frequency, max_length
+        self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
+        self.mlm_probability, self.smoothing, self.eval_seed = mlm_probability, smoothing, eval_seed
+        self.tokenizer: Any = None
+        self.splits: dict[str, _Chunks] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        from kd import ConfigError
+
+        docs = self.source.load()
+        if self.tokenizer_name:
+            from kd.models import load_tokenizer
+
+            self.tokenizer = load_tokenizer(self.tokenizer_name)
+        else:
+            from kd.data.tokenizer import train_wordpiece_tokenizer
+
+            self.tokenizer = train_wordpiece_tokenizer(docs["train"], self.vocab_size, min_frequency=self.min_frequency)
+        if self.tokenizer.mask_token_id is None:
+            raise ConfigError(f"tokenizer '{self.tokenizer_name}' has no mask token; masked-LM data needs one "
+                              "(a BERT/RoBERTa tokenizer, or data.tokenizer=null to train one)")
+        self.splits = {k: _Chunks(chunk_documents(self.tokenizer, v, self.max_length)) for k, v in docs.items()}
+        counts = torch.zeros(len(self.tokenizer), dtype=torch.float64)
+        for chunk in self.splits["train"].chunks:
+            counts += torch.bincount(torch.tensor(chunk), minlength=len(counts)).double()
+        self.weights = token_weights(counts, self.tokenizer.all_special_ids, self.smoothing)
+
+    def _collator(self, seed: int | None) -> MLMCollator:
+        return MLMCollator(self.weights, self.tokenizer.mask_token_id, self.tokenizer.pad_token_id,
+                           len(self.tokenizer), self.mlm_probability, seed=seed)
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(self.splits["train"], batch_size=self.batch_size, shuffle=True,
+                                           collate_fn=self._collator(None), num_workers=self.num_workers)
+
+    def _eval(self, split: str) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(self.splits[split], batch_size=self.eval_batch_size,
+                                           collate_fn=self._collator(self.eval_seed), num_workers=self.num_workers)
+
+    def val_dataloader(self) -> torch.utils.data.DataLoader:
+        return self._eval("val")
+
+    def test_dataloader(self) -> torch.utils.data.DataLoader:
+        return self._eval("test")

@@ -186,3 +186,28 @@ def task_tokenizer(examples: Iterable[Example], vocab_size: int = 512, **kw) -> 
         **kw: passed on to :func:`train_bpe_tokenizer` (``byte_level``, ``min_frequency``).
     """
     return train_bpe_tokenizer(render_chats(e.messages() for e in examples), vocab_size=vocab_size, **kw)
+
+
+def train_wordpiece_tokenizer(texts: Iterable[str], vocab_size: int = 2000, *, lowercase: bool = True,
+                              min_frequency: int = 2) -> PreTrainedTokenizerFast:
+    """Train a BERT-style WordPiece tokenizer on ``texts`` (deterministic), wrapped for
+    transformers with ``[PAD]`` (id 0), ``[UNK]``, ``[CLS]``, ``[SEP]``, ``[MASK]`` and the
+    ``[CLS] text [SEP]`` post-processor: the tokenizer of the embedded masked-LM models."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    if vocab_size < 100:
+        raise ConfigError(f"vocab_size must be at least 100 for a WordPiece tokenizer (got {vocab_size}); raise it")
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
+                                        show_progress=False)
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]",
+                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
