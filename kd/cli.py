@@ -257,14 +257,13 @@ def student_sft(cfg: DictConfig) -> Path:
     return _fitted("sft", f"{_choice('student', 'student')}-seed{cfg.seed}", cfg, cfg.student, cfg.student_sft)
 
 
-def scratch_baseline(cfg: DictConfig) -> dict[str, Any]:
-    """``meta.json`` of ``cfg.student`` trained without a teacher, everything else equal;
-    with ``student_sft`` set, the SFT the distilled student started from."""
+def scratch_baseline(cfg: DictConfig) -> Path:
+    """Cache directory (weights and ``meta.json``) of ``cfg.student`` trained without a
+    teacher, everything else equal; with ``student_sft`` set, the SFT the distilled student
+    started from."""
     if cfg.get("student_sft"):
-        path = student_sft(cfg)
-    else:
-        path = _cached_supervised("baselines", f"{_choice('student', 'student')}-seed{cfg.seed}", cfg)
-    return json.loads((path / "meta.json").read_text())
+        return student_sft(cfg)
+    return _cached_supervised("baselines", f"{_choice('student', 'student')}-seed{cfg.seed}", cfg)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -330,9 +329,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         teacher_metrics = {k.replace("test/teacher_", "test/"): v for k, v in metrics.items() if k.startswith("test/teacher_")}
         results["teacher"] = {**teacher_metrics, "params": count_parameters(teacher)}
         if cfg.get("scratch_baseline"):
-            base = scratch_baseline(cfg)
+            base_dir = scratch_baseline(cfg)
+            base = json.loads((base_dir / "meta.json").read_text())
             results["student, from scratch"] = {**base["metrics"], "params": base["params"]}
     results[label] = {**metrics, "params": count_parameters(student)}
+    if cfg.get("downstream"):  # fine-tune every model of the table on the downstream task
+        task = instantiate(cfg.downstream)
+        tok = getattr(datamodule, "tokenizer", None)
+        models = {label: student, "teacher": teacher}
+        if "student, from scratch" in results:
+            models["student, from scratch"] = load_weights(instantiate(cfg.student), base_dir)
+        for name, model in models.items():
+            if model is not None:
+                results[name]["downstream/acc"] = task(model, tok)
 
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     summary = {

@@ -72,6 +72,8 @@ def extra_overrides(group: str, option: str, tiny_hf) -> list[str]:
         return ["data=task", f"student.name_or_path={model}"]
     if (group, option) == ("teacher", "hf"):
         return ["data=task", f"teacher.name_or_path={model}"]
+    if option in ("text_bert", "from_teacher"):
+        return ["data=text", "teacher=text_bert"]
     if "task_llama" in option or option.startswith(("gkd", "minillm")) or (group, option) in {("recipe", "seqkd"), ("regime", "teacher_generated"),
                                                      ("regime", "on_policy"), ("regime", "mixed")}:
         return ["data=task", "teacher=task_llama", "student=task_llama"]

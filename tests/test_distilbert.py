@@ -175,3 +175,21 @@ def test_teacher_init_without_kd_is_its_own_row(make_cfg, tmp_path):
 
     summary = run(make_cfg(*TINY_TEXT, "recipe=supervised"))
     assert set(summary["results"]) == {"student, teacher init (no KD)"}
+
+
+def test_downstream_topics_rank_a_trained_encoder_above_chance(make_cfg):
+    pytest.importorskip("chatterbot_corpus")
+    from kd.data.tokenizer import train_wordpiece_tokenizer
+    from kd.downstream import TopicClassification, topic_examples
+
+    pairs = topic_examples()
+    classes = {c for _, c in pairs}
+    assert len(pairs) == 2026 and len(classes) == 21
+    tok = train_wordpiece_tokenizer([q for q, _ in pairs], vocab_size=800)
+    torch.manual_seed(0)
+    model = tiny_masked_lm(vocab_size=800, hidden_size=32, num_layers=1, num_heads=2, dropout=0.0)
+    before = [p.clone() for p in model.parameters()]
+    acc = TopicClassification(epochs=3, lr=2e-3)(model, tok)
+    majority = max(sum(c == k for _, c in pairs) for k in classes) / len(pairs)
+    assert acc > majority + 0.05  # learnt something beyond the largest class
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # the model itself is untouched
