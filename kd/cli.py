@@ -308,7 +308,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     )
     _check_tokenizers(cfg, datamodule, teacher)
     teacher_meta = load_teacher(cfg, teacher) if teacher is not None else {}
-    label = "student, from scratch" if teacher is None else f"student, {recipe_name}"
+    label = f"student, {recipe_name}" if teacher is not None else (
+        "student, SFT + more supervised" if cfg.get("student_sft") else "student, from scratch")
     scheme = getattr(student, "kd_init_from_teacher", None)
     if scheme is not None:  # student=from_teacher: copy the trained teacher's layers into it
         source = teacher
