@@ -164,17 +164,27 @@ def _train_supervised(cfg: DictConfig) -> tuple[DistillationRecipe, dict[str, fl
     return recipe, fit_and_test(cfg, recipe, datamodule)
 
 
-def _run_key(cfg: DictConfig) -> str:
-    """Hash of everything that shapes what a supervised run of ``cfg`` produces."""
+#: data settings that change what a run reports but not the weights it trains
+EVAL_ONLY = ("generation_eval_size", "eval_batch_size", "max_new_tokens", "eval_seed")
+
+#: trainer settings that change neither the weights nor the metrics
+COSMETIC = ("default_root_dir", "enable_progress_bar", "enable_model_summary", "log_every_n_steps")
+
+
+def _run_key(cfg: DictConfig, weights_only: bool = False) -> str:
+    """Hash of everything that shapes what a supervised run of ``cfg`` produces; with
+    ``weights_only``, of what shapes its weights (a teacher's metrics are not reused, so
+    evaluation-only settings do not retrain it)."""
     trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
     data = OmegaConf.to_container(cfg.data, resolve=True)
+    skip = ("num_workers", "cache_dir") + (EVAL_ONLY if weights_only else ())
     return config_hash(
         cfg.student,
         cfg.optimizer,
         cfg.get("scheduler"),
         cfg.seed,
-        {k: v for k, v in trainer.items() if k != "default_root_dir"},
-        {k: v for k, v in data.items() if k not in ("num_workers", "cache_dir")},
+        {k: v for k, v in trainer.items() if k not in COSMETIC},
+        {k: v for k, v in data.items() if k not in skip},
     )
 
 
@@ -186,7 +196,7 @@ def _cached_supervised(kind: str, prefix: str, cfg: DictConfig, **changes: Any) 
     half-written entry."""
     # no loggers, no teacher; a resumed run's checkpoint belongs to its own recipe
     sub = _sub_run(cfg, logger={}, teacher=None, ckpt_path=None, **changes)
-    name = f"{prefix}-{_run_key(sub)}"
+    name = f"{prefix}-{_run_key(sub, weights_only=kind == 'teachers')}"
     root = Path(cfg.paths.cache_dir).expanduser() / kind
     final = root / name
     meta_file = final / "meta.json"

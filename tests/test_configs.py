@@ -130,3 +130,16 @@ def test_every_recipe_module_has_a_yaml_and_a_docstring_with_a_command():
     for m in modules:
         doc = (CONF_DIR.parent / "recipes" / f"{m}.py").read_text().split('"""')[1]
         assert "kd recipe=" in doc, f"recipes/{m}.py docstring shows no command"
+
+
+def test_cache_keys_ignore_what_cannot_change_the_weights(make_cfg):
+    from kd.cli import _run_key
+
+    base = make_cfg("data=task")
+    eval_change = make_cfg("data=task", "data.generation_eval_size=7")
+    cosmetic = make_cfg("data=task", "trainer.enable_progress_bar=true", "trainer.log_every_n_steps=3")
+    training = make_cfg("data=task", "trainer.max_epochs=2")
+    assert _run_key(base, weights_only=True) == _run_key(eval_change, weights_only=True)  # the teacher is reused
+    assert _run_key(base) != _run_key(eval_change)  # a baseline's cached metrics are not
+    assert _run_key(base) == _run_key(cosmetic)
+    assert _run_key(base, weights_only=True) != _run_key(training, weights_only=True)
