@@ -143,6 +143,8 @@ def _sub_run(cfg: DictConfig, **changes: Any) -> DictConfig:
     merges = changes.pop("merge", {}) or {}
     sub = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
     with open_dict(sub):
+        if "student" not in changes:  # it may refer to nodes a change removes (student=from_teacher)
+            sub.student = OmegaConf.to_container(cfg.student, resolve=True)
         for key, value in changes.items():
             OmegaConf.update(sub, key, value, merge=False)
         for key, value in merges.items():

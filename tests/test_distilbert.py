@@ -161,9 +161,10 @@ def test_distilbert_run_on_real_text_from_a_teacher_initialised_student(make_cfg
     pytest.importorskip("gensim")
     from kd.cli import run
 
-    summary = run(make_cfg(*TINY_TEXT, "recipe=distilbert", "scratch_baseline=false"))
+    summary = run(make_cfg(*TINY_TEXT, "recipe=distilbert", "downstream=topics", "downstream.epochs=1"))
     rows = summary["results"]
-    assert set(rows) == {"teacher", "student, distilbert"}
+    assert set(rows) == {"teacher", "student, from scratch", "student, distilbert"}
+    assert all(0.0 < row["downstream/acc"] <= 1.0 for row in rows.values())
     assert rows["student, distilbert"]["params"] < rows["teacher"]["params"]
     for row in rows.values():
         assert 0.0 <= row["test/acc"] <= 1.0 and row["test/ppl"] > 1.0  # masked-token accuracy, perplexity
