@@ -194,3 +194,28 @@ def test_downstream_topics_rank_a_trained_encoder_above_chance(make_cfg):
     majority = max(sum(c == k for _, c in pairs) for k in classes) / len(pairs)
     assert acc > majority + 0.05  # learnt something beyond the largest class
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # the model itself is untouched
+
+
+@pytest.mark.parametrize("family", ["distilbert", "roberta"])
+def test_other_encoder_families_shrink_and_initialise_from_the_teacher(family):
+    import transformers
+
+    from kd.models import shallower_copy
+
+    torch.manual_seed(0)
+    if family == "distilbert":
+        config = transformers.DistilBertConfig(vocab_size=V, dim=16, n_layers=4, n_heads=2, hidden_dim=32)
+        teacher = transformers.DistilBertForMaskedLM(config)
+        layers = lambda m: m.distilbert.transformer.layer  # noqa: E731
+    else:
+        config = transformers.RobertaConfig(vocab_size=V, hidden_size=16, num_hidden_layers=4, num_attention_heads=2,
+                                            intermediate_size=32, max_position_embeddings=40)
+        teacher = transformers.RobertaForMaskedLM(config)
+        layers = lambda m: m.roberta.encoder.layer  # noqa: E731
+    student = shallower_copy(teacher)
+    assert len(layers(student)) == 2 and student.kd_init_from_teacher == "even"
+    assert init_from_teacher(student, teacher, student.kd_init_from_teacher) == [0, 3]
+    for a, b in zip(layers(student)[1].parameters(), layers(teacher)[3].parameters()):
+        assert torch.equal(a, b)
+    x = torch.randint(5, V, (2, 7))
+    assert student(input_ids=x).logits.shape == (2, 7, V)
