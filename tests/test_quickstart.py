@@ -63,7 +63,7 @@ def test_console_script_runs_sweeps_and_never_overwrites(tmp_path):
     done = _kd("-m", "seed=0,1", *quiet, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Sweep summary (mean ± std over seeds)" in done.stdout
-    assert "[2 seeds: [0, 1]]" in done.stdout
+    assert "[2 seeds: [0, 1]" in done.stdout
     sweep = next((tmp_path / "outputs" / "sweeps").glob("*/*"))
     for job in ("0", "1"):
         metrics = json.loads((sweep / job / "metrics.json").read_text())
@@ -77,7 +77,7 @@ def test_console_script_runs_sweeps_and_never_overwrites(tmp_path):
         assert (sweep / job / "student" / "model.safetensors").is_file()
     report = subprocess.run([sys.executable, "-c", "from kd.cli import report_main; report_main()", str(sweep)],
                             capture_output=True, text=True)
-    assert "[2 seeds: [0, 1]]" in report.stdout and "student, hinton" in report.stdout
+    assert "[2 seeds: [0, 1]" in report.stdout and "student, hinton" in report.stdout
 
     for _ in range(2):
         assert _kd(*quiet, "scratch_baseline=false", cwd=tmp_path).returncode == 0
