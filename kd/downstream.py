@@ -81,6 +81,7 @@ class TopicClassification:
         train, test, classes = self._data(tokenizer)
         torch.manual_seed(self.seed)
         clf = _Classifier(copy.deepcopy(encoder), model.config.hidden_size, classes)
+        clf.requires_grad_(True)  # a frozen teacher's copy is fine-tuned like any other encoder
         device = next(model.parameters()).device
         clf.to(device).train()
         optimizer = torch.optim.AdamW(clf.parameters(), lr=self.lr)

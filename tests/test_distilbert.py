@@ -194,6 +194,9 @@ def test_downstream_topics_rank_a_trained_encoder_above_chance(make_cfg):
     majority = max(sum(c == k for _, c in pairs) for k in classes) / len(pairs)
     assert acc > majority + 0.05  # learnt something beyond the largest class
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # the model itself is untouched
+    from kd.models import freeze
+
+    assert TopicClassification(epochs=3, lr=2e-3)(freeze(model), tok) == acc  # a frozen teacher is fine-tuned too
 
 
 @pytest.mark.parametrize("family", ["distilbert", "roberta"])
