@@ -21,16 +21,9 @@ from kd import ConfigError
 
 def topic_examples() -> list[tuple[str, str]]:
     """``(first turn, category)`` of every chatterbot-corpus English conversation."""
-    import yaml
-
     from kd.data.lm import ChatterbotSource
 
-    pairs = []
-    for path in sorted(ChatterbotSource.directory().glob("*.yml")):
-        for turns in yaml.safe_load(path.read_text(encoding="utf-8"))["conversations"]:
-            if turns and str(turns[0]).strip():
-                pairs.append((str(turns[0]).strip(), path.stem))
-    return pairs
+    return [(turns[0], category) for category, turns in ChatterbotSource.conversations() if turns and turns[0]]
 
 
 class _Classifier(nn.Module):

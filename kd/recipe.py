@@ -92,6 +92,10 @@ class DistillationRecipe(L.LightningModule):
 
     #: recipes that train without a teacher (the supervised baseline) set this to False
     needs_teacher: ClassVar[bool] = True
+    #: recipes comparing hidden states set this: :meth:`outputs` then keeps each
+    #: transformers model's last hidden state ``(B, L, H)``, unshifted, in
+    #: ``self.last_hidden["student" | "teacher"]``
+    needs_hidden_states: ClassVar[bool] = False
 
     @property
     def optimizer_steps_per_batch(self) -> int:
@@ -125,6 +129,7 @@ class DistillationRecipe(L.LightningModule):
         self.vocab_size: int | None = None
         self._predictions: dict[str, dict[int, str]] = {}  # generated answers by example index
         self._window_items = 0.0  # items (num_items) of the current accumulation window
+        self.last_hidden: dict[str, Tensor] = {}  # see needs_hidden_states
 
     # ------------------------------------------------------------------ model calls
 
@@ -145,16 +150,18 @@ class DistillationRecipe(L.LightningModule):
         Logits are cut to ``self.vocab_size`` (the tokenizer's true vocabulary) when set,
         so a model whose output layer is padded past it compares with one that is not.
         """
-        if "original_ids" in batch:  # masked LM (kd.data.mlm): each position predicts its own token
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            logits = out.logits
-            labels = batch["labels"]
-            mask = batch["attention_mask"].bool()
-        elif "input_ids" in batch:
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            logits = out.logits[:, :-1]
-            labels = batch["labels"][:, 1:]
-            mask = labels != IGNORE_INDEX
+        if "input_ids" in batch:
+            extra = {"output_hidden_states": True} if self.needs_hidden_states else {}
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra)
+            if self.needs_hidden_states:
+                self.last_hidden["student" if model is self.student else "teacher"] = out.hidden_states[-1]
+            if "original_ids" in batch:  # masked LM (kd.data.mlm): each position predicts its own token
+                logits, labels = out.logits, batch["labels"]
+                mask = batch["attention_mask"].bool()
+            else:
+                logits = out.logits[:, :-1]
+                labels = batch["labels"][:, 1:]
+                mask = labels != IGNORE_INDEX
         elif "inputs" in batch:
             logits = model(batch["inputs"])
             logits = getattr(logits, "logits", logits)

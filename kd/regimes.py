@@ -152,7 +152,9 @@ class Offline(Regime):
     """Train on the dataset's responses."""
 
 
-def _generation_config(datamodule: Any, settings: dict[str, Any]) -> GenerationConfig:
+def generation_config(datamodule: Any, settings: dict[str, Any]) -> GenerationConfig:
+    """Sampling ``settings`` (temperature, top_k, top_p, max_new_tokens or None) completed
+    with the datamodule's tokenizer (EOS, pad, true vocabulary) and default budget."""
     tok = datamodule.tokenizer
     return GenerationConfig(
         max_new_tokens=settings.get("max_new_tokens") or datamodule.max_new_tokens,
@@ -224,7 +226,7 @@ class TeacherGenerated(Regime):
     def generate_responses(self, teacher: nn.Module, datamodule: Any) -> list[list[int]]:
         """One teacher response per training prompt (token ids, EOS included when emitted)."""
         split = datamodule.splits["train"]
-        config = _generation_config(datamodule, self.settings)
+        config = generation_config(datamodule, self.settings)
         device = next(teacher.parameters()).device
         generator = torch.Generator(device=device).manual_seed(self.settings["seed"])
         tok = datamodule.tokenizer
@@ -302,7 +304,7 @@ class OnPolicy(Regime):
 
     def sample(self, recipe: Any, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         dm = recipe.trainer.datamodule
-        config = _generation_config(dm, self.settings)
+        config = generation_config(dm, self.settings)
         out = generate(recipe.student, batch["prompt_ids"], batch["prompt_mask"], config)
         return join_prompts_and_responses(batch["prompt_ids"], batch["prompt_mask"], out.responses,
                                           out.response_mask, config.pad_token_id)
@@ -349,6 +351,6 @@ class Mixed(OnPolicy):
         return batch
 
 
-__all__ = ["Regime", "Offline", "TeacherGenerated", "OnPolicy", "Mixed", "join_prompts_and_responses",
+__all__ = ["Regime", "Offline", "TeacherGenerated", "OnPolicy", "Mixed", "join_prompts_and_responses", "generation_config",
            "sentence_bleu", "closest_to_reference",
            "weights_fingerprint"]

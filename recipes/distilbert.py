@@ -57,6 +57,8 @@ class DistilBERT(DistillationRecipe):
         **kwargs: passed to :class:`kd.recipe.DistillationRecipe`.
     """
 
+    needs_hidden_states = True
+
     def __init__(self, *, alpha_ce: float = 5.0, alpha_mlm: float = 2.0, alpha_cos: float = 1.0,
                  temperature: float = 2.0, restrict_ce_to_mask: bool = False, divergence: Divergence | None = None,
                  **kwargs: Any) -> None:
@@ -68,28 +70,12 @@ class DistilBERT(DistillationRecipe):
         self.alpha_ce, self.alpha_mlm, self.alpha_cos = alpha_ce, alpha_mlm, alpha_cos
         self.temperature = temperature
         self.restrict_ce_to_mask = restrict_ce_to_mask
-        self._hidden: dict[int, Tensor] = {}
-
-    def outputs(self, model: torch.nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        """Masked-LM outputs: logits ``(B, L, V)`` at every position (no shift), labels
-        (the original ids at masked positions, -100 elsewhere), mask = non-pad tokens. The
-        last hidden state is kept for the cosine term."""
-        if "input_ids" not in batch or "labels" not in batch:
-            raise ConfigError("DistilBERT needs masked-LM batches (input_ids, attention_mask, labels); use an MLM datamodule")
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
-        self._hidden[id(model)] = out.hidden_states[-1]
-        logits = out.logits
-        if self.vocab_size is not None:
-            logits = logits[..., : self.vocab_size]
-        mask = batch["attention_mask"].bool()
-        if model is self.student and self.training:
-            self._num_targets = mask.sum()
-        return logits, batch["labels"], mask
 
     def compute_loss(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        if "original_ids" not in batch:
+            raise ConfigError("DistilBERT needs masked-LM batches; use a masked-LM datamodule such as data=text")
         logits, labels, mask = self.outputs(self.student, batch)
-        with torch.no_grad():
-            teacher_logits, _, _ = self.outputs(self.teacher, batch)
+        teacher_logits = self.teacher_logits(batch)
         rows = mask & (labels != -100) if self.restrict_ce_to_mask else mask
         terms: dict[str, Tensor] = {}
         loss = logits.new_zeros(())
@@ -101,7 +87,7 @@ class DistilBERT(DistillationRecipe):
             terms["mlm"] = cross_entropy(logits, labels)
             loss = loss + self.alpha_mlm * terms["mlm"]
         if self.alpha_cos > 0:
-            terms["cos"] = cosine_loss(self._hidden[id(self.student)], self._hidden[id(self.teacher)], mask)
+            terms["cos"] = cosine_loss(self.last_hidden["student"], self.last_hidden["teacher"], mask)
             loss = loss + self.alpha_cos * terms["cos"]
-        self._hidden.clear()
+        self.last_hidden.clear()
         return {"loss": loss, **terms}

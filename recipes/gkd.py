@@ -24,10 +24,11 @@ recipe's loss is only ``D``; the other parts come from the config groups:
 * Dropout: the student runs without dropout (``student_dropout=false``), as in the
   paper: on-policy samples and the loss then see the same network.
 
-Named configs: ``recipe=gkd`` holds TRL's defaults (lmbda 0.5, beta 0.5, sampling
-temperature 0.9, loss temperature 1, token mean); ``recipe=gkd_paper`` the paper's
-(on-policy lmbda 1, sampling at T = 1, per-sequence mean); ``experiment=task_gkd_grid -m``
-sweeps the paper's grid beta in {0.1, 0.5, 0.9} x lmbda in {0, 0.5, 1}.
+Named configs: ``recipe=gkd`` (JSD(0.5), mixed regime with lmbda 0.5, sampling at T = 1);
+``experiment=gkd_trl`` TRL's defaults (lmbda 0.5, beta 0.5, sampling temperature 0.9,
+loss temperature 1, token mean); ``experiment=gkd_paper`` the paper's (on-policy lmbda 1,
+sampling at T = 1, per-sequence mean), whose ``-m`` sweeps the paper's grid beta in
+{0.1, 0.5, 0.9} x lmbda in {0, 0.5, 1}.
 
 Deviations: the loss temperature divides both models' logits but, unlike Hinton's loss,
 is not compensated by T^2 (the paper uses T = 1, where both agree). The paper draws

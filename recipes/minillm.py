@@ -65,7 +65,7 @@ from kd.divergences import forward_kl, reduce, reverse_kl_per_position, to_log_p
 from kd.evaluation import cross_entropy
 from kd.generation import GenerationConfig, TeacherMix, generate
 from kd.recipe import DistillationRecipe
-from kd.regimes import Offline, join_prompts_and_responses
+from kd.regimes import Offline, generation_config, join_prompts_and_responses
 
 VARIANTS = {
     "paper": {"reward_scale": 1.0, "reward_clip": None, "gamma": 1.0, "include_current": False, "whiten": False,
@@ -183,12 +183,8 @@ class MiniLLM(DistillationRecipe):
         w_t, ``rewards`` r_t and ``advantages`` A_t. Nothing here carries a gradient."""
         if "prompt_ids" not in batch:
             raise ConfigError("MiniLLM needs prompts to sample from; use a language-model datamodule (data=task, ...)")
-        dm = self.trainer.datamodule
-        tok = dm.tokenizer
-        s = self.sampling
-        config = GenerationConfig(max_new_tokens=s["max_new_tokens"] or dm.max_new_tokens,
-                                  temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"],
-                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, vocab_size=len(tok))
+        tok = self.trainer.datamodule.tokenizer
+        config = generation_config(self.trainer.datamodule, self.sampling)
         out = generate(self.student, batch["prompt_ids"], batch["prompt_mask"], config,
                        generator=self._generator(batch["prompt_ids"].device),
                        mix=TeacherMix(self.teacher, self.mix_alpha))
@@ -223,7 +219,8 @@ class MiniLLM(DistillationRecipe):
 
     def minibatch_loss(self, rollout: dict[str, Tensor], data: dict[str, Tensor] | None) -> dict[str, Tensor]:
         """The loss of one PPO update on ``rollout`` (a slice of :meth:`rollout`'s output)
-        plus the LM term on ``data`` (dataset token batch, or None)."""
+        plus the LM term on ``data`` (dataset token batch, or None; the code variant's KD
+        part reads the teacher's logits from ``data["teacher_logits"]`` when present)."""
         logits, labels, _ = self.outputs(self.student, rollout)
         mask = rollout["mask"]
         log_q = to_log_probs(logits, mask=mask)
@@ -243,7 +240,8 @@ class MiniLLM(DistillationRecipe):
             lm = cross_entropy(d_logits, d_labels)
             share = self.settings["lm_kd_share"]
             if share > 0:
-                lm = (1 - share) * lm + share * forward_kl(d_logits, self.teacher_logits(data), d_mask)
+                teacher = data["teacher_logits"] if "teacher_logits" in data else self.teacher_logits(data)
+                lm = (1 - share) * lm + share * forward_kl(d_logits, teacher, d_mask)
             terms["lm"] = lm
             loss = loss + self.pt_weight * lm
         return {"loss": loss, **terms}
@@ -253,13 +251,16 @@ class MiniLLM(DistillationRecipe):
         scheduler = self.lr_schedulers()
         buffer = self.rollout(batch)
         n = len(buffer["input_ids"])
+        lm_data = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+        if self.pt_weight > 0 and self.settings["lm_kd_share"] > 0:  # once per buffer, not per update
+            lm_data["teacher_logits"] = self.teacher_logits(lm_data)
         generator = torch.Generator().manual_seed(self.seed * 100003 + self.global_step)
         sums: dict[str, float] = {}
         for _ in range(self.ppo_epochs):
             for chunk in torch.randperm(n, generator=generator).chunk(self.num_minibatches):
                 chunk = chunk.to(buffer["input_ids"].device)
                 part = {k: v[chunk] for k, v in buffer.items()}
-                data = {k: batch[k][chunk] for k in ("input_ids", "attention_mask", "labels")}
+                data = {k: v[chunk] for k, v in lm_data.items()}
                 terms = self.minibatch_loss(part, data)
                 if not torch.isfinite(terms["loss"]):
                     raise FloatingPointError(

@@ -114,7 +114,7 @@ def _recipe_and_batch(**kwargs):
     ids, attention = _batch([10, 7])
     weights = token_weights(torch.ones(V), SPECIAL)
     masked, labels = mask_tokens(ids, attention, weights, MASK, V, generator=torch.Generator().manual_seed(0))
-    return recipe, {"input_ids": masked, "attention_mask": attention, "labels": labels}
+    return recipe, {"input_ids": masked, "attention_mask": attention, "labels": labels, "original_ids": ids}
 
 
 def _by_hand(recipe, batch, rows_mask, temperature=2.0, reverse=False):

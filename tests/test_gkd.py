@@ -4,6 +4,7 @@ dropout, and exactness under gradient accumulation."""
 from __future__ import annotations
 
 import copy
+import json
 
 import lightning as L
 import pytest
@@ -139,3 +140,20 @@ def test_two_half_batches_accumulated_equal_the_full_batch(task_dm, reduction):
     one, two = step([full], 1), step(halves, 2)
     assert not torch.allclose(one, start)
     torch.testing.assert_close(two, one, rtol=1e-4, atol=1e-6)
+
+
+def test_student_sft_starts_the_student_from_the_cached_fine_tune(make_cfg, tmp_path):
+    from kd.cli import run
+    from kd.models import read_state_dict
+    from tests.conftest import SMALL_TASK
+
+    cfg = make_cfg(*SMALL_TASK, "recipe=gkd", "regime.lmbda=0", "sft=task", "student_sft.max_epochs=1",
+                   "optimizer.lr=0", "optimizer.weight_decay=0", "trainer.max_epochs=1",
+                   "trainer.limit_train_batches=2", "data.generation_eval_size=4")
+    summary = run(cfg)
+    (sft_dir,) = (tmp_path / "cache" / "sft").iterdir()
+    sft, trained = read_state_dict(sft_dir), read_state_dict(tmp_path / "run" / "student")
+    assert sft.keys() == trained.keys()
+    assert all(torch.equal(sft[k], trained[k]) for k in sft)  # lr 0: the student is exactly the SFT
+    meta = json.loads((sft_dir / "meta.json").read_text())
+    assert summary["results"]["student, from scratch"]["test/exact_match"] == meta["metrics"]["test/exact_match"]

@@ -106,7 +106,7 @@ def _to_example(record: Any, origin: str, n: int, prompt_key: str, response_key:
     )
 
 
-def _hold_out(train: list[Example], given: dict[str, list[Example] | None], fractions: dict[str, float],
+def hold_out(train: list[Example], given: dict[str, list[Example] | None], fractions: dict[str, float],
               seed: int, name: str) -> dict[str, list[Example]]:
     """Splits ``train``/``val``/``test``: a held-out split not ``given`` takes its fraction of
     ``train`` (a fixed seeded permutation), the rest stays for training."""
@@ -157,7 +157,7 @@ class JsonlSource:
 
     def load(self) -> dict[str, list[Example]]:
         given = {s: self._examples(self.paths[s]) if self.paths[s] else None for s in ("val", "test")}
-        return _hold_out(self._examples(self.paths["train"]), given, self.fractions, self.seed,
+        return hold_out(self._examples(self.paths["train"]), given, self.fractions, self.seed,
                          f"'{self.paths['train']}'")
 
     def fingerprint(self) -> dict:
@@ -218,7 +218,7 @@ class HFDatasetSource:
 
     def load(self) -> dict[str, list[Example]]:
         given = {s: self._load_split(self.splits[s]) if self.splits[s] else None for s in ("val", "test")}
-        return _hold_out(self._load_split(self.splits["train"]), given, self.fractions, self.seed,
+        return hold_out(self._load_split(self.splits["train"]), given, self.fractions, self.seed,
                          f"dataset '{self.args['path']}'")
 
     def fingerprint(self) -> dict:
@@ -255,20 +255,28 @@ class ChatterbotSource:
             raise ConfigError("data=chatterbot needs the chatterbot-corpus package; pip install chatterbot-corpus") from e
         return Path(chatterbot_corpus.__file__).parent / "data" / "english"
 
-    def load(self) -> dict[str, list[Example]]:
+    @classmethod
+    def conversations(cls, categories: Sequence[str] | None = None) -> list[tuple[str, list[str]]]:
+        """``(category, turns)`` of every English conversation (of ``categories``, or all),
+        turns stripped, in a fixed order."""
         import yaml
 
-        folder = self.directory()
+        folder = cls.directory()
         available = sorted(p.stem for p in folder.glob("*.yml"))
-        unknown = sorted(set(self.categories or []) - set(available))
+        unknown = sorted(set(categories or []) - set(available))
         if unknown:
             raise ConfigError(f"chatterbot-corpus has no categories {unknown}; choose among {available}")
-        examples = []
-        for category in self.categories or available:
+        out = []
+        for category in sorted(categories) if categories else available:
             for turns in yaml.safe_load((folder / f"{category}.yml").read_text(encoding="utf-8"))["conversations"]:
-                turns = [str(t).strip() for t in turns]
-                examples += [Example(prompt=a, response=b, skill=category) for a, b in zip(turns, turns[1:]) if a and b]
-        return _hold_out(examples, {}, self.fractions, self.seed, "chatterbot-corpus")
+                out.append((category, [str(t).strip() for t in turns]))
+        return out
+
+    def load(self) -> dict[str, list[Example]]:
+        examples = [Example(prompt=a, response=b, skill=category)
+                    for category, turns in self.conversations(self.categories)
+                    for a, b in zip(turns, turns[1:]) if a and b]
+        return hold_out(examples, {}, self.fractions, self.seed, "chatterbot-corpus")
 
     def fingerprint(self) -> dict:
         return {"chatterbot": self.categories, "fractions": self.fractions, "seed": self.seed}

@@ -22,13 +22,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from torch import Tensor
 
+from kd import ConfigError
 from kd.data import IGNORE_INDEX
+from kd.data.lm import ChatterbotSource, hold_out
 
 
 def token_weights(counts: Tensor, special_ids: Iterable[int], smoothing: float = 0.7) -> Tensor:
@@ -119,20 +122,6 @@ class MLMCollator:
 # ----------------------------------------------------------------------------- text sources
 
 
-def _split_documents(docs: list[str], fractions: dict[str, float], seed: int, name: str) -> dict[str, list[str]]:
-    docs = [d.strip() for d in docs if d and d.strip()]
-    if len(docs) < 3:
-        from kd import ConfigError
-
-        raise ConfigError(f"{name} holds {len(docs)} non-empty documents; masked-LM data needs at least 3 "
-                          "(train, val and test)")
-    order = torch.randperm(len(docs), generator=torch.Generator().manual_seed(seed)).tolist()
-    n_val = max(1, int(fractions["val"] * len(docs)))
-    n_test = max(1, int(fractions["test"] * len(docs)))
-    return {"val": [docs[i] for i in order[:n_val]], "test": [docs[i] for i in order[n_val : n_val + n_test]],
-            "train": [docs[i] for i in order[n_val + n_test :]]}
-
-
 class TextSource:
     """Plain-text documents, held-out splits by document (fixed seeded permutation).
 
@@ -151,10 +140,6 @@ class TextSource:
         self.seed = seed
 
     def documents(self) -> list[str]:
-        from pathlib import Path
-
-        from kd import ConfigError
-
         if self.corpus == "lee":
             try:
                 from gensim.test.utils import datapath
@@ -165,22 +150,15 @@ class TextSource:
                 lines += Path(datapath(name)).read_text(encoding="latin-1").splitlines()
             return lines
         if self.corpus == "chatterbot":
-            import yaml
-
-            from kd.data.lm import ChatterbotSource
-
-            docs = []
-            for path in sorted(ChatterbotSource.directory().glob("*.yml")):
-                for turns in yaml.safe_load(path.read_text(encoding="utf-8"))["conversations"]:
-                    docs.append(" ".join(str(t).strip() for t in turns))
-            return docs
+            return [" ".join(turns) for _, turns in ChatterbotSource.conversations()]
         path = Path(self.corpus).expanduser()
         if not path.is_file():
             raise ConfigError(f"data.source.corpus '{self.corpus}' is neither lee, chatterbot nor an existing text file")
         return path.read_text(encoding="utf-8").splitlines()
 
     def load(self) -> dict[str, list[str]]:
-        return _split_documents(self.documents(), self.fractions, self.seed, f"corpus '{self.corpus}'")
+        docs = [d.strip() for d in self.documents() if d.strip()]
+        return hold_out(docs, {}, self.fractions, self.seed, f"corpus '{self.corpus}'")
 
 
 # ----------------------------------------------------------------------------- the datamodule
@@ -237,8 +215,6 @@ class MLMDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
-        from kd import ConfigError
-
         docs = self.source.load()
         if self.tokenizer_name:
             from kd.models import load_tokenizer
