@@ -61,6 +61,8 @@ from kd import ConfigError
 NUM_SYMBOLS = 258
 EOS = 256
 OTHER = 257
+#: "no symbol here": the token is shorter (a column index past the byte alphabet)
+NONE = NUM_SYMBOLS
 
 Symbols = tuple[int, ...]
 
@@ -141,6 +143,44 @@ def boundary_byte_probs(token_probs: Tensor, first_map: Tensor) -> Tensor:
     return torch.sparse.mm(first_map.t().float(), flat.t()).t().reshape(*shape[:-1], NUM_SYMBOLS)
 
 
+class SymbolIndex:
+    """Tokens sorted by their symbol strings, so the tokens whose ``kappa`` starts with a
+    prefix are one contiguous range of :attr:`order` (:meth:`prefix_range`).
+
+    Attributes:
+        symbols: ``kappa(v)`` by token id.
+        order: ``(V,)`` long tensor, token ids in lexicographic order of their symbols.
+        exact: symbol string -> the ids that spell exactly it.
+        table: ``(V, max_len + pad)`` int16 tensor, row ``r`` the symbols of token
+            ``order[r]`` followed by :data:`NONE` (so ``table[:, k]`` is the ``k``-th symbol
+            or NONE where the token is shorter).
+    """
+
+    def __init__(self, symbols: Sequence[Symbols], pad: int = 0) -> None:
+        self.symbols = list(symbols)
+        order = sorted(range(len(self.symbols)), key=lambda v: self.symbols[v])
+        self.order = torch.tensor(order, dtype=torch.long)
+        self._sorted = [self.symbols[v] for v in order]
+        self.exact: dict[Symbols, list[int]] = {}
+        for v, sym in enumerate(self.symbols):
+            self.exact.setdefault(sym, []).append(v)
+        width = max(len(sym) for sym in self.symbols) + pad
+        self.table = torch.full((len(order), width), NONE, dtype=torch.int16)  # small for 262k-token vocabularies
+        for r, sym in enumerate(self._sorted):
+            self.table[r, : len(sym)] = torch.tensor(sym)
+        self.lengths = torch.tensor([len(sym) for sym in self.symbols])
+        self._ranges: dict[Symbols, tuple[int, int]] = {}
+
+    def prefix_range(self, prefix: Symbols) -> tuple[int, int]:
+        """``(lo, hi)``: ``order[lo:hi]`` are the tokens whose symbols start with ``prefix``."""
+        found = self._ranges.get(prefix)
+        if found is None:
+            lo = bisect.bisect_left(self._sorted, prefix)
+            hi = bisect.bisect_left(self._sorted, prefix + (NONE + 1,), lo)
+            found = self._ranges[prefix] = (lo, hi)
+        return found
+
+
 class ByteOracle:
     """Exact prefix masses ``Q_h(s)`` and next-byte distributions of a token LM.
 
@@ -160,11 +200,7 @@ class ByteOracle:
         self.symbols = list(symbols)
         self.max_calls = max_calls
         self._cache: dict[tuple[int, ...], Tensor] = {}
-        self._order = sorted(range(len(self.symbols)), key=lambda v: self.symbols[v])
-        self._sorted = [self.symbols[v] for v in self._order]
-        self._exact: dict[Symbols, list[int]] = {}
-        for v, s in enumerate(self.symbols):
-            self._exact.setdefault(s, []).append(v)
+        self.index = SymbolIndex(self.symbols)
         self.calls = 0
         self.leaked = 0.0
 
@@ -177,22 +213,15 @@ class ByteOracle:
             self._cache[history] = self.lm(history).double()
         return self._cache[history]
 
-    def _starting_with(self, s: Symbols) -> list[int]:
-        lo = bisect.bisect_left(self._sorted, s)
-        hi = lo
-        while hi < len(self._sorted) and self._sorted[hi][: len(s)] == s:
-            hi += 1
-        return self._order[lo:hi]
-
     def _mass(self, history: tuple[int, ...], s: Symbols, weight: float) -> float:
         probs = self._probs(history)
         if probs is None:
             self.leaked += weight
             return 0.0
-        ids = self._starting_with(s)
-        total = float(probs[ids].sum()) if ids else 0.0
+        lo, hi = self.index.prefix_range(s)
+        total = float(probs[self.index.order[lo:hi]].sum()) if hi > lo else 0.0
         for k in range(1, len(s)):
-            for v in self._exact.get(s[:k], ()):
+            for v in self.index.exact.get(s[:k], ()):
                 pv = float(probs[v])
                 if pv > 0:
                     total += pv * self._mass(history + (v,), s[k:], weight * pv)
@@ -213,11 +242,140 @@ class ByteOracle:
         return q / self.prefix_mass(history, u) if u else q
 
 
-def uld_distance(student_probs: Tensor, teacher_probs: Tensor) -> Tensor:
-    """ULD (Boizard et al. 2024): ``sum_i |sort_desc(p_S)_i - sort_desc(p_T)_i|`` with the
-    shorter vocabulary zero-padded; ``(..., V_S), (..., V_T) -> (...)``. Tokenizer-free:
-    only the sorted probability values are compared."""
-    width = max(student_probs.shape[-1], teacher_probs.shape[-1])
-    s = torch.nn.functional.pad(student_probs.sort(-1, descending=True).values, (0, width - student_probs.shape[-1]))
-    t = torch.nn.functional.pad(teacher_probs.sort(-1, descending=True).values, (0, width - teacher_probs.shape[-1]))
-    return (s - t).abs().sum(-1)
+class ByteVocab:
+    """A tokenizer seen through its bytes: ``kappa`` of every token, the prefix index and
+    the boundary map, and the conversions a cross-tokenizer recipe needs.
+
+    Args:
+        tokenizer: a fast transformers tokenizer (see :func:`token_symbols`).
+        num_heads: pads :attr:`index`'s table so any ``num_heads`` symbols after any
+            in-token offset can be read (the byte heads' count).
+    """
+
+    def __init__(self, tokenizer: Any, num_heads: int = 1) -> None:
+        self.tokenizer = tokenizer
+        self.symbols = token_symbols(tokenizer)
+        self.index = SymbolIndex(self.symbols, pad=num_heads)
+        self.first_map = first_symbol_map(self.symbols)
+        self.eos = tokenizer.eos_token_id
+
+    def __len__(self) -> int:
+        return len(self.symbols)
+
+    def spell(self, ids: Sequence[int]) -> tuple[list[int], list[int]]:
+        """The symbols of ``ids`` end to end, and the offset where each token starts."""
+        out: list[int] = []
+        starts: list[int] = []
+        for v in ids:
+            starts.append(len(out))
+            out.extend(self.symbols[v])
+        return out, starts
+
+    def encode(self, symbols: Sequence[int]) -> list[int]:
+        """This tokenizer's own tokens for a response spelled by ``symbols``: the bytes up
+        to the first EOS read as UTF-8 text and tokenized as the data module tokenizes
+        responses, then EOS if there was one. Other special symbols are dropped; invalid
+        UTF-8 is replaced, so the result may spell different bytes (compare with
+        :meth:`spell`)."""
+        ended = EOS in symbols
+        body = list(symbols[: symbols.index(EOS)] if ended else symbols)
+        text = bytes(b for b in body if b < 256).decode("utf-8", errors="replace")
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+        return ids + [self.eos] if ended else ids
+
+
+def marginal_byte_targets(token_probs: Tensor, token_ids: Sequence[int], index: SymbolIndex, starts: Sequence[int],
+                          num_heads: int, limit: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The teacher's distribution of byte ``o + k`` given the bytes before ``o``, for
+    every offset ``o`` in ``starts`` (where the student's tokens start) and ``k < num_heads``:
+    the targets of parallel byte heads, which see only the state at ``o`` and so must
+    learn the teacher's *marginal* over byte ``k`` (RECIPES.md section 7), not its
+    conditional given the true bytes in between.
+
+    One teacher pass gives ``p(. | h_i)`` before each of its canonical response tokens
+    ``t_i``. The marginal sums over every token path that spells bytes ``o .. o+k``; the
+    paths computed are those that leave the canonical path at most once: from the teacher
+    token ``i`` holding ``o`` (partial bytes ``u``), every token starting with ``u`` and
+    reaching past byte ``o + k`` adds its byte there; the canonical token, when it ends
+    before ``o + k``, continues into ``p(. | h_{i+1})``, and so on. A path that ends a token
+    elsewhere before ``o + k`` (or a token that is a strict prefix of ``u``) would need the
+    teacher at a history it was not run on: its probability is the *leak*. At a teacher
+    token boundary, head 0's target is exact (leak 0); the targets are normalised over the
+    computed mass, and their total-variation distance to the exact marginal is at most
+    ``leak``.
+
+    Args:
+        token_probs: ``(m, V)`` teacher next-token probabilities before each of its ``m``
+            response tokens ``token_ids``.
+        token_ids: the teacher's response tokens (their symbols spell the response).
+        index: :class:`SymbolIndex` of the teacher's tokens, padded for ``num_heads``.
+        starts: byte offsets of the queries.
+        num_heads: bytes per query.
+        limit: only bytes before this offset have targets (default: all spelled bytes).
+
+    Returns:
+        ``targets (Q, num_heads, NUM_SYMBOLS)``, ``valid (Q, num_heads)`` (byte ``o + k``
+        exists before ``limit``) and ``leak (Q, num_heads)`` (the uncomputed share of the
+        probability mass, 0 where invalid).
+    """
+    symbols: list[int] = []
+    tok_start: list[int] = []
+    tok_of: list[int] = []
+    for i, v in enumerate(token_ids):
+        tok_start.append(len(symbols))
+        symbols.extend(index.symbols[v])
+        tok_of.extend([i] * len(index.symbols[v]))
+    n = len(symbols) if limit is None else min(limit, len(symbols))
+    probs = token_probs.double()
+    canon = [float(probs[i, v]) for i, v in enumerate(token_ids)]
+
+    slots: dict[int, int] = {}  # byte offset -> row of `table`
+    table: list[Tensor] = []
+    strict_prefix_mass: dict[int, float] = {}
+
+    def slot(x: int) -> int:
+        if x not in slots:
+            i = tok_of[x]
+            ulen = x - tok_start[i]
+            prefix = tuple(symbols[tok_start[i]: x])
+            lo, hi = index.prefix_range(prefix)
+            p = probs[i, index.order[lo:hi]]
+            cols = index.table[lo:hi, ulen: ulen + num_heads].t().long()
+            table.append(torch.zeros(num_heads, NUM_SYMBOLS + 1, dtype=torch.float64).scatter_add_(
+                1, cols, p.expand(num_heads, -1)))
+            strict_prefix_mass[x] = sum(float(probs[i, index.exact.get(prefix[:m], [])].sum()) for m in range(1, ulen))
+            slots[x] = len(table) - 1
+        return slots[x]
+
+    query, rows, heads, weights = [], [], [], []
+    valid = torch.zeros(len(starts), num_heads, dtype=torch.bool)
+    leak = torch.zeros(len(starts), num_heads, dtype=torch.float64)
+    for q, o in enumerate(starts):
+        for k in range(num_heads):
+            y = o + k
+            if y >= n:
+                break
+            valid[q, k] = True
+            i_last = tok_of[y]
+            w = 1.0
+            x = o
+            for i in range(tok_of[o], i_last + 1):
+                query.append(q * num_heads + k)
+                rows.append(slot(x))
+                heads.append(y - x)
+                weights.append(w)
+                if i < i_last:  # the canonical token ends before y and continues
+                    leak[q, k] -= w * canon[i]
+                    w *= canon[i]
+                    x = tok_start[i + 1]
+            leak[q, k] += strict_prefix_mass[o]
+    out = torch.zeros(len(starts) * num_heads, NUM_SYMBOLS + 1, dtype=torch.float64)
+    if query:
+        stacked = torch.stack(table)[torch.tensor(rows), torch.tensor(heads)]
+        out.index_add_(0, torch.tensor(query), stacked * torch.tensor(weights, dtype=torch.float64)[:, None])
+    out = out.view(len(starts), num_heads, NUM_SYMBOLS + 1)
+    leak = torch.where(valid, leak + out[..., NONE], torch.zeros((), dtype=torch.float64))
+    covered = out[..., :NUM_SYMBOLS].sum(-1)
+    targets = out[..., :NUM_SYMBOLS] / covered.clamp(min=1e-300).unsqueeze(-1)
+    share = torch.where(valid, leak.clamp(min=0) / (covered + leak.clamp(min=0)).clamp(min=1e-300), torch.zeros((), dtype=torch.float64))
+    return targets.float(), valid, share.float()

@@ -115,8 +115,28 @@ def _check_tokenizers(cfg: DictConfig, datamodule: Any, teacher: Any) -> None:
     student_tok = _student_tokenizer(cfg)
     if student_tok is not None:
         check_same_tokenizer(datamodule.tokenizer, student_tok, "the data's and the student's")
-    if teacher is not None and cfg.teacher.get("tokenizer"):
-        check_same_tokenizer(datamodule.tokenizer, load_tokenizer(cfg.teacher.tokenizer), "the data's and the teacher's")
+    if teacher is None:
+        return
+    fit_data = (cfg.teacher.get("fit") or {}).get("data") or {}
+    if cfg.teacher.get("tokenizer") or any(k in fit_data for k in ("tokenizer", "vocab_size", "min_frequency")):
+        check_same_tokenizer(datamodule.tokenizer, teacher_tokenizer(cfg), "the data's and the teacher's")
+
+
+def teacher_tokenizer(cfg: DictConfig) -> Any:
+    """The teacher's own tokenizer, for cross-tokenizer recipes: ``teacher.tokenizer`` or
+    the teacher model's ``name_or_path`` when set; else, for a teacher trained by ``kd``
+    (a ``fit`` section), the tokenizer of the data it is trained on (``fit.data`` applied)."""
+    t = cfg.teacher
+    name = t.get("tokenizer") or (t.model.get("name_or_path") if isinstance(t.get("model"), DictConfig) else None)
+    if name:
+        return load_tokenizer(str(name))
+    if t.get("fit") and "tokenizer" in cfg.data:
+        data = _sub_run(cfg, merge={"data": t.fit.get("data") or {}}).data
+        datamodule = instantiate(data)
+        datamodule.setup("fit")
+        return datamodule.tokenizer
+    raise ConfigError("this recipe needs the teacher's own tokenizer; name it with teacher.tokenizer=<hub name or "
+                      "directory>")
 
 
 def fit_and_test(cfg: DictConfig, recipe: DistillationRecipe, datamodule: L.LightningDataModule) -> dict[str, float]:
@@ -300,6 +320,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     # student is created right after seeding, as in the scratch baseline: same init.
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
+    if recipe_cls.cross_tokenizer and _has_teacher(cfg):
+        if not hasattr(datamodule, "teacher_tokenizer"):
+            raise ConfigError(f"recipe {recipe_name} distils language models across tokenizers; use language-model "
+                              "data (data=task, data=jsonl, data=hf, data=chatterbot)")
+        datamodule.teacher_tokenizer = datamodule.teacher_tokenizer or teacher_tokenizer(cfg)
     regime = instantiate(cfg.regime) if cfg.get("regime") else None
     if regime is not None:
         regime.validate(datamodule)
@@ -318,7 +343,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         regime=regime,
         _recursive_=False,
     )
-    _check_tokenizers(cfg, datamodule, teacher)
+    _check_tokenizers(cfg, datamodule, teacher if not recipe_cls.cross_tokenizer else None)
     teacher_meta = load_teacher(cfg, teacher) if teacher is not None else {}
     label = f"student, {recipe_name}" if teacher is not None else (
         "student, SFT + more supervised" if cfg.get("student_sft") else "student, from scratch")

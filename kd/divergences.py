@@ -35,6 +35,12 @@ Conventions
   ``SRKL_alpha = KL(Q || alpha*Q + (1-alpha)*P)``; ``alpha = 0`` gives forward / reverse
   KL, ``alpha`` must lie in ``[0, 1)`` (``alpha = 1`` makes the loss identically 0).
 * Total variation: ``TVD = 0.5 * sum_v |P(v) - Q(v)|``.
+* ULD (Boizard et al. 2024, "Towards cross-tokenizer distillation"):
+  ``sum_i |sort_desc(P)_i - sort_desc(Q)_i|``, the shorter vocabulary zero-padded. It
+  compares only the sorted probability values, so the two models may have different
+  vocabularies (the one divergence here that accepts logits of different ``V``); which
+  positions to compare is the caller's business (``recipes/byte_kd.py`` aligns them by
+  byte offsets).
 * Precision: softmax / log-softmax and everything after it run in float32 whatever the
   input dtype (bf16 / fp16 logits are upcast); float64 inputs stay float64 (never
   downcast). The returned loss has that compute dtype.
@@ -88,6 +94,7 @@ __all__ = [
     "skew_forward_kl_per_position",
     "skew_reverse_kl_per_position",
     "tvd_per_position",
+    "uld_per_position",
     "forward_kl",
     "reverse_kl",
     "jsd",
@@ -101,6 +108,7 @@ __all__ = [
     "SkewForwardKL",
     "SkewReverseKL",
     "TVD",
+    "ULD",
 ]
 
 #: Valid values of the ``reduction`` argument.
@@ -153,9 +161,14 @@ def _check_alpha(alpha: float, which: str) -> None:
 
 
 def _check_inputs(
-    student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None, reduction: str
+    student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None, reduction: str, same_vocab: bool = True
 ) -> None:
-    if student_logits.shape != teacher_logits.shape:
+    if not same_vocab and student_logits.shape[:-1] != teacher_logits.shape[:-1]:
+        raise ValueError(
+            f"student_logits shape {tuple(student_logits.shape)} and teacher_logits shape "
+            f"{tuple(teacher_logits.shape)} must agree on every dimension but the vocabulary"
+        )
+    if same_vocab and student_logits.shape != teacher_logits.shape:
         raise ValueError(
             f"student_logits shape {tuple(student_logits.shape)} != teacher_logits shape "
             f"{tuple(teacher_logits.shape)}; logits must have the same shape (..., V). "
@@ -323,6 +336,16 @@ def tvd_per_position(student_logprobs: Tensor, teacher_logprobs: Tensor) -> Tens
 # --------------------------------------------------------------------------- reduction
 
 
+def uld_per_position(student_logprobs: Tensor, teacher_logprobs: Tensor) -> Tensor:
+    """ULD: L1 distance of the sorted probabilities, ``(..., V_S), (..., V_T) -> (...)``."""
+    p_s = student_logprobs.exp().sort(-1, descending=True).values
+    p_t = teacher_logprobs.exp().sort(-1, descending=True).values
+    width = max(p_s.shape[-1], p_t.shape[-1])
+    p_s = nn.functional.pad(p_s, (0, width - p_s.shape[-1]))
+    p_t = nn.functional.pad(p_t, (0, width - p_t.shape[-1]))
+    return (p_s - p_t).abs().sum(-1)
+
+
 def reduce(values: Tensor, mask: Tensor | None = None, reduction: str = "mean") -> Tensor:
     """Mask and reduce per-position values.
 
@@ -385,10 +408,11 @@ def _divergence(
     mask: Tensor | None,
     temperature: float,
     reduction: str,
+    same_vocab: bool = True,
 ) -> Tensor:
     _check_reduction(reduction)
     _check_temperature(temperature)
-    _check_inputs(student_logits, teacher_logits, mask, reduction)
+    _check_inputs(student_logits, teacher_logits, mask, reduction, same_vocab)
     dtype = compute_dtype(student_logits, teacher_logits)
     log_q = to_log_probs(student_logits, temperature, mask, dtype)
     log_p = to_log_probs(teacher_logits, temperature, mask, dtype)
@@ -526,6 +550,8 @@ class Divergence(nn.Module, abc.ABC):
 
     #: Short identifier, e.g. for logging (``"forward_kl"``, ``"jsd"``, ...).
     name: str = "divergence"
+    #: True for divergences that compare distributions over different vocabularies (ULD)
+    cross_vocabulary: bool = False
 
     def __init__(self, reduction: str = "mean") -> None:
         super().__init__()
@@ -544,7 +570,8 @@ class Divergence(nn.Module, abc.ABC):
         temperature: float = 1.0,
     ) -> Tensor:
         """Loss between ``(..., V)`` logits; ``mask`` ``(...)``; scalar or ``(...)`` for ``"none"``."""
-        return _divergence(self.per_position, student_logits, teacher_logits, mask, temperature, self.reduction)
+        return _divergence(self.per_position, student_logits, teacher_logits, mask, temperature, self.reduction,
+                           same_vocab=not self.cross_vocabulary)
 
     def extra_repr(self) -> str:
         return f"reduction={self.reduction!r}"
@@ -626,3 +653,14 @@ class TVD(Divergence):
 
     def per_position(self, student_logprobs: Tensor, teacher_logprobs: Tensor) -> Tensor:
         return tvd_per_position(student_logprobs, teacher_logprobs)
+
+
+class ULD(Divergence):
+    """ULD (Boizard et al. 2024): ``sum_i |sort_desc(p_S)_i - sort_desc(p_T)_i|``; the
+    vocabularies may differ (the shorter one is zero-padded)."""
+
+    name = "uld"
+    cross_vocabulary = True
+
+    def per_position(self, student_logprobs: Tensor, teacher_logprobs: Tensor) -> Tensor:
+        return uld_per_position(student_logprobs, teacher_logprobs)

@@ -96,6 +96,10 @@ class DistillationRecipe(L.LightningModule):
     #: transformers model's last hidden state ``(B, L, H)``, unshifted, in
     #: ``self.last_hidden["student" | "teacher"]``
     needs_hidden_states: ClassVar[bool] = False
+    #: recipes whose teacher has its own tokenizer (``recipes/byte_kd.py``) set this: the
+    #: teacher then never sees the student's token ids (``kd`` gives the datamodule the
+    #: teacher's tokenizer, batches carry ``teacher_prompt_ids``)
+    cross_tokenizer: ClassVar[bool] = False
 
     @property
     def optimizer_steps_per_batch(self) -> int:
@@ -202,8 +206,10 @@ class DistillationRecipe(L.LightningModule):
 
     def set_vocabulary(self, vocab_size: int) -> None:
         """Cut logits to the tokenizer's ``vocab_size`` tokens; refuse models whose
-        embedding table is smaller (their lookups of high ids would fail)."""
-        for role, model in (("student", self.student), ("teacher", self.teacher)):
+        embedding table is smaller (their lookups of high ids would fail). A
+        cross-tokenizer recipe's teacher is checked against its own tokenizer instead."""
+        models = [("student", self.student)] + ([] if self.cross_tokenizer else [("teacher", self.teacher)])
+        for role, model in models:
             embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
             rows = getattr(embeddings, "num_embeddings", None)
             if rows is not None and rows < vocab_size:
@@ -280,7 +286,8 @@ class DistillationRecipe(L.LightningModule):
             self._generation_eval_step(stage, batch)
             return
         logits, labels, mask = self.outputs(self.student, batch)
-        teacher = self.teacher_logits(batch) if self.teacher is not None else None
+        same_tokens = self.teacher is not None and not self.cross_tokenizer
+        teacher = self.teacher_logits(batch) if same_tokens else None
         self.metrics[stage].update(logits, labels, mask, teacher)
 
     def _generation_eval_step(self, stage: str, batch: dict[str, Tensor]) -> None:
@@ -289,16 +296,20 @@ class DistillationRecipe(L.LightningModule):
         from kd.generation import GenerationConfig, generate
 
         dm = self.trainer.datamodule
-        tok = dm.tokenizer
-        config = GenerationConfig(max_new_tokens=dm.max_new_tokens, temperature=0.0, vocab_size=len(tok),
-                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        models = {stage: self.student}
+        models = {stage: (self.student, batch["prompt_ids"], batch["prompt_mask"], dm.tokenizer)}
         if stage == "test" and self.teacher is not None:
-            models["teacher"] = self.teacher
-        for key, model in models.items():
-            out = generate(model, batch["prompt_ids"], batch["prompt_mask"], config)
+            models["teacher"] = (self.teacher, *self.teacher_prompts(batch, dm.tokenizer))
+        for key, (model, prompt_ids, prompt_mask, tok) in models.items():
+            config = GenerationConfig(max_new_tokens=dm.max_new_tokens, temperature=0.0, vocab_size=len(tok),
+                                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+            out = generate(model, prompt_ids, prompt_mask, config)
             for i, tokens, keep in zip(batch["index"].tolist(), out.responses, out.response_mask):
                 self._predictions.setdefault(key, {})[i] = tok.decode(tokens[keep].tolist(), skip_special_tokens=True)
+
+    def teacher_prompts(self, batch: dict[str, Tensor], tokenizer: Any) -> tuple[Tensor, Tensor, Any]:
+        """``(prompt_ids, prompt_mask, tokenizer)`` the teacher answers test prompts with:
+        the data's, unless the recipe is cross-tokenizer (then the teacher's own)."""
+        return batch["prompt_ids"], batch["prompt_mask"], tokenizer
 
     def _eval_epoch_end(self, stage: str) -> None:
         values = self.metrics[stage].compute()

@@ -306,8 +306,11 @@ class OnPolicy(Regime):
         dm = recipe.trainer.datamodule
         config = generation_config(dm, self.settings)
         out = generate(recipe.student, batch["prompt_ids"], batch["prompt_mask"], config)
-        return join_prompts_and_responses(batch["prompt_ids"], batch["prompt_mask"], out.responses,
-                                          out.response_mask, config.pad_token_id)
+        joined = join_prompts_and_responses(batch["prompt_ids"], batch["prompt_mask"], out.responses,
+                                            out.response_mask, config.pad_token_id)
+        # a cross-tokenizer batch keeps the prompts in the teacher's tokens
+        joined.update({k: batch[k] for k in ("teacher_prompt_ids", "teacher_prompt_mask") if k in batch})
+        return joined
 
     def batch(self, recipe: Any, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         return self.sample(recipe, batch)

