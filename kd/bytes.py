@@ -133,7 +133,8 @@ def first_symbol_map(symbols: Sequence[Symbols]) -> Tensor:
     probabilities ``(..., V) @ map`` are the exact next-byte distribution at a boundary."""
     rows = torch.arange(len(symbols))
     cols = torch.tensor([s[0] for s in symbols])
-    return torch.sparse_coo_tensor(torch.stack([rows, cols]), torch.ones(len(symbols)), (len(symbols), NUM_SYMBOLS))
+    return torch.sparse_coo_tensor(torch.stack([rows, cols]), torch.ones(len(symbols)), (len(symbols), NUM_SYMBOLS),
+                                   check_invariants=True)
 
 
 def boundary_byte_probs(token_probs: Tensor, first_map: Tensor) -> Tensor:
