@@ -41,6 +41,18 @@ bounded computation says how far it is from exact). The single-token shortcut (o
 first sum) is wrong: on the unigram LM {a: .1, b: .2, ab: .3, ba: .4} it gives
 ``P(b | a) = 0.75`` where the exact value is 0.9.
 
+Byte-head targets
+-----------------
+Training needs next-byte distributions at thousands of offsets per batch, from one
+teacher pass over its own (canonical) tokens. :func:`marginal_byte_targets` gives, at an
+offset ``o`` and for ``k`` bytes ahead, the teacher's marginal over byte ``o + k`` summed
+over every token path that leaves the canonical tokenization at most once (those whose
+probabilities the one pass holds); the other paths' probability is returned as the
+*leak*, a bound on the total-variation error (exact, leak 0, for head 0 at a teacher token
+boundary). :class:`ByteVocab` bundles a tokenizer's symbols, a :class:`SymbolIndex` (tokens
+sorted by symbols, so a prefix is one contiguous range) and the boundary map, and spells
+and re-tokenizes responses.
+
 Non-canonical tokenizations: ``h`` is the one tokenization of the history the data gives
 (the tokenizer's canonical one); the recursion sums over every tokenization of the
 *future* bytes, but not over alternative tokenizations of the past (Vieira et al. 2025
@@ -285,8 +297,29 @@ class ByteVocab:
         return ids + [self.eos] if ended else ids
 
 
+def detours(token_ids: Sequence[int], index: SymbolIndex, starts: Sequence[int]) -> list[tuple[int, int, int]]:
+    """The extra teacher histories that :func:`marginal_byte_targets` can use: for every
+    offset ``o`` in ``starts`` inside a teacher token ``i`` whose partial bytes ``u`` are
+    exactly some token ``v``, the triple ``(o, i, v)``; run the teacher on its tokens
+    ``token_ids[:i] + [v]`` (after the prompt) to get ``p(. | h_i . v)``."""
+    out = []
+    start = 0
+    bounds = []
+    for v in token_ids:
+        bounds.append((start, start + len(index.symbols[v])))
+        start = bounds[-1][1]
+    spelled = [c for v in token_ids for c in index.symbols[v]]
+    for o in starts:
+        for i, (a, b) in enumerate(bounds):
+            if a < o < b:
+                out.extend((o, i, v) for v in index.exact.get(tuple(spelled[a:o]), []))
+                break
+    return out
+
+
 def marginal_byte_targets(token_probs: Tensor, token_ids: Sequence[int], index: SymbolIndex, starts: Sequence[int],
-                          num_heads: int, limit: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                          num_heads: int, limit: int | None = None,
+                          detour_probs: dict[tuple[int, int], Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """The teacher's distribution of byte ``o + k`` given the bytes before ``o``, for
     every offset ``o`` in ``starts`` (where the student's tokens start) and ``k < num_heads``:
     the targets of parallel byte heads, which see only the state at ``o`` and so must
@@ -303,7 +336,10 @@ def marginal_byte_targets(token_probs: Tensor, token_ids: Sequence[int], index: 
     teacher at a history it was not run on: its probability is the *leak*. At a teacher
     token boundary, head 0's target is exact (leak 0); the targets are normalised over the
     computed mass, and their total-variation distance to the exact marginal is at most
-    ``leak``.
+    ``leak``. Inside a teacher token the main missing path is usually the token ``v`` that
+    spells ``u`` exactly (a shorter token, then a new one at ``o``): with
+    ``detour_probs[(o, v)] = p(. | h_i . v)`` (one extra teacher pass each, see
+    :func:`detours`) that path is computed too.
 
     Args:
         token_probs: ``(m, V)`` teacher next-token probabilities before each of its ``m``
@@ -313,6 +349,8 @@ def marginal_byte_targets(token_probs: Tensor, token_ids: Sequence[int], index: 
         starts: byte offsets of the queries.
         num_heads: bytes per query.
         limit: only bytes before this offset have targets (default: all spelled bytes).
+        detour_probs: ``(o, v) -> (V,)`` teacher probabilities after the history that
+            ends with token ``v`` at offset ``o`` (optional; :func:`detours` lists them).
 
     Returns:
         ``targets (Q, num_heads, NUM_SYMBOLS)``, ``valid (Q, num_heads)`` (byte ``o + k``
@@ -348,6 +386,13 @@ def marginal_byte_targets(token_probs: Tensor, token_ids: Sequence[int], index: 
             slots[x] = len(table) - 1
         return slots[x]
 
+    detour_slots: dict[int, list[tuple[int, float]]] = {}  # offset -> (row of `table`, p(v | h_i))
+    for (o, v), after in (detour_probs or {}).items():
+        everything = index.table[:, :num_heads].t().long()
+        table.append(torch.zeros(num_heads, NUM_SYMBOLS + 1, dtype=torch.float64).scatter_add_(
+            1, everything, after.double()[index.order].expand(num_heads, -1)))
+        detour_slots.setdefault(o, []).append((len(table) - 1, float(probs[tok_of[o], v])))
+
     query, rows, heads, weights = [], [], [], []
     valid = torch.zeros(len(starts), num_heads, dtype=torch.bool)
     leak = torch.zeros(len(starts), num_heads, dtype=torch.float64)
@@ -360,6 +405,12 @@ def marginal_byte_targets(token_probs: Tensor, token_ids: Sequence[int], index: 
             i_last = tok_of[y]
             w = 1.0
             x = o
+            for row, pv in detour_slots.get(o, ()):  # v ends at o (it was counted as ended) and continues
+                query.append(q * num_heads + k)
+                rows.append(row)
+                heads.append(k)
+                weights.append(pv)
+                leak[q, k] -= pv
             for i in range(tok_of[o], i_last + 1):
                 query.append(q * num_heads + k)
                 rows.append(slot(x))

@@ -26,8 +26,9 @@ Parallel heads see only the state at ``o_j``, so their targets are the teacher's
 given the true bytes in between (mixing the two is the silent bug section 7 warns of):
 :func:`kd.bytes.marginal_byte_targets`. Head 0 at a teacher token boundary is exact; inside
 a teacher token, and for ``k > 0``, the targets follow every path that leaves the teacher's
-canonical tokenization at most once (one teacher pass); the probability of the other paths
-is logged as ``train/byte_leak`` (a bound on the targets' total-variation error; the exact
+canonical tokenization at most once (one teacher pass), plus, inside a teacher token, the
+path through the token that spells the partial bytes exactly (``detour_passes``: one extra
+batched teacher pass); the probability of the other paths is logged as ``train/byte_leak`` (a bound on the targets' total-variation error; the exact
 recursion with extra teacher passes is :class:`kd.bytes.ByteOracle`). Bytes past the
 response's end have no target. The heads belong to the recipe, not the student: they are in
 Lightning checkpoints (for resuming) but not in the exported student, which plain
@@ -63,7 +64,7 @@ import torch
 from torch import Tensor, nn
 
 from kd import ConfigError
-from kd.bytes import NUM_SYMBOLS, ByteVocab, boundary_byte_probs, marginal_byte_targets
+from kd.bytes import NUM_SYMBOLS, ByteVocab, boundary_byte_probs, detours, marginal_byte_targets
 from kd.data import IGNORE_INDEX
 from kd.divergences import ULD as ULDDivergence
 from kd.divergences import Divergence, forward_kl_per_position, reduce
@@ -84,6 +85,7 @@ class Row:
     student_pos: list[int]
     student_starts: list[int]
     symbols: list[int]
+    teacher_prompt: list[int] = field(default_factory=list)
     teacher_ids: list[int] = field(default_factory=list)
     teacher_pos: list[int] = field(default_factory=list)
     teacher_starts: list[int] = field(default_factory=list)
@@ -155,23 +157,28 @@ class CrossTokenizerRecipe(DistillationRecipe):
             if limit is not None:
                 t_resp = t_resp[: max(0, limit - len(t_prompt))]
             t_symbols, row.teacher_starts = tb.spell(t_resp)
+            row.teacher_prompt = t_prompt
             row.teacher_ids = t_resp
             row.teacher_pos = [len(t_prompt) + i - 1 for i in range(len(t_resp))]
             n = min(len(symbols), len(t_symbols))
             row.common = next((k for k in range(n) if symbols[k] != t_symbols[k]), n)
             rows.append(row)
             sequences.append(t_prompt + t_resp)
+        return rows, self.run_teacher(sequences, batch["labels"].device)
+
+    def run_teacher(self, sequences: list[list[int]], device: torch.device) -> Tensor:
+        """The teacher's logits ``(N, L, V_T)`` on right-padded token sequences."""
+        tb = self.teacher_bytes
         width = max(len(s) for s in sequences)
         pad = tb.tokenizer.pad_token_id if tb.tokenizer.pad_token_id is not None else tb.eos
-        ids = torch.full((len(sequences), width), pad, dtype=torch.long, device=batch["labels"].device)
+        ids = torch.full((len(sequences), width), pad, dtype=torch.long, device=device)
         mask = torch.zeros_like(ids)
         for r, s in enumerate(sequences):
-            ids[r, : len(s)] = torch.tensor(s, device=ids.device)
+            ids[r, : len(s)] = torch.tensor(s, device=device)
             mask[r, : len(s)] = 1
         with torch.no_grad():
             logits = self.teacher(input_ids=ids, attention_mask=mask)
-            logits = getattr(logits, "logits", logits)[..., : len(tb)]
-        return rows, logits
+            return getattr(logits, "logits", logits)[..., : len(tb)]
 
     @staticmethod
     def misaligned(rows: list[Row]) -> Tensor:
@@ -188,6 +195,9 @@ class ByteKD(CrossTokenizerRecipe):
         lam_kl: weight of the heads' KL to the teacher's byte marginals.
         lam_boundary_kl: weight of the KL between the teacher's and the student's own
             next-byte distribution at the student's token boundaries (0: off).
+        detour_passes: inside a teacher token, also run the teacher after the token that
+            spells the partial bytes exactly (one extra pass per such offset, batched), the
+            path that otherwise leaks most (:func:`kd.bytes.detours`).
         hidden_size: width of the student's last hidden state (read from its config
             when null).
         **kwargs: passed to :class:`kd.recipe.DistillationRecipe`.
@@ -196,7 +206,8 @@ class ByteKD(CrossTokenizerRecipe):
     needs_hidden_states = True
 
     def __init__(self, *, num_heads: int = 10, lam_byte: float = 1.0, lam_kl: float = 0.1,
-                 lam_boundary_kl: float = 0.0, hidden_size: int | None = None, **kwargs: Any) -> None:
+                 lam_boundary_kl: float = 0.0, detour_passes: bool = True, hidden_size: int | None = None,
+                 **kwargs: Any) -> None:
         if num_heads < 1:
             raise ConfigError(f"recipe.num_heads must be >= 1 (got {num_heads}); it is the bytes predicted per position")
         if min(lam_byte, lam_kl, lam_boundary_kl) < 0:
@@ -205,6 +216,7 @@ class ByteKD(CrossTokenizerRecipe):
         self.lookahead = num_heads
         self.num_heads = num_heads
         self.lam_byte, self.lam_kl, self.lam_boundary_kl = lam_byte, lam_kl, lam_boundary_kl
+        self.detour_passes = detour_passes
         width = hidden_size or getattr(getattr(self.student, "config", None), "hidden_size", None)
         if width is None:
             raise ConfigError("cannot read the student's hidden size for the byte heads; set recipe.hidden_size")
@@ -216,13 +228,25 @@ class ByteKD(CrossTokenizerRecipe):
         query, ``true`` byte ``o + k`` (-1 past the response), the teacher's marginal
         ``target`` ``(Q, num_heads, NUM_SYMBOLS)``, ``valid`` (has a target) and ``leak``."""
         teacher_probs = torch.softmax(teacher_logits.float(), dim=-1)
+        extra: list[dict[tuple[int, int], Tensor]] = [{} for _ in rows]
+        if self.detour_passes:
+            wanted = [(r, o, i, v) for r, row in enumerate(rows)
+                      for o, i, v in detours(row.teacher_ids, self.teacher_bytes.index, row.student_starts)]
+            if wanted:
+                sequences = [rows[r].teacher_prompt + rows[r].teacher_ids[:i] + [v] for r, _, i, v in wanted]
+                logits = self.run_teacher(sequences, teacher_logits.device)
+                last = torch.tensor([len(s) - 1 for s in sequences], device=logits.device)
+                after = torch.softmax(logits[torch.arange(len(sequences), device=logits.device), last].float(), -1).cpu()
+                for (r, o, _, v), p in zip(wanted, after):
+                    extra[r][(o, v)] = p
         out: dict[str, list] = {"row": [], "pos": [], "true": [], "target": [], "valid": [], "leak": []}
         for r, row in enumerate(rows):
             if not row.student_pos:
                 continue
             probs = teacher_probs[r, row.teacher_pos].cpu()
             target, valid, leak = marginal_byte_targets(probs, row.teacher_ids, self.teacher_bytes.index,
-                                                        row.student_starts, self.num_heads, limit=row.common)
+                                                        row.student_starts, self.num_heads, limit=row.common,
+                                                        detour_probs=extra[r])
             padded = row.symbols + [-1] * self.num_heads
             out["true"].append(torch.tensor([padded[o: o + self.num_heads] for o in row.student_starts]))
             out["row"].append(torch.full((len(row.student_pos),), r))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kd import ConfigError
-from kd.bytes import NUM_SYMBOLS, ByteOracle, ByteVocab, SymbolIndex, boundary_byte_probs, marginal_byte_targets
+from kd.bytes import NUM_SYMBOLS, ByteOracle, ByteVocab, SymbolIndex, detours, marginal_byte_targets
 from kd.data.lm import LMDataModule, TaskSource
 from kd.models import tiny_causal_lm
 from recipes.byte_kd import ULD, ByteKD
@@ -37,15 +37,23 @@ def _exact_marginal(oracle, history, partial, k, alphabet):
     return out / (oracle.prefix_mass(history, partial) if partial else 1.0)
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_head_targets_are_the_exact_marginals_up_to_the_reported_leak(seed):
+@pytest.mark.parametrize("seed,with_detours", [(0, False), (1, False), (2, False), (0, True), (1, True), (2, True)])
+def test_head_targets_are_the_exact_marginals_up_to_the_reported_leak(seed, with_detours):
     symbols = [(A,), (B,), (A, B), (B, A), (A, A, B)]
     lm = _bigram_lm(symbols, seed)
     ids = [2, 3, 4, 1, 0, 2]  # ab|ba|aab|b|a|ab
     probs = torch.stack([lm(tuple(ids[:i])) for i in range(len(ids))])
     spelled = [c for v in ids for c in symbols[v]]
     starts = list(range(len(spelled)))  # every byte offset, inside teacher tokens too
-    targets, valid, leak = marginal_byte_targets(probs, ids, SymbolIndex(symbols, pad=3), starts, num_heads=3)
+    index = SymbolIndex(symbols, pad=3)
+    extra = {(o, v): lm(tuple(ids[:i]) + (v,)) for o, i, v in detours(ids, index, starts)} if with_detours else None
+    if with_detours:  # inside ab at 1 and 10: a; inside ba at 3: b; inside aab at 5: a, at 6: none spells "aa"
+        assert sorted(extra) == [(1, 0), (3, 1), (5, 0), (10, 0)]
+        _, _, plain_leak = marginal_byte_targets(probs, ids, index, starts, num_heads=3)
+    targets, valid, leak = marginal_byte_targets(probs, ids, index, starts, num_heads=3, detour_probs=extra)
+    if with_detours:
+        assert (leak <= plain_leak + 1e-6).all() and (leak[[1, 3, 5, 10], 0] < plain_leak[[1, 3, 5, 10], 0] - 0.01).all()
+        assert leak[1, 0].item() == pytest.approx(0.0, abs=1e-6)  # u = "a": the only missing path was token a
     oracle = ByteOracle(lm, symbols)
     token_start = [sum(len(symbols[v]) for v in ids[:i]) for i in range(len(ids))]
     checked = 0
@@ -115,6 +123,36 @@ def pair(tmp_path_factory):
                       teacher_tokenizer=teacher_tok)
     dm.setup()
     return dm, student_tok, teacher_tok
+
+
+@pytest.fixture(scope="module")
+def swapped(pair):
+    """The same two tokenizers the other way round: the teacher's tokens merge letters, so
+    most of the student's token starts fall inside teacher tokens."""
+    dm, merged, single = pair
+    swapped = LMDataModule(dm.source, tokenizer=None, vocab_size=300, min_frequency=40, batch_size=8,
+                           cache_dir=dm.cache_dir, teacher_tokenizer=merged)
+    swapped.setup()
+    assert swapped.tokenizer.get_vocab() == single.get_vocab()
+    return swapped, single, merged
+
+
+def test_detour_passes_cut_the_leak_inside_teacher_tokens(swapped):
+    dm, student_tok, teacher_tok = swapped
+    batch = next(iter(dm.train_dataloader()))
+    teacher = tiny_causal_lm(vocab_size=len(teacher_tok), hidden_size=32, num_layers=1, num_heads=2)
+    student = tiny_causal_lm(vocab_size=len(student_tok), hidden_size=32, num_layers=1, num_heads=2)
+    leaks = {}
+    for passes in (False, True):
+        recipe = _recipe(ByteKD, student_tok, teacher_tok, teacher=teacher, student=student, num_heads=2,
+                         detour_passes=passes)
+        rows, teacher_logits = recipe.align(batch)
+        inside = sum(o not in set(r.teacher_starts) for r in rows for o in r.student_starts)
+        assert inside > 0
+        q = recipe.head_targets(rows, teacher_logits)
+        leaks[passes] = q["leak"][:, 0][q["valid"][:, 0]]
+        assert torch.allclose(q["target"][q["valid"]].sum(-1), torch.ones(()))
+    assert (leaks[True] <= leaks[False] + 1e-6).all() and leaks[True].mean() < 0.5 * leaks[False].mean()
 
 
 def _recipe(cls, student_tok, teacher_tok, teacher=None, student=None, **kw):
