@@ -49,7 +49,9 @@ offset ``o`` and for ``k`` bytes ahead, the teacher's marginal over byte ``o + k
 over every token path that leaves the canonical tokenization at most once (those whose
 probabilities the one pass holds); the other paths' probability is returned as the
 *leak*, a bound on the total-variation error (exact, leak 0, for head 0 at a teacher token
-boundary). :class:`ByteVocab` bundles a tokenizer's symbols, a :class:`SymbolIndex` (tokens
+boundary). Inside a teacher token the path through a shorter token that spells the partial
+bytes exactly usually carries most of the missing mass; :func:`detours` lists the teacher
+histories that add it (one extra batched pass). :class:`ByteVocab` bundles a tokenizer's symbols, a :class:`SymbolIndex` (tokens
 sorted by symbols, so a prefix is one contiguous range) and the boundary map, and spells
 and re-tokenizes responses.
 

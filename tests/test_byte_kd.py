@@ -343,6 +343,20 @@ def test_kd_runs_cross_tokenizer_recipes_end_to_end(make_cfg, recipe):
     assert json.load(open(f"{student_dir}/config.json"))["vocab_size"] == 600
 
 
+def test_byte_kd_trains_on_the_students_own_samples(make_cfg):
+    """On-policy: the student's samples are re-tokenized for the teacher, whose prompts the
+    regime carries over; teacher-generated data is refused before any training."""
+    from kd.cli import run
+
+    summary = run(make_cfg(*SMALL_PAIR, "recipe.num_heads=3", "regime=on_policy", "scratch_baseline=false"))
+    assert "student, byte_kd" in summary["results"]
+    from kd.cli import _config_error
+
+    with pytest.raises(Exception) as info:  # Hydra wraps what constructors raise; kd prints the sentence
+        run(make_cfg(*SMALL_PAIR, "regime=teacher_generated"))
+    assert "teacher-generated" in str(_config_error(info.value))
+
+
 def test_same_tokenizer_recipes_refuse_a_teacher_with_its_own_tokenizer(make_cfg):
     from kd.cli import run
 
