@@ -164,6 +164,11 @@ class CrossTokenizerRecipe(DistillationRecipe):
             row.common = next((k for k in range(n) if symbols[k] != t_symbols[k]), n)
             rows.append(row)
             sequences.append(t_prompt + t_resp)
+        spelled = [r for r in rows if r.symbols]
+        if spelled and all(r.common == 0 for r in spelled):
+            raise ConfigError("the teacher's tokenizer spells none of the batch's responses with the student's bytes "
+                              "(e.g. it adds a SentencePiece dummy-prefix space); byte-level KD needs tokenizers that "
+                              "spell text as it is (set the teacher tokenizer's add_prefix_space/add_dummy_prefix off)")
         return rows, self.run_teacher(sequences, batch["labels"].device)
 
     def run_teacher(self, sequences: list[list[int]], device: torch.device) -> Tensor:

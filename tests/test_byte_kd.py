@@ -202,6 +202,26 @@ def test_a_multibyte_character_split_across_tokens_aligns():
     assert split.spell(split.encode(symbols))[1] == [0, 1, 2]
 
 
+def test_a_teacher_tokenizer_that_adds_a_dummy_prefix_is_refused(pair):
+    """A SentencePiece tokenizer that prepends '▁' spells 'abc' as ' abc': no response
+    aligns, and the recipe says why instead of training on nothing."""
+    from tokenizers import pre_tokenizers
+
+    from kd.data.tokenizer import train_bpe_tokenizer
+
+    dm, student_tok, _ = pair
+    texts = [f"{e.prompt} {e.response}" for e in dm.splits["train"].examples]
+    teacher_tok = train_bpe_tokenizer(texts, vocab_size=300, byte_level=False, min_frequency=40)
+    teacher_tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="always")
+    assert teacher_tok.convert_ids_to_tokens(teacher_tok("abc", add_special_tokens=False)["input_ids"])[0].startswith("▁")
+    prefixed = LMDataModule(dm.source, vocab_size=600, min_frequency=3, batch_size=8, cache_dir=dm.cache_dir,
+                            teacher_tokenizer=teacher_tok)
+    prefixed.setup()
+    recipe = _recipe(ByteKD, student_tok, teacher_tok)
+    with pytest.raises(ConfigError, match="dummy-prefix"):
+        recipe.align(next(iter(prefixed.train_dataloader())))
+
+
 def test_byte_kd_loss_terms_and_gradients(pair):
     dm, student_tok, teacher_tok = pair
     batch = next(iter(dm.train_dataloader()))
