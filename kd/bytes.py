@@ -185,6 +185,14 @@ class SymbolIndex:
             self.table[r, : len(sym)] = torch.tensor(sym)
         self.lengths = torch.tensor([len(sym) for sym in self.symbols])
         self._ranges: dict[Symbols, tuple[int, int]] = {}
+        self._columns: dict[int, Tensor] = {}
+
+    def columns(self, n: int) -> Tensor:
+        """``(n, V)`` long: the first ``n`` symbols of every token (sorted order), NONE past
+        its end; cached (the whole-vocabulary gather of every token boundary)."""
+        if n not in self._columns:
+            self._columns[n] = self.table[:, :n].t().long().contiguous()
+        return self._columns[n]
 
     def prefix_range(self, prefix: Symbols) -> tuple[int, int]:
         """``(lo, hi)``: ``order[lo:hi]`` are the tokens whose symbols start with ``prefix``."""
@@ -381,7 +389,7 @@ def marginal_byte_targets(token_probs: Tensor, token_ids: Sequence[int], index: 
             prefix = tuple(symbols[tok_start[i]: x])
             lo, hi = index.prefix_range(prefix)
             p = probs[i, index.order[lo:hi]]
-            cols = index.table[lo:hi, ulen: ulen + num_heads].t().long()
+            cols = index.columns(num_heads) if ulen == 0 else index.table[lo:hi, ulen: ulen + num_heads].t().long()
             table.append(torch.zeros(num_heads, NUM_SYMBOLS + 1, dtype=torch.float64).scatter_add_(
                 1, cols, p.expand(num_heads, -1)))
             strict_prefix_mass[x] = sum(float(probs[i, index.exact.get(prefix[:m], [])].sum()) for m in range(1, ulen))
@@ -390,9 +398,8 @@ def marginal_byte_targets(token_probs: Tensor, token_ids: Sequence[int], index: 
 
     detour_slots: dict[int, list[tuple[int, float]]] = {}  # offset -> (row of `table`, p(v | h_i))
     for (o, v), after in (detour_probs or {}).items():
-        everything = index.table[:, :num_heads].t().long()
         table.append(torch.zeros(num_heads, NUM_SYMBOLS + 1, dtype=torch.float64).scatter_add_(
-            1, everything, after.double()[index.order].expand(num_heads, -1)))
+            1, index.columns(num_heads), after.double()[index.order].expand(num_heads, -1)))
         detour_slots.setdefault(o, []).append((len(table) - 1, float(probs[tok_of[o], v])))
 
     query, rows, heads, weights = [], [], [], []

@@ -135,8 +135,9 @@ class CrossTokenizerRecipe(DistillationRecipe):
         return getattr(config, "max_position_embeddings", None)
 
     def align(self, batch: dict[str, Tensor]) -> tuple[list[Row], Tensor]:
-        """The batch's rows seen by both tokenizers, and the teacher's logits ``(B, L_T, V_T)``
-        (unshifted; cut to its tokenizer's vocabulary) on its own tokens."""
+        """The batch's rows seen by both tokenizers, and the teacher's logits ``(B, K, V_T)`` on
+        its own tokens (cut to its tokenizer's vocabulary) at the K positions that predict
+        some row's response tokens; ``row.teacher_pos`` index that second dimension."""
         if "teacher_prompt_ids" not in batch:
             raise ConfigError("cross-tokenizer batches need the prompts in the teacher's tokens; give the datamodule "
                               "the teacher's tokenizer (data.teacher_tokenizer=..., which kd sets for these recipes)")
@@ -169,10 +170,18 @@ class CrossTokenizerRecipe(DistillationRecipe):
             raise ConfigError("the teacher's tokenizer spells none of the batch's responses with the student's bytes "
                               "(e.g. it adds a SentencePiece dummy-prefix space); byte-level KD needs tokenizers that "
                               "spell text as it is (set the teacher tokenizer's add_prefix_space/add_dummy_prefix off)")
-        return rows, self.run_teacher(sequences, batch["labels"].device)
+        needed = [[p for p in row.teacher_pos if p >= 0] for row in rows]
+        logits, column = self.run_teacher(sequences, needed, batch["labels"].device)
+        for row in rows:  # positions -> columns of the kept logits
+            row.teacher_pos = [column[p] for p in row.teacher_pos]
+        return rows, logits
 
-    def run_teacher(self, sequences: list[list[int]], device: torch.device) -> Tensor:
-        """The teacher's logits ``(N, L, V_T)`` on right-padded token sequences."""
+    def run_teacher(self, sequences: list[list[int]], positions: list[list[int]],
+                    device: torch.device) -> tuple[Tensor, dict[int, int]]:
+        """The teacher's logits ``(N, K, V_T)`` on right-padded token sequences at the K
+        positions any row asks for (``positions[n]``), and ``position -> column``. Models
+        that accept transformers' ``logits_to_keep`` compute no others (the output layer of a
+        262k-token vocabulary over whole prompts would dominate the step)."""
         tb = self.teacher_bytes
         width = max(len(s) for s in sequences)
         pad = tb.tokenizer.pad_token_id if tb.tokenizer.pad_token_id is not None else tb.eos
@@ -181,9 +190,22 @@ class CrossTokenizerRecipe(DistillationRecipe):
         for r, s in enumerate(sequences):
             ids[r, : len(s)] = torch.tensor(s, device=device)
             mask[r, : len(s)] = 1
+        keep = sorted({p for row in positions for p in row}) or [0]
+        extra = {}
+        if self._keeps_logits:
+            extra["logits_to_keep"] = torch.tensor(keep, device=device)
         with torch.no_grad():
-            logits = self.teacher(input_ids=ids, attention_mask=mask)
-            return getattr(logits, "logits", logits)[..., : len(tb)]
+            logits = self.teacher(input_ids=ids, attention_mask=mask, **extra)
+            logits = getattr(logits, "logits", logits)[..., : len(tb)]
+        if not self._keeps_logits:
+            logits = logits[:, keep]
+        return logits, {p: j for j, p in enumerate(keep)}
+
+    @property
+    def _keeps_logits(self) -> bool:
+        import inspect
+
+        return "logits_to_keep" in inspect.signature(self.teacher.forward).parameters
 
     @staticmethod
     def misaligned(rows: list[Row]) -> Tensor:
@@ -239,9 +261,10 @@ class ByteKD(CrossTokenizerRecipe):
                       for o, i, v in detours(row.teacher_ids, self.teacher_bytes.index, row.student_starts)]
             if wanted:
                 sequences = [rows[r].teacher_prompt + rows[r].teacher_ids[:i] + [v] for r, _, i, v in wanted]
-                logits = self.run_teacher(sequences, teacher_logits.device)
-                last = torch.tensor([len(s) - 1 for s in sequences], device=logits.device)
-                after = torch.softmax(logits[torch.arange(len(sequences), device=logits.device), last].float(), -1).cpu()
+                last = [len(seq) - 1 for seq in sequences]
+                logits, column = self.run_teacher(sequences, [[p] for p in last], teacher_logits.device)
+                cols = torch.tensor([column[p] for p in last], device=logits.device)
+                after = torch.softmax(logits[torch.arange(len(sequences), device=logits.device), cols].float(), -1).cpu()
                 for (r, o, _, v), p in zip(wanted, after):
                     extra[r][(o, v)] = p
         out: dict[str, list] = {"row": [], "pos": [], "true": [], "target": [], "valid": [], "leak": []}

@@ -181,8 +181,12 @@ def test_teacher_view_spells_the_same_bytes_and_starts_where_its_tokens_start(pa
         assert row.teacher_starts == [sum(len(recipe.teacher_bytes.symbols[v]) for v in row.teacher_ids[:i])
                                       for i in range(len(row.teacher_ids))]
         merged += len(row.teacher_ids) != len(row.student_pos)
+        # the kept logits are the teacher's own, from the last prompt position on, for its tokens
         prompt = batch["teacher_prompt_ids"][r][batch["teacher_prompt_mask"][r].bool()].tolist()
-        assert row.teacher_pos[0] == len(prompt) - 1  # the last prompt position predicts the first response token
+        with torch.no_grad():
+            alone = recipe.teacher(input_ids=torch.tensor([prompt + row.teacher_ids])).logits[0, :, : len(teacher_tok)]
+        expect = alone[len(prompt) - 1: len(prompt) - 1 + len(row.teacher_ids)]
+        assert torch.allclose(teacher_logits[r, row.teacher_pos], expect, atol=1e-4)
     assert merged > 0  # the two tokenizations differ on some responses
 
 
