@@ -183,7 +183,6 @@ class SymbolIndex:
         self.table = torch.full((len(order), width), NONE, dtype=torch.int16)  # small for 262k-token vocabularies
         for r, sym in enumerate(self._sorted):
             self.table[r, : len(sym)] = torch.tensor(sym)
-        self.lengths = torch.tensor([len(sym) for sym in self.symbols])
         self._ranges: dict[Symbols, tuple[int, int]] = {}
         self._columns: dict[int, Tensor] = {}
 
@@ -265,6 +264,17 @@ class ByteOracle:
         return q / self.prefix_mass(history, u) if u else q
 
 
+def spell(symbols: Sequence[Symbols], ids: Sequence[int]) -> tuple[list[int], list[int]]:
+    """The symbols of tokens ``ids`` end to end (``symbols[v]`` is ``kappa(v)``), and the
+    offset where each token starts."""
+    out: list[int] = []
+    starts: list[int] = []
+    for v in ids:
+        starts.append(len(out))
+        out.extend(symbols[v])
+    return out, starts
+
+
 class ByteVocab:
     """A tokenizer seen through its bytes: ``kappa`` of every token, the prefix index and
     the boundary map, and the conversions a cross-tokenizer recipe needs.
@@ -287,12 +297,7 @@ class ByteVocab:
 
     def spell(self, ids: Sequence[int]) -> tuple[list[int], list[int]]:
         """The symbols of ``ids`` end to end, and the offset where each token starts."""
-        out: list[int] = []
-        starts: list[int] = []
-        for v in ids:
-            starts.append(len(out))
-            out.extend(self.symbols[v])
-        return out, starts
+        return spell(self.symbols, ids)
 
     def encode(self, symbols: Sequence[int]) -> list[int]:
         """This tokenizer's own tokens for a response spelled by ``symbols``: the bytes up
@@ -312,18 +317,12 @@ def detours(token_ids: Sequence[int], index: SymbolIndex, starts: Sequence[int])
     offset ``o`` in ``starts`` inside a teacher token ``i`` whose partial bytes ``u`` are
     exactly some token ``v``, the triple ``(o, i, v)``; run the teacher on its tokens
     ``token_ids[:i] + [v]`` (after the prompt) to get ``p(. | h_i . v)``."""
+    spelled, token_start = spell(index.symbols, token_ids)
     out = []
-    start = 0
-    bounds = []
-    for v in token_ids:
-        bounds.append((start, start + len(index.symbols[v])))
-        start = bounds[-1][1]
-    spelled = [c for v in token_ids for c in index.symbols[v]]
     for o in starts:
-        for i, (a, b) in enumerate(bounds):
-            if a < o < b:
-                out.extend((o, i, v) for v in index.exact.get(tuple(spelled[a:o]), []))
-                break
+        i = bisect.bisect_right(token_start, o) - 1
+        if 0 <= i and token_start[i] < o < len(spelled):  # strictly inside token i
+            out.extend((o, i, v) for v in index.exact.get(tuple(spelled[token_start[i]:o]), []))
     return out
 
 
@@ -367,13 +366,8 @@ def marginal_byte_targets(token_probs: Tensor, token_ids: Sequence[int], index: 
         exists before ``limit``) and ``leak (Q, num_heads)`` (the uncomputed share of the
         probability mass, 0 where invalid).
     """
-    symbols: list[int] = []
-    tok_start: list[int] = []
-    tok_of: list[int] = []
-    for i, v in enumerate(token_ids):
-        tok_start.append(len(symbols))
-        symbols.extend(index.symbols[v])
-        tok_of.extend([i] * len(index.symbols[v]))
+    symbols, tok_start = spell(index.symbols, token_ids)
+    tok_of = [i for i, v in enumerate(token_ids) for _ in index.symbols[v]]
     n = len(symbols) if limit is None else min(limit, len(symbols))
     probs = token_probs.double()
     canon = [float(probs[i, v]) for i, v in enumerate(token_ids)]

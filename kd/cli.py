@@ -117,8 +117,7 @@ def _check_tokenizers(cfg: DictConfig, datamodule: Any, teacher: Any) -> None:
         check_same_tokenizer(datamodule.tokenizer, student_tok, "the data's and the student's")
     if teacher is None:
         return
-    fit_data = (cfg.teacher.get("fit") or {}).get("data") or {}
-    if cfg.teacher.get("tokenizer") or any(k in fit_data for k in ("tokenizer", "vocab_size", "min_frequency")):
+    if cfg.teacher.get("tokenizer") or ((cfg.teacher.get("fit") or {}).get("data")):  # it may have its own
         check_same_tokenizer(datamodule.tokenizer, teacher_tokenizer(cfg), "the data's and the teacher's")
 
 
@@ -131,8 +130,9 @@ def teacher_tokenizer(cfg: DictConfig) -> Any:
     if name:
         return load_tokenizer(str(name))
     if t.get("fit") and "tokenizer" in cfg.data:
-        data = _sub_run(cfg, merge={"data": t.fit.get("data") or {}}).data
-        datamodule = instantiate(data)
+        datamodule = instantiate(_sub_run(cfg, merge={"data": t.fit.get("data") or {}}).data)
+        if hasattr(datamodule, "load_tokenizer"):
+            return datamodule.load_tokenizer()
         datamodule.setup("fit")
         return datamodule.tokenizer
     raise ConfigError("this recipe needs the teacher's own tokenizer; name it with teacher.tokenizer=<hub name or "

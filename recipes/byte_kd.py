@@ -97,8 +97,8 @@ class CrossTokenizerRecipe(DistillationRecipe):
     teacher's view of a batch and the byte-offset alignment (module docstring)."""
 
     cross_tokenizer = True
-    #: symbols read past a position (the byte heads' count)
-    lookahead = 1
+    #: symbols read past a position (ByteKD: its byte heads)
+    num_heads = 1
 
     def __init__(self, **kwargs: Any) -> None:
         regime = kwargs.get("regime")
@@ -124,8 +124,8 @@ class CrossTokenizerRecipe(DistillationRecipe):
         if rows is not None and rows < len(teacher_tokenizer):
             raise ConfigError(f"the teacher has {rows} embedding rows but its tokenizer {len(teacher_tokenizer)} tokens; "
                               "is teacher.tokenizer the tokenizer the teacher was trained with?")
-        self.student_bytes = ByteVocab(student_tokenizer, self.lookahead)
-        self.teacher_bytes = ByteVocab(teacher_tokenizer, self.lookahead)
+        self.student_bytes = ByteVocab(student_tokenizer, self.num_heads)
+        self.teacher_bytes = ByteVocab(teacher_tokenizer, self.num_heads)
 
     def teacher_prompts(self, batch: dict[str, Tensor], tokenizer: Any) -> tuple[Tensor, Tensor, Any]:
         return batch["teacher_prompt_ids"], batch["teacher_prompt_mask"], self.teacher_bytes.tokenizer
@@ -240,7 +240,6 @@ class ByteKD(CrossTokenizerRecipe):
         if min(lam_byte, lam_kl, lam_boundary_kl) < 0:
             raise ConfigError("recipe.lam_byte, lam_kl and lam_boundary_kl must be >= 0")
         super().__init__(**kwargs)
-        self.lookahead = num_heads
         self.num_heads = num_heads
         self.lam_byte, self.lam_kl, self.lam_boundary_kl = lam_byte, lam_kl, lam_boundary_kl
         self.detour_passes = detour_passes

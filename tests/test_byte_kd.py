@@ -190,6 +190,19 @@ def test_teacher_view_spells_the_same_bytes_and_starts_where_its_tokens_start(pa
     assert merged > 0  # the two tokenizations differ on some responses
 
 
+def test_the_teacher_answers_test_prompts_in_its_own_tokens(pair):
+    from kd.data.lm import render_prompt
+
+    dm, student_tok, teacher_tok = pair
+    batch = next(iter(dm._prompts("val")))
+    recipe = _recipe(ULD, student_tok, teacher_tok)
+    ids, mask, tok = recipe.teacher_prompts(batch, student_tok)
+    assert tok is teacher_tok
+    for r, i in enumerate(batch["index"].tolist()):
+        prompt = dm.splits["val"].examples[i].prompt
+        assert tok.decode(ids[r][mask[r].bool()]) == render_prompt(teacher_tok, prompt)
+
+
 def test_a_multibyte_character_split_across_tokens_aligns():
     """'é' is two bytes: byte-level BPE without merges spells it with two tokens, a
     tokenizer that merged it with one; both spell the same bytes and only the merged

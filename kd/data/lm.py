@@ -463,20 +463,31 @@ class LMDataModule(L.LightningDataModule):
         self.teacher_tokenizer = teacher_tokenizer
         self.splits: dict[str, EncodedSplit] = {}
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.splits:
-            return
+    def _raw(self) -> dict[str, list[Example]]:
         raw = self.source.load()
         if not raw.get("train"):
             raise ConfigError("the training split is empty; give the data source at least one example")
+        return raw
+
+    def load_tokenizer(self, raw: dict[str, list[Example]] | None = None) -> Any:
+        """The data's tokenizer (``tokenizer``, else trained on the training split and
+        cached), without encoding any example."""
         if self.tokenizer is None:
             if self.tokenizer_name:
                 from kd.models import load_tokenizer
 
                 self.tokenizer = load_tokenizer(self.tokenizer_name)
             else:
-                self.tokenizer = _trained_tokenizer(raw["train"], self.vocab_size, self.min_frequency,
-                                                    self.cache_dir, self.source.fingerprint())
+                train = (raw or self._raw())["train"]
+                self.tokenizer = _trained_tokenizer(train, self.vocab_size, self.min_frequency, self.cache_dir,
+                                                    self.source.fingerprint())
+        return self.tokenizer
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        raw = self._raw()
+        self.load_tokenizer(raw)
         if isinstance(self.teacher_tokenizer, str):
             from kd.models import load_tokenizer
 
