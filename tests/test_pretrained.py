@@ -19,10 +19,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import kd.pretrained as pretrained
 from kd import ConfigError
-from kd.cli import run
+from kd.runs import train as run
 from kd.data.tokenizer import train_bpe_tokenizer
 from kd.models import tiny_causal_lm
 from kd.pretrained import MARKER, MODELS, PretrainedModel, install, main, model_dir
+
+
+def entries(folder: Path) -> list[str]:
+    """The directories and files in ``folder``, less the cache's lock files (``.<name>.lock``,
+    kept so that concurrent installs keep locking the same file)."""
+    return sorted(p.name for p in folder.iterdir() if not (p.name.startswith(".") and p.name.endswith(".lock")))
 
 
 def _fake_gguf(scratch: Path) -> Path:
@@ -75,7 +81,7 @@ def test_install_converts_once_into_a_plain_transformers_directory(tiny, tmp_pat
     assert out == tmp_path / "pretrained" / "tiny" and len(tiny) == 1
     marker = json.loads((out / MARKER).read_text())
     assert marker["name"] == "tiny" and marker["dtype"] == "float32" and marker["gguf_file"] == "tiny.gguf"
-    assert sorted(p.name for p in out.parent.iterdir()) == ["tiny"]  # no staging directory left behind
+    assert entries(out.parent) == ["tiny"]  # no staging directory left behind
     assert not (out / "_gguf").exists()  # the assembled GGUF is scratch, not part of the result
     config = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in config
@@ -104,7 +110,7 @@ def test_an_incomplete_directory_is_rebuilt_and_a_failed_one_leaves_nothing(tiny
     monkeypatch.setattr(pretrained, "_load_gguf", broken)
     with pytest.raises(RuntimeError, match="out of disk"):
         install("tiny2", tmp_path)
-    assert sorted(p.name for p in (tmp_path / "pretrained").iterdir()) == ["tiny"]
+    assert entries(tmp_path / "pretrained") == ["tiny"]
 
 
 def test_the_quantizer_is_dropped_before_saving(tmp_path):

@@ -1,0 +1,205 @@
+"""One content-addressed cache for everything kd builds once and reuses: trained teachers,
+SFT students, scratch baselines, teacher generations, trained tokenizers, converted
+pretrained models (and, later, teacher logit caches).
+
+An entry is a directory ``<root>/<kind>/<name>`` whose name carries a hash of exactly what
+shapes the artifact (:func:`key`). Its life cycle:
+
+1. **lookup**: the entry is complete when its ``entry.json`` (the completeness marker,
+   written last) names this entry and every file it lists still has its recorded size
+   (and, for files up to ``CHECKSUM_LIMIT`` bytes, its sha256), and the caller's own
+   ``validate`` accepts it. Anything else (stale, foreign, truncated, a directory without
+   its marker) is removed, with a log line saying why, and rebuilt.
+2. **build**: under an exclusive file lock (``<root>/.locks/<kind>-<name>.lock``), so concurrent
+   sweep jobs build an entry once and the others wait and reuse it; the builder writes into
+   a private temporary directory, the marker goes in last, and the directory is renamed
+   into place (atomic on one filesystem): a crash never leaves a half-written entry that
+   passes the lookup.
+
+Entries are plain directories: delete one to force a rebuild, or the whole root to start
+afresh. ``kd`` keeps the root at ``paths.cache_dir`` (``$KD_CACHE_DIR``, default
+``~/.cache/kd``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import kd
+
+log = logging.getLogger(__name__)
+
+#: the name of the completeness marker inside every entry
+MARKER = "entry.json"
+
+#: files up to this size are checksummed (sha256) on every lookup; larger ones by size only
+CHECKSUM_LIMIT = 64 << 20
+
+
+def _plain(value: Any) -> Any:
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+def key(*parts: Any, length: int = 16) -> str:
+    """A stable hex digest of ``parts`` (plain values or OmegaConf nodes, resolved) and the
+    kd version: the same parts give the same key in every process."""
+    blob = json.dumps([kd.__version__, [_plain(p) for p in parts]], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:length]
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _inventory(directory: Path) -> dict[str, dict[str, Any]]:
+    files = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MARKER):
+        size = path.stat().st_size
+        record: dict[str, Any] = {"size": size}
+        if size <= CHECKSUM_LIMIT:
+            record["sha256"] = file_sha256(path)
+        files[str(path.relative_to(directory))] = record
+    return files
+
+
+class Cache:
+    """The cache under ``root`` (see the module docstring).
+
+    Args:
+        root: the cache directory (created on first use); ``~`` is expanded.
+    """
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root).expanduser()
+
+    def path(self, kind: str, name: str) -> Path:
+        """Where entry ``name`` of ``kind`` lives (whether or not it exists)."""
+        return self.root / kind / name
+
+    # ------------------------------------------------------------------ lookup
+
+    def _problem(self, directory: Path, name: str, validate: Callable[[Path], None] | None) -> str | None:
+        """Why ``directory`` is not a usable entry ``name`` (None: it is)."""
+        marker = directory / MARKER
+        if not marker.is_file():
+            return "it has no completeness marker (interrupted?)"
+        try:
+            meta = json.loads(marker.read_text())
+        except (OSError, ValueError) as e:
+            return f"its marker is unreadable ({e})"
+        if not isinstance(meta, dict) or meta.get("name") != name:
+            return "it belongs to another entry"
+        files = meta.get("files")
+        if not isinstance(files, dict) or not all(isinstance(r, dict) for r in files.values()):
+            return "its marker lists no files"
+        for rel, record in files.items():
+            path = directory / rel
+            if not path.is_file():
+                return f"its file {rel} is missing"
+            if path.stat().st_size != record.get("size"):
+                return f"its file {rel} is truncated or changed"
+            if "sha256" in record and file_sha256(path) != record["sha256"]:
+                return f"its file {rel} does not match its checksum"
+        if validate is not None:
+            try:
+                validate(directory)
+            except Exception as e:  # the caller's reader refused it: rebuild
+                return f"it is unreadable ({e})"
+        return None
+
+    def lookup(self, kind: str, name: str, validate: Callable[[Path], None] | None = None) -> Path | None:
+        """The complete entry, or None (an unusable directory is removed, with a log line)."""
+        directory = self.path(kind, name)
+        if not directory.exists():
+            return None
+        problem = self._problem(directory, name, validate)
+        if problem is None:
+            return directory
+        log.warning("cache entry %s is unusable: %s; rebuilding it", directory, problem)
+        shutil.rmtree(directory, ignore_errors=True)
+        return None
+
+    def meta(self, kind: str, name: str) -> dict[str, Any]:
+        """The ``info`` an entry was published with (its marker's ``info`` field)."""
+        return json.loads((self.path(kind, name) / MARKER).read_text()).get("info", {})
+
+    # ------------------------------------------------------------------ build
+
+    @contextlib.contextmanager
+    def _lock(self, kind: str, name: str) -> Iterator[None]:
+        folder = self.root / ".locks"
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / f"{kind}-{name}.lock", "a+") as handle:
+            try:
+                import fcntl
+            except ImportError:  # no POSIX locks (Windows): publish-once still keeps entries whole
+                yield
+                return
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def get_or_build(
+        self,
+        kind: str,
+        name: str,
+        build: Callable[[Path], dict[str, Any] | None],
+        validate: Callable[[Path], None] | None = None,
+        what: str | None = None,
+    ) -> Path:
+        """The entry ``name`` of ``kind``, built by ``build(tmp_dir)`` when missing or unusable.
+
+        ``build`` writes the artifact's files into the empty directory it is given and may
+        return a dict of facts to keep with it (:meth:`meta`). ``validate(directory)`` (an
+        optional reader) raises when a stored entry cannot be used. ``what`` names the
+        artifact in log lines (default: ``kind``).
+        """
+        what = what or kind
+        found = self.lookup(kind, name, validate)
+        if found is not None:
+            log.info("reusing cached %s %s", what, found)
+            return found
+        with self._lock(kind, name):
+            found = self.lookup(kind, name, validate)  # another job may have built it meanwhile
+            if found is not None:
+                log.info("reusing cached %s %s (built by another job)", what, found)
+                return found
+            final = self.path(kind, name)
+            tmp = final.parent / f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            tmp.mkdir(parents=True)
+            log.info("building the %s once (cached afterwards in %s)", what, final)
+            try:
+                started = time.perf_counter()
+                info = build(tmp) or {}
+                marker = {"name": name, "kind": kind, "kd_version": kd.__version__, "info": info,
+                          "build_s": round(time.perf_counter() - started, 2), "files": _inventory(tmp)}
+                (tmp / MARKER).write_text(json.dumps(marker, indent=2, default=str))  # last: the entry is complete
+                shutil.rmtree(final, ignore_errors=True)  # whatever unusable directory is left there
+                os.replace(tmp, final)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        return final
+
+
+__all__ = ["Cache", "MARKER", "key", "file_sha256"]
