@@ -13,3 +13,15 @@ class ConfigError(ValueError):
     The command line prints it without a traceback (``kd.cli``); library users catch it
     as a ``ValueError``.
     """
+
+
+def config_error(e: BaseException | None) -> ConfigError | None:
+    """The :class:`ConfigError` behind ``e``, if any (Hydra's ``instantiate`` wraps what
+    constructors raise; so may other libraries)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, ConfigError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None

@@ -104,6 +104,8 @@ from torch import Tensor, nn
 from kd import ConfigError
 
 __all__ = [
+    "Sampling",
+    "GREEDY",
     "GenerationConfig",
     "Generation",
     "DecodeState",
@@ -179,6 +181,58 @@ class GenerationConfig:
         if isinstance(self.eos_token_id, int):
             return [self.eos_token_id]
         return [int(i) for i in self.eos_token_id]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a model samples, the one typed setting shared by the regimes (``regime.sampling``),
+    MiniLLM's rollouts (``recipe.sampling``) and generation evaluation (:data:`GREEDY`).
+
+    Args:
+        temperature: ``> 0`` divides the logits; ``0`` is greedy decoding.
+        top_k: keep the ``top_k`` most likely tokens (``0``: off).
+        top_p: nucleus filter in ``(0, 1]`` (``1.0``: off).
+        max_new_tokens: generation budget; ``None`` takes the datamodule's
+            (``data.max_new_tokens``).
+
+    The tokenizer completes it into a :class:`GenerationConfig` (:meth:`config`).
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    max_new_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        GenerationConfig(max_new_tokens=0 if self.max_new_tokens is None else self.max_new_tokens,
+                         temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)  # validates
+
+    @classmethod
+    def of(cls, value: Sampling | Any | None) -> Sampling:
+        """A :class:`Sampling` from itself, a mapping of its fields (a Hydra node), or None
+        (the defaults)."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        fields = dict(value)
+        unknown = sorted(set(fields) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ConfigError(f"sampling settings {unknown} are unknown; use temperature, top_k, top_p, max_new_tokens")
+        return cls(**fields)
+
+    def config(self, tokenizer: Any, max_new_tokens: int) -> GenerationConfig:
+        """The :class:`GenerationConfig` for ``tokenizer`` (EOS, pad, true vocabulary), with
+        ``max_new_tokens`` as the budget unless this sampling sets its own."""
+        return GenerationConfig(
+            max_new_tokens=self.max_new_tokens if self.max_new_tokens is not None else int(max_new_tokens),
+            temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer),
+        )
+
+
+#: greedy decoding (generation evaluation: exact match of held-out answers)
+GREEDY = Sampling(temperature=0.0)
 
 
 @dataclass

@@ -286,22 +286,19 @@ def init_from_teacher(student: nn.Module, teacher: nn.Module, scheme: str | Sequ
     return mapping
 
 
-def shallower_copy(model: nn.Module, num_layers: int | None = None,
-                   init_from_teacher: str | Sequence[int] | None = "even") -> nn.Module:
+def shallower_copy(model: nn.Module, num_layers: int | None = None) -> nn.Module:
     """A randomly initialised transformers model like ``model`` with ``num_layers`` layers
-    (default: half its depth). With ``init_from_teacher`` set (a :func:`layer_map` scheme),
-    the run copies the trained teacher's embeddings, head and mapped layers into it once the
-    teacher's weights are loaded (``kd.cli``); None keeps the random init (the "from
-    scratch" student of the same shape)."""
+    (default: half its depth). A student config that sets ``init_from_teacher`` (a
+    :func:`layer_map` scheme, e.g. ``student=from_teacher``) has the run copy the trained
+    teacher's embeddings, head and mapped layers into it once the teacher's weights are
+    loaded (:meth:`kd.build.Run.prepare`)."""
     import copy
 
     config = copy.deepcopy(model.config)
     key = "n_layers" if hasattr(config, "n_layers") else "num_hidden_layers"
     depth = getattr(config, key)
     setattr(config, key, num_layers or max(1, depth // 2))
-    student = type(model)(config)
-    student.kd_init_from_teacher = init_from_teacher
-    return student
+    return type(model)(config)
 
 
 def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False):

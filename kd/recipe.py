@@ -1,16 +1,21 @@
 """The shared skeleton of every recipe: :class:`DistillationRecipe` (a LightningModule).
 
 A recipe subclass adds only what is specific to its paper, usually :meth:`compute_loss`.
-The base class owns everything recipes share:
+A recipe declares what it needs in one small typed spec, :class:`Needs` (a teacher, a
+divergence, hidden states, the teacher's own tokenizer, its own optimisation loop, the
+regimes it accepts); the composition root (:mod:`kd.build`) reads that spec and nothing
+else about the recipe. The base class owns everything recipes share:
 
 * the data regime (:mod:`kd.regimes`): prepared when training starts, applied to every
-  training batch (offline, teacher-generated, on-policy, mixed);
+  training batch (offline, teacher-generated, on-policy, mixed), its state (a mixed
+  regime's coin) saved in checkpoints;
 * the teacher: frozen (``requires_grad=False``), kept in eval mode even while the
   student trains, run under ``torch.no_grad``, absent from the optimizer and from saved
   checkpoints (its entries are dropped on save and restored from the live teacher on
   load, so checkpoints stay small and loading stays strict);
-* model calls (:meth:`outputs`): one place that knows the batch format and returns
-  logits ``(..., V)``, gold labels ``(...)`` and the mask of positions that count;
+* model calls (:meth:`outputs`): one place that knows the batch format and returns an
+  :class:`Outputs`: logits ``(..., V)``, gold labels ``(...)``, the mask of positions that
+  count and, when asked, the last hidden states ``(..., H)``;
 * logging: every loss term under ``train/<name>``, targets per second, and per-epoch
   validation/test metrics from :class:`kd.evaluation.StageMetrics`;
 * exact means under gradient accumulation: a recipe whose loss is a mean over items
@@ -25,8 +30,9 @@ The base class owns everything recipes share:
 * optimizer and scheduler built from config factories (Hydra ``_partial_``);
 * :meth:`save_student`: the student in its native format.
 
-Adding a recipe: subclass, implement ``compute_loss(batch) -> {"loss": ..., <terms>}``,
-add one yaml under ``conf/recipe/``.
+Adding a recipe: subclass, set ``needs`` when it differs from the default (a teacher,
+nothing else), implement ``compute_loss(batch) -> {"loss": ..., <terms>}``, add one yaml
+under ``conf/recipe/``.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
@@ -47,6 +54,7 @@ from kd import ConfigError
 from kd.data import IGNORE_INDEX
 from kd.divergences import Divergence
 from kd.evaluation import StageMetrics
+from kd.generation import GREEDY
 from kd.models import freeze, save_model
 from kd.regimes import Offline, Regime
 
@@ -76,30 +84,70 @@ def warmup_cosine(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+@dataclass(frozen=True)
+class Needs:
+    """What a recipe needs from the run, declared once per recipe class (``needs = Needs(...)``)
+    and read generically by :mod:`kd.build` and this base class.
+
+    Args:
+        teacher: the recipe distils from a teacher (``teacher=`` must name one); False for
+            the no-teacher baseline.
+        divergence: the recipe's loss uses the ``divergence/`` group; a divergence given to a
+            recipe that does not is refused (it would change nothing).
+        hidden_states: :meth:`DistillationRecipe.outputs` also returns the last hidden states.
+        teacher_tokenizer: ``"shared"`` (teacher, student and data use one tokenizer,
+            checked before training) or ``"own"`` (the teacher keeps its own: the datamodule
+            is given it and batches carry the prompts in its tokens).
+        own_loop: the recipe runs its own optimisation loop (manual optimisation, e.g. PPO
+            epochs over a rollout buffer).
+        regimes: names of the data regimes the recipe accepts (None: any).
+    """
+
+    teacher: bool = True
+    divergence: bool = False
+    hidden_states: bool = False
+    teacher_tokenizer: str = "shared"
+    own_loop: bool = False
+    regimes: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.teacher_tokenizer not in ("shared", "own"):
+            raise ValueError(f"Needs.teacher_tokenizer must be 'shared' or 'own' (got {self.teacher_tokenizer!r})")
+
+
+@dataclass
+class Outputs:
+    """One model call on a batch (:meth:`DistillationRecipe.outputs`).
+
+    Attributes:
+        logits: ``(..., V)``; position i of a causal LM predicts token i+1, already shifted.
+        labels: ``(...)`` gold targets aligned with ``logits`` (IGNORE_INDEX where none).
+        mask: ``(...)`` bool, the positions where a distribution is compared.
+        hidden: ``(..., H)`` last hidden states aligned with ``logits`` (None unless asked).
+    """
+
+    logits: Tensor
+    labels: Tensor
+    mask: Tensor
+    hidden: Tensor | None = None
+
+
 class DistillationRecipe(L.LightningModule):
     """Base class of every recipe.
 
     Args:
         student: the model being trained.
-        teacher: the frozen teacher, or ``None`` for recipes with ``needs_teacher = False``.
-        divergence: the distribution distance from the ``divergence/`` group (recipes that
-            use one; others ignore it).
+        teacher: the frozen teacher, or ``None`` for recipes whose ``needs.teacher`` is False.
+        divergence: the distribution distance from the ``divergence/`` group (recipes whose
+            ``needs.divergence`` is set; others refuse one).
         optimizer: factory ``params -> Optimizer`` (default AdamW, lr 1e-3).
         scheduler: optional factory ``(optimizer, total_steps) -> LRScheduler``, stepped
             every optimizer step.
         regime: whose sequences a step trains on (:mod:`kd.regimes`; default offline).
     """
 
-    #: recipes that train without a teacher (the supervised baseline) set this to False
-    needs_teacher: ClassVar[bool] = True
-    #: recipes comparing hidden states set this: :meth:`outputs` then keeps each
-    #: transformers model's last hidden state ``(B, L, H)``, unshifted, in
-    #: ``self.last_hidden["student" | "teacher"]``
-    needs_hidden_states: ClassVar[bool] = False
-    #: recipes whose teacher has its own tokenizer (``recipes/byte_kd.py``) set this: the
-    #: teacher then never sees the student's token ids (``kd`` gives the datamodule the
-    #: teacher's tokenizer, batches carry ``teacher_prompt_ids``)
-    cross_tokenizer: ClassVar[bool] = False
+    #: what the recipe needs from the run (see :class:`Needs`)
+    needs: ClassVar[Needs] = Needs()
 
     @property
     def optimizer_steps_per_batch(self) -> int:
@@ -118,14 +166,26 @@ class DistillationRecipe(L.LightningModule):
     ) -> None:
         super().__init__()
         name = type(self).__name__
-        if self.needs_teacher and teacher is None:
+        if self.needs.teacher and teacher is None:
             raise ConfigError(f"recipe {name} needs a teacher; choose one with teacher=<config> (see conf/teacher/)")
+        if divergence is not None and not self.needs.divergence:
+            raise ConfigError(f"recipe {name} uses no divergence, so the one given would change nothing; "
+                              "drop the divergence setting or choose a recipe whose loss uses one")
+        if self.needs.divergence and divergence is None:
+            raise ConfigError(f"recipe {name} needs a divergence; choose one with divergence=<config> "
+                              "(see conf/divergence/)")
+        regime = regime or Offline()
+        allowed = self.needs.regimes
+        if allowed is not None and regime.name not in allowed:
+            raise ConfigError(f"recipe {name} cannot train with regime={regime.name}; use regime="
+                              + " or regime=".join(allowed))
         self.student = student
         self.teacher = freeze(teacher) if teacher is not None else None
         self.divergence = divergence
         self.optimizer_factory = optimizer or partial(torch.optim.AdamW, lr=1e-3)
         self.scheduler_factory = scheduler
-        self.regime = regime or Offline()
+        self.regime = regime
+        self.automatic_optimization = not self.needs.own_loop
         self.metrics = nn.ModuleDict({"val": StageMetrics(), "test": StageMetrics()})
         self._step_started: float | None = None
         self._num_targets = torch.zeros(())
@@ -133,12 +193,11 @@ class DistillationRecipe(L.LightningModule):
         self.vocab_size: int | None = None
         self._predictions: dict[str, dict[int, str]] = {}  # generated answers by example index
         self._window_items = 0.0  # items (num_items) of the current accumulation window
-        self.last_hidden: dict[str, Tensor] = {}  # see needs_hidden_states
 
     # ------------------------------------------------------------------ model calls
 
-    def outputs(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        """Run ``model`` on ``batch``; return ``(logits (..., V), labels (...), mask (...))``.
+    def outputs(self, model: nn.Module, batch: dict[str, Tensor], hidden: bool | None = None) -> Outputs:
+        """Run ``model`` on ``batch``; return its :class:`Outputs`.
 
         ``labels`` holds gold targets (IGNORE_INDEX where there is none) and ``mask`` the
         positions where a distribution is predicted and compared with the teacher.
@@ -146,24 +205,28 @@ class DistillationRecipe(L.LightningModule):
         * classification ``{"inputs", "labels"}``: one position per example, every example
           in the mask (unlabelled ones too);
         * token batches ``{"input_ids", "attention_mask", "labels"}``: logits of position i
-          predict token i+1, so logits drop the last position and labels the first; the
-          mask keeps response tokens (prompt and padding are IGNORE_INDEX);
+          predict token i+1, so logits (and hidden states) drop the last position and labels
+          the first; the mask keeps response tokens (prompt and padding are IGNORE_INDEX);
         * masked-LM batches (they carry ``original_ids``, :mod:`kd.data.mlm`): no shift,
           labels at the masked positions, the mask holds every non-pad token.
 
-        Logits are cut to ``self.vocab_size`` (the tokenizer's true vocabulary) when set,
-        so a model whose output layer is padded past it compares with one that is not.
+        ``hidden`` (default: ``needs.hidden_states``) also returns the last hidden states of
+        a transformers model. Logits are cut to ``self.vocab_size`` (the tokenizer's true
+        vocabulary) when set, so a model whose output layer is padded past it compares with
+        one that is not.
         """
+        hidden = self.needs.hidden_states if hidden is None else hidden
+        states = None
         if "input_ids" in batch:
-            extra = {"output_hidden_states": True} if self.needs_hidden_states else {}
+            extra = {"output_hidden_states": True} if hidden else {}
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra)
-            if self.needs_hidden_states:
-                self.last_hidden["student" if model is self.student else "teacher"] = out.hidden_states[-1]
+            states = out.hidden_states[-1] if hidden else None
             if "original_ids" in batch:  # masked LM (kd.data.mlm): each position predicts its own token
                 logits, labels = out.logits, batch["labels"]
                 mask = batch["attention_mask"].bool()
             else:
                 logits = out.logits[:, :-1]
+                states = states[:, :-1] if states is not None else None
                 labels = batch["labels"][:, 1:]
                 mask = labels != IGNORE_INDEX
         elif "inputs" in batch:
@@ -185,17 +248,25 @@ class DistillationRecipe(L.LightningModule):
             logits = logits[..., : self.vocab_size]
         if model is self.student and self.training:
             self._num_targets = mask.sum()  # for train/targets_per_s
-        return logits, labels, mask
+        return Outputs(logits, labels, mask, states)
+
+    @property
+    def datamodule(self) -> Any:
+        """The datamodule of the trainer this recipe is attached to (None when detached)."""
+        return getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+
+    def teacher_outputs(self, batch: dict[str, Tensor], hidden: bool | None = None) -> Outputs:
+        """The teacher's :class:`Outputs` for ``batch`` (no grad, eval mode)."""
+        assert self.teacher is not None
+        with torch.no_grad():
+            return self.outputs(self.teacher, batch, hidden)
 
     def teacher_logits(self, batch: dict[str, Tensor]) -> Tensor:
         """Teacher logits for ``batch`` (no grad, eval mode)."""
-        assert self.teacher is not None
-        with torch.no_grad():
-            logits, _, _ = self.outputs(self.teacher, batch)
-        return logits
+        return self.teacher_outputs(batch, hidden=False).logits
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
-        return self.outputs(self.student, batch)[0]
+        return self.outputs(self.student, batch, hidden=False).logits
 
     def setup(self, stage: str) -> None:
         """Take the true vocabulary size from the datamodule's tokenizer, if it has one."""
@@ -208,11 +279,12 @@ class DistillationRecipe(L.LightningModule):
         """Cut logits to the tokenizer's ``vocab_size`` tokens; refuse models whose
         embedding table is smaller (their lookups of high ids would fail). A
         cross-tokenizer recipe's teacher is checked against its own tokenizer instead."""
-        models = [("student", self.student)] + ([] if self.cross_tokenizer else [("teacher", self.teacher)])
+        shared = self.needs.teacher_tokenizer == "shared"
+        models = [("student", self.student)] + ([("teacher", self.teacher)] if shared else [])
         for role, model in models:
             embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
             rows = getattr(embeddings, "num_embeddings", None)
-            if rows is not None and rows < vocab_size:
+            if model is not None and rows is not None and rows < vocab_size:
                 raise ConfigError(
                     f"the {role} has {rows} embedding rows but the tokenizer {vocab_size} tokens; "
                     f"give the {role} a vocabulary at least as large as the tokenizer's"
@@ -228,10 +300,10 @@ class DistillationRecipe(L.LightningModule):
         raise NotImplementedError
 
     def on_fit_start(self) -> None:
-        self.regime.prepare(self, self.trainer.datamodule)
+        self.regime.prepare(self.teacher, self.datamodule)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        batch = self.regime.batch(self, batch)
+        batch = self.regime.batch(self.student, batch, self.datamodule)
         terms = self.compute_loss(batch)
         num_items = terms.pop("num_items", None)
         loss = terms["loss"]
@@ -285,30 +357,29 @@ class DistillationRecipe(L.LightningModule):
         if "prompt_ids" in batch and "input_ids" not in batch:  # prompts only: score generated answers
             self._generation_eval_step(stage, batch)
             return
-        logits, labels, mask = self.outputs(self.student, batch)
-        same_tokens = self.teacher is not None and not self.cross_tokenizer
+        out = self.outputs(self.student, batch, hidden=False)
+        same_tokens = self.teacher is not None and self.needs.teacher_tokenizer == "shared"
         teacher = self.teacher_logits(batch) if same_tokens else None
-        self.metrics[stage].update(logits, labels, mask, teacher)
+        self.metrics[stage].update(out.logits, out.labels, out.mask, teacher)
 
     def _generation_eval_step(self, stage: str, batch: dict[str, Tensor]) -> None:
         """Greedy answers to held-out prompts, decoded and kept for exact-match scoring
         (the teacher's too at test time, so tables compare both on the same prompts)."""
-        from kd.generation import GenerationConfig, generate
+        from kd.generation import generate
 
         dm = self.trainer.datamodule
         models = {stage: (self.student, batch["prompt_ids"], batch["prompt_mask"], dm.tokenizer)}
         if stage == "test" and self.teacher is not None:
             models["teacher"] = (self.teacher, *self.teacher_prompts(batch, dm.tokenizer))
         for key, (model, prompt_ids, prompt_mask, tok) in models.items():
-            config = GenerationConfig(max_new_tokens=dm.max_new_tokens, temperature=0.0, vocab_size=len(tok),
-                                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+            config = GREEDY.config(tok, dm.max_new_tokens)
             out = generate(model, prompt_ids, prompt_mask, config)
             for i, tokens, keep in zip(batch["index"].tolist(), out.responses, out.response_mask):
                 self._predictions.setdefault(key, {})[i] = tok.decode(tokens[keep].tolist(), skip_special_tokens=True)
 
     def teacher_prompts(self, batch: dict[str, Tensor], tokenizer: Any) -> tuple[Tensor, Tensor, Any]:
         """``(prompt_ids, prompt_mask, tokenizer)`` the teacher answers test prompts with:
-        the data's, unless the recipe is cross-tokenizer (then the teacher's own)."""
+        the data's (a recipe whose teacher keeps its own tokenizer overrides this)."""
         return batch["prompt_ids"], batch["prompt_mask"], tokenizer
 
     def _eval_epoch_end(self, stage: str) -> None:
@@ -348,8 +419,10 @@ class DistillationRecipe(L.LightningModule):
         state = checkpoint.get("state_dict", {})
         for key in [k for k in state if k.startswith("teacher.")]:
             del state[key]
+        checkpoint["kd_regime"] = self.regime.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.regime.load_state_dict(checkpoint.get("kd_regime") or {})
         if self.teacher is not None:
             state = checkpoint.setdefault("state_dict", {})
             for key, value in self.teacher.state_dict().items():
@@ -382,4 +455,4 @@ class DistillationRecipe(L.LightningModule):
         return out
 
 
-__all__ = ["DistillationRecipe", "IGNORE_INDEX", "warmup_cosine"]
+__all__ = ["DistillationRecipe", "Needs", "Outputs", "IGNORE_INDEX", "warmup_cosine"]

@@ -1,15 +1,17 @@
 """Data regimes: whose sequences a training step learns from.
 
 A regime is chosen with the ``regime/`` config group and held by the recipe, which calls
-``prepare`` once when training starts and ``batch`` on every training batch:
+``prepare(teacher, datamodule)`` once when training starts and ``batch(student, batch,
+datamodule)`` on every training batch. Regimes never see the recipe: generative ones use
+the datamodule through the narrow :class:`PromptData` interface (tokenizer, prompts,
+references, ``replace_responses``) and sample with one :class:`kd.generation.Sampling`.
 
 * :class:`Offline`: the dataset's own responses (the default).
 * :class:`TeacherGenerated`: the teacher's responses to the training prompts, generated
   once before training (sampling, or the K-best by repeated sampling) and cached on disk,
-  keyed by a hash of the teacher's weights, the data, the tokenizer and the generation
-  settings, so later runs and sweep jobs reuse them. A cache entry whose manifest does
-  not match (stale, foreign) or whose file does not match its checksum (half-written) is
-  rebuilt, never used. Sequence-level KD (Kim & Rush 2016) trains on these.
+  in :mod:`kd.cache` keyed by a hash of the teacher's weights, the prompts, the tokenizer,
+  the sampling settings and (for Seq-Inter) the references, so later runs and sweep jobs
+  reuse them; stale, foreign or half-written entries are rebuilt, never used. Sequence-level KD (Kim & Rush 2016) trains on these.
   ``select="closest_to_reference"`` keeps, of ``num_candidates`` samples, the one with
   the highest smoothed sentence BLEU against the reference (Seq-Inter).
 * :class:`OnPolicy`: the student's own samples for the batch's prompts, drawn at every
@@ -32,20 +34,19 @@ import hashlib
 import json
 import logging
 import math
-import os
-import shutil
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
 from kd import ConfigError
+from kd.cache import Cache
+from kd.cache import key as cache_key
 from kd.data import IGNORE_INDEX
-from kd.data.lm import collate_prompts
-from kd.generation import GenerationConfig, generate
+from kd.generation import Sampling, generate
 
 log = logging.getLogger(__name__)
 
@@ -114,62 +115,79 @@ def weights_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+# ----------------------------------------------------------------------------- the data interface
+
+
+@runtime_checkable
+class PromptData(Protocol):
+    """What a generative regime needs of a datamodule (:class:`kd.data.lm.LMDataModule`
+    has it): the tokenizer, the default generation budget, the training prompts and their
+    references, and a way to replace the training responses."""
+
+    tokenizer: Any
+    max_new_tokens: int
+
+    def prompts(self, split: str = "train") -> list[list[int]]:
+        """The split's prompts as token ids (chat template applied), in dataset order."""
+
+    def references(self, split: str = "train") -> list[str]:
+        """The split's dataset responses as text, in the same order."""
+
+    def replace_responses(self, split: str, responses: Sequence[Sequence[int] | None]) -> int:
+        """Train on ``responses`` (token ids, one per example; None or empty keeps the
+        dataset's) from now on; returns how many were replaced."""
 
 
 # ----------------------------------------------------------------------------- regimes
 
 
 class Regime:
-    """Base: the dataset's own batches (offline)."""
+    """Base: the dataset's own batches (offline).
+
+    The recipe calls :meth:`validate` when it is built, :meth:`prepare` once when training
+    starts (models on their device) and :meth:`batch` on every training batch. A regime
+    sees the teacher or the student and the datamodule (:class:`PromptData` for generative
+    regimes), never the recipe.
+    """
 
     name = "offline"
-    #: regimes that generate text need token data
+    #: regimes that generate text need token data (:class:`PromptData`)
     generative = False
 
-    def validate(self, datamodule: Any) -> None:
+    def validate(self, data: Any) -> None:
         """Refuse a datamodule this regime cannot work with (called before any training)."""
-        if self.generative and not hasattr(datamodule, "tokenizer"):
+        if self.generative and not isinstance(data, PromptData):
             raise ConfigError(
                 f"regime={self.name} generates text and needs a language-model datamodule (data=task, data=jsonl, ...); "
                 "use regime=offline with classification data"
             )
 
-    def prepare(self, recipe: Any, datamodule: Any) -> None:
+    def prepare(self, teacher: nn.Module | None, data: Any) -> None:
         """Called once when training starts (the teacher and student are on their device)."""
 
-    def batch(self, recipe: Any, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    def batch(self, student: nn.Module, batch: dict[str, Tensor], data: Any) -> dict[str, Tensor]:
         """The batch a training step learns from."""
         return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to continue the same schedule (saved in checkpoints)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
 
 
 class Offline(Regime):
     """Train on the dataset's responses."""
 
 
-def generation_config(datamodule: Any, settings: dict[str, Any]) -> GenerationConfig:
-    """Sampling ``settings`` (temperature, top_k, top_p, max_new_tokens or None) completed
-    with the datamodule's tokenizer (EOS, pad, true vocabulary) and default budget."""
-    tok = datamodule.tokenizer
-    return GenerationConfig(
-        max_new_tokens=settings.get("max_new_tokens") or datamodule.max_new_tokens,
-        temperature=settings["temperature"], top_k=settings["top_k"], top_p=settings["top_p"],
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, vocab_size=len(tok),
-    )
-
-
 class TeacherGenerated(Regime):
     """The teacher's responses to every training prompt, generated once and cached.
 
     Args:
-        cache_dir: root of the generation cache (``paths.cache_dir``).
-        temperature: sampling temperature (0 = greedy); top_k, top_p: filters.
-        max_new_tokens: generation budget (None: the datamodule's).
+        cache_dir: root of the cache (``paths.cache_dir``; entries under ``generations/``).
+        sampling: how the teacher samples (:class:`kd.generation.Sampling`; temperature 0
+            is greedy).
         num_candidates: samples per prompt (K).
         select: ``"first"`` (Seq-KD) or ``"closest_to_reference"`` (Seq-Inter: highest
             sentence BLEU against the dataset response).
@@ -180,140 +198,109 @@ class TeacherGenerated(Regime):
     name = "teacher_generated"
     generative = True
 
-    def __init__(self, cache_dir: str = "~/.cache/kd", temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 max_new_tokens: int | None = None, num_candidates: int = 1, select: str = "first",
-                 batch_size: int = 128, seed: int = 0) -> None:
+    def __init__(self, cache_dir: str = "~/.cache/kd", sampling: Sampling | Any = None, num_candidates: int = 1,
+                 select: str = "first", batch_size: int = 128, seed: int = 0) -> None:
         if select not in ("first", "closest_to_reference"):
             raise ConfigError(f"regime.select must be 'first' or 'closest_to_reference' (got {select!r})")
         if num_candidates < 1:
             raise ConfigError(f"regime.num_candidates must be >= 1 (got {num_candidates})")
-        self.cache_dir = cache_dir
-        self.settings = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "max_new_tokens": max_new_tokens,
-                         "num_candidates": num_candidates, "select": select, "seed": seed}
-        GenerationConfig(temperature=temperature, top_k=top_k, top_p=top_p)  # validates early
-        self.batch_size = batch_size
+        if batch_size < 1:
+            raise ConfigError(f"regime.batch_size must be >= 1 (got {batch_size})")
+        self.cache = Cache(cache_dir)
+        self.sampling = Sampling.of(sampling)
+        self.num_candidates, self.select, self.batch_size, self.seed = num_candidates, select, batch_size, seed
         self.path: Path | None = None
 
-    def key(self, teacher: nn.Module, datamodule: Any) -> str:
-        split = datamodule.splits["train"]
-        prompts = hashlib.sha256(json.dumps([p for p, _ in split.encoded]).encode()).hexdigest()
-        blob = json.dumps({"teacher": weights_fingerprint(teacher), "prompts": prompts,
-                           "tokenizer": sorted(datamodule.tokenizer.get_vocab().items()),
-                           "settings": self.settings, "max_new": datamodule.max_new_tokens}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:20]
+    def key(self, teacher: nn.Module, data: PromptData) -> str:
+        """Hash of exactly what shapes the generations: the teacher's weights, the training
+        prompts, the tokenizer, the sampling settings and budget, K and the seed, and, when
+        the selection reads them, the references."""
+        prompts = hashlib.sha256(json.dumps(data.prompts("train")).encode()).hexdigest()
+        references = data.references("train") if self.select == "closest_to_reference" else None
+        return cache_key(weights_fingerprint(teacher), prompts, sorted(data.tokenizer.get_vocab().items()),
+                         vars(self.sampling), data.max_new_tokens, self.num_candidates, self.select, self.seed,
+                         references, length=20)
 
-    def _load(self, directory: Path, key: str, n: int, vocab_size: int) -> list[list[int]] | None:
-        manifest, data = directory / "manifest.json", directory / "responses.pt"
-        if not manifest.is_file() or not data.is_file():
-            return None
-        try:
-            meta = json.loads(manifest.read_text())
-            if meta.get("key") != key or meta.get("count") != n:
-                log.warning("generation cache %s is stale or foreign; rebuilding it", directory)
-                return None
-            if _file_sha256(data) != meta.get("sha256"):
-                log.warning("generation cache %s does not match its checksum (half-written?); rebuilding it", directory)
-                return None
-            responses = torch.load(data, weights_only=True)
-            if len(responses) != n or any(t >= vocab_size or t < 0 for r in responses for t in r):
-                log.warning("generation cache %s holds ids outside the tokenizer; rebuilding it", directory)
-                return None
-            return responses
-        except Exception as e:  # unreadable: rebuild
-            log.warning("generation cache %s is unreadable (%s); rebuilding it", directory, e)
-            return None
-
-    def generate_responses(self, teacher: nn.Module, datamodule: Any) -> list[list[int]]:
+    def generate_responses(self, teacher: nn.Module, data: PromptData) -> list[list[int]]:
         """One teacher response per training prompt (token ids, EOS included when emitted)."""
-        split = datamodule.splits["train"]
-        config = generation_config(datamodule, self.settings)
+        from kd.data.lm import collate_prompts
+
+        prompts, references = data.prompts("train"), data.references("train")
+        tok = data.tokenizer
+        config = self.sampling.config(tok, data.max_new_tokens)
         device = next(teacher.parameters()).device
-        generator = torch.Generator(device=device).manual_seed(self.settings["seed"])
-        tok = datamodule.tokenizer
+        generator = torch.Generator(device=device).manual_seed(self.seed)
         chosen: list[list[int]] = []
-        for start in range(0, len(split), self.batch_size):
-            items = [split[i] for i in range(start, min(start + self.batch_size, len(split)))]
-            prompts = collate_prompts(items, tok.pad_token_id)
+        for start in range(0, len(prompts), self.batch_size):
+            items = [{"prompt_ids": p} for p in prompts[start : start + self.batch_size]]
+            batch = collate_prompts(items, tok.pad_token_id)
             candidates: list[list[list[int]]] = [[] for _ in items]
-            for _ in range(self.settings["num_candidates"]):
-                out = generate(teacher, prompts["prompt_ids"].to(device), prompts["prompt_mask"].to(device), config,
+            for _ in range(self.num_candidates):
+                out = generate(teacher, batch["prompt_ids"].to(device), batch["prompt_mask"].to(device), config,
                                generator=generator)
                 for row, (tokens, keep) in enumerate(zip(out.responses, out.response_mask)):
                     candidates[row].append(tokens[keep].tolist())
             for row, cands in enumerate(candidates):
-                if self.settings["select"] == "first" or len(cands) == 1:
+                if self.select == "first" or len(cands) == 1:
                     chosen.append(cands[0])
                 else:
                     texts = [tok.decode(c, skip_special_tokens=True) for c in cands]
-                    chosen.append(cands[closest_to_reference(texts, split.examples[start + row].response)])
+                    chosen.append(cands[closest_to_reference(texts, references[start + row])])
             if (start // self.batch_size) % 20 == 0:
-                log.info("teacher generation: %d / %d prompts", min(start + self.batch_size, len(split)), len(split))
+                log.info("teacher generation: %d / %d prompts", min(start + self.batch_size, len(prompts)), len(prompts))
         return chosen
 
-    def prepare(self, recipe: Any, datamodule: Any) -> None:
-        self.validate(datamodule)
-        if recipe.teacher is None:
-            raise ConfigError("regime=teacher_generated needs a teacher; choose one with teacher=<config>")
-        split = datamodule.splits["train"]
-        key = self.key(recipe.teacher, datamodule)
-        directory = Path(self.cache_dir).expanduser() / "generations" / key
-        self.path = directory
-        responses = self._load(directory, key, len(split), len(datamodule.tokenizer))
-        if responses is None:
-            log.info("generating teacher responses for %d training prompts (cached in %s)", len(split), directory)
-            responses = self.generate_responses(recipe.teacher, datamodule)
-            tmp = directory.parent / f".{key}.tmp-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            torch.save(responses, tmp / "responses.pt")
-            meta = {"key": key, "count": len(responses), "sha256": _file_sha256(tmp / "responses.pt"),
-                    "settings": self.settings}
-            (tmp / "manifest.json").write_text(json.dumps(meta, indent=2))
-            shutil.rmtree(directory, ignore_errors=True)
-            try:
-                os.replace(tmp, directory)
-            except OSError:
-                shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            log.info("reusing cached teacher responses %s", directory)
-        empty = 0
-        for i, response in enumerate(responses):
-            if not response:
-                empty += 1
-                continue
-            split.encoded[i] = (split.encoded[i][0], list(response))
-        if empty:
-            log.warning("%d teacher responses were empty; those examples keep their dataset response", empty)
+    def prepare(self, teacher: nn.Module | None, data: Any) -> None:
+        self.validate(data)
+        if teacher is None:
+            raise ConfigError(f"regime={self.name} needs a teacher; choose one with teacher=<config>")
+        count, vocab = len(data.prompts("train")), len(data.tokenizer)
+
+        def build(directory: Path) -> dict[str, Any]:
+            log.info("generating teacher responses for %d training prompts", count)
+            torch.save(self.generate_responses(teacher, data), directory / "responses.pt")
+            return {"count": count, "sampling": vars(self.sampling), "num_candidates": self.num_candidates,
+                    "select": self.select, "seed": self.seed}
+
+        def validate(directory: Path) -> None:
+            responses = torch.load(directory / "responses.pt", weights_only=True)
+            if len(responses) != count:
+                raise ValueError(f"it holds {len(responses)} responses for {count} prompts")
+            if any(t >= vocab or t < 0 for r in responses for t in r):
+                raise ValueError("it holds ids outside the tokenizer")
+
+        self.path = self.cache.get_or_build("generations", self.key(teacher, data), build, validate,
+                                            what="teacher responses")
+        responses = torch.load(self.path / "responses.pt", weights_only=True)
+        replaced = data.replace_responses("train", responses)
+        if replaced < count:
+            log.warning("%d teacher responses were empty; those examples keep their dataset response", count - replaced)
 
 
 class OnPolicy(Regime):
     """The student's own samples for each batch's prompts (no gradient through sampling).
 
     Args:
-        temperature: sampling temperature (GKD: 1.0; TRL: 0.9); top_k, top_p: filters.
-        max_new_tokens: generation budget (None: the datamodule's).
+        sampling: how the student samples (GKD: temperature 1; TRL: 0.9).
     """
 
     name = "on_policy"
     generative = True
 
-    def __init__(self, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 max_new_tokens: int | None = None) -> None:
-        self.settings = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "max_new_tokens": max_new_tokens}
-        GenerationConfig(temperature=temperature, top_k=top_k, top_p=top_p)
+    def __init__(self, sampling: Sampling | Any = None) -> None:
+        self.sampling = Sampling.of(sampling)
 
-    def sample(self, recipe: Any, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        dm = recipe.trainer.datamodule
-        config = generation_config(dm, self.settings)
-        out = generate(recipe.student, batch["prompt_ids"], batch["prompt_mask"], config)
+    def sample(self, student: nn.Module, batch: dict[str, Tensor], data: PromptData) -> dict[str, Tensor]:
+        config = self.sampling.config(data.tokenizer, data.max_new_tokens)
+        out = generate(student, batch["prompt_ids"], batch["prompt_mask"], config)
         joined = join_prompts_and_responses(batch["prompt_ids"], batch["prompt_mask"], out.responses,
                                             out.response_mask, config.pad_token_id)
         # a cross-tokenizer batch keeps the prompts in the teacher's tokens
         joined.update({k: batch[k] for k in ("teacher_prompt_ids", "teacher_prompt_mask") if k in batch})
         return joined
 
-    def batch(self, recipe: Any, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        return self.sample(recipe, batch)
+    def batch(self, student: nn.Module, batch: dict[str, Tensor], data: Any) -> dict[str, Tensor]:
+        return self.sample(student, batch, data)
 
 
 class Mixed(OnPolicy):
@@ -323,37 +310,47 @@ class Mixed(OnPolicy):
     Args:
         lmbda: probability in [0, 1] that a batch is replaced by student samples.
         seq_kd: off-policy batches use teacher-generated responses.
-        seed: seed of the coin flips (reproducible schedules).
+        seed: seed of the coin flips (reproducible schedules; the coin's state is saved in
+            checkpoints, so a resumed run continues the same schedule).
         cache_dir: generation cache for ``seq_kd``.
-        temperature, top_k, top_p, max_new_tokens: sampling settings (student and teacher).
+        sampling: how the student (and, with ``seq_kd``, the teacher) samples.
+        teacher_generated: further :class:`TeacherGenerated` settings for ``seq_kd``
+            (``num_candidates``, ``select``, ``batch_size``, ``seed``).
     """
 
     name = "mixed"
 
     def __init__(self, lmbda: float = 0.5, seq_kd: bool = False, seed: int = 0, cache_dir: str = "~/.cache/kd",
-                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 max_new_tokens: int | None = None) -> None:
+                 sampling: Sampling | Any = None, teacher_generated: dict[str, Any] | Any = None) -> None:
         if not 0.0 <= lmbda <= 1.0:
             raise ConfigError(f"regime.lmbda must be in [0, 1] (got {lmbda}); it is the share of on-policy batches")
-        super().__init__(temperature, top_k, top_p, max_new_tokens)
+        super().__init__(sampling)
         self.lmbda = lmbda
-        self.teacher_data = TeacherGenerated(cache_dir, temperature, top_k, top_p, max_new_tokens) if seq_kd else None
+        extra = dict(teacher_generated or {})
+        self.teacher_data = TeacherGenerated(cache_dir, self.sampling, **extra) if seq_kd else None
         self.rng = torch.Generator().manual_seed(seed)
         self.on_policy_batches = 0
         self.batches = 0
 
-    def prepare(self, recipe: Any, datamodule: Any) -> None:
+    def prepare(self, teacher: nn.Module | None, data: Any) -> None:
         if self.teacher_data is not None:
-            self.teacher_data.prepare(recipe, datamodule)
+            self.teacher_data.prepare(teacher, data)
 
-    def batch(self, recipe: Any, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    def batch(self, student: nn.Module, batch: dict[str, Tensor], data: Any) -> dict[str, Tensor]:
         self.batches += 1
         if torch.rand((), generator=self.rng).item() < self.lmbda:
             self.on_policy_batches += 1
-            return self.sample(recipe, batch)
+            return self.sample(student, batch, data)
         return batch
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": self.rng.get_state(), "batches": self.batches, "on_policy_batches": self.on_policy_batches}
 
-__all__ = ["Regime", "Offline", "TeacherGenerated", "OnPolicy", "Mixed", "join_prompts_and_responses", "generation_config",
-           "sentence_bleu", "closest_to_reference",
-           "weights_fingerprint"]
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            self.rng.set_state(state["rng"])
+            self.batches, self.on_policy_batches = state["batches"], state["on_policy_batches"]
+
+
+__all__ = ["PromptData", "Regime", "Offline", "TeacherGenerated", "OnPolicy", "Mixed", "join_prompts_and_responses",
+           "sentence_bleu", "closest_to_reference", "weights_fingerprint"]

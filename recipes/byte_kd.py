@@ -66,11 +66,9 @@ from torch import Tensor, nn
 from kd import ConfigError
 from kd.bytes import NUM_SYMBOLS, ByteVocab, boundary_byte_probs, detours, marginal_byte_targets
 from kd.data import IGNORE_INDEX
-from kd.divergences import ULD as ULDDivergence
 from kd.divergences import Divergence, forward_kl_per_position, reduce
 from kd.evaluation import cross_entropy
-from kd.recipe import DistillationRecipe
-from kd.regimes import TeacherGenerated
+from kd.recipe import DistillationRecipe, Needs
 
 
 @dataclass
@@ -96,13 +94,13 @@ class CrossTokenizerRecipe(DistillationRecipe):
     """Shared plumbing of the cross-tokenizer recipes: the two byte vocabularies, the
     teacher's view of a batch and the byte-offset alignment (module docstring)."""
 
-    cross_tokenizer = True
+    needs = Needs(teacher_tokenizer="own", regimes=("offline", "on_policy", "mixed"))
     #: symbols read past a position (ByteKD: its byte heads)
     num_heads = 1
 
     def __init__(self, **kwargs: Any) -> None:
         regime = kwargs.get("regime")
-        if isinstance(regime, TeacherGenerated) or getattr(regime, "teacher_data", None) is not None:
+        if getattr(regime, "name", "") == "teacher_generated" or getattr(regime, "teacher_data", None) is not None:
             raise ConfigError("cross-tokenizer recipes cannot train on teacher-generated tokens (they are the "
                               "teacher's); use regime=offline, regime=on_policy or regime=mixed with seq_kd=false")
         super().__init__(**kwargs)
@@ -230,7 +228,7 @@ class ByteKD(CrossTokenizerRecipe):
         **kwargs: passed to :class:`kd.recipe.DistillationRecipe`.
     """
 
-    needs_hidden_states = True
+    needs = Needs(hidden_states=True, teacher_tokenizer="own", regimes=("offline", "on_policy", "mixed"))
 
     def __init__(self, *, num_heads: int = 10, lam_byte: float = 1.0, lam_kl: float = 0.1,
                  lam_boundary_kl: float = 0.0, detour_passes: bool = True, hidden_size: int | None = None,
@@ -284,11 +282,12 @@ class ByteKD(CrossTokenizerRecipe):
         return {k: torch.cat(v).to(teacher_logits.device) for k, v in out.items()}
 
     def compute_loss(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        logits, labels, _ = self.outputs(self.student, batch)
-        token_ce = cross_entropy(logits, labels)
+        out = self.outputs(self.student, batch)
+        logits = out.logits
+        token_ce = cross_entropy(logits, out.labels)
         rows, teacher_logits = self.align(batch)
         q = self.head_targets(rows, teacher_logits)
-        states = self.last_hidden["student"][q["row"], q["pos"]]
+        states = out.hidden[q["row"], q["pos"]]
         log_q = torch.log_softmax(self.byte_heads(states).view(-1, self.num_heads, NUM_SYMBOLS).float(), dim=-1)
         true, valid = q["true"], q["valid"]
         byte_ce = reduce(-log_q.gather(-1, true.clamp(min=0).unsqueeze(-1)).squeeze(-1), true >= 0)
@@ -312,15 +311,16 @@ class ULD(CrossTokenizerRecipe):
     Args:
         lam: weight of the ULD term next to the student's token cross-entropy.
         temperature: softmax temperature of both models in the ULD term.
-        divergence: a divergence that accepts two vocabularies (default
-            :class:`kd.divergences.ULD`).
+        divergence: a divergence that accepts two vocabularies (``recipe=uld`` selects
+            ``divergence=uld``, :class:`kd.divergences.ULD`).
         **kwargs: passed to :class:`kd.recipe.DistillationRecipe`.
     """
 
+    needs = Needs(divergence=True, teacher_tokenizer="own", regimes=("offline", "on_policy", "mixed"))
+
     def __init__(self, *, lam: float = 1.0, temperature: float = 1.0, divergence: Divergence | None = None,
                  **kwargs: Any) -> None:
-        divergence = divergence or ULDDivergence()
-        if not divergence.cross_vocabulary:
+        if divergence is not None and not divergence.cross_vocabulary:
             raise ConfigError(f"recipe uld compares distributions over two vocabularies, which {type(divergence).__name__} "
                               "cannot; use divergence=uld")
         if lam < 0 or not temperature > 0:
@@ -330,8 +330,9 @@ class ULD(CrossTokenizerRecipe):
         self.temperature = temperature
 
     def compute_loss(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        logits, labels, _ = self.outputs(self.student, batch)
-        token_ce = cross_entropy(logits, labels)
+        out = self.outputs(self.student, batch)
+        logits = out.logits
+        token_ce = cross_entropy(logits, out.labels)
         rows, teacher_logits = self.align(batch)
         s_index, t_index = [], []
         for r, row in enumerate(rows):

@@ -6,8 +6,9 @@ version of BERT", arXiv:1910.01108; code: HF transformers research_projects/dist
       + a_cos * mean(1 - cos(h_s, h_t))
 
 * the KL term covers every non-pad token (``restrict_ce_to_mask=true``: only the masked
-  ones), summed over the vocabulary and averaged over those rows ("batchmean"); the
-  ``divergence/`` group can replace the KL;
+  ones), summed over the vocabulary and averaged over those rows ("batchmean");
+  ``recipe=distilbert`` selects ``divergence=forward_kl`` and the ``divergence/`` group can
+  replace it;
 * the MLM term is the student's cross-entropy at T = 1 on the masked positions;
 * the cosine term compares the **last** hidden states of student and teacher at every
   non-pad position (equal hidden sizes, no projection).
@@ -34,9 +35,9 @@ import torch
 from torch import Tensor
 
 from kd import ConfigError
-from kd.divergences import Divergence, ForwardKL, reduce
+from kd.divergences import Divergence, reduce
 from kd.evaluation import cross_entropy
-from kd.recipe import DistillationRecipe
+from kd.recipe import DistillationRecipe, Needs
 
 
 def cosine_loss(student_hidden: Tensor, teacher_hidden: Tensor, mask: Tensor) -> Tensor:
@@ -53,11 +54,11 @@ class DistilBERT(DistillationRecipe):
         alpha_ce, alpha_mlm, alpha_cos: weights of the three terms (>= 0).
         temperature: softens both distributions of the KL term (T^2 scaling).
         restrict_ce_to_mask: the KL term only on masked positions (default: all non-pad).
-        divergence: replaces the forward KL (default ``ForwardKL()``).
+        divergence: the KL term's divergence (the paper's forward KL: ``kd.divergences.ForwardKL()``).
         **kwargs: passed to :class:`kd.recipe.DistillationRecipe`.
     """
 
-    needs_hidden_states = True
+    needs = Needs(divergence=True, hidden_states=True)
 
     def __init__(self, *, alpha_ce: float = 5.0, alpha_mlm: float = 2.0, alpha_cos: float = 1.0,
                  temperature: float = 2.0, restrict_ce_to_mask: bool = False, divergence: Divergence | None = None,
@@ -66,7 +67,7 @@ class DistilBERT(DistillationRecipe):
             raise ConfigError("recipe.alpha_ce/alpha_mlm/alpha_cos must be >= 0 and not all 0")
         if not temperature > 0:
             raise ConfigError(f"recipe.temperature must be > 0 (got {temperature}); DistilBERT uses 2")
-        super().__init__(divergence=divergence or ForwardKL(), **kwargs)
+        super().__init__(divergence=divergence, **kwargs)
         self.alpha_ce, self.alpha_mlm, self.alpha_cos = alpha_ce, alpha_mlm, alpha_cos
         self.temperature = temperature
         self.restrict_ce_to_mask = restrict_ce_to_mask
@@ -74,20 +75,19 @@ class DistilBERT(DistillationRecipe):
     def compute_loss(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         if "original_ids" not in batch:
             raise ConfigError("DistilBERT needs masked-LM batches; use a masked-LM datamodule such as data=text")
-        logits, labels, mask = self.outputs(self.student, batch)
-        teacher_logits = self.teacher_logits(batch)
+        student, teacher = self.outputs(self.student, batch), self.teacher_outputs(batch)
+        logits, labels, mask = student.logits, student.labels, student.mask
         rows = mask & (labels != -100) if self.restrict_ce_to_mask else mask
         terms: dict[str, Tensor] = {}
         loss = logits.new_zeros(())
         if self.alpha_ce > 0:
-            terms["kd"] = self.temperature**2 * self.divergence(logits, teacher_logits, rows,
+            terms["kd"] = self.temperature**2 * self.divergence(logits, teacher.logits, rows,
                                                                 temperature=self.temperature)
             loss = loss + self.alpha_ce * terms["kd"]
         if self.alpha_mlm > 0:
             terms["mlm"] = cross_entropy(logits, labels)
             loss = loss + self.alpha_mlm * terms["mlm"]
         if self.alpha_cos > 0:
-            terms["cos"] = cosine_loss(self.last_hidden["student"], self.last_hidden["teacher"], mask)
+            terms["cos"] = cosine_loss(student.hidden, teacher.hidden, mask)
             loss = loss + self.alpha_cos * terms["cos"]
-        self.last_hidden.clear()
         return {"loss": loss, **terms}

@@ -15,8 +15,8 @@ recipe's loss is only ``D``; the other parts come from the config groups:
 * ``lmbda`` (student-data fraction): the ``mixed`` regime replaces a batch's responses by
   the student's own samples with probability ``lmbda`` (no gradient through sampling);
   ``regime.seq_kd=true`` makes the off-policy part the teacher's samples (cached).
-  ``regime.temperature`` is the sampling temperature, separate from this recipe's loss
-  ``temperature``.
+  ``regime.sampling.temperature`` is the sampling temperature, separate from this recipe's
+  loss ``temperature``.
 * Reduction: ``divergence.reduction=mean`` averages over the response tokens of the batch
   (TRL), ``seq_mean`` over each sequence's tokens and then over sequences (the paper's
   per-sequence average). Both are exact under gradient accumulation (the recipe reports
@@ -44,8 +44,8 @@ from typing import Any
 from torch import Tensor
 
 from kd import ConfigError
-from kd.divergences import JSD, Divergence
-from kd.recipe import DistillationRecipe
+from kd.divergences import Divergence
+from kd.recipe import DistillationRecipe, Needs
 
 
 class GKD(DistillationRecipe):
@@ -54,17 +54,19 @@ class GKD(DistillationRecipe):
     Args:
         temperature: divides both models' logits in the loss (> 0; 1 in the paper).
         student_dropout: keep the student's dropout active during training (off in GKD).
-        divergence: the token-level divergence (default ``JSD(beta=0.5)``); its
-            ``reduction`` (``mean`` or ``seq_mean``) is the token/sequence averaging switch.
+        divergence: the token-level divergence (``recipe=gkd`` selects ``divergence=jsd``,
+            beta 0.5); its ``reduction`` (``mean`` or ``seq_mean``) is the token/sequence
+            averaging switch.
         **kwargs: passed to :class:`kd.recipe.DistillationRecipe`.
     """
+
+    needs = Needs(divergence=True)
 
     def __init__(self, *, temperature: float = 1.0, student_dropout: bool = False,
                  divergence: Divergence | None = None, **kwargs: Any) -> None:
         if not temperature > 0:
             raise ConfigError(f"recipe.temperature must be > 0 (got {temperature}); GKD uses 1")
-        divergence = divergence or JSD(beta=0.5)
-        if divergence.reduction not in ("mean", "seq_mean"):
+        if divergence is not None and divergence.reduction not in ("mean", "seq_mean"):
             raise ConfigError(f"GKD averages over tokens or sequences: set divergence.reduction to mean or "
                               f"seq_mean (got {divergence.reduction})")
         super().__init__(divergence=divergence, **kwargs)
@@ -78,9 +80,9 @@ class GKD(DistillationRecipe):
         return self
 
     def compute_loss(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        logits, _, mask = self.outputs(self.student, batch)
-        teacher = self.teacher_logits(batch)
-        loss = self.divergence(logits, teacher, mask, temperature=self.temperature)
+        out = self.outputs(self.student, batch)
+        mask = out.mask
+        loss = self.divergence(out.logits, self.teacher_logits(batch), mask, temperature=self.temperature)
         if self.divergence.reduction == "seq_mean":
             items = mask.reshape(-1, mask.shape[-1]).any(-1).sum()
         else:

@@ -3,8 +3,8 @@ Neural Network", arXiv:1503.02531).
 
     L = (1 - lam) * CE(y, softmax(z_s)) + lam * T^2 * D(softmax(z_t / T) || softmax(z_s / T))
 
-with D the forward KL of the paper by default; any divergence of the ``divergence/``
-group replaces it (``divergence=jsd``). The hard term uses the student's logits at T=1
+with D the forward KL of the paper (``recipe=hinton`` selects ``divergence=forward_kl``);
+any divergence of the ``divergence/`` group replaces it (``divergence=jsd``). The hard term uses the student's logits at T=1
 and only positions with a gold label; the soft term covers every position in the mask,
 so unlabelled examples of a transfer set are distilled too (as in the paper). T^2 keeps
 the soft term's gradient scale independent of T (its gradients scale as 1/T^2).
@@ -26,9 +26,9 @@ from typing import Any
 from torch import Tensor
 
 from kd import ConfigError
-from kd.divergences import Divergence, ForwardKL
+from kd.divergences import Divergence
 from kd.evaluation import cross_entropy
-from kd.recipe import DistillationRecipe
+from kd.recipe import DistillationRecipe, Needs
 
 
 class Hinton(DistillationRecipe):
@@ -37,9 +37,11 @@ class Hinton(DistillationRecipe):
     Args:
         lam: weight of the soft (distillation) term in [0, 1]; the hard term gets 1 - lam.
         temperature: softmax temperature T > 0 of the soft term.
-        divergence: replaces the forward KL of the paper (default ``ForwardKL()``).
+        divergence: D, the forward KL in the paper (``kd.divergences.ForwardKL()``).
         **kwargs: passed to :class:`kd.recipe.DistillationRecipe`.
     """
+
+    needs = Needs(divergence=True)
 
     def __init__(
         self, *, lam: float = 0.5, temperature: float = 4.0, divergence: Divergence | None = None, **kwargs: Any
@@ -48,14 +50,14 @@ class Hinton(DistillationRecipe):
             raise ConfigError(f"recipe.lam must be in [0, 1] (got {lam}); it weights the soft term, 1 - lam the hard one")
         if not temperature > 0:
             raise ConfigError(f"recipe.temperature must be > 0 (got {temperature}); T=1 is the plain softmax")
-        super().__init__(divergence=divergence or ForwardKL(), **kwargs)
+        super().__init__(divergence=divergence, **kwargs)
         self.lam = lam
         self.temperature = temperature
 
     def compute_loss(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        logits, labels, mask = self.outputs(self.student, batch)
+        out = self.outputs(self.student, batch)
         teacher = self.teacher_logits(batch)
-        hard = cross_entropy(logits, labels)
-        soft = self.temperature**2 * self.divergence(logits, teacher, mask, temperature=self.temperature)
+        hard = cross_entropy(out.logits, out.labels)
+        soft = self.temperature**2 * self.divergence(out.logits, teacher, out.mask, temperature=self.temperature)
         loss = (1 - self.lam) * hard + self.lam * soft
         return {"loss": loss, "hard_ce": hard, "soft_kd": soft}

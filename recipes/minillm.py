@@ -63,9 +63,9 @@ from torch import Tensor
 from kd import ConfigError
 from kd.divergences import forward_kl, reduce, reverse_kl_per_position, to_log_probs
 from kd.evaluation import cross_entropy
-from kd.generation import GenerationConfig, TeacherMix, generate
-from kd.recipe import DistillationRecipe
-from kd.regimes import Offline, generation_config, join_prompts_and_responses
+from kd.generation import Sampling, TeacherMix, generate
+from kd.recipe import DistillationRecipe, Needs
+from kd.regimes import join_prompts_and_responses
 
 VARIANTS = {
     "paper": {"reward_scale": 1.0, "reward_clip": None, "gamma": 1.0, "include_current": False, "whiten": False,
@@ -127,16 +127,18 @@ class MiniLLM(DistillationRecipe):
         num_minibatches: optimizer steps per pass (the buffer is split in this many).
         pt_weight: weight of the language-modelling term (0 turns it off).
         max_grad_norm: gradient-norm clipping of each update (None: off).
-        temperature, top_k, top_p, max_new_tokens: rollout sampling (paper: T=1, no filter;
-            ``max_new_tokens`` None takes the datamodule's).
+        sampling: rollout sampling (:class:`kd.generation.Sampling`; paper: temperature 1,
+            no filter; ``max_new_tokens`` None takes the datamodule's).
         seed: seed of the rollout sampler and the mini-batch shuffles.
         **kwargs: passed to :class:`kd.recipe.DistillationRecipe`.
     """
 
+    needs = Needs(own_loop=True, regimes=("offline",))  # it samples its own rollouts
+
     def __init__(self, *, variant: str = "paper", mix_alpha: float = 0.2, clip_eps: float = 0.2,
                  ppo_epochs: int = 4, num_minibatches: int = 4, pt_weight: float = 1.0,
-                 max_grad_norm: float | None = 1.0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 max_new_tokens: int | None = None, seed: int = 0, **kwargs: Any) -> None:
+                 max_grad_norm: float | None = 1.0, sampling: Sampling | Any = None, seed: int = 0,
+                 **kwargs: Any) -> None:
         if variant not in VARIANTS:
             raise ConfigError(f"recipe.variant must be one of {sorted(VARIANTS)} (got {variant!r})")
         if not 0.0 <= mix_alpha <= 1.0:
@@ -145,17 +147,13 @@ class MiniLLM(DistillationRecipe):
             raise ConfigError("recipe.ppo_epochs and recipe.num_minibatches must be >= 1")
         if not clip_eps > 0:
             raise ConfigError(f"recipe.clip_eps must be > 0 (got {clip_eps}); the paper uses 0.2")
-        if kwargs.get("regime") is not None and not isinstance(kwargs["regime"], Offline):
-            raise ConfigError("MiniLLM samples its own rollouts (teacher-mixed); use regime=offline")
         super().__init__(**kwargs)
-        self.automatic_optimization = False
         self.variant = variant
         self.settings = VARIANTS[variant]
         self.mix_alpha, self.clip_eps = mix_alpha, clip_eps
         self.ppo_epochs, self.num_minibatches = ppo_epochs, num_minibatches
         self.pt_weight, self.max_grad_norm = pt_weight, max_grad_norm
-        self.sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "max_new_tokens": max_new_tokens}
-        GenerationConfig(temperature=temperature, top_k=top_k, top_p=top_p)  # validate now
+        self.sampling = Sampling.of(sampling)
         self.seed = seed
         self._rng: torch.Generator | None = None
 
@@ -183,16 +181,17 @@ class MiniLLM(DistillationRecipe):
         w_t, ``rewards`` r_t and ``advantages`` A_t. Nothing here carries a gradient."""
         if "prompt_ids" not in batch:
             raise ConfigError("MiniLLM needs prompts to sample from; use a language-model datamodule (data=task, ...)")
-        tok = self.trainer.datamodule.tokenizer
-        config = generation_config(self.trainer.datamodule, self.sampling)
+        dm = self.trainer.datamodule
+        tok = dm.tokenizer
+        config = self.sampling.config(tok, dm.max_new_tokens)
         out = generate(self.student, batch["prompt_ids"], batch["prompt_mask"], config,
                        generator=self._generator(batch["prompt_ids"].device),
                        mix=TeacherMix(self.teacher, self.mix_alpha))
         joined = join_prompts_and_responses(batch["prompt_ids"], batch["prompt_mask"], out.responses,
                                             out.response_mask, tok.pad_token_id)
-        student_logits, labels, mask = self.outputs(self.student, joined)
-        teacher_logits, _, _ = self.outputs(self.teacher, joined)
-        return {**joined, **self.score(student_logits, teacher_logits, labels, mask,
+        student = self.outputs(self.student, joined)
+        teacher_logits = self.teacher_logits(joined)
+        return {**joined, **self.score(student.logits, teacher_logits, student.labels, student.mask,
                                        out.importance_weights[out.response_mask])}
 
     def score(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, mask: Tensor,
@@ -221,7 +220,8 @@ class MiniLLM(DistillationRecipe):
         """The loss of one PPO update on ``rollout`` (a slice of :meth:`rollout`'s output)
         plus the LM term on ``data`` (dataset token batch, or None; the code variant's KD
         part reads the teacher's logits from ``data["teacher_logits"]`` when present)."""
-        logits, labels, _ = self.outputs(self.student, rollout)
+        out = self.outputs(self.student, rollout)
+        logits, labels = out.logits, out.labels
         mask = rollout["mask"]
         log_q = to_log_probs(logits, mask=mask)
         new = log_q.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
@@ -236,8 +236,9 @@ class MiniLLM(DistillationRecipe):
                  "clip_fraction": clipped.sum() / mask.sum().clamp(min=1)}
         loss = ppo + single
         if data is not None and self.pt_weight > 0:
-            d_logits, d_labels, d_mask = self.outputs(self.student, data)
-            lm = cross_entropy(d_logits, d_labels)
+            d = self.outputs(self.student, data)
+            d_logits, d_mask = d.logits, d.mask
+            lm = cross_entropy(d_logits, d.labels)
             share = self.settings["lm_kd_share"]
             if share > 0:
                 teacher = data["teacher_logits"] if "teacher_logits" in data else self.teacher_logits(data)

@@ -66,8 +66,9 @@ class SeqKD(DistillationRecipe):
         self.temperature = temperature
 
     def compute_loss(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        logits, labels, mask = self.outputs(self.student, batch)
-        nll = cross_entropy(logits, labels)
+        out = self.outputs(self.student, batch)
+        logits, mask = out.logits, out.mask
+        nll = cross_entropy(logits, out.labels)
         terms = {"nll": nll}
         loss = (1 - self.alpha) * nll
         if self.alpha > 0:

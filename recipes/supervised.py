@@ -13,15 +13,15 @@ from __future__ import annotations
 from torch import Tensor
 
 from kd.evaluation import cross_entropy
-from kd.recipe import DistillationRecipe
+from kd.recipe import DistillationRecipe, Needs
 
 
 class Supervised(DistillationRecipe):
     """Plain cross-entropy on gold labels; no teacher."""
 
-    needs_teacher = False
+    needs = Needs(teacher=False)
 
     def compute_loss(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        logits, labels, _ = self.outputs(self.student, batch)
-        ce = cross_entropy(logits, labels)
+        out = self.outputs(self.student, batch)
+        ce = cross_entropy(out.logits, out.labels)
         return {"loss": ce, "ce": ce}

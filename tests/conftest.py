@@ -16,6 +16,18 @@ from kd.cli import CONF_DIR
 # Tiny models: more intra-op threads only add contention on a 2-core machine.
 torch.set_num_threads(1)
 
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test starts from the same global random state, whatever ran before it."""
+    import random
+
+    import numpy as np
+
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
 # Quiet, quick defaults for runs made by tests (each test adds its own overrides).
 QUIET = ["trainer.enable_progress_bar=false", "logger=none"]
 

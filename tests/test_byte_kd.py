@@ -139,7 +139,7 @@ def swapped(pair):
 
 def test_detour_passes_cut_the_leak_inside_teacher_tokens(swapped):
     dm, student_tok, teacher_tok = swapped
-    batch = next(iter(dm.train_dataloader()))
+    batch = _fixed_batch(dm, student_tok, teacher_tok)
     teacher = tiny_causal_lm(vocab_size=len(teacher_tok), hidden_size=32, num_layers=1, num_heads=2)
     student = tiny_causal_lm(vocab_size=len(student_tok), hidden_size=32, num_layers=1, num_heads=2)
     leaks = {}
@@ -158,15 +158,35 @@ def test_detour_passes_cut_the_leak_inside_teacher_tokens(swapped):
 def _recipe(cls, student_tok, teacher_tok, teacher=None, student=None, **kw):
     student = student or tiny_causal_lm(vocab_size=len(student_tok), hidden_size=32, num_layers=1, num_heads=2)
     teacher = teacher or tiny_causal_lm(vocab_size=len(teacher_tok), hidden_size=32, num_layers=1, num_heads=2)
+    if cls.needs.divergence:
+        from kd.divergences import ULD as ULDDivergence
+
+        kw.setdefault("divergence", ULDDivergence())
     recipe = cls(student=student, teacher=teacher, **kw)
     recipe.set_tokenizers(student_tok, teacher_tok)
     recipe.set_vocabulary(len(student_tok))
     return recipe
 
 
+def _fixed_batch(dm, student_tok, teacher_tok, size=8):
+    """A batch chosen without any random state: half responses the two tokenizers split
+    differently, half they split alike (the first of each in the training split)."""
+    from kd.data.lm import collate_train
+
+    split = dm.splits["train"]
+    differ, alike = [], []
+    for i, ex in enumerate(split.examples):
+        same = len(student_tok(ex.response)["input_ids"]) == len(teacher_tok(ex.response)["input_ids"])
+        (alike if same else differ).append(i)
+    chosen = differ[: size // 2] + alike[: size - size // 2]
+    assert len(differ) >= size // 2, "the fixture's tokenizers must split some responses differently"
+    batch = collate_train([split[i] for i in chosen], dm.pad_token_id, dm.teacher_pad_id)
+    return {**batch, "index": torch.tensor(chosen)}
+
+
 def test_teacher_view_spells_the_same_bytes_and_starts_where_its_tokens_start(pair):
     dm, student_tok, teacher_tok = pair
-    batch = next(iter(dm.train_dataloader()))
+    batch = _fixed_batch(dm, student_tok, teacher_tok)
     recipe = _recipe(ByteKD, student_tok, teacher_tok)
     rows, teacher_logits = recipe.align(batch)
     assert teacher_logits.shape[-1] == len(teacher_tok)
@@ -368,7 +388,7 @@ SMALL_PAIR = ["experiment=task_byte_kd", "data.source.train_size=300", "data.sou
 
 @pytest.mark.parametrize("recipe", ["byte_kd", "uld"])
 def test_kd_runs_cross_tokenizer_recipes_end_to_end(make_cfg, recipe):
-    from kd.cli import run
+    from kd.runs import train as run
 
     cfg = make_cfg(*SMALL_PAIR, *(["recipe.num_heads=3"] if recipe == "byte_kd" else ["recipe=uld"]))
     summary = run(cfg)
@@ -383,11 +403,11 @@ def test_kd_runs_cross_tokenizer_recipes_end_to_end(make_cfg, recipe):
 def test_byte_kd_trains_on_the_students_own_samples(make_cfg):
     """On-policy: the student's samples are re-tokenized for the teacher, whose prompts the
     regime carries over; teacher-generated data is refused before any training."""
-    from kd.cli import run
+    from kd.runs import train as run
 
     summary = run(make_cfg(*SMALL_PAIR, "recipe.num_heads=3", "regime=on_policy", "scratch_baseline=false"))
     assert "student, byte_kd" in summary["results"]
-    from kd.cli import _config_error
+    from kd.cli import config_error as _config_error
 
     with pytest.raises(Exception) as info:  # Hydra wraps what constructors raise; kd prints the sentence
         run(make_cfg(*SMALL_PAIR, "regime=teacher_generated"))
@@ -395,7 +415,7 @@ def test_byte_kd_trains_on_the_students_own_samples(make_cfg):
 
 
 def test_same_tokenizer_recipes_refuse_a_teacher_with_its_own_tokenizer(make_cfg):
-    from kd.cli import run
+    from kd.runs import train as run
 
     cfg = make_cfg(*SMALL_PAIR, "recipe=word_kd")
     with pytest.raises(ConfigError, match="recipe=byte_kd"):

@@ -7,7 +7,6 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 
 from kd.cli import CONF_DIR
@@ -32,22 +31,19 @@ def test_groups_of_the_design_exist():
 
 
 def _build(cfg):
-    """Instantiate every part of a composed config the way kd.cli.run does (no training)."""
-    dm = instantiate(cfg.data)
-    assert isinstance(dm, L.LightningDataModule)
-    student = instantiate(cfg.student)
-    teacher = instantiate(cfg.teacher.model) if cfg.get("teacher") else None
-    div = instantiate(cfg.divergence)
-    assert isinstance(div, Divergence)
-    recipe = instantiate(cfg.recipe, student=student, teacher=teacher, divergence=div,
-                         optimizer=instantiate(cfg.optimizer), _recursive_=False)
-    assert isinstance(recipe, DistillationRecipe)
-    gpu_less = cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available()
-    extra = {"accelerator": "cpu"} if gpu_less else {}  # the rest of a GPU trainer still checks here
-    trainer = instantiate(cfg.trainer, **extra, logger=[instantiate(c) for c in (cfg.logger or {}).values()],
-                          callbacks=[instantiate(c) for c in (cfg.callbacks or {}).values()])
-    assert isinstance(trainer, L.Trainer)
-    return recipe
+    """Build a composed config through the composition root, as kd does (no training)."""
+    from kd.build import build
+
+    if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
+        with open_dict(cfg):
+            cfg.trainer.accelerator = "cpu"  # the rest of a GPU trainer still checks here
+    run = build(cfg, setup=False)
+    assert isinstance(run.datamodule, L.LightningDataModule)
+    assert isinstance(run.recipe, DistillationRecipe)
+    assert isinstance(run.trainer, L.Trainer)
+    if cfg.get("divergence"):
+        assert isinstance(run.recipe.divergence, Divergence)
+    return run.recipe
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +131,7 @@ def test_every_recipe_module_has_a_yaml_and_a_docstring_with_a_command():
 
 
 def test_cache_keys_ignore_what_cannot_change_the_weights(make_cfg):
-    from kd.cli import _run_key
+    from kd.build import run_key as _run_key
 
     base = make_cfg("data=task")
     eval_change = make_cfg("data=task", "data.generation_eval_size=7")

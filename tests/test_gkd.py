@@ -69,15 +69,15 @@ def test_seq_mean_averages_each_sequence_first(task_dm):
 
 
 def _student_teacher(recipe, batch):
-    logits, _, mask = recipe.outputs(recipe.student, batch)
-    return logits, recipe.teacher_logits(batch), mask
+    out = recipe.outputs(recipe.student, batch)
+    return out.logits, recipe.teacher_logits(batch), out.mask
 
 
 def test_student_dropout_is_off_unless_asked(task_dm):
     batch = next(iter(task_dm.train_dataloader()))
     for dropout_on in (False, True):
         student, teacher = _models(dropout=0.5)
-        recipe = GKD(student=student, teacher=teacher, student_dropout=dropout_on)
+        recipe = GKD(student=student, teacher=teacher, divergence=JSD(beta=0.5), student_dropout=dropout_on)
         recipe.set_vocabulary(len(task_dm.tokenizer))
         recipe.train()
         a, b = recipe.compute_loss(batch)["loss"], recipe.compute_loss(batch)["loss"]
@@ -86,14 +86,14 @@ def test_student_dropout_is_off_unless_asked(task_dm):
 
 def test_on_policy_batches_are_student_samples_without_gradient_through_sampling(task_dm):
     student, teacher = _models()
-    recipe = GKD(student=student, teacher=teacher, regime=Mixed(lmbda=1.0))
+    recipe = GKD(student=student, teacher=teacher, divergence=JSD(beta=0.5), regime=Mixed(lmbda=1.0))
     recipe.set_vocabulary(V := len(task_dm.tokenizer))
     trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, max_steps=1)
     recipe.trainer = trainer
     trainer.datamodule = task_dm  # what fit() would attach
     batch = next(iter(task_dm.train_dataloader()))
     torch.manual_seed(1)
-    sampled = recipe.regime.batch(recipe, batch)
+    sampled = recipe.regime.batch(recipe.student, batch, task_dm)
     assert not any(t.requires_grad for t in sampled.values() if torch.is_tensor(t))
     labels = sampled["labels"]
     assert (labels[labels != IGNORE_INDEX] < V).all()
@@ -143,7 +143,7 @@ def test_two_half_batches_accumulated_equal_the_full_batch(task_dm, reduction):
 
 
 def test_student_sft_starts_the_student_from_the_cached_fine_tune(make_cfg, tmp_path):
-    from kd.cli import run
+    from kd.runs import train as run
     from kd.models import read_state_dict
     from tests.conftest import SMALL_TASK
 
@@ -155,5 +155,5 @@ def test_student_sft_starts_the_student_from_the_cached_fine_tune(make_cfg, tmp_
     sft, trained = read_state_dict(sft_dir), read_state_dict(tmp_path / "run" / "student")
     assert sft.keys() == trained.keys()
     assert all(torch.equal(sft[k], trained[k]) for k in sft)  # lr 0: the student is exactly the SFT
-    meta = json.loads((sft_dir / "meta.json").read_text())
+    meta = json.loads((sft_dir / "entry.json").read_text())["info"]
     assert summary["results"]["student, from scratch"]["test/exact_match"] == meta["metrics"]["test/exact_match"]

@@ -11,11 +11,12 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kd import ConfigError
-from kd.cli import evaluate, run
+from kd.runs import evaluate, train as run
 from kd.data import IGNORE_INDEX
 from kd.data.lm import JsonlSource, LMDataModule, TaskSource
 from kd.data.tokenizer import train_bpe_tokenizer
 from kd.models import check_same_tokenizer, load_weights, save_model, tiny_causal_lm
+from kd.divergences import ForwardKL
 from recipes.hinton import Hinton
 from recipes.supervised import Supervised
 from tests.conftest import SMALL_TASK
@@ -73,7 +74,7 @@ def test_word_level_kd_is_hinton_on_response_token_rows(dm):
     torch.manual_seed(0)
     student, teacher = tiny_causal_lm(vocab_size=300, hidden_size=32, num_layers=1), tiny_causal_lm(
         vocab_size=320, hidden_size=32, num_layers=1)  # the teacher's output layer is padded past the tokenizer
-    recipe = Hinton(student=student, teacher=teacher, lam=0.3, temperature=2.0)
+    recipe = Hinton(divergence=ForwardKL(), student=student, teacher=teacher, lam=0.3, temperature=2.0)
     recipe.set_vocabulary(V := len(dm.tokenizer))
     batch = next(iter(dm.train_dataloader()))
     terms = recipe.compute_loss(batch)

@@ -142,7 +142,7 @@ def test_bad_settings_are_refused():
 
 
 def test_a_training_batch_runs_ppo_epochs_times_minibatches_updates(make_cfg):
-    from kd.cli import run
+    from kd.runs import train as run
     from tests.conftest import SMALL_TASK
 
     cfg = make_cfg(*SMALL_TASK, "recipe=minillm", "recipe.ppo_epochs=2", "recipe.num_minibatches=2",

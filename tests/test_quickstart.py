@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from kd.cli import run
+from kd.runs import train as run
 
 TINY = ["trainer.max_epochs=1", "teacher.fit.max_epochs=1", "trainer.limit_train_batches=3",
         "trainer.limit_val_batches=2", "trainer.limit_test_batches=2"]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import recipes
-from kd.cli import run
+from kd.runs import train as run
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from kd import ConfigError
-from kd.cli import run
+from kd.runs import train as run
 from kd.data import IGNORE_INDEX
-from kd.divergences import JSD
+from kd.divergences import JSD, ForwardKL
 from kd.models import MLPClassifier
 from recipes.hinton import Hinton
 from recipes.supervised import Supervised
@@ -39,7 +39,7 @@ def batch(labels):
 
 
 def test_hinton_loss_matches_section_1_vector():
-    recipe = Hinton(student=Fixed([1.0, 2.0, 3.0]), teacher=Fixed([3.0, 2.0, 1.0]), lam=0.5, temperature=2.0)
+    recipe = Hinton(divergence=ForwardKL(), student=Fixed([1.0, 2.0, 3.0]), teacher=Fixed([3.0, 2.0, 1.0]), lam=0.5, temperature=2.0)
     terms = recipe.compute_loss(batch([2]))
     assert terms["soft_kd"].item() == pytest.approx(1.280627, abs=1e-6)  # T^2 * KL
     assert terms["hard_ce"].item() == pytest.approx(0.407606, abs=1e-6)
@@ -48,19 +48,19 @@ def test_hinton_loss_matches_section_1_vector():
 
 def test_hinton_soft_gradient_matches_section_1_vector():
     student = Fixed([1.0, 2.0, 3.0])
-    recipe = Hinton(student=student, teacher=Fixed([3.0, 2.0, 1.0]), lam=1.0, temperature=2.0)
+    recipe = Hinton(divergence=ForwardKL(), student=student, teacher=Fixed([3.0, 2.0, 1.0]), lam=1.0, temperature=2.0)
     recipe.compute_loss(batch([2]))["loss"].backward()
     torch.testing.assert_close(student.z.grad, torch.tensor([-0.640313, 0.0, 0.640313], dtype=torch.float64),
                                atol=1e-6, rtol=0)
 
 
 def test_hinton_is_zero_for_identical_models_and_lam_one():
-    recipe = Hinton(student=Fixed([0.3, -1.0, 2.0]), teacher=Fixed([0.3, -1.0, 2.0]), lam=1.0, temperature=3.0)
+    recipe = Hinton(divergence=ForwardKL(), student=Fixed([0.3, -1.0, 2.0]), teacher=Fixed([0.3, -1.0, 2.0]), lam=1.0, temperature=3.0)
     assert recipe.compute_loss(batch([0, 1]))["loss"].item() == pytest.approx(0.0, abs=1e-12)
 
 
 def test_unlabelled_examples_feed_only_the_soft_term():
-    recipe = Hinton(student=Fixed([1.0, 2.0, 3.0]), teacher=Fixed([3.0, 2.0, 1.0]), lam=0.5, temperature=2.0)
+    recipe = Hinton(divergence=ForwardKL(), student=Fixed([1.0, 2.0, 3.0]), teacher=Fixed([3.0, 2.0, 1.0]), lam=0.5, temperature=2.0)
     terms = recipe.compute_loss(batch([2, IGNORE_INDEX, IGNORE_INDEX]))
     assert terms["hard_ce"].item() == pytest.approx(0.407606, abs=1e-6)  # mean over the one labelled row
     assert terms["soft_kd"].item() == pytest.approx(1.280627, abs=1e-6)  # mean over all three rows
@@ -70,7 +70,7 @@ def test_unlabelled_examples_feed_only_the_soft_term():
 
 def test_any_divergence_replaces_the_kl():
     kw = dict(student=Fixed([1.0, 2.0, 3.0]), teacher=Fixed([3.0, 2.0, 1.0]), lam=1.0, temperature=2.0)
-    fkl = Hinton(**kw).compute_loss(batch([0]))["loss"]
+    fkl = Hinton(divergence=ForwardKL(), **kw).compute_loss(batch([0]))["loss"]
     assert Hinton(divergence=JSD(beta=0.0), **kw).compute_loss(batch([0]))["loss"].item() == pytest.approx(fkl.item())
     assert Hinton(divergence=JSD(beta=0.5), **kw).compute_loss(batch([0]))["loss"].item() != pytest.approx(fkl.item())
 
@@ -83,7 +83,7 @@ def test_any_divergence_replaces_the_kl():
 ])
 def test_bad_hinton_settings_fail_at_construction(kwargs, needle):
     with pytest.raises(ConfigError) as err:
-        Hinton(student=Fixed([0.0, 0.0]), teacher=Fixed([0.0, 0.0]), **kwargs)
+        Hinton(divergence=ForwardKL(), student=Fixed([0.0, 0.0]), teacher=Fixed([0.0, 0.0]), **kwargs)
     assert needle in str(err.value)
 
 
@@ -97,12 +97,12 @@ def test_supervised_is_cross_entropy_on_gold_labels():
 
 def test_a_recipe_that_needs_a_teacher_refuses_none():
     with pytest.raises(ConfigError, match="needs a teacher; choose one with teacher="):
-        Hinton(student=Fixed([0.0, 0.0]), teacher=None)
+        Hinton(divergence=ForwardKL(), student=Fixed([0.0, 0.0]), teacher=None)
 
 
 def test_teacher_is_frozen_in_eval_mode_and_outside_the_optimizer():
     teacher = MLPClassifier(hidden=[8], dropout=0.5)
-    recipe = Hinton(student=MLPClassifier(hidden=[4], dropout=0.5), teacher=teacher)
+    recipe = Hinton(divergence=ForwardKL(), student=MLPClassifier(hidden=[4], dropout=0.5), teacher=teacher)
     recipe.train()
     assert recipe.student.training and not teacher.training
     assert not any(p.requires_grad for p in teacher.parameters())
@@ -117,14 +117,14 @@ def test_teacher_is_frozen_in_eval_mode_and_outside_the_optimizer():
 
 def test_checkpoints_hold_the_student_not_the_teacher(tmp_path):
     teacher = MLPClassifier(hidden=[8])
-    recipe = Hinton(student=MLPClassifier(hidden=[4]), teacher=teacher)
+    recipe = Hinton(divergence=ForwardKL(), student=MLPClassifier(hidden=[4]), teacher=teacher)
     trainer = L.Trainer(max_epochs=0, logger=False, enable_checkpointing=False, enable_progress_bar=False)
     trainer.strategy.connect(recipe)
     trainer.save_checkpoint(tmp_path / "x.ckpt")
     state = torch.load(tmp_path / "x.ckpt", weights_only=False)["state_dict"]
     assert state and all(k.startswith("student.") for k in state)
     # loading into a fresh recipe keeps its teacher and restores the student (strict load)
-    fresh = Hinton(student=MLPClassifier(hidden=[4]), teacher=MLPClassifier(hidden=[8]))
+    fresh = Hinton(divergence=ForwardKL(), student=MLPClassifier(hidden=[4]), teacher=MLPClassifier(hidden=[8]))
     before = {k: v.clone() for k, v in fresh.teacher.state_dict().items()}
     ckpt = torch.load(tmp_path / "x.ckpt", weights_only=False)
     fresh.on_load_checkpoint(ckpt)
@@ -136,7 +136,7 @@ def test_checkpoints_hold_the_student_not_the_teacher(tmp_path):
 
 
 def test_nan_loss_stops_training_with_a_clear_message(make_cfg):
-    recipe = Hinton(student=Fixed([float("nan"), 0.0]), teacher=Fixed([0.0, 0.0]))
+    recipe = Hinton(divergence=ForwardKL(), student=Fixed([float("nan"), 0.0]), teacher=Fixed([0.0, 0.0]))
     with pytest.raises(FloatingPointError, match="not finite at step 0.*lower optimizer.lr"):
         recipe.training_step(batch([0]), 0)
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from kd import ConfigError
-from kd.cli import run
+from kd.runs import train as run
 from kd.data import IGNORE_INDEX
 from kd.data.lm import LMDataModule, TaskSource
 from kd.evaluation import cross_entropy
@@ -50,10 +50,6 @@ def model(seed, vocab=300):
     return tiny_causal_lm(vocab_size=vocab, hidden_size=32, num_layers=1).eval()
 
 
-def fake_recipe(dm, student=None, teacher=None):
-    return SimpleNamespace(student=student, teacher=teacher, trainer=SimpleNamespace(datamodule=dm))
-
-
 # ----------------------------------------------------------------------------- helpers
 
 
@@ -86,8 +82,8 @@ def test_seq_inter_picks_the_reference_when_it_is_among_the_candidates():
 def test_teacher_generated_replaces_responses_with_greedy_teacher_outputs_and_caches_them(dm, tmp_path, monkeypatch):
     teacher = freeze(model(1))
     data = fresh_dm(dm)
-    regime = TeacherGenerated(cache_dir=str(tmp_path), temperature=0.0, batch_size=16)
-    regime.prepare(fake_recipe(data, teacher=teacher), data)
+    regime = TeacherGenerated(cache_dir=str(tmp_path), sampling={"temperature": 0.0}, batch_size=16)
+    regime.prepare(teacher, data)
     # independent: greedy-generate the first prompts directly
     from kd.data.lm import collate_prompts
 
@@ -99,27 +95,26 @@ def test_teacher_generated_replaces_responses_with_greedy_teacher_outputs_and_ca
     for i in range(4):
         expected = out.responses[i][out.response_mask[i]].tolist()
         assert data.splits["train"].encoded[i][1] == expected
-    manifest = json.loads((regime.path / "manifest.json").read_text())
-    assert manifest["count"] == len(data.splits["train"])
+    manifest = json.loads((regime.path / "entry.json").read_text())
+    assert manifest["info"]["count"] == len(data.splits["train"])
 
     # a second run reuses the cache without generating
     monkeypatch.setattr(TeacherGenerated, "generate_responses", lambda *a: pytest.fail("regenerated"))
     again = fresh_dm(dm)
-    TeacherGenerated(cache_dir=str(tmp_path), temperature=0.0, batch_size=16).prepare(
-        fake_recipe(again, teacher=teacher), again)
+    TeacherGenerated(cache_dir=str(tmp_path), sampling={"temperature": 0.0}, batch_size=16).prepare(teacher, again)
     assert again.splits["train"].encoded == data.splits["train"].encoded
 
 
 def test_teacher_generated_cache_is_keyed_and_broken_entries_are_rebuilt(dm, tmp_path):
     teacher = freeze(model(1))
-    regime = TeacherGenerated(cache_dir=str(tmp_path), temperature=0.0)
+    regime = TeacherGenerated(cache_dir=str(tmp_path), sampling={"temperature": 0.0})
     key = regime.key(teacher, dm)
-    assert TeacherGenerated(cache_dir=str(tmp_path), temperature=0.5).key(teacher, dm) != key
+    assert TeacherGenerated(cache_dir=str(tmp_path), sampling={"temperature": 0.5}).key(teacher, dm) != key
     other = freeze(model(2))
     assert regime.key(other, dm) != key  # another teacher, another entry
 
     data = fresh_dm(dm)
-    regime.prepare(fake_recipe(data, teacher=teacher), data)
+    regime.prepare(teacher, data)
     good = [r for _, r in data.splits["train"].encoded]
     calls = []
     original = TeacherGenerated.generate_responses
@@ -132,20 +127,22 @@ def test_teacher_generated_cache_is_keyed_and_broken_entries_are_rebuilt(dm, tmp
         if breakage == "ids":  # a consistent entry holding ids the tokenizer does not have
             bad = [[*r, len(dm.tokenizer) + 5] for r in good]
             torch.save(bad, regime.path / "responses.pt")
-            from kd.regimes import _file_sha256
+            from kd.cache import file_sha256
 
-            meta = json.loads((regime.path / "manifest.json").read_text())
-            (regime.path / "manifest.json").write_text(json.dumps({**meta, "sha256": _file_sha256(regime.path / "responses.pt")}))
+            meta = json.loads((regime.path / "entry.json").read_text())
+            meta["files"]["responses.pt"] = {"size": (regime.path / "responses.pt").stat().st_size,
+                                             "sha256": file_sha256(regime.path / "responses.pt")}
+            (regime.path / "entry.json").write_text(json.dumps(meta))
         elif breakage == "truncate":
             blob = (regime.path / "responses.pt").read_bytes()
             (regime.path / "responses.pt").write_bytes(blob[: len(blob) // 2])
         else:
-            meta = json.loads((regime.path / "manifest.json").read_text())
-            (regime.path / "manifest.json").write_text(json.dumps({**meta, "key": "someone-else"}))
+            meta = json.loads((regime.path / "entry.json").read_text())
+            (regime.path / "entry.json").write_text(json.dumps({**meta, "name": "someone-else"}))
         data = fresh_dm(dm)
-        fresh = TeacherGenerated(cache_dir=str(tmp_path), temperature=0.0)
+        fresh = TeacherGenerated(cache_dir=str(tmp_path), sampling={"temperature": 0.0})
         fresh.generate_responses = counting.__get__(fresh)
-        fresh.prepare(fake_recipe(data, teacher=teacher), data)
+        fresh.prepare(teacher, data)
         assert [r for _, r in data.splits["train"].encoded] == good
     assert len(calls) == 3  # each broken entry was rebuilt, never used
 
@@ -156,8 +153,8 @@ def test_teacher_generated_cache_is_keyed_and_broken_entries_are_rebuilt(dm, tmp
 def test_on_policy_batch_is_the_students_own_greedy_output_without_gradient(dm):
     student = model(3)
     batch = next(iter(dm.train_dataloader()))
-    regime = OnPolicy(temperature=0.0)
-    out = regime.batch(fake_recipe(dm, student=student), batch)
+    regime = OnPolicy(sampling={"temperature": 0.0})
+    out = regime.batch(student, batch, dm)
     assert not out["input_ids"].requires_grad
     gen = generate(student, batch["prompt_ids"], batch["prompt_mask"],
                    GenerationConfig(max_new_tokens=6, temperature=0.0, eos_token_id=dm.tokenizer.eos_token_id,
@@ -171,16 +168,17 @@ def test_on_policy_batch_is_the_students_own_greedy_output_without_gradient(dm):
 
 def test_mixed_flips_a_seeded_coin_per_batch(dm):
     batch = next(iter(dm.train_dataloader()))
-    recipe = fake_recipe(dm, student=model(3))
-    assert all(Mixed(lmbda=0.0).batch(recipe, batch) is batch for _ in range(5))
-    assert all(Mixed(lmbda=1.0, temperature=0.0).batch(recipe, batch) is not batch for _ in range(3))
-    half = Mixed(lmbda=0.5, seed=7, temperature=0.0)
+    student = model(3)
+    greedy = {"temperature": 0.0}
+    assert all(Mixed(lmbda=0.0).batch(student, batch, dm) is batch for _ in range(5))
+    assert all(Mixed(lmbda=1.0, sampling=greedy).batch(student, batch, dm) is not batch for _ in range(3))
+    half = Mixed(lmbda=0.5, seed=7, sampling=greedy)
     for _ in range(40):
-        half.batch(recipe, batch)
+        half.batch(student, batch, dm)
     assert 10 <= half.on_policy_batches <= 30 and half.batches == 40
-    again = Mixed(lmbda=0.5, seed=7, temperature=0.0)
+    again = Mixed(lmbda=0.5, seed=7, sampling=greedy)
     for _ in range(40):
-        again.batch(recipe, batch)
+        again.batch(student, batch, dm)
     assert again.on_policy_batches == half.on_policy_batches  # reproducible schedule
     with pytest.raises(ConfigError, match=r"regime.lmbda must be in \[0, 1\]"):
         Mixed(lmbda=1.5)

@@ -24,11 +24,9 @@ Sources give ``{"train": [...], "val": [...], "test": [...]}`` lists of examples
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -380,29 +378,29 @@ def collate_prompts(items: list[dict], pad_token_id: int, teacher_pad_id: int | 
 
 def _trained_tokenizer(examples: list[Example], vocab_size: int, min_frequency: int, cache_dir: str | None,
                        fingerprint: dict):
-    """A BPE tokenizer trained on the training examples, cached by a hash of the data."""
+    """A BPE tokenizer trained on the training examples, cached (``<cache_dir>/tokenizers/``,
+    see :mod:`kd.cache`) by a hash of the data's fingerprint and the training settings."""
+    from kd.cache import Cache, key
     from kd.data.tokenizer import task_tokenizer
     from kd.models import load_tokenizer
 
-    settings = [fingerprint, vocab_size, min_frequency]
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
     if cache_dir is None:
         return task_tokenizer(examples, vocab_size=vocab_size, min_frequency=min_frequency)
-    final = Path(cache_dir).expanduser() / "tokenizers" / f"bpe{vocab_size}-{key}"
-    if (final / "tokenizer.json").is_file():
-        try:
-            return load_tokenizer(str(final))
-        except Exception as e:  # unreadable cache entry: rebuild it
-            log.warning("cached tokenizer at %s is unreadable (%s); rebuilding it", final, e)
-            shutil.rmtree(final, ignore_errors=True)
-    tok = task_tokenizer(examples, vocab_size=vocab_size, min_frequency=min_frequency)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    tok.save_pretrained(tmp)
-    try:
-        os.replace(tmp, final)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return tok
+    loaded: dict[str, Any] = {}
+
+    def validate(directory: Path) -> None:  # raises when the stored tokenizer cannot be read
+        loaded["tokenizer"] = load_tokenizer(str(directory))
+
+    def build(directory: Path) -> dict[str, Any]:
+        tok = task_tokenizer(examples, vocab_size=vocab_size, min_frequency=min_frequency)
+        tok.save_pretrained(directory)
+        return {"vocab_size": vocab_size, "min_frequency": min_frequency, "examples": len(examples)}
+
+    name = f"bpe{vocab_size}-{key(fingerprint, vocab_size, min_frequency)}"
+    directory = Cache(cache_dir).get_or_build("tokenizers", name, build=build, validate=validate,
+                                              what="trained tokenizer")
+    # a reused entry was loaded by validate; a fresh one is read back like any later run reads it
+    return loaded["tokenizer"] if "tokenizer" in loaded else load_tokenizer(str(directory))
 
 
 class LMDataModule(L.LightningDataModule):
@@ -544,6 +542,33 @@ class LMDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> list[DataLoader]:
         return self._eval("test")
+
+    # -- what generative regimes use (kd.regimes.PromptData)
+    def prompts(self, split: str = "train") -> list[list[int]]:
+        """The split's prompts as token ids (chat template applied), in dataset order."""
+        self.setup()
+        return [list(p) for p, _ in self.splits[split].encoded]
+
+    def references(self, split: str = "train") -> list[str]:
+        """The split's dataset responses as text, in dataset order."""
+        self.setup()
+        return [ex.response for ex in self.splits[split].examples]
+
+    def replace_responses(self, split: str, responses: Sequence[Sequence[int] | None]) -> int:
+        """Train on ``responses`` (one per example, token ids) instead of the dataset's;
+        None or empty keeps the dataset response. Each is cut so prompt + response fit
+        ``max_length``. Returns how many were replaced."""
+        self.setup()
+        encoded = self.splits[split].encoded
+        if len(responses) != len(encoded):
+            raise ConfigError(f"{len(responses)} responses for {len(encoded)} {split} examples; regenerate them")
+        replaced = 0
+        for i, response in enumerate(responses):
+            if response:
+                prompt = encoded[i][0]
+                encoded[i] = (prompt, list(response)[: self.max_length - len(prompt)])
+                replaced += 1
+        return replaced
 
     # -- scoring
     def score(self, split: str, predictions: dict[int, str]) -> dict[str, float]:

@@ -1,0 +1,395 @@
+"""The composition root: one composed config becomes one :class:`Run` (recipe, datamodule,
+trainer, student, teacher). Every entry point (``kd``, ``kd-eval``), every cached sub-run
+(a teacher's training, an SFT, a scratch baseline) and the tests build through
+:func:`build`.
+
+:func:`build` only composes and validates: it reads the recipe's :class:`kd.recipe.Needs`
+(never its name), instantiates every part, refuses a combination that cannot work with
+one sentence (:class:`kd.ConfigError`), sets up token data and checks tokenizers and
+vocabularies, all before anything trains. :meth:`Run.prepare` then fills the weights that
+come from elsewhere: the teacher's (a checkpoint, or a supervised run trained once and
+cached), the student's SFT start, the student's teacher-layer initialisation.
+:meth:`Run.fit` trains and tests.
+
+Cached sub-runs are the same machinery on a derived config (:func:`sub_config`): the
+no-teacher recipe named by ``supervised_recipe``, no teacher, no divergence, the offline
+regime, no loggers; keyed in :mod:`kd.cache` by a hash of exactly what shapes their weights
+(:func:`run_key`).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import get_class
+from hydra.utils import instantiate as hydra_instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+from torch import nn
+
+from kd import ConfigError, config_error
+from kd.cache import Cache
+from kd.cache import key as cache_key
+from kd.models import check_same_tokenizer, init_from_teacher, load_tokenizer, load_weights, save_model
+from kd.recipe import DistillationRecipe
+
+log = logging.getLogger("kd")
+
+#: a student config key read here, not by the model factory: copy the trained teacher's
+#: layers into the student (a :func:`kd.models.layer_map` scheme), e.g. student=from_teacher
+INIT_FROM_TEACHER = "init_from_teacher"
+
+#: data settings that change what a run reports but not the weights it trains
+EVAL_ONLY = ("generation_eval_size", "eval_batch_size", "max_new_tokens", "eval_seed")
+
+#: trainer settings that change neither the weights nor the metrics
+COSMETIC = ("default_root_dir", "enable_progress_bar", "enable_model_summary", "log_every_n_steps")
+
+
+# ----------------------------------------------------------------------------- config helpers
+
+
+def instantiate(node: Any, *args: Any, **kwargs: Any) -> Any:
+    """Hydra's ``instantiate``, raising the :class:`ConfigError` a constructor raised
+    instead of Hydra's wrapper around it."""
+    try:
+        return hydra_instantiate(node, *args, **kwargs)
+    except Exception as e:
+        cause = config_error(e)
+        if cause is None or cause is e:
+            raise
+        raise cause from None
+
+
+def choice(group: str, default: str = "") -> str:
+    """The option of config group ``group`` this run was composed with (Hydra's choices)."""
+    if HydraConfig.initialized():
+        return str(HydraConfig.get().runtime.choices.get(group, default) or default)
+    return default
+
+
+def recipe_class(cfg: DictConfig) -> type[DistillationRecipe]:
+    """The recipe class ``cfg.recipe._target_`` names."""
+    try:
+        cls = get_class(cfg.recipe._target_)
+    except Exception as e:
+        raise ConfigError(f"recipe._target_ {cfg.recipe._target_} cannot be imported ({e}); check the recipe yaml") from e
+    if not (isinstance(cls, type) and issubclass(cls, DistillationRecipe)):
+        raise ConfigError(f"recipe._target_ {cfg.recipe._target_} is not a kd.recipe.DistillationRecipe subclass")
+    return cls
+
+
+def instantiate_all(section: DictConfig | None) -> list[Any]:
+    """Instantiate every entry of a name -> config mapping (loggers, callbacks)."""
+    if not section:
+        return []
+    return [instantiate(c) for c in section.values() if c is not None and "_target_" in c]
+
+
+def sub_config(cfg: DictConfig, **changes: Any) -> DictConfig:
+    """A copy of ``cfg`` with keys (dotted paths) replaced; dict values under ``merge``
+    are merged into the existing node instead (``merge={"data": {...}}``). The student is
+    resolved first (it may refer to nodes a change removes, e.g. student=from_teacher)."""
+    merges = changes.pop("merge", {}) or {}
+    sub = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    with open_dict(sub):
+        if "student" not in changes:
+            sub.student = OmegaConf.to_container(cfg.student, resolve=True)
+        for dotted, value in changes.items():
+            OmegaConf.update(sub, dotted, value, merge=False)
+        for dotted, value in merges.items():
+            OmegaConf.update(sub, dotted, value, merge=True)
+    return sub
+
+
+def student_factory(cfg: DictConfig) -> tuple[DictConfig, Any]:
+    """The student's model factory config (resolved) and its teacher-init scheme (or None)."""
+    plain = OmegaConf.to_container(cfg.student, resolve=True)
+    scheme = plain.pop(INIT_FROM_TEACHER, None) if isinstance(plain, dict) else None
+    return OmegaConf.create(plain), scheme
+
+
+def run_key(cfg: DictConfig, weights_only: bool = False) -> str:
+    """Hash of everything that shapes what a supervised run of ``cfg`` produces; with
+    ``weights_only``, of what shapes its weights (a teacher's metrics are not reused, so
+    evaluation-only settings do not retrain it)."""
+    trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    skip = ("num_workers", "cache_dir") + (EVAL_ONLY if weights_only else ())
+    return cache_key(
+        cfg.get("supervised_recipe"),
+        cfg.student,
+        cfg.optimizer,
+        cfg.get("scheduler"),
+        cfg.seed,
+        {k: v for k, v in trainer.items() if k not in COSMETIC},
+        {k: v for k, v in data.items() if k not in skip},
+    )
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+@dataclass
+class Run:
+    """Everything one training run is made of (see :func:`build`)."""
+
+    cfg: DictConfig
+    recipe: DistillationRecipe
+    datamodule: Any
+    trainer: L.Trainer
+    student: nn.Module
+    teacher: nn.Module | None
+    #: the recipe's config option (``recipe=``), or its class name
+    name: str
+    #: the distilled student's row in the result table
+    label: str
+    cache: Cache
+    #: the teacher-layer scheme of the student (``student.init_from_teacher``), or None
+    init_scheme: Any = None
+    #: where the teacher's weights came from, plus the cache entry's facts
+    teacher_info: dict[str, Any] = field(default_factory=dict)
+
+    def prepare(self) -> None:
+        """Load the weights that come from elsewhere: the teacher's (training it once when
+        its config has a ``fit`` section), the student's SFT start (``student_sft``) and
+        the teacher-layer initialisation of the student."""
+        cfg = self.cfg
+        if self.teacher is not None:
+            self.teacher_info = load_teacher(cfg, self.teacher, self.cache)
+        if cfg.get("student_sft"):
+            load_weights(self.student, student_sft(cfg, self.cache))
+        if self.init_scheme is not None:
+            source = self.teacher
+            if source is None:  # a recipe without a teacher: the "teacher init, no KD" ablation
+                source = instantiate(cfg.teacher.model)
+                load_teacher(cfg, source, self.cache)
+            mapping = init_from_teacher(self.student, source, self.init_scheme)
+            log.info("student initialised from the teacher: student layer i <- teacher layer %s[i]", mapping)
+
+    def fit(self) -> dict[str, float]:
+        """Train with the run's trainer, then test the checkpoint with the best validation
+        score (the last weights when none was kept); the test metrics as floats."""
+        L.seed_everything(self.cfg.seed, workers=True, verbose=False)  # same batch order for every recipe
+        plain = {k: v for k, v in self.cfg.items() if k != "hydra"}
+        for logger in self.trainer.loggers:
+            logger.log_hyperparams(OmegaConf.to_container(OmegaConf.create(plain), resolve=True))
+        self.trainer.fit(self.recipe, datamodule=self.datamodule, ckpt_path=self.cfg.get("ckpt_path"))
+        ckpt = self.trainer.checkpoint_callback
+        best = getattr(ckpt, "best_model_path", "") if ckpt is not None else ""
+        results = self.trainer.test(self.recipe, datamodule=self.datamodule, ckpt_path=best or None, verbose=False)
+        return {k: float(v) for k, v in (results[0] if results else {}).items()}
+
+
+def _check_groups(cfg: DictConfig, cls: type[DistillationRecipe], name: str) -> None:
+    """Refuse settings the recipe would silently ignore or cannot train with."""
+    needs = cls.needs
+    if cfg.get("divergence") and not needs.divergence:
+        raise ConfigError(f"recipe {name} uses no divergence, so divergence={choice('divergence', 'given')} would "
+                          "change nothing; drop the divergence override or choose a recipe whose loss uses one")
+    if needs.teacher and not cfg.get("teacher"):
+        raise ConfigError(f"recipe {name} needs a teacher; choose one with teacher=<config> (see conf/teacher/)")
+    if needs.own_loop:
+        trainer = cfg.trainer
+        if (trainer.get("accumulate_grad_batches") or 1) > 1 or trainer.get("gradient_clip_val"):
+            raise ConfigError(f"recipe {name} runs its own optimisation loop, which Lightning cannot accumulate or "
+                              "clip; set trainer.accumulate_grad_batches=1 and trainer.gradient_clip_val=null (the "
+                              "recipe has its own clipping knob)")
+    resume = cfg.get("ckpt_path")
+    if resume and not Path(resume).is_file():
+        raise ConfigError(f"ckpt_path '{resume}' does not exist; pass a run's checkpoints/last.ckpt or set ckpt_path=null")
+
+
+def student_tokenizer(cfg: DictConfig) -> Any:
+    """The tokenizer saved with a pretrained student (``student.name_or_path``), if any."""
+    name = cfg.student.get("name_or_path") if isinstance(cfg.get("student"), DictConfig) else None
+    if not name:
+        return None
+    try:
+        return load_tokenizer(str(name))
+    except Exception:  # a model without a tokenizer: nothing to compare
+        return None
+
+
+def teacher_tokenizer(cfg: DictConfig) -> Any:
+    """The teacher's own tokenizer: ``teacher.tokenizer`` or the teacher model's
+    ``name_or_path`` when set; else, for a teacher trained by ``kd`` (a ``fit`` section),
+    the tokenizer of the data it is trained on (``fit.data`` applied)."""
+    t = cfg.teacher
+    name = t.get("tokenizer") or (t.model.get("name_or_path") if isinstance(t.get("model"), DictConfig) else None)
+    if name:
+        return load_tokenizer(str(name))
+    if t.get("fit") and "tokenizer" in cfg.data:
+        datamodule = instantiate(sub_config(cfg, merge={"data": t.fit.get("data") or {}}).data)
+        return datamodule.load_tokenizer()
+    raise ConfigError("this recipe needs the teacher's own tokenizer; name it with teacher.tokenizer=<hub name or "
+                      "directory>")
+
+
+def _check_tokenizers(cfg: DictConfig, datamodule: Any, recipe: DistillationRecipe) -> None:
+    """Token data: set it up, check that the student's (and, for a shared-tokenizer recipe,
+    the teacher's) tokenizer is the data's, and that every model's vocabulary holds it."""
+    if not hasattr(datamodule, "tokenizer"):
+        return
+    datamodule.setup("fit")
+    student_tok = student_tokenizer(cfg)
+    if student_tok is not None:
+        check_same_tokenizer(datamodule.tokenizer, student_tok, "the data's and the student's")
+    shared = recipe.needs.teacher_tokenizer == "shared"
+    if recipe.teacher is not None and shared:
+        if cfg.teacher.get("tokenizer") or ((cfg.teacher.get("fit") or {}).get("data")):  # it may have its own
+            check_same_tokenizer(datamodule.tokenizer, teacher_tokenizer(cfg), "the data's and the teacher's")
+    if datamodule.tokenizer is not None:
+        recipe.set_vocabulary(len(datamodule.tokenizer))
+
+
+def build(cfg: DictConfig, *, teacher: bool | None = None, setup: bool = True) -> Run:
+    """Compose and validate one run of ``cfg`` without training anything.
+
+    Args:
+        cfg: a composed ``train`` config (``kd`` or Hydra's compose API).
+        teacher: build the teacher model (default: when the recipe needs one; ``kd-eval``
+            asks for it whenever one is configured, to report the KL to it).
+        setup: set up token data and check tokenizers and vocabularies now (tests that only
+            check composition turn it off).
+    """
+    cls = recipe_class(cfg)
+    needs = cls.needs
+    name = choice("recipe", cls.__name__.lower())
+    _check_groups(cfg, cls, name)
+    with_teacher = needs.teacher if teacher is None else (teacher and bool(cfg.get("teacher")))
+
+    # The student is created right after seeding, as in the scratch baseline: same init.
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = instantiate(cfg.data)
+    if needs.teacher_tokenizer == "own" and with_teacher:
+        if not hasattr(datamodule, "teacher_tokenizer"):
+            raise ConfigError(f"recipe {name} distils language models across tokenizers; use language-model data "
+                              "(data=task, data=jsonl, data=hf, data=chatterbot)")
+        datamodule.teacher_tokenizer = datamodule.teacher_tokenizer or teacher_tokenizer(cfg)
+    regime = instantiate(cfg.regime) if cfg.get("regime") else None
+    if regime is not None:
+        regime.validate(datamodule)
+    factory, scheme = student_factory(cfg)
+    if scheme is not None and not cfg.get("teacher"):
+        raise ConfigError("this student is initialised from a teacher's layers; choose one with teacher=<config>")
+    student = instantiate(factory)
+    teacher_model = instantiate(cfg.teacher.model) if with_teacher else None
+    recipe = instantiate(
+        cfg.recipe,
+        student=student,
+        teacher=teacher_model,
+        **({"divergence": instantiate(cfg.divergence)} if cfg.get("divergence") else {}),
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        regime=regime,
+        _recursive_=False,
+    )
+    if setup:
+        _check_tokenizers(cfg, datamodule, recipe)
+    trainer = instantiate(cfg.trainer, logger=instantiate_all(cfg.get("logger")) or False,
+                          callbacks=instantiate_all(cfg.get("callbacks")))
+    if teacher_model is not None and needs.teacher:
+        label = f"student, {name}"
+    elif scheme is not None:
+        label = "student, teacher init (no KD)"
+    elif cfg.get("student_sft"):
+        label = "student, SFT + more supervised"
+    else:
+        label = "student, from scratch"
+    return Run(cfg=cfg, recipe=recipe, datamodule=datamodule, trainer=trainer, student=student, teacher=teacher_model,
+               name=name, label=label, cache=Cache(cfg.paths.cache_dir), init_scheme=scheme)
+
+
+# ----------------------------------------------------------------------------- cached sub-runs
+
+
+def train_supervised(cfg: DictConfig) -> tuple[Run, dict[str, float]]:
+    """Build and train ``cfg`` (a :func:`sub_config` with the supervised recipe); return
+    the run and its test metrics."""
+    run = build(cfg)
+    run.prepare()
+    return run, run.fit()
+
+
+def cached_supervised(cache: Cache, kind: str, prefix: str, cfg: DictConfig, **changes: Any) -> Path:
+    """The cache entry ``<kind>/<prefix>-<hash>`` holding the weights (``model.safetensors``
+    or ``save_pretrained`` files, at its top level) of the no-teacher recipe trained on ``cfg`` with
+    ``changes`` (:func:`sub_config`); its facts (test metrics, parameters) in
+    :meth:`kd.cache.Cache.meta`. Trained when missing or unusable."""
+    from kd.models import count_parameters, read_state_dict
+
+    sub = sub_config(cfg, recipe=cfg.supervised_recipe, teacher=None, divergence=None, regime=None, logger={},
+                     ckpt_path=None, student_sft=None, **changes)
+    with open_dict(sub):  # the student's teacher-init scheme belongs to the distilled run, not to this one
+        if isinstance(sub.student, DictConfig) and INIT_FROM_TEACHER in sub.student:
+            del sub.student[INIT_FROM_TEACHER]
+    name = f"{prefix}-{run_key(sub, weights_only=kind == 'teachers')}"
+
+    def train_into(directory: Path) -> dict[str, Any]:
+        with open_dict(sub):  # its checkpoints go to a scratch folder; caches stay shared
+            sub.paths.cache_dir = str(cache.root)
+            sub.paths.output_dir = str(directory / "run")
+        run, metrics = train_supervised(sub)
+        shutil.rmtree(directory / "run", ignore_errors=True)
+        save_model(run.student, directory)
+        return {"metrics": metrics, "params": count_parameters(run.student)}
+
+    entry = cache.get_or_build(kind, name, train_into, validate=read_state_dict,
+                               what=kind.rstrip("s"))
+    return entry
+
+
+def _fitted(cache: Cache, kind: str, prefix: str, cfg: DictConfig, model: DictConfig, fit: DictConfig) -> Path:
+    """The cached supervised run of ``model`` described by a ``fit`` section (epochs, seed,
+    optimizer, scheduler and, under ``fit.data``, changes to the data config)."""
+    return cached_supervised(
+        cache, kind, prefix, cfg,
+        student=OmegaConf.to_container(model, resolve=True),
+        optimizer=fit.optimizer,
+        scheduler=fit.get("scheduler"),
+        seed=fit.get("seed", cfg.seed),
+        merge={"data": fit.get("data") or {}},
+        **{"trainer.max_epochs": fit.max_epochs},
+    )
+
+
+def load_teacher(cfg: DictConfig, model: nn.Module, cache: Cache) -> dict[str, Any]:
+    """Fill the teacher ``model`` (built from ``cfg.teacher.model``) with its weights and
+    say where they came from: ``teacher.checkpoint``; else, when the config has a ``fit``
+    section, a supervised run trained once and cached; else the model factory (pretrained)."""
+    t = cfg.teacher
+    if t.get("checkpoint"):
+        load_weights(model, t.checkpoint)
+        return {"source": str(t.checkpoint)}
+    if not t.get("fit"):
+        return {"source": "model factory"}
+    entry = _fitted(cache, "teachers", choice("teacher", "teacher"), cfg, t.model, t.fit)
+    load_weights(model, entry)
+    return {"source": str(entry), **cache.meta("teachers", entry.name)}
+
+
+def student_sft(cfg: DictConfig, cache: Cache) -> Path:
+    """The cache entry (weights) of the supervised fine-tune of ``cfg.student`` that
+    ``student_sft`` describes (one per seed, cached)."""
+    factory, _ = student_factory(cfg)
+    return _fitted(cache, "sft", f"{choice('student', 'student')}-seed{cfg.seed}", cfg, factory, cfg.student_sft)
+
+
+def scratch_baseline(cfg: DictConfig, cache: Cache) -> tuple[Path, dict[str, Any]]:
+    """Cache entry (weights) and facts (test metrics, parameters) of ``cfg.student`` trained
+    without a teacher, everything else equal; with ``student_sft`` set, that SFT."""
+    if cfg.get("student_sft"):
+        entry = student_sft(cfg, cache)
+        return entry, cache.meta("sft", entry.name)
+    entry = cached_supervised(cache, "baselines", f"{choice('student', 'student')}-seed{cfg.seed}", cfg)
+    return entry, cache.meta("baselines", entry.name)
+
+
+__all__ = ["Run", "build", "choice", "recipe_class", "sub_config", "run_key", "load_teacher", "student_sft",
+           "scratch_baseline", "teacher_tokenizer", "instantiate_all"]
