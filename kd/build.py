@@ -35,10 +35,18 @@ from torch import nn
 from kd import ConfigError, config_error
 from kd.cache import Cache
 from kd.cache import key as cache_key
-from kd.models import check_same_tokenizer, init_from_teacher, load_tokenizer, load_weights, save_model
+from kd.models import check_same_tokenizer, init_from_teacher, kind_of, load_tokenizer, load_weights, save_model
 from kd.recipe import DistillationRecipe
 
 log = logging.getLogger("kd")
+
+#: the config tree the console scripts compose (``conf/`` beside the package)
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+#: what each kind of data holds, for messages
+KIND_WORDS = {"classifier": "classification", "causal_lm": "prompt/response (causal LM)",
+              "masked_lm": "masked-LM text"}
+MODEL_WORDS = {"classifier": "classifier", "causal_lm": "causal LM", "masked_lm": "masked LM"}
 
 #: a student config key read here, not by the model factory: copy the trained teacher's
 #: layers into the student (a :func:`kd.models.layer_map` scheme), e.g. student=from_teacher
@@ -56,14 +64,29 @@ COSMETIC = ("default_root_dir", "enable_progress_bar", "enable_model_summary", "
 
 def instantiate(node: Any, *args: Any, **kwargs: Any) -> Any:
     """Hydra's ``instantiate``, raising the :class:`ConfigError` a constructor raised
-    instead of Hydra's wrapper around it."""
+    instead of Hydra's wrapper around it; a setting the target does not take, or one that
+    refers to a key this combination of groups lacks, also becomes one sentence."""
+    from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
+
+    target = node.get("_target_", "?") if isinstance(node, DictConfig) else "?"
     try:
         return hydra_instantiate(node, *args, **kwargs)
     except Exception as e:
         cause = config_error(e)
-        if cause is None or cause is e:
+        if cause is not None and cause is not e:
+            raise cause from None
+        if cause is not None:
             raise
-        raise cause from None
+        inner = e
+        while inner.__cause__ is not None or inner.__context__ is not None:
+            inner = inner.__cause__ or inner.__context__
+        if isinstance(inner, TypeError) and "argument" in str(inner):
+            raise ConfigError(f"{target} does not take the settings it was given ({inner}); remove them or choose "
+                              "config groups that fit together") from None
+        if isinstance(inner, (InterpolationResolutionError, MissingMandatoryValue)):
+            raise ConfigError(f"{target} cannot be configured: {str(inner).splitlines()[0]}; set that key or choose "
+                              "config groups that fit together") from None
+        raise
 
 
 def choice(group: str, default: str = "") -> str:
@@ -186,6 +209,117 @@ class Run:
         return {k: float(v) for k, v in (results[0] if results else {}).items()}
 
 
+def _group_file(group: str, option: str) -> Path:
+    return CONF_DIR / group / f"{option}.yaml"
+
+
+def option_kind(group: str, option: str) -> str | None:
+    """What a shipped option of ``teacher``, ``student`` or ``data`` builds (None: unknown)."""
+    path = _group_file(group, option)
+    if not path.is_file():
+        return None
+    node = OmegaConf.load(path)
+    if group == "teacher":
+        if isinstance(node.get("model"), DictConfig) and "_target_" in node.model:
+            return kind_of(node.model)
+        for entry in node.get("defaults") or []:  # e.g. "/student@model: task_llama_teacher"
+            if isinstance(entry, DictConfig):
+                for key, value in entry.items():
+                    if str(key).startswith("/student@model"):
+                        return option_kind("student", str(value))
+            elif isinstance(entry, str) and (CONF_DIR / "teacher" / f"{entry}.yaml").is_file() and entry != option:
+                return option_kind("teacher", entry)
+        return None
+    return kind_of(node)
+
+
+def options_of_kind(group: str, kind: str) -> list[str]:
+    """The shipped options of ``group`` that build ``kind`` (for transformer kinds, also
+    those that build whatever the teacher is, e.g. student=from_teacher)."""
+    found = []
+    for path in sorted((CONF_DIR / group).glob("*.yaml")):
+        own = option_kind(group, path.stem)
+        if own == kind or (own is None and kind != "classifier" and "${teacher.model}" in path.read_text()):
+            found.append(path.stem)
+    return found
+
+
+def _either(group: str, options: list[str]) -> str:
+    return " or ".join(f"{group}={o}" for o in options) if options else f"a {group} config of that kind"
+
+
+def _check_kinds(cfg: DictConfig, cls: type[DistillationRecipe], name: str, with_teacher: bool) -> None:
+    """Data, student, teacher, recipe and regime must be for the same kind of model."""
+    data_kind = kind_of(cfg.data)
+    if data_kind is None:
+        return
+    data = f"data={choice('data', 'given')}"
+    needs = cls.needs
+    if needs.data is not None and data_kind not in needs.data:
+        fits = [o for k in needs.data for o in options_of_kind("data", k)]
+        raise ConfigError(f"recipe {name} distils {' or '.join(KIND_WORDS[k] for k in needs.data)} models, but {data} "
+                          f"holds {KIND_WORDS[data_kind]} data; choose {_either('data', fits)}")
+    scheme = cfg.student.get(INIT_FROM_TEACHER) if isinstance(cfg.get("student"), DictConfig) else None
+    teacher_cfg = cfg.get("teacher")
+    if teacher_cfg and (with_teacher or scheme is not None) and isinstance(teacher_cfg.get("model"), DictConfig):
+        teacher_kind = kind_of(teacher_cfg.model)
+        if teacher_kind is not None and teacher_kind != data_kind:
+            raise ConfigError(f"teacher={choice('teacher', 'given')} is a {MODEL_WORDS.get(teacher_kind, teacher_kind)} but {data} holds "
+                              f"{KIND_WORDS[data_kind]} data; choose "
+                              f"{_either('teacher', options_of_kind('teacher', data_kind))}")
+        if scheme is not None and teacher_kind == "classifier":
+            raise ConfigError(f"student={choice('student', 'given')} copies a transformers teacher's layers, but "
+                              f"teacher={choice('teacher', 'given')} is not a transformer; choose "
+                              f"{_either('student', options_of_kind('student', data_kind))}")
+    student_kind = kind_of(cfg.student) if isinstance(cfg.get("student"), DictConfig) else None
+    if student_kind is not None and student_kind != data_kind:
+        raise ConfigError(f"student={choice('student', 'given')} builds a {MODEL_WORDS.get(student_kind, student_kind)} but {data} holds "
+                          f"{KIND_WORDS[data_kind]} data; choose {_either('student', options_of_kind('student', data_kind))}")
+    regime = cfg.get("regime")
+    if regime:
+        regime_cls = get_class(regime._target_)
+        if getattr(regime_cls, "generative", False) and data_kind != "causal_lm":
+            raise ConfigError(f"regime={choice('regime', getattr(regime_cls, 'name', 'given'))} generates text and "
+                              f"needs a language-model datamodule, but {data} holds {KIND_WORDS[data_kind]} data; "
+                              "use regime=offline")
+    divergence = cfg.get("divergence")
+    if divergence and divergence.get("reduction") == "seq_mean" and data_kind == "classifier":
+        raise ConfigError(f"divergence.reduction=seq_mean averages over each sequence's tokens, but {data} has one "
+                          "position per example; use divergence.reduction=mean")
+
+
+def _check_resolves(cfg: DictConfig) -> None:
+    """Mandatory values (``???``) the command line must set, and interpolations that point
+    at keys this combination of groups lacks, as one sentence each."""
+    from omegaconf.errors import InterpolationResolutionError
+
+    plain = OmegaConf.to_container(cfg, resolve=False, throw_on_missing=False)
+    plain.pop("hydra", None)
+    missing: list[str] = []
+
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{path}.{k}" if path else str(k))
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{path}[{i}]")
+        elif node == "???":
+            missing.append(path)
+
+    walk(plain, "")
+    if missing:
+        raise ConfigError(f"{', '.join(missing)} must be set for this run: add {missing[0]}=<value> on the command line")
+    for key in plain:
+        try:
+            OmegaConf.to_container(cfg[key], resolve=True) if isinstance(cfg[key], DictConfig) else cfg[key]
+        except InterpolationResolutionError as e:
+            where = getattr(e, "full_key", None) or key
+            reason = str(e).splitlines()[0]
+            raise ConfigError(f"{where} cannot be resolved ({reason}); the chosen config groups do not fit together: "
+                              f"choose {key}=<an option made for this data>") from None
+
+
 def _check_groups(cfg: DictConfig, cls: type[DistillationRecipe], name: str) -> None:
     """Refuse settings the recipe would silently ignore or cannot train with."""
     needs = cls.needs
@@ -200,6 +334,8 @@ def _check_groups(cfg: DictConfig, cls: type[DistillationRecipe], name: str) -> 
             raise ConfigError(f"recipe {name} runs its own optimisation loop, which Lightning cannot accumulate or "
                               "clip; set trainer.accumulate_grad_batches=1 and trainer.gradient_clip_val=null (the "
                               "recipe has its own clipping knob)")
+    if isinstance(cfg.get("seed"), bool) or not isinstance(cfg.get("seed"), int):
+        raise ConfigError(f"seed must be an integer (got {cfg.get('seed')!r}); e.g. seed=0, or -m seed=0,1,2")
     resume = cfg.get("ckpt_path")
     if resume and not Path(resume).is_file():
         raise ConfigError(f"ckpt_path '{resume}' does not exist; pass a run's checkpoints/last.ckpt or set ckpt_path=null")
@@ -239,7 +375,8 @@ def _check_tokenizers(cfg: DictConfig, datamodule: Any, recipe: DistillationReci
     datamodule.setup("fit")
     student_tok = student_tokenizer(cfg)
     if student_tok is not None:
-        check_same_tokenizer(datamodule.tokenizer, student_tok, "the data's and the student's")
+        check_same_tokenizer(datamodule.tokenizer, student_tok, "the data's and the student's",
+                             hint=f"tokenize the data with the student's: data.tokenizer={cfg.student.name_or_path}")
     shared = recipe.needs.teacher_tokenizer == "shared"
     if recipe.teacher is not None and shared:
         if cfg.teacher.get("tokenizer") or ((cfg.teacher.get("fit") or {}).get("data")):  # it may have its own
@@ -263,6 +400,8 @@ def build(cfg: DictConfig, *, teacher: bool | None = None, setup: bool = True) -
     name = choice("recipe", cls.__name__.lower())
     _check_groups(cfg, cls, name)
     with_teacher = needs.teacher if teacher is None else (teacher and bool(cfg.get("teacher")))
+    _check_kinds(cfg, cls, name, with_teacher)
+    _check_resolves(cfg)
 
     # The student is created right after seeding, as in the scratch baseline: same init.
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -290,6 +429,7 @@ def build(cfg: DictConfig, *, teacher: bool | None = None, setup: bool = True) -
         regime=regime,
         _recursive_=False,
     )
+    recipe.check_data(datamodule)
     if setup:
         _check_tokenizers(cfg, datamodule, recipe)
     trainer = instantiate(cfg.trainer, logger=instantiate_all(cfg.get("logger")) or False,

@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from kd import config_error
 from kd.evaluation import headline_metric, load_runs, summarize
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"  # also kd.build.CONF_DIR
 
 
 def one_sentence_errors(prog: str, fn: Any, cfg: DictConfig) -> Any:
@@ -49,16 +49,68 @@ def _hydra_eval(cfg: DictConfig) -> dict[str, Any]:
     return one_sentence_errors("kd-eval", evaluate, cfg)
 
 
+def composition_error(config_name: str, argv: list[str]) -> str | None:
+    """Compose the command line once (each sweep at its first value) and return why it
+    cannot be composed, as one sentence, or None. Skipped for Hydra's own flags."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if any(a.startswith("-") and a not in ("-m", "--multirun") for a in argv):
+        return None  # --help, --cfg, -c, ...: Hydra's business
+    overrides = [a for a in argv if not a.startswith("-") and not a.lstrip("+~").startswith("hydra")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+        first = []
+        for o in parsed:
+            if o.is_sweep_override():
+                prefix = "+" if o.input_line.startswith("+") else ""
+                first.append(f"{prefix}{o.key_or_group.lstrip('+')}={next(iter(o.sweep_string_iterator()))}")
+            else:
+                first.append(o.input_line)
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            compose(config_name, overrides=first)
+    except Exception as e:
+        return _one_sentence(e)
+    finally:
+        GlobalHydra.instance().clear()
+    return None
+
+
+def _one_sentence(e: Exception) -> str:
+    """Hydra's multi-line composition errors as one sentence that names the fix."""
+    text = str(e).split("Config search path")[0]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    head = lines[0].rstrip(".") if lines else type(e).__name__
+    if head.startswith("Could not override"):
+        return (f"{head}: the chosen config groups have no such key; check its spelling (a group's keys are in "
+                "its yaml under conf/) or drop the override")
+    if len(lines) > 2 and lines[1].startswith("Available options"):
+        return f"{head}; choose one of: {', '.join(lines[2:])}"
+    if type(e).__name__ == "OverrideParseException":
+        return f"cannot parse an override ({head}); quote values with special characters, e.g. 'key=[1,2]'"
+    return f"{head}; check the command line's overrides"
+
+
+def _checked(prog: str, config_name: str, entry: Any) -> None:
+    problem = composition_error(config_name, sys.argv[1:])
+    if problem is not None:
+        print(f"{prog}: error: {problem}", file=sys.stderr)
+        sys.exit(2)
+    entry()
+
+
 def main() -> None:
     """Console script ``kd``."""
     if not (CONF_DIR / "train.yaml").is_file():
         sys.exit(f"kd: error: config directory {CONF_DIR} not found; install kd from its repository with pip install -e .")
-    _hydra_train()
+    _checked("kd", "train", _hydra_train)
 
 
 def eval_main() -> None:
     """Console script ``kd-eval``."""
-    _hydra_eval()
+    _checked("kd-eval", "eval", _hydra_eval)
 
 
 class SweepSummary(Callback):

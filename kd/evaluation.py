@@ -139,16 +139,23 @@ def headline_metric(runs: list[dict]) -> str:
     return "test/acc"
 
 
+#: the result table's baseline rows: the student trained without a teacher, or the SFT a
+#: distilled student started from (``student_sft``)
+SCRATCH_ROW = "student, from scratch"
+SFT_ROW = "student, SFT (start point)"
+BASELINE_ROWS = (SCRATCH_ROW, SFT_ROW)
+
+
 def gap_closed(results: dict[str, dict], metric: str) -> dict[str, float]:
     """Share of the teacher-student gap each distilled student closes in one run:
-    ``(student - scratch) / (teacher - scratch)``, for runs holding both a ``teacher`` and a
-    ``student, from scratch`` row with different values (empty otherwise)."""
+    ``(student - baseline) / (teacher - baseline)``, for runs holding both a ``teacher`` and
+    a baseline row (:data:`BASELINE_ROWS`) with different values (empty otherwise)."""
     teacher = results.get("teacher", {}).get(metric)
-    scratch = results.get("student, from scratch", {}).get(metric)
-    if teacher is None or scratch is None or teacher == scratch:
+    base = next((results[r] for r in BASELINE_ROWS if r in results), {}).get(metric)
+    if teacher is None or base is None or teacher == base:
         return {}
-    return {name: (res[metric] - scratch) / (teacher - scratch) for name, res in results.items()
-            if name not in ("teacher", "student, from scratch") and res.get(metric) is not None}
+    return {name: (res[metric] - base) / (teacher - base) for name, res in results.items()
+            if name not in ("teacher", *BASELINE_ROWS) and res.get(metric) is not None}
 
 
 def summarize(runs: list[dict], metric: str = "test/acc") -> str:

@@ -25,13 +25,51 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from kd import ConfigError
+
+#: what a model (or a datamodule) is for: kd checks that data, teacher and student agree
+#: before building anything (``kd.build``). A factory declares its kind with :func:`builds`.
+KINDS = ("classifier", "causal_lm", "masked_lm")
+
+
+def builds(kind: str | Callable[[Mapping[str, Any]], str | None]):
+    """Declare what a model factory (or datamodule class) builds: one of :data:`KINDS`, or a
+    function of its config node (e.g. ``load_hf_model``'s ``task``). Unknown factories are
+    not checked."""
+
+    def mark(obj: Any) -> Any:
+        obj.kd_kind = kind
+        return obj
+
+    return mark
+
+
+def kind_of(node: Any) -> str | None:
+    """What the factory or class a config node names (``_target_``) builds (:func:`builds`),
+    or None when it does not say (or cannot be imported)."""
+    import importlib
+
+    target = node.get("_target_") if isinstance(node, Mapping) else None
+    if not isinstance(target, str) or "." not in target:
+        return None
+    module, _, name = target.rpartition(".")
+    try:
+        obj = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return None
+    kind = getattr(obj, "kd_kind", None)
+    try:
+        return kind(node) if callable(kind) else kind
+    except Exception:  # a node that refers to keys it cannot see (a yaml read on its own)
+        return None
+
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -39,6 +77,7 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 WEIGHT_FILES = ("model.safetensors", "model.pt", "model.pth", "pytorch_model.bin")
 
 
+@builds("classifier")
 class MLPClassifier(nn.Module):
     """A multilayer perceptron over flat feature vectors.
 
@@ -74,6 +113,7 @@ class MLPClassifier(nn.Module):
         return self.net(inputs)
 
 
+@builds("classifier")
 class DigitsCNN(nn.Module):
     """A small convolutional classifier for square single-channel images.
 
@@ -119,6 +159,7 @@ def _looks_local(name_or_path: str) -> bool:
     return name_or_path.startswith(("/", "./", "../", "~")) or os.sep in name_or_path and Path(name_or_path).parent.exists()
 
 
+@builds(lambda node: str(node.get("task", "causal_lm")))
 def load_hf_model(
     name_or_path: str,
     task: str = "causal_lm",
@@ -164,6 +205,7 @@ def load_hf_model(
     return auto[task].from_pretrained(str(path) if path.exists() else name_or_path, **kwargs)
 
 
+@builds("causal_lm")
 def tiny_causal_lm(
     arch: str = "llama",
     vocab_size: int = 512,
@@ -209,6 +251,7 @@ def tiny_causal_lm(
     raise ConfigError(f"tiny_causal_lm arch must be 'llama' or 'gpt2' (got {arch!r})")
 
 
+@builds("masked_lm")
 def tiny_masked_lm(
     vocab_size: int = 512,
     hidden_size: int = 64,
@@ -286,6 +329,11 @@ def init_from_teacher(student: nn.Module, teacher: nn.Module, scheme: str | Sequ
     return mapping
 
 
+def _shallower_kind(node: Mapping[str, Any]) -> str | None:
+    return kind_of(node.get("model"))
+
+
+@builds(_shallower_kind)
 def shallower_copy(model: nn.Module, num_layers: int | None = None) -> nn.Module:
     """A randomly initialised transformers model like ``model`` with ``num_layers`` layers
     (default: half its depth). A student config that sets ``init_from_teacher`` (a
@@ -321,11 +369,11 @@ def _vocab_strings(tok) -> dict[int, str]:
     return {i: s for s, i in tok.get_vocab().items()}
 
 
-def check_same_tokenizer(student_tok, teacher_tok, what: str = "teacher and student") -> None:
+def check_same_tokenizer(student_tok, teacher_tok, what: str = "teacher and student", hint: str | None = None) -> None:
     """Refuse two tokenizers unless every id maps to the same token string in both
-    (equal sizes are not enough) and the EOS tokens agree."""
+    (equal sizes are not enough) and the EOS tokens agree; ``hint`` names the fix."""
     a, b = _vocab_strings(student_tok), _vocab_strings(teacher_tok)
-    hint = "use a cross-tokenizer recipe (recipe=byte_kd) or give both models the same tokenizer"
+    hint = hint or "use a cross-tokenizer recipe (recipe=byte_kd) or give both models the same tokenizer"
     if len(a) != len(b):
         raise ConfigError(f"{what} tokenizers differ ({len(a)} vs {len(b)} tokens); {hint}")
     diff = [i for i in a if a[i] != b.get(i)]

@@ -101,6 +101,8 @@ class Needs:
         own_loop: the recipe runs its own optimisation loop (manual optimisation, e.g. PPO
             epochs over a rollout buffer).
         regimes: names of the data regimes the recipe accepts (None: any).
+        data: the kinds of models and data it distils (:data:`kd.models.KINDS`, e.g.
+            ``("causal_lm",)``; None: any).
     """
 
     teacher: bool = True
@@ -109,6 +111,7 @@ class Needs:
     teacher_tokenizer: str = "shared"
     own_loop: bool = False
     regimes: tuple[str, ...] | None = None
+    data: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.teacher_tokenizer not in ("shared", "own"):
@@ -291,6 +294,10 @@ class DistillationRecipe(L.LightningModule):
                 )
         self.vocab_size = vocab_size
 
+    def check_data(self, datamodule: Any) -> None:
+        """Refuse, with one sentence, data this recipe's settings cannot train on (called by
+        :func:`kd.build.build` before anything trains; the datamodule is not set up yet)."""
+
     # ------------------------------------------------------------------ the loss
 
     def compute_loss(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -448,7 +455,24 @@ class DistillationRecipe(L.LightningModule):
     def save_student(self, directory: str | Path, tokenizer: Any = None) -> Path:
         """Write the student in its native format (``save_pretrained`` for transformers
         models, ``model.safetensors`` otherwise), with its tokenizer when given, so plain
-        transformers loads the directory; return it."""
+        transformers loads the directory; return it.
+
+        With a tokenizer, a transformers student is made self-contained first: its
+        vocabulary is cut to the tokenizer's (rows past it were never trained, and plain
+        ``generate()`` could sample them) and its config and generation config get the
+        tokenizer's EOS, BOS and pad ids (so ``generate()`` stops)."""
+        if tokenizer is not None and hasattr(self.student, "resize_token_embeddings"):
+            size = len(tokenizer)
+            rows = getattr(self.student.get_input_embeddings(), "num_embeddings", size)
+            if rows > size:
+                self.student.resize_token_embeddings(size)
+            ids = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+                   "bos_token_id": tokenizer.bos_token_id}
+            for config in (self.student.config, getattr(self.student, "generation_config", None)):
+                if config is not None:
+                    for key, value in ids.items():
+                        if value is not None:
+                            setattr(config, key, value)
         out = save_model(self.student, directory)
         if tokenizer is not None:
             tokenizer.save_pretrained(out)

@@ -29,13 +29,10 @@ from typing import Any
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from kd import ConfigError
 from kd.build import build, instantiate, scratch_baseline, student_factory, student_tokenizer
-from kd.evaluation import headline_metric, summarize
+from kd.evaluation import SCRATCH_ROW, SFT_ROW, headline_metric, summarize
 from kd.models import count_parameters, load_weights
-
-#: the scratch baseline's row in the result table
-SCRATCH = "student, from scratch"
-
 
 def _overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
@@ -48,9 +45,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     run = build(cfg)
     run.prepare()
-    metrics = run.fit()
-    run.recipe.save_student(out / "student", tokenizer=getattr(run.datamodule, "tokenizer", None))
-    OmegaConf.save(cfg.student, out / "student" / "model_config.yaml")
+    try:
+        metrics = run.fit()
+    except FloatingPointError as e:  # a non-finite loss: keep the work done so far, then one sentence
+        raise ConfigError(_keep_work(run, out, str(e), started)) from None
+    _export(run, out)
 
     results: dict[str, dict[str, Any]] = {}
     baseline_weights = None
@@ -60,14 +59,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         results["teacher"] = {**teacher_metrics, "params": count_parameters(run.teacher)}
         if cfg.get("scratch_baseline"):
             baseline_weights, facts = scratch_baseline(cfg, run.cache)
-            results[SCRATCH] = {**facts["metrics"], "params": facts["params"]}
+            baseline_row = SFT_ROW if cfg.get("student_sft") else SCRATCH_ROW
+            results[baseline_row] = {**facts["metrics"], "params": facts["params"]}
     results[run.label] = {**metrics, "params": count_parameters(run.student)}
     if cfg.get("downstream"):  # fine-tune every model of the table on the downstream task
         task = instantiate(cfg.downstream)
         tokenizer = getattr(run.datamodule, "tokenizer", None)
         models = {run.label: run.student, "teacher": run.teacher}
         if baseline_weights is not None:
-            models[SCRATCH] = load_weights(instantiate(student_factory(cfg)[0]), baseline_weights)
+            models[baseline_row] = load_weights(instantiate(student_factory(cfg)[0]), baseline_weights)
         for name, model in models.items():
             if model is not None:
                 results[name]["downstream/acc"] = task(model, tokenizer)
@@ -84,6 +84,36 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
     print("\n" + summarize([summary], metric=headline_metric([summary])) + f"\n\noutputs: {out}\n", flush=True)
     return summary
+
+
+def _export(run: Any, out: Path) -> Path:
+    directory = run.recipe.save_student(out / "student", tokenizer=getattr(run.datamodule, "tokenizer", None))
+    OmegaConf.save(run.cfg.student, directory / "model_config.yaml")
+    return directory
+
+
+def _keep_work(run: Any, out: Path, reason: str, started: float) -> str:
+    """After training stopped on a non-finite loss: export the student of the best (else
+    the last) checkpoint written so far, or the live weights when they are still finite,
+    write ``metrics.json`` saying what happened, and return the sentence to print."""
+    import torch
+
+    checkpoints = sorted((out / "checkpoints").glob("*.ckpt")) if (out / "checkpoints").is_dir() else []
+    callback = run.trainer.checkpoint_callback
+    best = Path(getattr(callback, "best_model_path", "") or "") if callback is not None else None
+    source = best if best is not None and best.is_file() else (checkpoints[-1] if checkpoints else None)
+    if source is not None:
+        state = torch.load(source, map_location="cpu", weights_only=False)["state_dict"]
+        run.recipe.load_state_dict(state, strict=False)
+    finite = all(torch.isfinite(p).all() for p in run.student.parameters())
+    exported = _export(run, out) if finite else None
+    summary = {"recipe": run.name, "seed": int(run.cfg.seed), "overrides": _overrides(), "output_dir": str(out),
+               "error": reason, "student_from": str(source) if source is not None else "last weights",
+               "results": {}, "wall_time_s": round(time.perf_counter() - started, 2)}
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2))
+    kept = f"the student of {source.name} is exported to {exported}" if exported and source else (
+        f"the last weights are exported to {exported}" if exported else "no finite weights to export")
+    return f"{reason.rstrip('.')}; {kept}"
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:

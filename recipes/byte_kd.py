@@ -94,7 +94,7 @@ class CrossTokenizerRecipe(DistillationRecipe):
     """Shared plumbing of the cross-tokenizer recipes: the two byte vocabularies, the
     teacher's view of a batch and the byte-offset alignment (module docstring)."""
 
-    needs = Needs(teacher_tokenizer="own", regimes=("offline", "on_policy", "mixed"))
+    needs = Needs(teacher_tokenizer="own", regimes=("offline", "on_policy", "mixed"), data=("causal_lm",))
     #: symbols read past a position (ByteKD: its byte heads)
     num_heads = 1
 
@@ -228,7 +228,8 @@ class ByteKD(CrossTokenizerRecipe):
         **kwargs: passed to :class:`kd.recipe.DistillationRecipe`.
     """
 
-    needs = Needs(hidden_states=True, teacher_tokenizer="own", regimes=("offline", "on_policy", "mixed"))
+    needs = Needs(hidden_states=True, teacher_tokenizer="own", regimes=("offline", "on_policy", "mixed"),
+                  data=("causal_lm",))
 
     def __init__(self, *, num_heads: int = 10, lam_byte: float = 1.0, lam_kl: float = 0.1,
                  lam_boundary_kl: float = 0.0, detour_passes: bool = True, hidden_size: int | None = None,
@@ -316,7 +317,8 @@ class ULD(CrossTokenizerRecipe):
         **kwargs: passed to :class:`kd.recipe.DistillationRecipe`.
     """
 
-    needs = Needs(divergence=True, teacher_tokenizer="own", regimes=("offline", "on_policy", "mixed"))
+    needs = Needs(divergence=True, teacher_tokenizer="own", regimes=("offline", "on_policy", "mixed"),
+                  data=("causal_lm",))
 
     def __init__(self, *, lam: float = 1.0, temperature: float = 1.0, divergence: Divergence | None = None,
                  **kwargs: Any) -> None:

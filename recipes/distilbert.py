@@ -58,7 +58,7 @@ class DistilBERT(DistillationRecipe):
         **kwargs: passed to :class:`kd.recipe.DistillationRecipe`.
     """
 
-    needs = Needs(divergence=True, hidden_states=True)
+    needs = Needs(divergence=True, hidden_states=True, data=("masked_lm",))
 
     def __init__(self, *, alpha_ce: float = 5.0, alpha_mlm: float = 2.0, alpha_cos: float = 1.0,
                  temperature: float = 2.0, restrict_ce_to_mask: bool = False, divergence: Divergence | None = None,

@@ -60,7 +60,7 @@ class GKD(DistillationRecipe):
         **kwargs: passed to :class:`kd.recipe.DistillationRecipe`.
     """
 
-    needs = Needs(divergence=True)
+    needs = Needs(divergence=True, data=("causal_lm",))
 
     def __init__(self, *, temperature: float = 1.0, student_dropout: bool = False,
                  divergence: Divergence | None = None, **kwargs: Any) -> None:

@@ -133,7 +133,7 @@ class MiniLLM(DistillationRecipe):
         **kwargs: passed to :class:`kd.recipe.DistillationRecipe`.
     """
 
-    needs = Needs(own_loop=True, regimes=("offline",))  # it samples its own rollouts
+    needs = Needs(own_loop=True, regimes=("offline",), data=("causal_lm",))  # it samples its own rollouts
 
     def __init__(self, *, variant: str = "paper", mix_alpha: float = 0.2, clip_eps: float = 0.2,
                  ppo_epochs: int = 4, num_minibatches: int = 4, pt_weight: float = 1.0,
@@ -156,6 +156,12 @@ class MiniLLM(DistillationRecipe):
         self.sampling = Sampling.of(sampling)
         self.seed = seed
         self._rng: torch.Generator | None = None
+
+    def check_data(self, datamodule: Any) -> None:
+        size = getattr(datamodule, "batch_size", None)
+        if size is not None and self.num_minibatches > size:
+            raise ConfigError(f"recipe.num_minibatches={self.num_minibatches} splits each batch of {size} rollouts into "
+                              f"more mini-batches than rollouts; set recipe.num_minibatches <= data.batch_size")
 
     @property
     def optimizer_steps_per_batch(self) -> int:
@@ -257,8 +263,14 @@ class MiniLLM(DistillationRecipe):
             lm_data["teacher_logits"] = self.teacher_logits(lm_data)
         generator = torch.Generator().manual_seed(self.seed * 100003 + self.global_step)
         sums: dict[str, float] = {}
+        steps = 0
         for _ in range(self.ppo_epochs):
-            for chunk in torch.randperm(n, generator=generator).chunk(self.num_minibatches):
+            # tensor_split, not chunk: exactly num_minibatches parts (chunk(4) of 6 gives 3)
+            for chunk in torch.randperm(n, generator=generator).tensor_split(self.num_minibatches):
+                if len(chunk) == 0:  # a last batch smaller than num_minibatches: keep the schedule in step
+                    if scheduler is not None:
+                        scheduler.step()
+                    continue
                 chunk = chunk.to(buffer["input_ids"].device)
                 part = {k: v[chunk] for k, v in buffer.items()}
                 data = {k: v[chunk] for k, v in lm_data.items()}
@@ -274,9 +286,9 @@ class MiniLLM(DistillationRecipe):
                 optimizer.step()
                 if scheduler is not None:
                     scheduler.step()
+                steps += 1
                 for k, v in terms.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach())
-        steps = self.ppo_epochs * self.num_minibatches
         mask = buffer["mask"]
         logged = {k: v / steps for k, v in sums.items()}
         logged["reward"] = float(reduce(buffer["rewards"], mask))

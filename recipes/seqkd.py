@@ -37,7 +37,7 @@ from torch import Tensor
 from kd import ConfigError
 from kd.divergences import reduce, to_log_probs
 from kd.evaluation import cross_entropy
-from kd.recipe import DistillationRecipe
+from kd.recipe import DistillationRecipe, Needs
 
 
 def soft_cross_entropy(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, temperature: float = 1.0) -> Tensor:
@@ -55,6 +55,8 @@ class SeqKD(DistillationRecipe):
         temperature: softens both distributions of the soft term (T^2 scaling).
         **kwargs: passed to :class:`kd.recipe.DistillationRecipe`.
     """
+
+    needs = Needs(data=("causal_lm",))
 
     def __init__(self, *, alpha: float = 0.0, temperature: float = 1.0, **kwargs: Any) -> None:
         if not 0.0 <= alpha <= 1.0:

@@ -52,6 +52,9 @@ class DigitsDataModule(L.LightningDataModule):
 
     num_classes = 10
 
+    #: the models this data is for (kd.models.KINDS; checked by kd.build)
+    kd_kind = "classifier"
+
     def __init__(
         self,
         batch_size: int = 64,

@@ -428,6 +428,9 @@ class LMDataModule(L.LightningDataModule):
             cross-tokenizer recipes (``recipes/byte_kd.py``; ``kd`` sets it for them).
     """
 
+    #: the models this data is for (kd.models.KINDS; checked by kd.build)
+    kd_kind = "causal_lm"
+
     def __init__(
         self,
         source: Any,

@@ -201,6 +201,9 @@ class MLMDataModule(L.LightningDataModule):
         eval_seed: the seed of the held-out masks.
     """
 
+    #: the models this data is for (kd.models.KINDS; checked by kd.build)
+    kd_kind = "masked_lm"
+
     def __init__(self, source: Any, tokenizer: str | None = None, vocab_size: int = 2000, min_frequency: int = 2,
                  max_length: int = 64, batch_size: int = 32, eval_batch_size: int = 64, mlm_probability: float = 0.15,
                  smoothing: float = 0.7, eval_seed: int = 0, num_workers: int = 0) -> None:
