@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import re
 from pathlib import Path
 
 import pytest
@@ -44,13 +45,40 @@ def test_the_cli_is_a_thin_shell():
         assert f"'{name}'" not in code and f"recipes.{name}" not in code
 
 
+def _code(cls) -> str:
+    """The code (docstrings dropped) of a recipe class and of its bases in recipes/."""
+    parts = []
+    for klass in cls.__mro__:
+        if klass.__module__.startswith("recipes."):
+            tree = ast.parse(inspect.getsource(klass).lstrip())
+            for node in ast.walk(tree):
+                if isinstance(node, (ast.ClassDef, ast.FunctionDef)) and ast.get_docstring(node) is not None:
+                    node.body = node.body[1:] or [ast.Pass()]
+            parts.append(ast.unparse(tree))
+    return "\n".join(parts)
+
+
 def test_every_shipped_recipe_declares_its_needs():
+    """Each recipe class states its needs in its own body (inheriting the base class's default would
+    make isinstance(cls.needs, Needs) true for any recipe), and what it declares is what its code does:
+    a teacher, a divergence, hidden states, the teacher's own tokenizer, its own loop."""
+    seen = set()
     for option in sorted(p.stem for p in (CONF_DIR / "recipe").glob("*.yaml")):
         cls = get_class(OmegaConf.load(CONF_DIR / "recipe" / f"{option}.yaml")._target_)
-        assert isinstance(cls.needs, Needs), option
+        assert "needs" in vars(cls) and type(cls.needs) is Needs, option
         uses = "divergence" in inspect.getsource(cls.compute_loss) if "compute_loss" in vars(cls) else False
         if uses:  # a recipe whose loss calls self.divergence must say so
             assert cls.needs.divergence, option
+        code, needs = _code(cls), cls.needs
+        assert needs.divergence == ("self.divergence" in code), option
+        assert needs.teacher == any(t in code for t in ("self.teacher", "teacher_logits(", "teacher_outputs(")), option
+        assert needs.hidden_states == bool(re.search(r"\.hidden\b", code)), option
+        assert (needs.teacher_tokenizer == "own") == ("teacher_prompt_ids" in code), option
+        assert needs.own_loop == ("manual_backward(" in code), option
+        seen.add(cls)
+    # the checks above see both sides of every flag
+    for flag in ("teacher", "divergence", "hidden_states", "own_loop"):
+        assert {bool(getattr(c.needs, flag)) for c in seen} == {True, False}, flag
 
 
 # ----------------------------------------------------------------------------- honest groups
@@ -181,8 +209,23 @@ def test_a_recipe_with_its_own_teacher_tokenizer_gets_it_on_the_datamodule(make_
     from tests.test_byte_kd import SMALL_PAIR
 
     run = build(make_cfg(*SMALL_PAIR, "recipe=uld"))
-    assert run.datamodule.teacher_tokenizer is not None
-    batch = next(iter(run.datamodule.train_dataloader()))
+    dm = run.datamodule
+    assert dm.teacher_tokenizer is not None
+    # it is the teacher's own: the one its fit trains it with (300 tokens, not the data's 600), not the data's
+    assert len(dm.tokenizer) > 300 >= len(dm.teacher_tokenizer)
+    assert len(dm.teacher_tokenizer) <= run.teacher.get_input_embeddings().num_embeddings == 300
+    assert dm.teacher_tokenizer.get_vocab() != dm.tokenizer.get_vocab()
+    batch = next(iter(dm.train_dataloader()))
     assert "teacher_prompt_ids" in batch
+    # ... and batches carry each prompt in its tokens: the same text as the data's prompt, tokenized otherwise
+    differ = 0
+    for r in range(len(batch["prompt_ids"])):
+        ours = batch["prompt_ids"][r][batch["prompt_mask"][r].bool()].tolist()
+        theirs = batch["teacher_prompt_ids"][r][batch["teacher_prompt_mask"][r].bool()].tolist()
+        assert dm.teacher_tokenizer.decode(theirs, skip_special_tokens=True) == dm.tokenizer.decode(
+            ours, skip_special_tokens=True)
+        assert theirs == dm.teacher_tokenizer(dm.tokenizer.decode(ours), add_special_tokens=False)["input_ids"]
+        differ += theirs != ours
+    assert differ > 0
     shared = build(make_cfg(*SMALL_TASK, "recipe=hinton"))
     assert shared.datamodule.teacher_tokenizer is None

@@ -11,6 +11,7 @@ import torch
 
 from kd import ConfigError
 from kd.bytes import NUM_SYMBOLS, ByteOracle, ByteVocab, SymbolIndex, detours, marginal_byte_targets
+from kd.data import IGNORE_INDEX
 from kd.data.lm import LMDataModule, TaskSource
 from kd.models import tiny_causal_lm
 from recipes.byte_kd import ULD, ByteKD
@@ -260,6 +261,8 @@ def test_a_teacher_tokenizer_that_adds_a_dummy_prefix_is_refused(pair):
 
 
 def test_byte_kd_loss_terms_and_gradients(pair):
+    import torch.nn.functional as F
+
     dm, student_tok, teacher_tok = pair
     batch = next(iter(dm.train_dataloader()))
     recipe = _recipe(ByteKD, student_tok, teacher_tok, num_heads=4)
@@ -271,6 +274,42 @@ def test_byte_kd_loss_terms_and_gradients(pair):
     assert 0.0 <= terms["byte_leak"].item() < 1.0
     expected = terms["token_ce"] + 1.0 * terms["byte_ce"] + 0.1 * terms["byte_kl"]
     assert terms["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+    # every term again, by hand, from the student's own outputs and the head targets
+    V = len(student_tok)
+    with torch.no_grad():
+        out = recipe.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             output_hidden_states=True)
+        rows, teacher_logits = recipe.align(batch)
+        q = recipe.head_targets(rows, teacher_logits)
+        logits, labels = out.logits[:, :-1, :V], batch["labels"][:, 1:]
+        token_ce = F.cross_entropy(logits.reshape(-1, V), labels.reshape(-1), ignore_index=IGNORE_INDEX)
+        # head k at (row, pos) reads the last hidden state at the position that predicts the token
+        states = out.hidden_states[-1][q["row"], q["pos"]]
+        log_q = F.log_softmax(recipe.byte_heads(states).view(len(states), 4, NUM_SYMBOLS).double(), -1)
+        true, target, valid = q["true"], q["target"].double(), q["valid"]
+        has_byte = true >= 0
+        assert valid.any() and has_byte.any() and not has_byte.all()  # some heads look past the response's end
+        nll = -log_q.gather(-1, true.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        byte_ce = nll[has_byte].sum() / has_byte.sum()
+        kl = (torch.xlogy(target, target) - target * log_q).sum(-1)  # sum p log(p / q), 0 log 0 = 0
+        byte_kl = kl[valid].sum() / valid.sum()
+        # the student's next byte at its token boundaries: token probabilities summed by their first byte
+        p_token = torch.softmax(logits[q["row"], q["pos"]].double(), -1)
+        first = torch.tensor([recipe.student_bytes.symbols[v][0] for v in range(V)])
+        p_byte = torch.zeros(len(p_token), NUM_SYMBOLS, dtype=torch.double).index_add_(1, first, p_token)
+        t0 = target[:, 0]
+        boundary = (torch.xlogy(t0, t0) - t0 * p_byte.clamp(min=1e-30).log()).sum(-1)
+        boundary_kl = boundary[valid[:, 0]].sum() / valid[:, 0].sum()
+    assert terms["token_ce"].item() == pytest.approx(token_ce.item(), rel=1e-5)
+    assert terms["byte_ce"].item() == pytest.approx(byte_ce.item(), rel=1e-5)
+    assert terms["byte_kl"].item() == pytest.approx(byte_kl.item(), rel=1e-5)
+    assert terms["boundary_kl"].item() == pytest.approx(boundary_kl.item(), rel=1e-5)
+    assert terms["loss"].item() == pytest.approx((token_ce + byte_ce + 0.1 * byte_kl).item(), rel=1e-5)
+    # the heads are trained against byte o_j + k of the response (checked in the next test), one row per
+    # student response token
+    assert len(q["row"]) == int((labels != IGNORE_INDEX).sum())
+
     terms["loss"].backward()
     assert recipe.byte_heads.weight.grad.abs().sum() > 0
     assert recipe.student.get_input_embeddings().weight.grad.abs().sum() > 0
@@ -325,16 +364,99 @@ def test_identical_tokenizers_and_teacher_equal_student_give_zero_byte_kl(task_d
     assert other["uld"].item() > 1e-3
 
 
-def test_uld_pairs_only_positions_where_both_start_a_token(pair):
-    dm, student_tok, teacher_tok = pair
-    batch = next(iter(dm.train_dataloader()))
-    recipe = _recipe(ULD, student_tok, teacher_tok)
-    rows, _ = recipe.align(batch)
+def _sorted_l1(student_logits, teacher_logits):
+    """ULD by hand: L1 between the descending-sorted probabilities, the shorter zero-padded."""
+    p_s = torch.softmax(student_logits.double(), -1).sort(-1, descending=True).values
+    p_t = torch.softmax(teacher_logits.double(), -1).sort(-1, descending=True).values
+    width = max(p_s.shape[-1], p_t.shape[-1])
+    p_s = torch.nn.functional.pad(p_s, (0, width - p_s.shape[-1]))
+    p_t = torch.nn.functional.pad(p_t, (0, width - p_t.shape[-1]))
+    return (p_s - p_t).abs().sum(-1)
+
+
+def test_uld_pairs_exactly_the_positions_where_both_start_a_token_at_the_same_byte():
+    """Two tokenizations with known byte offsets, built by hand (recipes.byte_kd.Row):
+
+    row 0, "abcde" + EOS: student ab|c|de|EOS (starts 0 2 3 5), teacher a|bc|d|e|EOS (0 1 3 4 5);
+    shared starts 0, 3, 5 -> student tokens 0, 2, 3 with teacher tokens 0, 2, 4.
+    row 1, "xyzwv" + EOS: student x|yz|w|v|EOS (0 1 3 4 5), teacher one token per byte but spelling
+    the same bytes only up to offset 3 (common = 3): only starts 0 and 1 count (3 is past the common prefix).
+    The teacher's kept logits are in a shuffled column order (row.teacher_pos) to catch index mix-ups."""
+    from kd.divergences import ULD as ULDDivergence
+    from recipes.byte_kd import Row
+
+    torch.manual_seed(0)
+    student = tiny_causal_lm(vocab_size=20, hidden_size=16, num_layers=1, num_heads=2)
+    teacher = tiny_causal_lm(vocab_size=11, hidden_size=16, num_layers=1, num_heads=2)
+    recipe = ULD(student=student, teacher=teacher, divergence=ULDDivergence(), lam=0.5)
+    a, b, c, d, e, x, y, z, w, v, eos = (*b"abcdexyzwv", 256)
+    rows = [Row(student_pos=[1, 2, 3, 4], student_starts=[0, 2, 3, 5], symbols=[a, b, c, d, e, eos],
+                teacher_pos=[4, 0, 3, 1, 2], teacher_starts=[0, 1, 3, 4, 5], common=6),
+            Row(student_pos=[0, 1, 2, 3, 4], student_starts=[0, 1, 3, 4, 5], symbols=[x, y, z, w, v, eos],
+                teacher_pos=[2, 3, 4, 0, 1], teacher_starts=[0, 1, 2, 3, 4], common=3)]
+    teacher_logits = 3 * torch.randn(2, 5, 11)
+    recipe.align = lambda batch: (rows, teacher_logits)  # the alignment under test is the pairing in compute_loss
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 0], [5, 11, 12, 13, 14, 15, 0]])
+    labels = torch.where(torch.tensor([[0, 0, 1, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1, 0]]).bool(), ids, -100)
+    batch = {"input_ids": ids, "attention_mask": torch.tensor([[1] * 6 + [0]] * 2), "labels": labels}
+    terms = recipe.compute_loss(batch)
+
+    # (row, student logit position) <-> (row, teacher column): exactly these pairs
+    student_at = [(0, 1), (0, 3), (0, 4), (1, 0), (1, 1)]
+    teacher_at = [(0, 4), (0, 3), (0, 2), (1, 2), (1, 3)]
+    with torch.no_grad():
+        logits = student(input_ids=ids, attention_mask=batch["attention_mask"]).logits[:, :-1]
+    s = torch.stack([logits[r, p] for r, p in student_at])
+    t = torch.stack([teacher_logits[r, p] for r, p in teacher_at])
+    expected = _sorted_l1(s, t).mean()
+    assert expected.item() == pytest.approx(ULDDivergence()(s, t).item(), rel=1e-5)
+    assert terms["uld"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert terms["aligned"].item() == pytest.approx(5 / 9)
+    assert terms["misaligned"].item() == pytest.approx(0.5)  # row 1 parts before its end
+    token_ce = torch.nn.functional.cross_entropy(logits.reshape(-1, 20), labels[:, 1:].reshape(-1), ignore_index=-100)
+    assert terms["token_ce"].item() == pytest.approx(token_ce.item(), rel=1e-5)
+    assert terms["loss"].item() == pytest.approx(token_ce.item() + 0.5 * expected.item(), rel=1e-5)
+    # a pairing by token index (the paper's), or one ignoring the common prefix, would give another value
+    by_index = _sorted_l1(torch.stack([logits[0, p] for p in (1, 2, 3, 4)] + [logits[1, p] for p in range(5)]),
+                          torch.stack([teacher_logits[0, p] for p in (4, 0, 3, 1)]
+                                      + [teacher_logits[1, p] for p in (2, 3, 4, 0, 1)])).mean()
+    assert terms["uld"].item() != pytest.approx(by_index.item(), rel=1e-3)
+
+
+@pytest.mark.parametrize("tokenizers", ["pair", "swapped"])
+def test_uld_pairs_only_positions_where_both_start_a_token(tokenizers, request):
+    """pair: the student's tokens merge letters, the teacher's do not, so every student start is a
+    teacher start but not the other way round; swapped: many student starts fall inside teacher tokens."""
+    dm, student_tok, teacher_tok = request.getfixturevalue(tokenizers)
+    batch = _fixed_batch(dm, student_tok, teacher_tok)
+    models = []
+    for size in (len(student_tok), len(teacher_tok)):
+        models.append(tiny_causal_lm(vocab_size=size, hidden_size=32, num_layers=1, num_heads=2))
+        with torch.no_grad():  # peaked distributions that differ by position (untrained ones are near uniform,
+            models[-1].lm_head.weight.mul_(20)  # which makes every pairing give about the same ULD value)
+    recipe = _recipe(ULD, student_tok, teacher_tok, student=models[0], teacher=models[1])
+    rows, teacher_logits = recipe.align(batch)
     shared = sum(len(set(r.student_starts) & set(r.teacher_starts)) for r in rows)
     total = sum(len(r.student_starts) for r in rows)
     terms = recipe.compute_loss(batch)
     assert terms["aligned"].item() == pytest.approx(shared / total)
-    assert 0 < shared < total or shared == total
+    # the fixed batch holds responses the two tokenizers split differently
+    if tokenizers == "pair":
+        assert shared == total < sum(len(r.teacher_starts) for r in rows)
+    else:
+        assert 0 < shared < total
+    # the ULD term is the sorted-probability L1 over exactly those pairs (byte offset -> token on each side)
+    with torch.no_grad():
+        logits = recipe.student(input_ids=batch["input_ids"],
+                                attention_mask=batch["attention_mask"]).logits[:, :-1, : len(student_tok)]
+    s, t = [], []
+    for r, row in enumerate(rows):
+        for j, o in enumerate(row.student_starts):
+            if o in row.teacher_starts:
+                s.append(logits[r, row.student_pos[j]])
+                t.append(teacher_logits[r, row.teacher_pos[row.teacher_starts.index(o)]])
+    assert len(s) == shared
+    assert terms["uld"].item() == pytest.approx(_sorted_l1(torch.stack(s), torch.stack(t)).mean().item(), rel=1e-5)
 
 
 def test_uld_divergence_vector_and_refusals():
@@ -397,7 +519,10 @@ def test_kd_runs_cross_tokenizer_recipes_end_to_end(make_cfg, recipe):
     assert "test/exact_match" in rows["teacher"]  # the teacher answered in its own tokens
     assert rows["teacher"]["params"] != rows[f"student, {recipe}"]["params"]
     student_dir = f"{cfg.paths.output_dir}/student"
-    assert json.load(open(f"{student_dir}/config.json"))["vocab_size"] == 600
+    from transformers import AutoTokenizer
+
+    vocab = json.load(open(f"{student_dir}/config.json"))["vocab_size"]
+    assert vocab == len(AutoTokenizer.from_pretrained(student_dir)) != 300  # the student's own, cut to its tokenizer
 
 
 def test_byte_kd_trains_on_the_students_own_samples(make_cfg):

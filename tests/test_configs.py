@@ -68,11 +68,12 @@ def extra_overrides(group: str, option: str, tiny_hf) -> list[str]:
         return ["data=task", f"student.name_or_path={model}"]
     if (group, option) == ("teacher", "hf"):
         return ["data=task", f"teacher.name_or_path={model}"]
-    if option in ("text_bert", "from_teacher"):
+    if option in ("text_bert", "from_teacher", "distilbert"):
         return ["data=text", "teacher=text_bert"]
     if (group, option) in {("recipe", "byte_kd"), ("recipe", "uld")}:
         return ["data=task", "teacher=task_llama_tok512", "student=task_llama"]
-    if "task_llama" in option or option.startswith(("gkd", "minillm")) or (group, option) in {("recipe", "seqkd"), ("regime", "teacher_generated"),
+    if "task_llama" in option or option.startswith(("gkd", "minillm")) or (group, option) in {("recipe", "seqkd"), ("recipe", "word_kd"),
+                                                     ("regime", "teacher_generated"),
                                                      ("regime", "on_policy"), ("regime", "mixed")}:
         return ["data=task", "teacher=task_llama", "student=task_llama"]
     if (group, option) == ("data", "jsonl"):

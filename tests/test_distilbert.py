@@ -78,6 +78,18 @@ def test_collator_redraws_in_training_and_is_fixed_for_held_out_splits():
     assert any(not torch.equal(train(items)["labels"], train(items)["labels"]) for _ in range(5))
     held = MLMCollator(weights, MASK, PAD, V, seed=0)
     assert torch.equal(held(items)["labels"], held(items)["labels"])
+    # fixed means a function of the examples (their indices) and the seed: not of how many batches came
+    # before, nor of the global random state, so every evaluation masks the same positions
+    first = held(items)
+    torch.manual_seed(123)
+    for _ in range(3):
+        train(items)  # other draws in between
+    fresh = MLMCollator(weights, MASK, PAD, V, seed=0)(items)
+    for key in ("input_ids", "labels"):
+        assert torch.equal(fresh[key], first[key]) and torch.equal(held(items)[key], first[key]), key
+    others = [MLMCollator(weights, MASK, PAD, V, seed=1)(items),
+              held([{**it, "index": it["index"] + 4} for it in items])]
+    assert all(not torch.equal(o["labels"], first["labels"]) for o in others)  # other seed, other examples
 
 
 def test_layer_maps():
@@ -171,11 +183,31 @@ def test_distilbert_run_on_real_text_from_a_teacher_initialised_student(make_cfg
 
 
 def test_teacher_init_without_kd_is_its_own_row(make_cfg, tmp_path):
+    """The ablation row, and its student really starts from the cached teacher's mapped layers: with
+    lr 0 (and no weight decay) nothing moves, so the exported student's layer i is the cached teacher's
+    layer map[i], and everything that is not a layer (embeddings, head) the teacher's own."""
     pytest.importorskip("gensim")
+    import re
+
+    from kd.models import read_state_dict
     from kd.runs import train as run
 
-    summary = run(make_cfg(*TINY_TEXT, "recipe=supervised"))
+    summary = run(make_cfg(*TINY_TEXT, "recipe=supervised", "optimizer.lr=0", "optimizer.weight_decay=0"))
     assert set(summary["results"]) == {"student, teacher init (no KD)"}
+    (entry,) = (tmp_path / "cache" / "teachers").iterdir()
+    teacher, student = read_state_dict(entry), read_state_dict(tmp_path / "run" / "student")
+    pattern = re.compile(r"(.*\blayer\.)(\d+)(\..*)")
+    depth = lambda state: 1 + max(int(m.group(2)) for k in state if (m := pattern.match(k)))  # noqa: E731
+    assert (depth(teacher), depth(student)) == (4, 2)
+    mapping = layer_map(4, 2, "even")
+    assert mapping == [0, 3]
+    for key, value in student.items():
+        m = pattern.match(key)
+        source = f"{m.group(1)}{mapping[int(m.group(2))]}{m.group(3)}" if m else key
+        assert torch.equal(value, teacher[source]), (key, source)
+        if m and int(m.group(2)) == 1 and value.numel() > 1:  # layer 1 is teacher layer 3, not teacher layer 1
+            assert not torch.equal(value, teacher[key]), key
+    assert any(pattern.match(k) for k in student) and any(not pattern.match(k) for k in student)
 
 
 def test_downstream_topics_rank_a_trained_encoder_above_chance(make_cfg):

@@ -166,17 +166,26 @@ def test_hinton_run_on_the_embedded_task_exports_a_plain_transformers_student(ma
         assert metrics[key] == pytest.approx(results["student, hinton"][key], abs=1e-5)
 
 
-def test_a_foreign_teacher_tokenizer_is_refused_before_training(make_cfg, tmp_path):
+def test_a_foreign_teacher_tokenizer_is_refused_before_training(make_cfg, tmp_path, monkeypatch):
+    import lightning as L
+
+    def trained(*args, **kwargs):  # reaching any training (the scratch baseline's, the run's) fails the test
+        raise AssertionError("trained")
+
+    monkeypatch.setattr(L.Trainer, "fit", trained)
     other = train_bpe_tokenizer(["xxx yyy zzz"] * 20, vocab_size=280)
     teacher_dir = tmp_path / "teacher"
     save_model(tiny_causal_lm(vocab_size=300, hidden_size=32, num_layers=1), teacher_dir)
     other.save_pretrained(teacher_dir)
+    # no debug=fast_dev_run: a run that got past the check would train and write checkpoints
     cfg = make_cfg(*[o for o in SMALL_TASK if not o.startswith(("teacher", "student.hidden"))],
-                   "student.hidden_size=32", "teacher=hf", f"teacher.name_or_path={teacher_dir}",
-                   "debug=fast_dev_run")
+                   "student.hidden_size=32", "teacher=hf", f"teacher.name_or_path={teacher_dir}")
+    assert not cfg.trainer.fast_dev_run
     with pytest.raises(ConfigError, match="the data's and the teacher's tokenizers .*recipe=byte_kd"):
         run(cfg)
     assert not (tmp_path / "run" / "checkpoints").exists()
+    assert not (tmp_path / "run" / "metrics.json").exists() and not (tmp_path / "run" / "student").exists()
+    assert not (tmp_path / "cache" / "teachers").exists() and not (tmp_path / "cache" / "baselines").exists()
 
 
 def test_prompts_without_a_chat_template_start_as_the_tokenizer_would():

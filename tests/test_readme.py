@@ -40,3 +40,23 @@ def test_readme_commands_exist():
     ci = (README.parent / ".ci" / "run").read_text()
     assert ".venv/bin/python -m pytest -q" in ci, "CI must run the README's test command"
     assert "kd -m divergence=forward_kl,reverse_kl,jsd seed=0,1,2" in text
+
+
+def test_ci_runs_exactly_the_readme_commands():
+    """The README's setup and test commands are the contract: .ci/run runs them verbatim,
+    and the setup installs every extra the suite imports (through the test extra)."""
+    block = block_after("## Quickstart", "bash").strip().splitlines()
+    assert len(block) == 2
+    ci = [line.strip() for line in (README.parent / ".ci" / "run").read_text().splitlines()
+          if line.strip() and not line.lstrip().startswith("#")]
+    assert block[0] in ci and block[1] in ci
+    assert ci.index(block[0]) < ci.index(block[1])
+    assert not any("pip install" in line and line != block[0] for line in ci), "CI installs nothing the README does not"
+    import tomllib
+
+    extras = tomllib.loads((README.parent / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert '.[test]' in block[0]
+    named = {r.split("[")[1].split("]")[0] for r in extras["test"] if r.startswith("kd[")}
+    covered = set(extras["test"]) | {dep for group in named for extra in group.split(",") for dep in extras[extra]}
+    for needed in ("accelerate", "gguf", "datasets", "chatterbot-corpus", "gensim"):
+        assert any(d.startswith(needed) for d in covered), needed

@@ -8,6 +8,7 @@ import json
 import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kd import ConfigError
@@ -15,6 +16,7 @@ from kd.runs import train as run
 from kd.data import IGNORE_INDEX
 from kd.divergences import JSD, ForwardKL
 from kd.models import MLPClassifier
+from kd.recipe import DistillationRecipe, Needs
 from recipes.hinton import Hinton
 from recipes.supervised import Supervised
 
@@ -141,6 +143,59 @@ def test_nan_loss_stops_training_with_a_clear_message(make_cfg):
         recipe.training_step(batch([0]), 0)
 
 
+class _NanInEpoch2(DistillationRecipe):
+    """Cross-entropy on digits-like rows; the loss turns NaN at the first step of epoch 2."""
+
+    needs = Needs(teacher=False)
+
+    def compute_loss(self, batch):
+        out = self.outputs(self.student, batch)
+        loss = F.cross_entropy(out.logits, out.labels)
+        if self.current_epoch == 1:
+            loss = loss * float("nan")
+        return {"loss": loss, "ce": loss}
+
+
+class _Rows(L.LightningDataModule):
+    def __init__(self, n=8, batch_size=4):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.rows = [{"inputs": x, "labels": y} for x, y in zip(torch.randn(n, 6, generator=g),
+                                                                torch.randint(0, 3, (n,), generator=g))]
+        self.batch_size = batch_size
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(self.rows, batch_size=self.batch_size, shuffle=False)
+
+
+def test_nan_loss_in_a_later_epoch_stops_a_real_trainer_and_keeps_the_earlier_checkpoint(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    torch.manual_seed(0)
+    recipe = _NanInEpoch2(student=nn.Linear(6, 3))
+    start = {k: v.clone() for k, v in recipe.student.state_dict().items()}
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True)
+    trainer = L.Trainer(max_epochs=3, callbacks=[checkpoints], logger=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    with pytest.raises(FloatingPointError, match=r"not finite at step 2 \(loss=nan, ce=nan\).*lower optimizer.lr"):
+        trainer.fit(recipe, datamodule=_Rows())  # 2 steps per epoch: the first step of epoch 2 is step 2
+    assert trainer.current_epoch == 1 and trainer.global_step == 2  # no optimizer step on the NaN loss
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert last.is_file() and (tmp_path / "checkpoints" / "epoch=0-step=2.ckpt").is_file()
+    ckpt = torch.load(last, weights_only=False)
+    assert ckpt["epoch"] == 0 and ckpt["global_step"] == 2
+    state = {k[len("student."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("student.")}
+    assert state.keys() == start.keys() and all(torch.isfinite(v).all() for v in state.values())
+    assert not all(torch.equal(state[k], start[k]) for k in start)  # epoch 1 trained
+    # the student stopped where the checkpoint was written: the NaN never reached its weights
+    for k, v in recipe.student.state_dict().items():
+        assert torch.isfinite(v).all() and torch.equal(v, state[k])
+    fresh = _NanInEpoch2(student=nn.Linear(6, 3))
+    fresh.load_state_dict(ckpt["state_dict"])  # the kept checkpoint loads
+    x = torch.randn(5, 6)
+    torch.testing.assert_close(fresh.student(x), recipe.student(x))
+
+
 def test_warmup_cosine_schedule():
     from kd.recipe import warmup_cosine
 
@@ -171,12 +226,33 @@ def test_fast_dev_run_of_each_recipe(recipe, make_cfg, tmp_path):
     assert set(summary["results"]) == expected
 
 
-def test_missing_teacher_checkpoint_fails_before_training(make_cfg, tmp_path):
-    cfg = make_cfg(f"teacher.checkpoint={tmp_path}/nope.safetensors", "debug=fast_dev_run")
+@pytest.fixture
+def no_training(monkeypatch):
+    """Reaching any training (the teacher's, a baseline's, the run's own) fails the test."""
+
+    def trained(*args, **kwargs):
+        raise AssertionError("trained")
+
+    monkeypatch.setattr(L.Trainer, "fit", trained)
+
+
+def _nothing_trained(root):
+    """No teacher in the cache, no checkpoints, no metrics: the run stopped before any work."""
+    assert not (root / "cache" / "teachers").exists(), "the teacher was trained before the error"
+    assert not (root / "run" / "checkpoints").exists()
+    assert not (root / "run" / "metrics.json").exists()
+
+
+# No debug=fast_dev_run in these: the digits teacher has a fit section, so a run that got past the
+# check would train and cache it (and write checkpoints); no_training makes reaching that fail at once.
+
+
+def test_missing_teacher_checkpoint_fails_before_training(make_cfg, tmp_path, no_training):
+    cfg = make_cfg(f"teacher.checkpoint={tmp_path}/nope.safetensors")
     with pytest.raises(ConfigError) as err:
         run(cfg)
     assert "nope.safetensors' does not exist" in str(err.value) and "set it to null" in str(err.value)
-    assert not (tmp_path / "run" / "metrics.json").exists()
+    _nothing_trained(tmp_path)
 
 
 @pytest.mark.parametrize("override,needle", [
@@ -185,17 +261,20 @@ def test_missing_teacher_checkpoint_fails_before_training(make_cfg, tmp_path):
     ("data.labeled_fraction=0", "data.labeled_fraction must be in (0, 1]"),
     ("divergence.reduction=avg", "unknown reduction 'avg'"),
 ])
-def test_bad_overrides_fail_before_any_training(override, needle, make_cfg, tmp_path):
-    cfg = make_cfg(override, "debug=fast_dev_run")
+def test_bad_overrides_fail_before_any_training(override, needle, make_cfg, tmp_path, no_training):
+    cfg = make_cfg(override)
+    assert cfg.teacher.fit and not cfg.teacher.checkpoint and not cfg.trainer.fast_dev_run  # a real run would train
     with pytest.raises(Exception) as err:
         run(cfg)
     assert needle in str(err.value)
     assert not (tmp_path / "cache").exists(), "the teacher was trained before the error"
+    _nothing_trained(tmp_path)
 
 
-def test_bad_divergence_setting_fails_at_setup(make_cfg):
+def test_bad_divergence_setting_fails_at_setup(make_cfg, tmp_path, no_training):
     with pytest.raises(Exception, match=r"JSD beta must be in \[0, 1\] \(got 1.5\)"):
-        run(make_cfg("divergence=jsd", "divergence.beta=1.5", "debug=fast_dev_run"))
+        run(make_cfg("divergence=jsd", "divergence.beta=1.5"))
+    _nothing_trained(tmp_path)
 
 
 def test_resume_from_last_checkpoint_continues_training(make_cfg, tmp_path):

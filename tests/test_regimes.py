@@ -150,12 +150,19 @@ def test_teacher_generated_cache_is_keyed_and_broken_entries_are_rebuilt(dm, tmp
 # ----------------------------------------------------------------------------- on-policy / mixed
 
 
+def _student_grads(recipe, batch):
+    """Gradient of the recipe's loss on ``batch`` with respect to every student parameter."""
+    params = list(recipe.student.parameters())
+    return torch.autograd.grad(recipe.compute_loss(batch)["loss"], params)
+
+
 def test_on_policy_batch_is_the_students_own_greedy_output_without_gradient(dm):
+    from recipes.supervised import Supervised
+
     student = model(3)
     batch = next(iter(dm.train_dataloader()))
     regime = OnPolicy(sampling={"temperature": 0.0})
     out = regime.batch(student, batch, dm)
-    assert not out["input_ids"].requires_grad
     gen = generate(student, batch["prompt_ids"], batch["prompt_mask"],
                    GenerationConfig(max_new_tokens=6, temperature=0.0, eos_token_id=dm.tokenizer.eos_token_id,
                                     pad_token_id=dm.pad_token_id))
@@ -164,6 +171,32 @@ def test_on_policy_batch_is_the_students_own_greedy_output_without_gradient(dm):
         assert labels[labels != IGNORE_INDEX].tolist() == gen.responses[row][gen.response_mask[row]].tolist()
         prompt = batch["prompt_ids"][row][batch["prompt_mask"][row] == 1]
         assert out["input_ids"][row][: len(prompt)].tolist() == prompt.tolist()
+    # no autograd graph reaches the sampling: token ids (not a relaxation of them), outside any graph and not
+    # inference-mode tensors (those could not be used in a training step's backward) ...
+    for key in ("input_ids", "attention_mask", "labels"):
+        assert out[key].dtype == torch.long and out[key].grad_fn is None and not out[key].is_inference(), key
+    assert all(p.requires_grad for p in student.parameters())  # sampling leaves the student trainable
+    # ... and the loss's gradient on the sampled batch is the gradient on the same sequences given as fixed data:
+    # a detached copy, and the batch built here by hand from the independent greedy generation
+    rows = [(batch["prompt_ids"][r][batch["prompt_mask"][r] == 1].tolist(),
+             gen.responses[r][gen.response_mask[r]].tolist()) for r in range(len(gen.responses))]
+    width = max(len(p) + len(a) for p, a in rows)
+    by_hand = {"input_ids": torch.full((len(rows), width), dm.pad_token_id),
+               "attention_mask": torch.zeros(len(rows), width, dtype=torch.long),
+               "labels": torch.full((len(rows), width), IGNORE_INDEX)}
+    for r, (p, a) in enumerate(rows):
+        by_hand["input_ids"][r, : len(p) + len(a)] = torch.tensor(p + a)
+        by_hand["attention_mask"][r, : len(p) + len(a)] = 1
+        by_hand["labels"][r, len(p) : len(p) + len(a)] = torch.tensor(a)
+    for key, value in by_hand.items():
+        assert torch.equal(out[key], value), key
+    recipe = Supervised(student=student)
+    recipe.set_vocabulary(len(dm.tokenizer))
+    sampled = _student_grads(recipe, out)
+    fixed = {k: out[k].detach().clone() for k in ("input_ids", "attention_mask", "labels")}
+    assert any(g.abs().sum() > 0 for g in sampled)
+    for grads in (_student_grads(recipe, fixed), _student_grads(recipe, by_hand)):
+        assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(sampled, grads))
 
 
 def test_mixed_flips_a_seeded_coin_per_batch(dm):
@@ -172,22 +205,47 @@ def test_mixed_flips_a_seeded_coin_per_batch(dm):
     greedy = {"temperature": 0.0}
     assert all(Mixed(lmbda=0.0).batch(student, batch, dm) is batch for _ in range(5))
     assert all(Mixed(lmbda=1.0, sampling=greedy).batch(student, batch, dm) is not batch for _ in range(3))
+    # an on-policy batch is the student's own sample (here greedy: exactly OnPolicy's batch), not a copy
+    on_policy = OnPolicy(sampling=greedy).batch(student, batch, dm)
+    mixed = Mixed(lmbda=1.0, sampling=greedy).batch(student, batch, dm)
+    assert not torch.equal(on_policy["labels"], batch["labels"])
+    for key in ("input_ids", "attention_mask", "labels"):
+        assert torch.equal(mixed[key], on_policy[key]), key
+
+    def schedule(regime, n=40):
+        """Which of n batches were replaced by student samples (an off-policy batch is the batch itself)."""
+        return [regime.batch(student, batch, dm) is not batch for _ in range(n)]
+
     half = Mixed(lmbda=0.5, seed=7, sampling=greedy)
-    for _ in range(40):
-        half.batch(student, batch, dm)
+    flips = schedule(half)
     assert 10 <= half.on_policy_batches <= 30 and half.batches == 40
+    assert sum(flips) == half.on_policy_batches  # the counter counts the batches really replaced
     again = Mixed(lmbda=0.5, seed=7, sampling=greedy)
-    for _ in range(40):
-        again.batch(student, batch, dm)
-    assert again.on_policy_batches == half.on_policy_batches  # reproducible schedule
+    assert schedule(again) == flips and again.on_policy_batches == half.on_policy_batches  # reproducible schedule
+    assert schedule(Mixed(lmbda=0.5, seed=8, sampling=greedy)) != flips  # the seed is what fixes it
+    # the coin's state travels with the regime (checkpoints): a restored one continues the same schedule
+    first = Mixed(lmbda=0.5, seed=7, sampling=greedy)
+    assert schedule(first, 15) == flips[:15]
+    resumed = Mixed(lmbda=0.5, seed=0, sampling=greedy)
+    resumed.load_state_dict(first.state_dict())
+    assert schedule(resumed, 25) == flips[15:] and resumed.batches == 40
     with pytest.raises(ConfigError, match=r"regime.lmbda must be in \[0, 1\]"):
         Mixed(lmbda=1.5)
 
 
-def test_generative_regime_with_a_classifier_fails_before_training(make_cfg, tmp_path):
+def test_generative_regime_with_a_classifier_fails_before_training(make_cfg, tmp_path, monkeypatch):
+    import lightning as L
+
+    def trained(*args, **kwargs):  # reaching any training (the digits teacher's, the run's) fails the test
+        raise AssertionError("trained")
+
+    monkeypatch.setattr(L.Trainer, "fit", trained)
+    cfg = make_cfg("regime=on_policy")  # no fast_dev_run: the teacher has a fit section and would be trained
+    assert cfg.teacher.fit and not cfg.trainer.fast_dev_run
     with pytest.raises(ConfigError, match="regime=on_policy generates text and needs a language-model datamodule"):
-        run(make_cfg("regime=on_policy", "debug=fast_dev_run"))
+        run(cfg)
     assert not (tmp_path / "cache").exists()
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "metrics.json").exists()
 
 
 # ----------------------------------------------------------------------------- Seq-KD recipe

@@ -1,0 +1,155 @@
+"""Config fuzzing: seeded random combinations of every group's options (recipe, teacher,
+student, divergence, data, regime) plus knob overrides. Each must compose and build, or be
+refused before anything trains with one sentence (exit code 2 from the console script);
+never a traceback, never a raw TypeError/KeyError. Every combination is composed and
+built in-process (data set up, tokenizers and vocabularies checked); a sample of those that
+build runs end to end under debug=fast_dev_run."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from kd import ConfigError
+from kd.build import CONF_DIR, build
+from kd.cli import composition_error, one_sentence_errors
+from kd.runs import train
+from tests.conftest import QUIET, compose_cfg
+
+GROUPS = ("recipe", "teacher", "student", "divergence", "data", "regime")
+OPTIONS = {g: sorted(p.stem for p in (CONF_DIR / g).glob("*.yaml")) for g in GROUPS}
+
+#: knobs a user tries; some do not exist for every combination (that must be refused too)
+KNOBS = ["seed=3", "optimizer.lr=0.01", "trainer.max_epochs=2", "data.batch_size=8", "recipe.temperature=2.0",
+         "recipe.lam=0.3", "divergence.beta=0.3", "divergence.reduction=seq_mean", "regime.lmbda=0.7",
+         "regime.sampling.temperature=0.5", "teacher.fit.max_epochs=1", "student.hidden_size=48",
+         "recipe.num_minibatches=2", "regime.seq_kd=true"]
+
+COMBINATIONS = 60
+END_TO_END = 6
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A tiny jsonl dataset, a text corpus and a tiny saved transformers model + tokenizer."""
+    from kd.data.tokenizer import train_bpe_tokenizer
+    from kd.models import save_model, tiny_causal_lm
+
+    root = tmp_path_factory.mktemp("fuzz")
+    lines = [f'{{"prompt": "say {w}", "response": "{w} {w}"}}' for w in ("red", "blue", "green", "gold") * 10]
+    (root / "train.jsonl").write_text("\n".join(lines) + "\n")
+    (root / "docs.txt").write_text("\n".join(f"the {w} cat sat on the {v} mat" for w in ("red", "big", "old")
+                                             for v in ("blue", "new", "soft", "warm")) + "\n")
+    tok = train_bpe_tokenizer([line for line in lines] * 3, vocab_size=300, min_frequency=2)
+    save_model(tiny_causal_lm(vocab_size=len(tok), hidden_size=32, num_layers=1), root / "model")
+    tok.save_pretrained(root / "model")
+    return root
+
+
+def _small(choice: dict[str, str], files: Path) -> list[str]:
+    """Overrides that keep whatever was chosen tiny (only keys the chosen groups have)."""
+    data = choice.get("data", "digits")
+    out = []
+    if data == "task":
+        out += ["data.source.train_size=120", "data.source.val_size=12", "data.source.test_size=12",
+                "data.vocab_size=300", "data.min_frequency=20", "data.generation_eval_size=4",
+                "data.max_new_tokens=4"]
+    elif data in ("jsonl", "hf"):
+        out += [f"data.source.train={files / 'train.jsonl'}"] if data == "jsonl" else [
+            "data.source.path=json", f"data.source.data_files={files / 'train.jsonl'}"]
+        out += ["data.max_new_tokens=4", "data.max_length=32"]
+    elif data == "chatterbot":
+        out += ["data.source.categories=[greetings]", "data.max_new_tokens=4", "data.max_length=48"]
+    elif data == "text":
+        out += [f"data.source.corpus={files / 'docs.txt'}", "data.vocab_size=200", "data.max_length=16"]
+    for role in ("teacher", "student"):
+        if choice.get(role) == "hf":
+            out.append(f"{role}.name_or_path={files / 'model'}")
+    return out
+
+
+#: knobs every combination has
+COMMON_KNOBS = ["seed=3", "optimizer.lr=0.01", "trainer.max_epochs=2", "data.batch_size=8"]
+
+
+def _needs(recipe: str):
+    from hydra.utils import get_class
+    from omegaconf import OmegaConf
+
+    return get_class(OmegaConf.load(CONF_DIR / "recipe" / f"{recipe}.yaml")._target_).needs
+
+
+def _combinations(files: Path) -> list[list[str]]:
+    """Half fully random choices; half where data, teacher and student are of one kind (what
+    a user who read the README picks) with random recipe, divergence, regime and knobs."""
+    from kd.build import option_kind, options_of_kind
+
+    rng = random.Random(20261129)
+    combos = []
+    for n in range(COMBINATIONS):
+        if n % 2 == 0:
+            choice = {g: rng.choice(OPTIONS[g]) for g in GROUPS if rng.random() < 0.6}
+            knobs = rng.sample(KNOBS, rng.randint(0, 2))
+        else:
+            data = rng.choice(OPTIONS["data"])
+            kind = option_kind("data", data)
+            recipe = rng.choice([r for r in OPTIONS["recipe"] if _needs(r).data in (None, (kind,))])
+            choice = {"data": data, "teacher": rng.choice(options_of_kind("teacher", kind)),
+                      "student": rng.choice(options_of_kind("student", kind)), "recipe": recipe}
+            if _needs(recipe).divergence and rng.random() < 0.5:
+                choice["divergence"] = rng.choice(OPTIONS["divergence"])
+            if rng.random() < 0.4:
+                choice["regime"] = rng.choice(OPTIONS["regime"])
+            knobs = rng.sample(COMMON_KNOBS, rng.randint(0, 2))
+        combos.append([f"{g}={o}" for g, o in choice.items()] + _small(choice, files) + knobs)
+    return combos
+
+
+def _outcome(overrides: list[str], root: Path) -> str:
+    """'built' or 'refused: <sentence>'; anything else fails the test."""
+    problem = composition_error("train", overrides)
+    if problem is not None:
+        assert "\n" not in problem and problem, overrides
+        return f"refused: {problem}"
+    cfg = compose_cfg([*QUIET, *overrides], root)
+    try:
+        build(cfg)
+    except ConfigError as e:
+        sentence = str(e)
+        assert sentence and "\n" not in sentence, (overrides, sentence)
+        return f"refused: {sentence}"
+    return "built"
+
+
+def test_random_combinations_build_or_are_refused_in_one_sentence(files, tmp_path, capsys):
+    outcomes = {}
+    for n, overrides in enumerate(_combinations(files)):
+        try:
+            outcomes[tuple(overrides)] = _outcome(overrides, tmp_path / f"c{n}")
+        except Exception as e:  # a traceback a user would see
+            pytest.fail(f"kd {' '.join(overrides)} raised {type(e).__name__}: {e}")
+    built = [list(o) for o, r in outcomes.items() if r == "built"]
+    refused = [r for r in outcomes.values() if r != "built"]
+    assert len(outcomes) >= 50 and len(built) >= 10 and len(refused) >= 10, (len(built), len(refused))
+
+    # a sample of what builds runs to the end (or stops before training with one sentence)
+    by_recipe: dict[str, list[str]] = {}
+    for overrides in built:
+        recipe = next((o for o in overrides if o.startswith("recipe=")), "recipe=hinton")
+        by_recipe.setdefault(recipe, overrides)
+    completed = 0
+    for n, overrides in enumerate(list(by_recipe.values())[:END_TO_END]):
+        cfg = compose_cfg([*QUIET, *overrides, "debug=fast_dev_run"], tmp_path / f"e{n}")
+        capsys.readouterr()
+        try:
+            summary = one_sentence_errors("kd", train, cfg)
+        except SystemExit as e:
+            assert e.code == 2, overrides
+            lines = capsys.readouterr().err.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith("kd: error: "), (overrides, lines)
+            continue
+        assert summary["results"], overrides
+        completed += 1
+    assert completed >= END_TO_END // 2, completed
