@@ -167,7 +167,8 @@ class Run:
     datamodule: Any
     trainer: L.Trainer
     student: nn.Module
-    teacher: nn.Module | None
+    #: the teacher, or the routed teachers by name (``teachers:``), or None
+    teacher: nn.Module | dict[str, nn.Module] | None
     #: the recipe's config option (``recipe=``), or its class name
     name: str
     #: the distilled student's row in the result table
@@ -183,7 +184,10 @@ class Run:
         its config has a ``fit`` section), the student's SFT start (``student_sft``) and
         the teacher-layer initialisation of the student."""
         cfg = self.cfg
-        if self.teacher is not None:
+        if isinstance(self.teacher, dict):
+            self.teacher_info = {name: load_teacher(cfg, model, self.cache, cfg.teachers[name], name)
+                                 for name, model in self.teacher.items()}
+        elif self.teacher is not None:
             self.teacher_info = load_teacher(cfg, self.teacher, self.cache)
         if cfg.get("student_sft"):
             load_weights(self.student, student_sft(cfg, self.cache))
@@ -260,11 +264,13 @@ def _check_kinds(cfg: DictConfig, cls: type[DistillationRecipe], name: str, with
         raise ConfigError(f"recipe {name} distils {' or '.join(KIND_WORDS[k] for k in needs.data)} models, but {data} "
                           f"holds {KIND_WORDS[data_kind]} data; choose {_either('data', fits)}")
     scheme = cfg.student.get(INIT_FROM_TEACHER) if isinstance(cfg.get("student"), DictConfig) else None
-    teacher_cfg = cfg.get("teacher")
-    if teacher_cfg and (with_teacher or scheme is not None) and isinstance(teacher_cfg.get("model"), DictConfig):
+    for label, teacher_cfg in teacher_configs(cfg).items():
+        if not ((with_teacher or scheme is not None) and isinstance(teacher_cfg.get("model"), DictConfig)):
+            continue
         teacher_kind = kind_of(teacher_cfg.model)
+        named = f"teacher={choice('teacher', 'given')}" if label is None else f"teachers.{label}"
         if teacher_kind is not None and teacher_kind != data_kind:
-            raise ConfigError(f"teacher={choice('teacher', 'given')} is a {MODEL_WORDS.get(teacher_kind, teacher_kind)} but {data} holds "
+            raise ConfigError(f"{named} is a {MODEL_WORDS.get(teacher_kind, teacher_kind)} but {data} holds "
                               f"{KIND_WORDS[data_kind]} data; choose "
                               f"{_either('teacher', options_of_kind('teacher', data_kind))}")
         if scheme is not None and teacher_kind == "classifier":
@@ -326,7 +332,10 @@ def _check_groups(cfg: DictConfig, cls: type[DistillationRecipe], name: str) -> 
     if cfg.get("divergence") and not needs.divergence:
         raise ConfigError(f"recipe {name} uses no divergence, so divergence={choice('divergence', 'given')} would "
                           "change nothing; drop the divergence override or choose a recipe whose loss uses one")
-    if needs.teacher and not cfg.get("teacher"):
+    if cfg.get("teachers") and cfg.get("teacher"):
+        raise ConfigError("teacher= and teachers: both name teachers; with examples routed to named teachers "
+                          "set teacher=none")
+    if needs.teacher and not cfg.get("teacher") and not cfg.get("teachers"):
         raise ConfigError(f"recipe {name} needs a teacher; choose one with teacher=<config> (see conf/teacher/)")
     if needs.own_loop:
         trainer = cfg.trainer
@@ -352,11 +361,19 @@ def student_tokenizer(cfg: DictConfig) -> Any:
         return None
 
 
-def teacher_tokenizer(cfg: DictConfig) -> Any:
-    """The teacher's own tokenizer: ``teacher.tokenizer`` or the teacher model's
-    ``name_or_path`` when set; else, for a teacher trained by ``kd`` (a ``fit`` section),
-    the tokenizer of the data it is trained on (``fit.data`` applied)."""
-    t = cfg.teacher
+def teacher_configs(cfg: DictConfig) -> dict[str | None, DictConfig]:
+    """The run's teacher configs: ``{None: teacher}`` for one teacher, ``{name: config}`` for
+    routed teachers (``teachers:``), ``{}`` for none."""
+    if cfg.get("teachers"):
+        return {str(name): t for name, t in sorted(cfg.teachers.items())}
+    return {None: cfg.teacher} if cfg.get("teacher") else {}
+
+
+def teacher_tokenizer(cfg: DictConfig, t: DictConfig | None = None) -> Any:
+    """A teacher's own tokenizer (``t``, default ``cfg.teacher``): ``tokenizer`` or the
+    model's ``name_or_path`` when set; else, for a teacher trained by ``kd`` (a ``fit``
+    section), the tokenizer of the data it is trained on (``fit.data`` applied)."""
+    t = cfg.teacher if t is None else t
     name = t.get("tokenizer") or (t.model.get("name_or_path") if isinstance(t.get("model"), DictConfig) else None)
     if name:
         return load_tokenizer(str(name))
@@ -378,9 +395,11 @@ def _check_tokenizers(cfg: DictConfig, datamodule: Any, recipe: DistillationReci
         check_same_tokenizer(datamodule.tokenizer, student_tok, "the data's and the student's",
                              hint=f"tokenize the data with the student's: data.tokenizer={cfg.student.name_or_path}")
     shared = recipe.needs.teacher_tokenizer == "shared"
-    if recipe.teacher is not None and shared:
-        if cfg.teacher.get("tokenizer") or ((cfg.teacher.get("fit") or {}).get("data")):  # it may have its own
-            check_same_tokenizer(datamodule.tokenizer, teacher_tokenizer(cfg), "the data's and the teacher's")
+    if recipe.all_teachers() and shared:
+        for label, t in teacher_configs(cfg).items():
+            if t.get("tokenizer") or ((t.get("fit") or {}).get("data")):  # it may have its own
+                whose = "the teacher's" if label is None else f"teacher {label}'s"
+                check_same_tokenizer(datamodule.tokenizer, teacher_tokenizer(cfg, t), f"the data's and {whose}")
     if datamodule.tokenizer is not None:
         recipe.set_vocabulary(len(datamodule.tokenizer))
 
@@ -399,7 +418,7 @@ def build(cfg: DictConfig, *, teacher: bool | None = None, setup: bool = True) -
     needs = cls.needs
     name = choice("recipe", cls.__name__.lower())
     _check_groups(cfg, cls, name)
-    with_teacher = needs.teacher if teacher is None else (teacher and bool(cfg.get("teacher")))
+    with_teacher = needs.teacher if teacher is None else (teacher and bool(teacher_configs(cfg)))
     _check_kinds(cfg, cls, name, with_teacher)
     _check_resolves(cfg)
 
@@ -418,7 +437,23 @@ def build(cfg: DictConfig, *, teacher: bool | None = None, setup: bool = True) -
     if scheme is not None and not cfg.get("teacher"):
         raise ConfigError("this student is initialised from a teacher's layers; choose one with teacher=<config>")
     student = instantiate(factory)
-    teacher_model = instantiate(cfg.teacher.model) if with_teacher else None
+    routed = {name: t for name, t in teacher_configs(cfg).items() if name is not None}
+    if routed and with_teacher:
+        if needs.teacher_tokenizer != "shared":
+            raise ConfigError(f"recipe {name} gives its teacher its own tokenizer, which routed teachers (teachers:) "
+                              "cannot have; route examples with a same-tokenizer recipe")
+        routes = getattr(datamodule, "routes", None)
+        if not routes:
+            raise ConfigError(f"teachers: names {sorted(routed)} but nothing routes examples to them; add "
+                              f"data.routes={{<skill>: <teacher name>, ...}}")
+        unknown = sorted(set(routes.values()) - set(routed))
+        if unknown:
+            raise ConfigError(f"data.routes sends examples to {unknown}, which teachers: does not name; use "
+                              f"{sorted(routed)}")
+        datamodule.teacher_names = sorted(routed)
+        teacher_model = {name: instantiate(t.model) for name, t in routed.items()}
+    else:
+        teacher_model = instantiate(cfg.teacher.model) if with_teacher else None
     recipe = instantiate(
         cfg.recipe,
         student=student,
@@ -464,8 +499,8 @@ def cached_supervised(cache: Cache, kind: str, prefix: str, cfg: DictConfig, **c
     :meth:`kd.cache.Cache.meta`. Trained when missing or unusable."""
     from kd.models import count_parameters, read_state_dict
 
-    sub = sub_config(cfg, recipe=cfg.supervised_recipe, teacher=None, divergence=None, regime=None, logger={},
-                     ckpt_path=None, student_sft=None, **changes)
+    sub = sub_config(cfg, recipe=cfg.supervised_recipe, teacher=None, teachers=None, divergence=None, regime=None,
+                     logger={}, ckpt_path=None, student_sft=None, **changes)
     with open_dict(sub):  # the student's teacher-init scheme belongs to the distilled run, not to this one
         if isinstance(sub.student, DictConfig) and INIT_FROM_TEACHER in sub.student:
             del sub.student[INIT_FROM_TEACHER]
@@ -499,17 +534,19 @@ def _fitted(cache: Cache, kind: str, prefix: str, cfg: DictConfig, model: DictCo
     )
 
 
-def load_teacher(cfg: DictConfig, model: nn.Module, cache: Cache) -> dict[str, Any]:
-    """Fill the teacher ``model`` (built from ``cfg.teacher.model``) with its weights and
-    say where they came from: ``teacher.checkpoint``; else, when the config has a ``fit``
-    section, a supervised run trained once and cached; else the model factory (pretrained)."""
-    t = cfg.teacher
+def load_teacher(cfg: DictConfig, model: nn.Module, cache: Cache, t: DictConfig | None = None,
+                 name: str | None = None) -> dict[str, Any]:
+    """Fill the teacher ``model`` (built from ``t.model``, default ``cfg.teacher``) with its
+    weights and say where they came from: ``checkpoint``; else, when the config has a
+    ``fit`` section, a supervised run trained once and cached (named ``name``); else the
+    model factory (pretrained)."""
+    t = cfg.teacher if t is None else t
     if t.get("checkpoint"):
         load_weights(model, t.checkpoint)
         return {"source": str(t.checkpoint)}
     if not t.get("fit"):
         return {"source": "model factory"}
-    entry = _fitted(cache, "teachers", choice("teacher", "teacher"), cfg, t.model, t.fit)
+    entry = _fitted(cache, "teachers", name or choice("teacher", "teacher"), cfg, t.model, t.fit)
     load_weights(model, entry)
     return {"source": str(entry), **cache.meta("teachers", entry.name)}
 

@@ -9,6 +9,10 @@ else about the recipe. The base class owns everything recipes share:
 * the data regime (:mod:`kd.regimes`): prepared when training starts, applied to every
   training batch (offline, teacher-generated, on-policy, mixed), its state (a mixed
   regime's coin) saved in checkpoints;
+* several named teachers, each example routed to its own (``teacher={name: model}``,
+  batches carrying ``teacher_index``): :meth:`teacher_logits` runs each teacher once on
+  its own rows and never mixes two teachers' distributions; :meth:`distill_mask` keeps the
+  positions of rows that have a teacher; ``train/<teacher>/examples`` is logged;
 * the teacher: frozen (``requires_grad=False``), kept in eval mode even while the
   student trains, run under ``torch.no_grad``, absent from the optimizer and from saved
   checkpoints (its entries are dropped on save and restored from the live teacher on
@@ -40,7 +44,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -140,7 +144,9 @@ class DistillationRecipe(L.LightningModule):
 
     Args:
         student: the model being trained.
-        teacher: the frozen teacher, or ``None`` for recipes whose ``needs.teacher`` is False.
+        teacher: the frozen teacher, or a mapping of names to teachers that batches route
+            their rows to (``teacher_index``, the position of the row's teacher among the
+            sorted names; -1: none), or ``None`` for recipes whose ``needs.teacher`` is False.
         divergence: the distribution distance from the ``divergence/`` group (recipes whose
             ``needs.divergence`` is set; others refuse one).
         optimizer: factory ``params -> Optimizer`` (default AdamW, lr 1e-3).
@@ -161,7 +167,7 @@ class DistillationRecipe(L.LightningModule):
     def __init__(
         self,
         student: nn.Module,
-        teacher: nn.Module | None = None,
+        teacher: nn.Module | Mapping[str, nn.Module] | None = None,
         divergence: Divergence | None = None,
         optimizer: OptimizerFactory | None = None,
         scheduler: SchedulerFactory | None = None,
@@ -183,6 +189,13 @@ class DistillationRecipe(L.LightningModule):
             raise ConfigError(f"recipe {name} cannot train with regime={regime.name}; use regime="
                               + " or regime=".join(allowed))
         self.student = student
+        #: named teachers that batches route rows to (None: one teacher, or none)
+        self.teachers: nn.ModuleDict | None = None
+        if isinstance(teacher, Mapping):
+            if not teacher:
+                raise ConfigError(f"recipe {name} was given an empty mapping of teachers; name at least one")
+            self.teachers = nn.ModuleDict({k: freeze(teacher[k]) for k in sorted(teacher)})
+            teacher = None
         self.teacher = freeze(teacher) if teacher is not None else None
         self.divergence = divergence
         self.optimizer_factory = optimizer or partial(torch.optim.AdamW, lr=1e-3)
@@ -258,11 +271,59 @@ class DistillationRecipe(L.LightningModule):
         """The datamodule of the trainer this recipe is attached to (None when detached)."""
         return getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
 
+    @property
+    def teacher_names(self) -> list[str]:
+        """Names of the routed teachers, in the order ``teacher_index`` counts (sorted)."""
+        return list(self.teachers) if self.teachers is not None else []
+
+    def all_teachers(self) -> list[tuple[str, nn.Module]]:
+        """Every teacher of the run with its name (``teacher`` for a single one)."""
+        if self.teachers is not None:
+            return list(self.teachers.items())
+        return [("teacher", self.teacher)] if self.teacher is not None else []
+
     def teacher_outputs(self, batch: dict[str, Tensor], hidden: bool | None = None) -> Outputs:
-        """The teacher's :class:`Outputs` for ``batch`` (no grad, eval mode)."""
-        assert self.teacher is not None
+        """The teacher's :class:`Outputs` for ``batch`` (no grad, eval mode). With routed
+        teachers each runs once on the rows routed to it; rows without a teacher get
+        zero logits (exclude them with :meth:`distill_mask`)."""
         with torch.no_grad():
-            return self.outputs(self.teacher, batch, hidden)
+            if self.teachers is None:
+                assert self.teacher is not None, "this recipe has no teacher"
+                return self.outputs(self.teacher, batch, hidden)
+            route = self.route(batch)
+            merged: Outputs | None = None
+            for k, model in enumerate(self.teachers.values()):
+                rows = (route == k).nonzero().squeeze(-1)
+                if len(rows) == 0:
+                    continue
+                part = self.outputs(model, {key: v[rows] for key, v in batch.items() if torch.is_tensor(v)}, hidden)
+                if merged is None:
+                    size = (len(route), *part.logits.shape[1:])
+                    merged = Outputs(part.logits.new_zeros(size), part.labels.new_full(size[:-1], IGNORE_INDEX),
+                                     part.mask.new_zeros(size[:-1]),
+                                     None if part.hidden is None else part.hidden.new_zeros(
+                                         (len(route), *part.hidden.shape[1:])))
+                merged.logits[rows], merged.labels[rows], merged.mask[rows] = part.logits, part.labels, part.mask
+                if part.hidden is not None:
+                    merged.hidden[rows] = part.hidden
+            if merged is None:  # no row has a teacher: shapes from the student's view
+                student = self.outputs(self.student, batch, hidden=False)
+                merged = Outputs(torch.zeros_like(student.logits), student.labels, torch.zeros_like(student.mask))
+            return merged
+
+    def route(self, batch: dict[str, Tensor]) -> Tensor:
+        """``(B,)`` each row's teacher (position among :attr:`teacher_names`, -1: none)."""
+        if "teacher_index" not in batch:
+            raise ConfigError("this run has several teachers but its batches say nothing of which teacher each "
+                              "example belongs to; route them with data.routes={<skill>: <teacher name>, ...}")
+        return batch["teacher_index"]
+
+    def distill_mask(self, batch: dict[str, Tensor], mask: Tensor) -> Tensor:
+        """``mask`` restricted to the rows that have a teacher (all rows with one teacher)."""
+        if self.teachers is None:
+            return mask
+        has = self.route(batch) >= 0
+        return mask & has.view(-1, *([1] * (mask.dim() - 1)))
 
     def teacher_logits(self, batch: dict[str, Tensor]) -> Tensor:
         """Teacher logits for ``batch`` (no grad, eval mode)."""
@@ -283,7 +344,7 @@ class DistillationRecipe(L.LightningModule):
         embedding table is smaller (their lookups of high ids would fail). A
         cross-tokenizer recipe's teacher is checked against its own tokenizer instead."""
         shared = self.needs.teacher_tokenizer == "shared"
-        models = [("student", self.student)] + ([("teacher", self.teacher)] if shared else [])
+        models = [("student", self.student)] + (self.all_teachers() if shared else [])
         for role, model in models:
             embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
             rows = getattr(embeddings, "num_embeddings", None)
@@ -307,6 +368,8 @@ class DistillationRecipe(L.LightningModule):
         raise NotImplementedError
 
     def on_fit_start(self) -> None:
+        if self.teachers is not None and self.regime.name == "teacher_generated":
+            raise ConfigError("teacher-generated data needs one teacher, not routed teachers; use regime=offline")
         self.regime.prepare(self.teacher, self.datamodule)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
@@ -323,6 +386,10 @@ class DistillationRecipe(L.LightningModule):
         n = self._batch_size(batch)
         for key, value in terms.items():
             self.log(f"train/{key}", value.detach(), prog_bar=key == "loss", batch_size=n)
+        if self.teachers is not None and "teacher_index" in batch:
+            for k, name in enumerate(self.teacher_names):
+                self.log(f"train/{name}/examples", (batch["teacher_index"] == k).sum().float(), batch_size=n,
+                         reduce_fx="sum")
         if self._trainer is not None and self.trainer.optimizers:
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=n)
         if num_items is not None and self._accumulating():
@@ -365,7 +432,7 @@ class DistillationRecipe(L.LightningModule):
             self._generation_eval_step(stage, batch)
             return
         out = self.outputs(self.student, batch, hidden=False)
-        same_tokens = self.teacher is not None and self.needs.teacher_tokenizer == "shared"
+        same_tokens = self.teacher is not None and self.needs.teacher_tokenizer == "shared"  # one teacher
         teacher = self.teacher_logits(batch) if same_tokens else None
         self.metrics[stage].update(out.logits, out.labels, out.mask, teacher)
 
@@ -418,22 +485,23 @@ class DistillationRecipe(L.LightningModule):
     def train(self, mode: bool = True) -> DistillationRecipe:
         """Switch the student's mode; the teacher always stays in eval mode."""
         super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()
+        for _, teacher in self.all_teachers():
+            teacher.eval()
         return self
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("state_dict", {})
-        for key in [k for k in state if k.startswith("teacher.")]:
+        for key in [k for k in state if k.startswith(("teacher.", "teachers."))]:
             del state[key]
         checkpoint["kd_regime"] = self.regime.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.regime.load_state_dict(checkpoint.get("kd_regime") or {})
-        if self.teacher is not None:
-            state = checkpoint.setdefault("state_dict", {})
-            for key, value in self.teacher.state_dict().items():
-                state.setdefault(f"teacher.{key}", value)
+        state = checkpoint.setdefault("state_dict", {})
+        for prefix, teacher in (("teacher.", self.teacher), ("teachers.", self.teachers)):
+            if teacher is not None:
+                for key, value in teacher.state_dict().items():
+                    state.setdefault(f"{prefix}{key}", value)
 
     # ------------------------------------------------------------------ optimisation
 

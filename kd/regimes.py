@@ -295,8 +295,9 @@ class OnPolicy(Regime):
         out = generate(student, batch["prompt_ids"], batch["prompt_mask"], config)
         joined = join_prompts_and_responses(batch["prompt_ids"], batch["prompt_mask"], out.responses,
                                             out.response_mask, config.pad_token_id)
-        # a cross-tokenizer batch keeps the prompts in the teacher's tokens
-        joined.update({k: batch[k] for k in ("teacher_prompt_ids", "teacher_prompt_mask") if k in batch})
+        # per-row facts carry over: the prompts in a cross-tokenizer teacher's tokens, the routed teacher
+        joined.update({k: batch[k] for k in ("teacher_prompt_ids", "teacher_prompt_mask", "teacher_index", "index")
+                       if k in batch})
         return joined
 
     def batch(self, student: nn.Module, batch: dict[str, Tensor], data: Any) -> dict[str, Tensor]:

@@ -28,6 +28,7 @@ from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
+from torch import nn
 
 from kd import ConfigError
 from kd.build import build, instantiate, scratch_baseline, student_factory, student_tokenizer
@@ -49,23 +50,28 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         metrics = run.fit()
     except FloatingPointError as e:  # a non-finite loss: keep the work done so far, then one sentence
         raise ConfigError(_keep_work(run, out, str(e), started)) from None
+    params = count_parameters(run.student)  # as trained (the export cuts padding rows past the tokenizer)
     _export(run, out)
 
     results: dict[str, dict[str, Any]] = {}
     baseline_weights = None
-    if run.teacher is not None:
+    if isinstance(run.teacher, dict):  # routed teachers: each in its own row
+        for name, model in run.teacher.items():
+            results[f"teacher {name}"] = {"params": count_parameters(model)}
+    elif run.teacher is not None:
         teacher_metrics = {k.replace("test/teacher_", "test/"): v for k, v in metrics.items()
                            if k.startswith("test/teacher_")}
         results["teacher"] = {**teacher_metrics, "params": count_parameters(run.teacher)}
+    if run.teacher is not None:
         if cfg.get("scratch_baseline"):
             baseline_weights, facts = scratch_baseline(cfg, run.cache)
             baseline_row = SFT_ROW if cfg.get("student_sft") else SCRATCH_ROW
             results[baseline_row] = {**facts["metrics"], "params": facts["params"]}
-    results[run.label] = {**metrics, "params": count_parameters(run.student)}
+    results[run.label] = {**metrics, "params": params}
     if cfg.get("downstream"):  # fine-tune every model of the table on the downstream task
         task = instantiate(cfg.downstream)
         tokenizer = getattr(run.datamodule, "tokenizer", None)
-        models = {run.label: run.student, "teacher": run.teacher}
+        models = {run.label: run.student, **({"teacher": run.teacher} if isinstance(run.teacher, nn.Module) else {})}
         if baseline_weights is not None:
             models[baseline_row] = load_weights(instantiate(student_factory(cfg)[0]), baseline_weights)
         for name, model in models.items():
@@ -77,7 +83,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "seed": int(cfg.seed),
         "overrides": _overrides(),
         "output_dir": str(out),
-        "teacher": run.teacher_info.get("source"),
+        "teacher": run.teacher_info.get("source") if not isinstance(run.teacher, dict) else {
+            name: info.get("source") for name, info in run.teacher_info.items()},
         "results": results,
         "wall_time_s": round(time.perf_counter() - started, 2),
     }

@@ -81,7 +81,7 @@ class GKD(DistillationRecipe):
 
     def compute_loss(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         out = self.outputs(self.student, batch)
-        mask = out.mask
+        mask = self.distill_mask(batch, out.mask)  # rows routed to no teacher do not count
         loss = self.divergence(out.logits, self.teacher_logits(batch), mask, temperature=self.temperature)
         if self.divergence.reduction == "seq_mean":
             items = mask.reshape(-1, mask.shape[-1]).any(-1).sum()

@@ -58,6 +58,7 @@ class Hinton(DistillationRecipe):
         out = self.outputs(self.student, batch)
         teacher = self.teacher_logits(batch)
         hard = cross_entropy(out.logits, out.labels)
-        soft = self.temperature**2 * self.divergence(out.logits, teacher, out.mask, temperature=self.temperature)
+        soft = self.temperature**2 * self.divergence(out.logits, teacher, self.distill_mask(batch, out.mask),
+                                                     temperature=self.temperature)
         loss = (1 - self.lam) * hard + self.lam * soft
         return {"loss": loss, "hard_ce": hard, "soft_kd": soft}

@@ -74,7 +74,8 @@ class SeqKD(DistillationRecipe):
         terms = {"nll": nll}
         loss = (1 - self.alpha) * nll
         if self.alpha > 0:
-            word = self.temperature**2 * soft_cross_entropy(logits, self.teacher_logits(batch), mask, self.temperature)
+            word = self.temperature**2 * soft_cross_entropy(logits, self.teacher_logits(batch),
+                                                            self.distill_mask(batch, mask), self.temperature)
             terms["word_kd"] = word
             loss = loss + self.alpha * word
         return {"loss": loss, **terms}

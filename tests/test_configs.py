@@ -72,7 +72,7 @@ def extra_overrides(group: str, option: str, tiny_hf) -> list[str]:
         return ["data=text", "teacher=text_bert"]
     if (group, option) in {("recipe", "byte_kd"), ("recipe", "uld")}:
         return ["data=task", "teacher=task_llama_tok512", "student=task_llama"]
-    if "task_llama" in option or option.startswith(("gkd", "minillm")) or (group, option) in {("recipe", "seqkd"), ("recipe", "word_kd"),
+    if "task_llama" in option or option.startswith(("gkd", "minillm", "cross_stage")) or (group, option) in {("recipe", "seqkd"), ("recipe", "word_kd"),
                                                      ("regime", "teacher_generated"),
                                                      ("regime", "on_policy"), ("regime", "mixed")}:
         return ["data=task", "teacher=task_llama", "student=task_llama"]

@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -316,10 +316,11 @@ class EncodedSplit(Dataset):
     """One split: examples and their token ids."""
 
     def __init__(self, examples: list[Example], encoded: list[tuple[list[int], list[int]]],
-                 teacher_prompts: list[list[int]] | None = None) -> None:
+                 teacher_prompts: list[list[int]] | None = None, teacher_index: list[int] | None = None) -> None:
         self.examples = examples
         self.encoded = encoded
         self.teacher_prompts = teacher_prompts
+        self.teacher_index = teacher_index
 
     def __len__(self) -> int:
         return len(self.encoded)
@@ -329,6 +330,8 @@ class EncodedSplit(Dataset):
         item = {"prompt_ids": prompt, "response_ids": response, "index": i}
         if self.teacher_prompts is not None:
             item["teacher_prompt_ids"] = self.teacher_prompts[i]
+        if self.teacher_index is not None:
+            item["teacher_index"] = self.teacher_index[i]
         return item
 
 
@@ -367,6 +370,8 @@ def collate_prompts(items: list[dict], pad_token_id: int, teacher_pad_id: int | 
     teacher's own left-padded prompts when the items carry them."""
     ids, mask = _left_pad([it["prompt_ids"] for it in items], pad_token_id)
     out = {"prompt_ids": ids, "prompt_mask": mask, "index": torch.tensor([it.get("index", -1) for it in items])}
+    if "teacher_index" in items[0]:  # each example's teacher among routed teachers (-1: none)
+        out["teacher_index"] = torch.tensor([it["teacher_index"] for it in items])
     if "teacher_prompt_ids" in items[0]:
         pad = pad_token_id if teacher_pad_id is None else teacher_pad_id
         out["teacher_prompt_ids"], out["teacher_prompt_mask"] = _left_pad([it["teacher_prompt_ids"] for it in items], pad)
@@ -426,6 +431,13 @@ class LMDataModule(L.LightningDataModule):
             differs from the data's: batches then also carry each prompt in the teacher's
             tokens and chat template (``teacher_prompt_ids``/``teacher_prompt_mask``), for
             cross-tokenizer recipes (``recipes/byte_kd.py``; ``kd`` sets it for them).
+        routes: ``{skill: teacher name}`` for runs with several named teachers (``teachers:``):
+            batches then carry ``teacher_index``, each example's teacher among
+            :attr:`teacher_names` (-1 for a skill without a route). The skill is the task's,
+            or a record's ``skill`` field in local/hub data.
+        train_skills: train only on examples of these skills (None: all); the tokenizer and
+            the held-out splits still come from all of them, so runs on different skills (the
+            stages of a pipeline, their teachers) share one tokenizer.
     """
 
     #: the models this data is for (kd.models.KINDS; checked by kd.build)
@@ -445,6 +457,8 @@ class LMDataModule(L.LightningDataModule):
         num_workers: int = 0,
         cache_dir: str | None = None,
         teacher_tokenizer: Any = None,
+        routes: Mapping[str, str] | None = None,
+        train_skills: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1 or max_length < 2:
@@ -462,6 +476,10 @@ class LMDataModule(L.LightningDataModule):
         self.cache_dir = cache_dir
         self.tokenizer: Any = None
         self.teacher_tokenizer = teacher_tokenizer
+        self.routes = dict(routes) if routes else None
+        self.train_skills = list(train_skills) if train_skills else None
+        #: the routed teachers' names in ``teacher_index`` order (``kd`` sets the run's)
+        self.teacher_names: list[str] | None = sorted(set(self.routes.values())) if self.routes else None
         self.splits: dict[str, EncodedSplit] = {}
 
     def _raw(self) -> dict[str, list[Example]]:
@@ -489,6 +507,12 @@ class LMDataModule(L.LightningDataModule):
             return
         raw = self._raw()
         self.load_tokenizer(raw)
+        if self.train_skills:
+            available = sorted({ex.skill for ex in raw["train"]})
+            raw["train"] = [ex for ex in raw["train"] if ex.skill in set(self.train_skills)]
+            if not raw["train"]:
+                raise ConfigError(f"data.train_skills={self.train_skills} selects no training example; choose among "
+                                  f"{available}")
         if isinstance(self.teacher_tokenizer, str):
             from kd.models import load_tokenizer
 
@@ -507,7 +531,11 @@ class LMDataModule(L.LightningDataModule):
                 raise ConfigError(f"no {split} example fits data.max_length={self.max_length}; raise it")
             teacher = self.teacher_tokenizer
             prompts = [encode_prompt(teacher, ex.prompt) for ex in kept] if teacher is not None else None
-            self.splits[split] = EncodedSplit(kept, encoded, prompts)
+            routed = None
+            if self.routes:
+                names = self.teacher_names or sorted(set(self.routes.values()))
+                routed = [names.index(self.routes[ex.skill]) if ex.skill in self.routes else -1 for ex in kept]
+            self.splits[split] = EncodedSplit(kept, encoded, prompts, routed)
 
     # -- loaders
     @property

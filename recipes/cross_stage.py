@@ -1,0 +1,262 @@
+"""On-policy cross-stage self-distillation (GLM-5; RECIPES.md section 6).
+
+Sequential post-training (SFT -> reasoning RL -> agentic RL -> general RL) erodes what
+earlier stages built. GLM-5's remedy, as secondary sources describe it: the final
+checkpoint of each earlier stage becomes a teacher in later stages, and prompts from that
+stage's data are replayed, each routed to its own stage's teacher (never an average of
+teachers), with a per-token distillation signal on the student's own samples. The loss of
+a training batch is
+
+    L = stage_weight * L_stage + lam * L_distill
+
+* ``L_stage``: the current stage's objective on the batch's rows that have no teacher
+  (``teacher_index`` -1), ``stage_objective``:
+
+  - ``sft``: cross-entropy on their dataset responses;
+  - ``grpo``: RL with a verifiable reward (GRPO, Shao et al. 2024): ``group_size`` samples
+    per prompt, reward 1 when a sample's text equals the dataset response (exact match
+    after stripping whitespace, the embedded task's metric) else 0, advantage
+    ``(r - mean_group) / (std_group + 1e-4)`` shared by the sample's tokens, the same
+    clipped surrogate, averaged over the sampled tokens of the batch (token mean, as in
+    DAPO and TRL's default; the GRPO paper averages per sequence first). No KL penalty to a
+    reference model.
+
+  Rows of skills routed to a teacher (``data.routes``) are replayed prompts of earlier
+  stages. With one teacher and no routing, every row is a replayed prompt (plain
+  on-policy distillation).
+* ``L_distill`` on the replayed prompts: the student samples a response ``y`` (no gradient
+  through sampling; ``sampling``), each token gets the advantage
+
+      A_t = stopgrad(log pi_teacher(y_t | y_<t) - log pi_theta(y_t | y_<t))
+
+  inside a clipped surrogate, group size 1, no group normalisation (it would zero A):
+
+      l_t = -min(rho_t A_t, clip(rho_t, 1 - eps, 1 + eps) A_t),
+      rho_t = pi_theta(y_t) / pi_sample(y_t)
+
+  (``estimator: sampled``, the default: it is GLM-5's and Thinking Machines' on-policy
+  distillation estimator, and its expectation over y is the gradient of the reverse KL, so
+  it needs only the sampled tokens' log-probabilities of the teacher). ``estimator: dense``
+  uses the full-vocabulary reverse KL(pi_theta || pi_teacher) per token instead (exact in
+  the vocabulary, lower variance, a (N, V) teacher distribution per token). Both average
+  over the replayed response tokens of the batch.
+
+Per-teacher signals are logged: ``train/<teacher>/advantage`` (mean A_t on its tokens),
+``train/<teacher>/reverse_kl`` (the sampled estimate, mean of -A_t) and
+``train/<teacher>/tokens``.
+
+Deviations and what is unsure: the GLM-5 report itself was not read (RECIPES.md marks the
+section as secondary sources); the clipping range (0.2), the absence of a KL penalty to a
+reference model and the one update per batch (so rho_t is 1 up to the sampling
+temperature and filters: ``pi_sample`` is the distribution the token was drawn from) are
+ours. The student runs without dropout, so samples and updates see one network. GLM-4.5's
+iterative self-distillation (re-SFT on the model's best samples) and the staged pipeline
+are not in this module yet.
+
+Run: ``kd recipe=cross_stage data=task teacher=task_llama student=task_llama sft=task``
+(one teacher), or with ``teachers:`` and ``data.routes`` for several (README).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from kd import ConfigError
+from kd.data import IGNORE_INDEX
+from kd.divergences import reduce, reverse_kl_per_position, to_log_probs
+from kd.evaluation import cross_entropy
+from kd.generation import Sampling, generate
+from kd.recipe import DistillationRecipe, Needs
+from kd.regimes import join_prompts_and_responses
+
+ESTIMATORS = ("sampled", "dense")
+STAGE_OBJECTIVES = ("sft", "grpo")
+
+
+def group_advantages(rewards: Tensor, eps: float = 1e-4) -> Tensor:
+    """GRPO's group-normalised advantage ``(r - mean) / (std + eps)`` per group of samples
+    of one prompt, ``(N, G) -> (N, G)`` (unbiased std; a group of equal rewards gives 0).
+    Rewards [[1, 0, 0, 1]] give [[0.866, -0.866, -0.866, 0.866]] (std 0.57735)."""
+    mean = rewards.mean(-1, keepdim=True)
+    std = rewards.std(-1, keepdim=True) if rewards.shape[-1] > 1 else torch.zeros_like(mean)
+    return (rewards - mean) / (std + eps)
+
+
+def exact_match_rewards(tokenizer: Any, samples: list[list[int]], references: list[list[int]]) -> Tensor:
+    """1.0 where a sample decodes (special tokens skipped, whitespace stripped) to the same
+    text as its reference token ids, else 0.0."""
+    def text(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    return torch.tensor([float(text(s) == text(r)) for s, r in zip(samples, references)])
+
+
+def token_advantages(student_logprobs: Tensor, teacher_logprobs: Tensor) -> Tensor:
+    """``A_t = log pi_teacher(y_t) - log pi_theta(y_t)`` of sampled tokens, without gradient;
+    any shape. pi_theta = [.5, .5], pi_T = [.9, .1] gives [0.587787, -1.609438]."""
+    return (teacher_logprobs - student_logprobs).detach()
+
+
+def clipped_surrogate(logprobs: Tensor, sample_logprobs: Tensor, advantages: Tensor, eps: float = 0.2) -> Tensor:
+    """Per-token ``-min(rho A, clip(rho, 1-eps, 1+eps) A)`` with ``rho = exp(logprobs -
+    sample_logprobs)``; the gradient flows through ``logprobs`` only."""
+    ratio = torch.exp(logprobs - sample_logprobs.detach())
+    return -torch.minimum(ratio * advantages, ratio.clamp(1 - eps, 1 + eps) * advantages)
+
+
+class CrossStage(DistillationRecipe):
+    """On-policy distillation from (routed) earlier-stage teachers plus the stage's own SFT.
+
+    Args:
+        lam: weight of the distillation term (>= 0).
+        stage_weight: weight of the current stage's SFT term on rows without a teacher (>= 0).
+        estimator: ``sampled`` (clipped surrogate on the sampled tokens' advantages) or
+            ``dense`` (full-vocabulary reverse KL per token).
+        stage_objective: ``sft`` or ``grpo`` (module docstring).
+        group_size: samples per prompt of the ``grpo`` objective (>= 2).
+        clip_eps: clipping range of the surrogate (> 0).
+        sampling: how the student samples the replayed prompts (:class:`kd.generation.Sampling`).
+        seed: seed of the sampler.
+        **kwargs: passed to :class:`kd.recipe.DistillationRecipe`.
+    """
+
+    needs = Needs(regimes=("offline",), data=("causal_lm",))  # it samples the replayed prompts itself
+
+    def __init__(self, *, lam: float = 1.0, stage_weight: float = 1.0, estimator: str = "sampled",
+                 stage_objective: str = "sft", group_size: int = 4, clip_eps: float = 0.2,
+                 sampling: Sampling | Any = None, seed: int = 0, **kwargs: Any) -> None:
+        if estimator not in ESTIMATORS:
+            raise ConfigError(f"recipe.estimator must be one of {list(ESTIMATORS)} (got {estimator!r})")
+        if stage_objective not in STAGE_OBJECTIVES:
+            raise ConfigError(f"recipe.stage_objective must be one of {list(STAGE_OBJECTIVES)} (got {stage_objective!r})")
+        if stage_objective == "grpo" and group_size < 2:
+            raise ConfigError(f"recipe.group_size must be >= 2 for GRPO's group-normalised rewards (got {group_size})")
+        if lam < 0 or stage_weight < 0 or lam + stage_weight == 0:
+            raise ConfigError(f"recipe.lam and recipe.stage_weight must be >= 0 and not both 0 (got {lam}, "
+                              f"{stage_weight})")
+        if not clip_eps > 0:
+            raise ConfigError(f"recipe.clip_eps must be > 0 (got {clip_eps})")
+        super().__init__(**kwargs)
+        self.lam, self.stage_weight, self.estimator, self.clip_eps = lam, stage_weight, estimator, clip_eps
+        self.stage_objective, self.group_size = stage_objective, group_size
+        self.sampling = Sampling.of(sampling)
+        self.seed = seed
+        self._rng: torch.Generator | None = None
+
+    def train(self, mode: bool = True) -> CrossStage:
+        super().train(mode)
+        self.student.eval()  # no dropout: samples and updates see one network
+        return self
+
+    def _replayed(self, batch: dict[str, Tensor]) -> Tensor:
+        """``(B,)`` rows whose prompts are replayed to a teacher."""
+        if self.teachers is None:
+            return torch.ones(len(batch["input_ids"]), dtype=torch.bool, device=batch["input_ids"].device)
+        return self.route(batch) >= 0
+
+    @torch.no_grad()
+    def rollout(self, batch: dict[str, Tensor], rows: Tensor) -> dict[str, Tensor]:
+        """The student's samples for the prompts of ``rows`` (indices, repeated for several
+        samples of one prompt), joined into a token batch that keeps each row's
+        ``teacher_index``, plus ``sample_logprobs`` ``(b, L)``: each sampled token's
+        log-probability under the distribution it was drawn from, and ``responses``, the
+        sampled token ids of each row."""
+        dm = self.datamodule
+        if dm is None or "prompt_ids" not in batch:
+            raise ConfigError("recipe cross_stage samples replayed prompts; use a language-model datamodule")
+        config = self.sampling.config(dm.tokenizer, dm.max_new_tokens)
+        device = batch["prompt_ids"].device
+        if self._rng is None or self._rng.device != device:
+            self._rng = torch.Generator(device=device).manual_seed(self.seed)
+        prompts, prompt_mask = batch["prompt_ids"][rows], batch["prompt_mask"][rows]
+        out = generate(self.student, prompts, prompt_mask, config, generator=self._rng)
+        joined = join_prompts_and_responses(prompts, prompt_mask, out.responses, out.response_mask,
+                                            config.pad_token_id)
+        if "teacher_index" in batch:
+            joined["teacher_index"] = batch["teacher_index"][rows]
+        # sampled token logprobs on the joined layout: position p of labels[:, 1:] <- the p-th response token
+        logprobs = torch.zeros_like(joined["labels"][:, 1:], dtype=torch.float32)
+        for r in range(len(rows)):
+            positions = (joined["labels"][r, 1:] != IGNORE_INDEX).nonzero().squeeze(-1)
+            logprobs[r, positions] = out.logprobs[r][out.response_mask[r]].float()
+        joined["sample_logprobs"] = logprobs
+        joined["responses"] = [out.responses[r][out.response_mask[r]].tolist() for r in range(len(rows))]
+        return joined
+
+    @torch.no_grad()
+    def grpo_rollout(self, batch: dict[str, Tensor], rows: Tensor) -> dict[str, Any]:
+        """``group_size`` samples for each prompt of ``rows``, their exact-match ``rewards``
+        and group-normalised ``advantages`` (one per sample)."""
+        repeated = rows.repeat_interleave(self.group_size)
+        sampled = self.rollout(batch, repeated)
+        labels = batch["labels"]
+        references = [labels[r][labels[r] != IGNORE_INDEX].tolist() for r in repeated.tolist()]
+        rewards = self.rewards(sampled.pop("responses"), references).to(labels.device)
+        sampled["rewards"] = rewards
+        sampled["advantages"] = group_advantages(rewards.view(-1, self.group_size)).flatten()
+        return sampled
+
+    def rewards(self, samples: list[list[int]], references: list[list[int]]) -> Tensor:
+        """The verifiable reward of each sample (exact match with its dataset response)."""
+        return exact_match_rewards(self.datamodule.tokenizer, samples, references)
+
+    def grpo_loss(self, sampled: dict[str, Any]) -> Tensor:
+        """GRPO's clipped surrogate on a :meth:`grpo_rollout`, mean over its sampled tokens."""
+        out = self.outputs(self.student, sampled)
+        new = to_log_probs(out.logits, mask=out.mask).gather(-1, out.labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        advantage = sampled["advantages"].unsqueeze(-1).expand_as(new)
+        return reduce(clipped_surrogate(new, sampled["sample_logprobs"], advantage, self.clip_eps), out.mask)
+
+    def distill_loss(self, sampled: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """``L_distill`` on a sampled batch (:meth:`rollout`) and per-teacher statistics."""
+        student = self.outputs(self.student, sampled)
+        teacher = self.teacher_outputs(sampled, hidden=False)
+        mask = self.distill_mask(sampled, student.mask)
+        log_q = to_log_probs(student.logits, mask=mask)
+        log_p = to_log_probs(teacher.logits, mask=mask)
+        index = student.labels.clamp(min=0).unsqueeze(-1)
+        new = log_q.gather(-1, index).squeeze(-1)
+        advantage = token_advantages(new, log_p.gather(-1, index).squeeze(-1))
+        if self.estimator == "sampled":
+            per_token = clipped_surrogate(new, sampled["sample_logprobs"], advantage, self.clip_eps)
+        else:
+            per_token = reverse_kl_per_position(log_q, log_p)
+        loss = reduce(per_token, mask)
+        stats: dict[str, Tensor] = {}
+        names = self.teacher_names or ["teacher"]
+        route = sampled["teacher_index"] if self.teachers is not None else torch.zeros(len(mask), dtype=torch.long,
+                                                                                       device=mask.device)
+        for k, name in enumerate(names):
+            own = mask & (route == k).unsqueeze(-1)
+            if own.any():
+                stats[f"{name}/advantage"] = advantage[own].mean()
+                stats[f"{name}/reverse_kl"] = -advantage[own].mean()
+                stats[f"{name}/tokens"] = own.sum().float()
+        return loss, stats
+
+    def compute_loss(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        replayed = self._replayed(batch)
+        terms: dict[str, Tensor] = {}
+        loss = batch["input_ids"].new_zeros((), dtype=torch.float32)
+        if self.stage_weight > 0 and (~replayed).any():
+            if self.stage_objective == "grpo":
+                sampled = self.grpo_rollout(batch, (~replayed).nonzero().squeeze(-1))
+                terms["stage_grpo"] = self.grpo_loss(sampled)
+                terms["stage_reward"] = sampled["rewards"].mean()
+                loss = loss + self.stage_weight * terms["stage_grpo"]
+            else:
+                out = self.outputs(self.student, batch)
+                labels = torch.where(replayed.unsqueeze(-1), torch.full_like(out.labels, IGNORE_INDEX), out.labels)
+                terms["stage_ce"] = cross_entropy(out.logits, labels)
+                loss = loss + self.stage_weight * terms["stage_ce"]
+        if self.lam > 0 and replayed.any():
+            sampled = self.rollout(batch, replayed.nonzero().squeeze(-1))
+            sampled.pop("responses")
+            distill, stats = self.distill_loss(sampled)
+            terms["distill"] = distill
+            terms.update(stats)
+            loss = loss + self.lam * distill
+        return {"loss": loss, **terms}

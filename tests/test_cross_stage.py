@@ -1,0 +1,253 @@
+"""Cross-stage self-distillation (RECIPES.md section 6) and routed teachers: the test
+vectors, zero signal from a teacher equal to the student, each example seeing only its own
+teacher, teachers frozen and out of the optimizer and checkpoints, and kd runs end to end."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf, open_dict
+
+from kd import ConfigError
+from kd.data import IGNORE_INDEX
+from kd.data.lm import LMDataModule, TaskSource
+from kd.divergences import ForwardKL
+from kd.models import tiny_causal_lm
+from recipes.cross_stage import CrossStage, clipped_surrogate, token_advantages
+from recipes.hinton import Hinton
+from tests.conftest import SMALL_TASK
+
+NO_TEACHER = [o for o in SMALL_TASK if not o.startswith("teacher")]
+
+
+def test_advantages_and_reverse_kl_test_vectors():
+    student, teacher = torch.tensor([0.5, 0.5], dtype=torch.float64), torch.tensor([0.9, 0.1], dtype=torch.float64)
+    advantage = token_advantages(student.log(), teacher.log())
+    torch.testing.assert_close(advantage, torch.tensor([0.587787, -1.609438], dtype=torch.float64), atol=1e-6, rtol=0)
+    assert (student * (student / teacher).log()).sum().item() == pytest.approx(0.510826, abs=1e-6)
+
+
+def test_the_surrogates_expected_gradient_is_the_reverse_kl_gradient():
+    """sum_a pi(a) * grad l(a) with l the clipped surrogate at the sampling policy (rho = 1)
+    equals grad KL(pi_theta || pi_T) = [-0.549306, 0.549306] for pi_theta = [.5, .5]."""
+    logits = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    teacher = torch.tensor([0.9, 0.1], dtype=torch.float64).log()
+    expected = torch.zeros(2, dtype=torch.float64)
+    for action in range(2):
+        logp = torch.log_softmax(logits, -1)
+        advantage = token_advantages(logp[action], teacher[action])
+        loss = clipped_surrogate(logp[action], logp[action].detach(), advantage)
+        (grad,) = torch.autograd.grad(loss, logits)
+        expected += torch.softmax(logits, -1).detach()[action] * grad
+    torch.testing.assert_close(expected, torch.tensor([-0.549306, 0.549306], dtype=torch.float64), atol=1e-6, rtol=0)
+    dense = (torch.softmax(logits, -1) * (torch.log_softmax(logits, -1) - teacher)).sum()
+    (dense_grad,) = torch.autograd.grad(dense, logits)
+    torch.testing.assert_close(expected, dense_grad)
+
+
+@pytest.fixture(scope="module")
+def routed_dm():
+    """Task data whose 'upper' and 'reverse' examples belong to two earlier stages'
+    teachers and whose 'sort'/'count' examples are the current stage's."""
+    dm = LMDataModule(TaskSource(train_size=80, val_size=8, test_size=8), vocab_size=300, batch_size=16,
+                      max_length=48, max_new_tokens=5, routes={"upper": "stage_a", "reverse": "stage_b"})
+    dm.setup()
+    return dm
+
+
+def _batch(dm):
+    from kd.data.lm import collate_train
+
+    split = dm.splits["train"]
+    return collate_train([split[i] for i in range(16)], dm.pad_token_id)
+
+
+def _model(seed, vocab):
+    torch.manual_seed(seed)
+    model = tiny_causal_lm(vocab_size=vocab, hidden_size=32, num_layers=1)
+    with torch.no_grad():  # sharper than an untrained model, so teachers really differ
+        model.lm_head.weight.mul_(20)
+    return model
+
+
+def test_batches_carry_each_examples_teacher(routed_dm):
+    batch = _batch(routed_dm)
+    split = routed_dm.splits["train"]
+    expected = [{"upper": 0, "reverse": 1}.get(split.examples[i].skill, -1) for i in range(16)]
+    assert batch["teacher_index"].tolist() == expected
+    assert {0, 1, -1} <= set(expected)
+
+
+def test_each_example_sees_only_its_own_teacher(routed_dm):
+    """Hinton on routed teachers: the soft term equals the token-weighted combination of the
+    soft terms each teacher gives on its own rows alone; no row sees the other teacher."""
+    V = len(routed_dm.tokenizer)
+    batch = _batch(routed_dm)
+    student, a, b = _model(0, V), _model(1, V), _model(2, V)
+    routed = Hinton(student=student, teacher={"stage_a": a, "stage_b": b}, divergence=ForwardKL(), lam=1.0,
+                    temperature=1.0)
+    routed.set_vocabulary(V)
+    logits = routed.teacher_logits(batch)
+    total, tokens = 0.0, 0
+    for k, teacher in enumerate((a, b)):
+        rows = (batch["teacher_index"] == k).nonzero().squeeze(-1)
+        part = {key: v[rows] for key, v in batch.items()}
+        with torch.no_grad():
+            own = teacher(input_ids=part["input_ids"], attention_mask=part["attention_mask"]).logits[:, :-1, :V]
+        torch.testing.assert_close(logits[rows], own)
+        alone = Hinton(student=student, teacher=teacher, divergence=ForwardKL(), lam=1.0, temperature=1.0)
+        alone.set_vocabulary(V)
+        n = int((part["labels"][:, 1:] != IGNORE_INDEX).sum())
+        total += alone.compute_loss(part)["soft_kd"].item() * n
+        tokens += n
+    assert routed.compute_loss(batch)["soft_kd"].item() == pytest.approx(total / tokens, rel=1e-5)
+
+
+def _attached(recipe, dm):
+    import lightning as L
+
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, max_steps=1)
+    recipe.trainer = trainer
+    trainer.datamodule = dm
+    return recipe
+
+
+def test_a_teacher_equal_to_the_student_gives_zero_advantage_and_gradient(routed_dm):
+    V = len(routed_dm.tokenizer)
+    student = _model(3, V)
+    for estimator in ("sampled", "dense"):
+        recipe = _attached(CrossStage(student=student, teacher={"stage_a": copy.deepcopy(student),
+                                                                "stage_b": copy.deepcopy(student)},
+                                      stage_weight=0.0, estimator=estimator), routed_dm)
+        recipe.set_vocabulary(V)
+        terms = recipe.compute_loss(_batch(routed_dm))
+        assert abs(terms["stage_a/advantage"].item()) < 1e-5 and abs(terms["stage_b/advantage"].item()) < 1e-5
+        grads = torch.autograd.grad(terms["loss"], [p for p in student.parameters()], allow_unused=True)
+        assert all(g is None or g.abs().max() < 1e-5 for g in grads), estimator
+
+
+def test_stage_rows_get_sft_and_replayed_rows_get_their_teachers_signal(routed_dm):
+    V = len(routed_dm.tokenizer)
+    batch = _batch(routed_dm)
+    student = _model(4, V)
+    recipe = _attached(CrossStage(student=student, teacher={"stage_a": _model(5, V), "stage_b": _model(6, V)},
+                                  lam=0.0), routed_dm)
+    recipe.set_vocabulary(V)
+    stage = batch["teacher_index"] < 0
+    logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1, :V]
+    labels = batch["labels"][:, 1:].clone()
+    labels[~stage] = IGNORE_INDEX
+    expected = F.cross_entropy(logits.reshape(-1, V), labels.reshape(-1), ignore_index=IGNORE_INDEX)
+    assert recipe.compute_loss(batch)["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+    # the distillation term reports each teacher's tokens separately
+    recipe.lam = 1.0
+    terms = recipe.compute_loss(batch)
+    assert terms["stage_a/tokens"] > 0 and terms["stage_b/tokens"] > 0 and "distill" in terms
+
+
+def test_routed_teachers_are_frozen_and_out_of_the_optimizer_and_checkpoints(routed_dm):
+    V = len(routed_dm.tokenizer)
+    recipe = CrossStage(student=_model(7, V), teacher={"stage_a": _model(8, V), "stage_b": _model(9, V)})
+    trainable = {id(p) for p in recipe.trainable_parameters()}
+    for _, teacher in recipe.all_teachers():
+        assert all(not p.requires_grad and id(p) not in trainable for p in teacher.parameters())
+    recipe.train()
+    assert all(not t.training for _, t in recipe.all_teachers())
+    checkpoint = {"state_dict": recipe.state_dict()}
+    recipe.on_save_checkpoint(checkpoint)
+    assert not any(k.startswith(("teacher.", "teachers.")) for k in checkpoint["state_dict"])
+    assert any(k.startswith("student.") for k in checkpoint["state_dict"])
+    with pytest.raises(ConfigError, match="recipe.estimator must be one of"):
+        CrossStage(student=_model(0, V), teacher=_model(1, V), estimator="grpo")
+
+
+def test_kd_runs_cross_stage_with_routed_teachers_end_to_end(make_cfg, tmp_path):
+    from kd.runs import train
+
+    teacher = {"model": {"_target_": "kd.models.tiny_causal_lm", "vocab_size": "${data.vocab_size}",
+                         "hidden_size": 32, "num_layers": 1, "max_position_embeddings": "${data.max_length}"},
+               "fit": {"max_epochs": 1, "seed": 0, "optimizer": {"_target_": "torch.optim.AdamW", "_partial_": True,
+                                                                 "lr": 1e-3}}}
+    teachers = {"stage_a": {**teacher, "fit": {**teacher["fit"], "data": {"train_skills": ["upper"]}}},
+                "stage_b": {**teacher, "fit": {**teacher["fit"], "data": {"train_skills": ["reverse"]}}}}
+
+    def with_teachers(cfg):  # what an experiment yaml with a teachers: section composes to
+        with open_dict(cfg):
+            cfg.teachers = OmegaConf.create(teachers)
+        return cfg
+
+    cfg = with_teachers(make_cfg(*NO_TEACHER, "recipe=cross_stage", "teacher=none",
+                                 "data.routes={upper: stage_a, reverse: stage_b}", "recipe.sampling.max_new_tokens=4",
+                                 "trainer.max_epochs=1", "trainer.limit_train_batches=2",
+                                 "data.generation_eval_size=4", "scratch_baseline=false"))
+    summary = train(cfg)
+    assert set(summary["results"]) == {"teacher stage_a", "teacher stage_b", "student, cross_stage"}
+    assert set(summary["teacher"]) == {"stage_a", "stage_b"}
+    cached = sorted(p.name.split("-")[0] for p in (tmp_path / "cache" / "teachers").iterdir())
+    assert cached == ["stage_a", "stage_b"]  # each teacher trained once on its own stage's data
+    with pytest.raises(ConfigError, match="nothing routes examples to them"):
+        train(with_teachers(make_cfg(*NO_TEACHER, "recipe=cross_stage", "teacher=none", root=tmp_path / "unrouted")))
+
+
+# ----------------------------------------------------------------------------- the GRPO stage objective
+
+
+def test_group_normalised_advantages_by_hand():
+    from recipes.cross_stage import group_advantages
+
+    got = group_advantages(torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0]]))
+    half = 0.5 / (0.5773503 + 1e-4)  # mean .5, unbiased std sqrt(1/3)
+    torch.testing.assert_close(got, torch.tensor([[half, -half, -half, half], [0.0, 0.0, 0.0, 0.0]]))
+
+
+def test_exact_match_rewards_compare_decoded_text(routed_dm):
+    from recipes.cross_stage import exact_match_rewards
+
+    tok = routed_dm.tokenizer
+    reference = tok("abc", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    same_text_other_ids = tok(" abc ", add_special_tokens=False)["input_ids"]
+    wrong = tok("abd", add_special_tokens=False)["input_ids"]
+    rewards = exact_match_rewards(tok, [reference, same_text_other_ids, wrong], [reference] * 3)
+    assert rewards.tolist() == [1.0, 1.0, 0.0]
+
+
+def test_grpo_gradient_is_minus_the_advantage_weighted_log_likelihood(routed_dm, monkeypatch):
+    """At the sampling policy (temperature 1, one update) the clipped surrogate's gradient is
+    -sum_t A_seq * grad log pi(y_t) / tokens; the rewards are fixed so advantages differ."""
+    V = len(routed_dm.tokenizer)
+    student = _model(10, V)
+    recipe = _attached(CrossStage(student=student, teacher=_model(11, V), lam=0.0, stage_objective="grpo",
+                                  group_size=2, sampling={"max_new_tokens": 4}), routed_dm)
+    recipe.set_vocabulary(V)
+    monkeypatch.setattr(recipe, "rewards", lambda samples, refs: torch.tensor([1.0, 0.0] * (len(samples) // 2)))
+    batch = _batch(routed_dm)
+    rows = torch.arange(4)
+    sampled = recipe.grpo_rollout(batch, rows)
+    assert sampled["advantages"].tolist() == pytest.approx([0.70706, -0.70706] * 4, abs=1e-4)
+    loss = recipe.grpo_loss(sampled)
+    (grad,) = torch.autograd.grad(loss, [student.lm_head.weight])
+    logits = student(input_ids=sampled["input_ids"], attention_mask=sampled["attention_mask"]).logits[:, :-1, :V]
+    labels = sampled["labels"][:, 1:]
+    mask = labels != IGNORE_INDEX
+    logp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    by_hand = -(sampled["advantages"].unsqueeze(-1) * logp)[mask].sum() / mask.sum()
+    (expected,) = torch.autograd.grad(by_hand, [student.lm_head.weight])
+    torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_grpo_with_equal_rewards_has_no_gradient(routed_dm):
+    V = len(routed_dm.tokenizer)
+    student = _model(12, V)
+    recipe = _attached(CrossStage(student=student, teacher={"stage_a": _model(13, V), "stage_b": _model(14, V)},
+                                  lam=0.0, stage_objective="grpo", group_size=3, sampling={"max_new_tokens": 3}),
+                       routed_dm)
+    recipe.set_vocabulary(V)
+    terms = recipe.compute_loss(_batch(routed_dm))
+    assert terms["stage_reward"].item() == 0.0  # an untrained student answers nothing right: one reward
+    grads = torch.autograd.grad(terms["loss"], [p for p in student.parameters()], allow_unused=True)
+    assert all(g is None or g.abs().max() == 0 for g in grads)
+    with pytest.raises(ConfigError, match="group_size must be >= 2"):
+        CrossStage(student=student, teacher=_model(1, V), stage_objective="grpo", group_size=1)
