@@ -191,6 +191,8 @@ class Run:
             self.teacher_info = load_teacher(cfg, self.teacher, self.cache)
         if cfg.get("student_sft"):
             load_weights(self.student, student_sft(cfg, self.cache))
+        if cfg.get("student_init"):
+            load_weights(self.student, cfg.student_init)
         if self.init_scheme is not None:
             source = self.teacher
             if source is None:  # a recipe without a teacher: the "teacher init, no KD" ablation
@@ -335,7 +337,7 @@ def _check_groups(cfg: DictConfig, cls: type[DistillationRecipe], name: str) -> 
     if cfg.get("teachers") and cfg.get("teacher"):
         raise ConfigError("teacher= and teachers: both name teachers; with examples routed to named teachers "
                           "set teacher=none")
-    if needs.teacher and not cfg.get("teacher") and not cfg.get("teachers"):
+    if needs.teacher is True and not cfg.get("teacher") and not cfg.get("teachers"):
         raise ConfigError(f"recipe {name} needs a teacher; choose one with teacher=<config> (see conf/teacher/)")
     if needs.own_loop:
         trainer = cfg.trainer
@@ -345,6 +347,11 @@ def _check_groups(cfg: DictConfig, cls: type[DistillationRecipe], name: str) -> 
                               "recipe has its own clipping knob)")
     if isinstance(cfg.get("seed"), bool) or not isinstance(cfg.get("seed"), int):
         raise ConfigError(f"seed must be an integer (got {cfg.get('seed')!r}); e.g. seed=0, or -m seed=0,1,2")
+    if cfg.get("student_init") and cfg.get("student_sft"):
+        raise ConfigError("student_init and student_sft both choose the student's starting weights; set one of them")
+    if cfg.get("student_init") and not Path(str(cfg.student_init)).expanduser().exists():
+        raise ConfigError(f"student_init '{cfg.student_init}' does not exist; pass a run's student/ directory, a "
+                          "weights file or a checkpoint")
     resume = cfg.get("ckpt_path")
     if resume and not Path(resume).is_file():
         raise ConfigError(f"ckpt_path '{resume}' does not exist; pass a run's checkpoints/last.ckpt or set ckpt_path=null")
@@ -418,7 +425,10 @@ def build(cfg: DictConfig, *, teacher: bool | None = None, setup: bool = True) -
     needs = cls.needs
     name = choice("recipe", cls.__name__.lower())
     _check_groups(cfg, cls, name)
-    with_teacher = needs.teacher if teacher is None else (teacher and bool(teacher_configs(cfg)))
+    if teacher is None:
+        with_teacher = needs.teacher is True or (needs.teacher == "optional" and bool(teacher_configs(cfg)))
+    else:
+        with_teacher = teacher and bool(teacher_configs(cfg))
     _check_kinds(cfg, cls, name, with_teacher)
     _check_resolves(cfg)
 
@@ -530,6 +540,7 @@ def _fitted(cache: Cache, kind: str, prefix: str, cfg: DictConfig, model: DictCo
         scheduler=fit.get("scheduler"),
         seed=fit.get("seed", cfg.seed),
         merge={"data": fit.get("data") or {}},
+        student_init=None,
         **{"trainer.max_epochs": fit.max_epochs},
     )
 

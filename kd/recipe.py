@@ -94,8 +94,9 @@ class Needs:
     and read generically by :mod:`kd.build` and this base class.
 
     Args:
-        teacher: the recipe distils from a teacher (``teacher=`` must name one); False for
-            the no-teacher baseline.
+        teacher: ``True``: the recipe distils from a teacher (``teacher=`` must name one);
+            ``False``: it has none (the no-teacher baseline); ``"optional"``: it uses one when
+            the run names one (a pipeline's first stage has nothing to distil from).
         divergence: the recipe's loss uses the ``divergence/`` group; a divergence given to a
             recipe that does not is refused (it would change nothing).
         hidden_states: :meth:`DistillationRecipe.outputs` also returns the last hidden states.
@@ -109,7 +110,7 @@ class Needs:
             ``("causal_lm",)``; None: any).
     """
 
-    teacher: bool = True
+    teacher: bool | str = True
     divergence: bool = False
     hidden_states: bool = False
     teacher_tokenizer: str = "shared"
@@ -118,6 +119,8 @@ class Needs:
     data: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.teacher not in (True, False, "optional"):
+            raise ValueError(f"Needs.teacher must be True, False or 'optional' (got {self.teacher!r})")
         if self.teacher_tokenizer not in ("shared", "own"):
             raise ValueError(f"Needs.teacher_tokenizer must be 'shared' or 'own' (got {self.teacher_tokenizer!r})")
 
@@ -175,7 +178,7 @@ class DistillationRecipe(L.LightningModule):
     ) -> None:
         super().__init__()
         name = type(self).__name__
-        if self.needs.teacher and teacher is None:
+        if self.needs.teacher is True and teacher is None:
             raise ConfigError(f"recipe {name} needs a teacher; choose one with teacher=<config> (see conf/teacher/)")
         if divergence is not None and not self.needs.divergence:
             raise ConfigError(f"recipe {name} uses no divergence, so the one given would change nothing; "

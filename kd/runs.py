@@ -15,6 +15,8 @@
 5. with ``downstream`` set, fine-tunes every model of the table on the downstream task;
 6. writes ``metrics.json`` and prints the table.
 
+With ``pipeline`` set it runs the pipeline's stages instead (:mod:`kd.pipeline`).
+
 :func:`evaluate` (``kd-eval``) tests a trained student, with the KL to a teacher when one
 is configured, and writes ``eval.json``.
 """
@@ -41,6 +43,10 @@ def _overrides() -> list[str]:
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train one recipe run as described in the module docstring; returns metrics.json's dict."""
+    if cfg.get("pipeline"):  # kd pipeline=<name>: the stages in turn (kd/pipeline.py)
+        from kd.pipeline import run_pipeline
+
+        return run_pipeline(cfg)
     started = time.perf_counter()
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)

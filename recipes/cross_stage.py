@@ -123,7 +123,8 @@ class CrossStage(DistillationRecipe):
         **kwargs: passed to :class:`kd.recipe.DistillationRecipe`.
     """
 
-    needs = Needs(regimes=("offline",), data=("causal_lm",))  # it samples the replayed prompts itself
+    # it samples the replayed prompts itself; without a teacher only the stage objective trains
+    needs = Needs(teacher="optional", regimes=("offline",), data=("causal_lm",))
 
     def __init__(self, *, lam: float = 1.0, stage_weight: float = 1.0, estimator: str = "sampled",
                  stage_objective: str = "sft", group_size: int = 4, clip_eps: float = 0.2,
@@ -154,7 +155,8 @@ class CrossStage(DistillationRecipe):
     def _replayed(self, batch: dict[str, Tensor]) -> Tensor:
         """``(B,)`` rows whose prompts are replayed to a teacher."""
         if self.teachers is None:
-            return torch.ones(len(batch["input_ids"]), dtype=torch.bool, device=batch["input_ids"].device)
+            has = self.teacher is not None
+            return torch.full((len(batch["input_ids"]),), has, dtype=torch.bool, device=batch["input_ids"].device)
         return self.route(batch) >= 0
 
     @torch.no_grad()

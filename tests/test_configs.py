@@ -89,6 +89,21 @@ def test_every_option_composes_and_instantiates(group, option, make_cfg, tmp_pat
         cfg = make_cfg(f"hydra={option}")
         assert "${now:" in OmegaConf.to_container(cfg.hydra, resolve=False)["run"]["dir"]
         return
+    if group == "pipeline":  # a pipeline is its stages: each stage's run config builds
+        from kd.build import build
+        from kd.pipeline import _stage_config
+
+        cfg = make_cfg(f"pipeline={option}")
+        done = []
+        for stage in cfg.pipeline.stages:
+            entry = tmp_path / str(stage.name)
+            entry.mkdir()
+            for lam in (cfg.pipeline.lam, 0.0):
+                run = build(_stage_config(cfg, stage, done, done[-1][1] if done else None, lam, tmp_path / "out"),
+                            setup=False)
+                assert type(run.recipe).__module__.startswith("recipes.")
+            done.append((stage, entry))
+        return
     cfg = make_cfg(f"{group}={option}", *extra_overrides(group, option, tiny_hf))
     plain = cfg.copy()
     with open_dict(plain):

@@ -1,0 +1,72 @@
+"""kd pipeline=...: stages in turn, each from the previous stage's weights, earlier stages as
+routed frozen teachers of later ones, every stage cached, the skill-by-stage table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from omegaconf import open_dict
+
+from kd import ConfigError
+from kd.runs import train
+
+TINY = ["pipeline=task_stages", "data.source.train_size=160", "data.source.val_size=8", "data.source.test_size=16",
+        "data.vocab_size=300", "data.min_frequency=20", "data.generation_eval_size=16", "data.max_new_tokens=5",
+        "data.batch_size=16", "student.hidden_size=32", "pipeline.stages.0.epochs=1",
+        "pipeline.stages.1.objective=sft", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
+        "pipeline.recipe.sampling.max_new_tokens=4"]
+
+
+def test_a_pipeline_runs_its_stages_caches_them_and_prints_the_table(make_cfg, tmp_path, capsys, monkeypatch):
+    summary = train(make_cfg(*TINY))
+    table = summary["table"]
+    assert list(table) == ["with cross-stage distillation", "without (stages in sequence)"]
+    for stages in table.values():
+        assert list(stages) == ["strings", "sorting"]
+        for scores in stages.values():
+            assert set(scores) == {"upper", "reverse", "sort", "count"}
+            assert all(0.0 <= v <= 1.0 for v in scores.values())
+    printed = capsys.readouterr().out
+    assert "after stage" in printed and "sorting" in printed
+    assert json.loads((tmp_path / "run" / "pipeline.json").read_text())["table"] == table
+    entries = sorted(p.name.split("-")[0] for p in (tmp_path / "cache" / "stages").iterdir())
+    assert entries == ["sorting", "sorting", "strings"]  # stage 1 is the same with and without distillation
+
+    # a second run reuses every stage: nothing is built
+    import kd.pipeline
+
+    monkeypatch.setattr(kd.pipeline, "build", lambda *a, **k: pytest.fail("a cached stage was trained again"))
+    again = train(make_cfg(*TINY, root=tmp_path))
+    assert again["table"] == table
+
+
+def test_later_stages_start_from_the_last_one_and_are_taught_by_the_earlier_ones(make_cfg, tmp_path):
+    from kd.pipeline import _stage_config
+
+    cfg = make_cfg(*TINY)
+    first, second = cfg.pipeline.stages
+    entry = tmp_path / "stage1"
+    entry.mkdir()
+    sub = _stage_config(cfg, second, [(first, entry)], entry, 1.0, tmp_path / "out")
+    assert sub.student_init == str(entry)
+    assert sub.teachers.strings.checkpoint == str(entry) and sub.teacher is None
+    assert dict(sub.data.routes) == {"upper": "strings", "reverse": "strings"}
+    assert list(sub.data.train_skills) == ["sort", "count", "upper", "reverse"]
+    assert sub.recipe.lam == 1.0 and sub.recipe.stage_objective == "sft"
+    plain = _stage_config(cfg, second, [(first, entry)], entry, 0.0, tmp_path / "out")
+    assert plain.teachers is None and list(plain.data.train_skills) == ["sort", "count"] and plain.recipe.lam == 0.0
+
+
+def test_bad_pipelines_are_refused(make_cfg):
+    cfg = make_cfg(*TINY)
+    with open_dict(cfg):
+        cfg.pipeline.stages[1].name = "strings"
+    with pytest.raises(ConfigError, match="stage names must differ"):
+        train(cfg)
+    cfg = make_cfg(*TINY)
+    with open_dict(cfg):
+        cfg.pipeline.stages = []
+    with pytest.raises(ConfigError, match="pipeline.stages is empty"):
+        train(cfg)
