@@ -13,6 +13,11 @@ a training batch is
   (``teacher_index`` -1), ``stage_objective``:
 
   - ``sft``: cross-entropy on their dataset responses;
+  - ``self_distill``: GLM-4.5's iterative self-distillation, per batch: sample
+    ``group_size`` responses per prompt from the current model, keep the one with the
+    highest reward (exact match; the first of equals) when it earns any, and train
+    cross-entropy on the kept responses only (prompts whose samples all fail are skipped;
+    GLM-4.5 does this between RL rounds over its whole dataset, we do it online per batch);
   - ``grpo``: RL with a verifiable reward (GRPO, Shao et al. 2024): ``group_size`` samples
     per prompt, reward 1 when a sample's text equals the dataset response (exact match
     after stripping whitespace, the embedded task's metric) else 0, advantage
@@ -49,9 +54,8 @@ Deviations and what is unsure: the GLM-5 report itself was not read (RECIPES.md 
 section as secondary sources); the clipping range (0.2), the absence of a KL penalty to a
 reference model and the one update per batch (so rho_t is 1 up to the sampling
 temperature and filters: ``pi_sample`` is the distribution the token was drawn from) are
-ours. The student runs without dropout, so samples and updates see one network. GLM-4.5's
-iterative self-distillation (re-SFT on the model's best samples) and the staged pipeline
-are not in this module yet.
+ours. The student runs without dropout, so samples and updates see one network. The staged
+pipeline that trains stages in turn is :mod:`kd.pipeline` (``kd pipeline=task_stages``).
 
 Run: ``kd recipe=cross_stage data=task teacher=task_llama student=task_llama sft=task``
 (one teacher), or with ``teachers:`` and ``data.routes`` for several (README).
@@ -73,7 +77,7 @@ from kd.recipe import DistillationRecipe, Needs
 from kd.regimes import join_prompts_and_responses
 
 ESTIMATORS = ("sampled", "dense")
-STAGE_OBJECTIVES = ("sft", "grpo")
+STAGE_OBJECTIVES = ("sft", "grpo", "self_distill")
 
 
 def group_advantages(rewards: Tensor, eps: float = 1e-4) -> Tensor:
@@ -115,8 +119,8 @@ class CrossStage(DistillationRecipe):
         stage_weight: weight of the current stage's SFT term on rows without a teacher (>= 0).
         estimator: ``sampled`` (clipped surrogate on the sampled tokens' advantages) or
             ``dense`` (full-vocabulary reverse KL per token).
-        stage_objective: ``sft`` or ``grpo`` (module docstring).
-        group_size: samples per prompt of the ``grpo`` objective (>= 2).
+        stage_objective: ``sft``, ``grpo`` or ``self_distill`` (module docstring).
+        group_size: samples per prompt of the ``grpo`` and ``self_distill`` objectives.
         clip_eps: clipping range of the surrogate (> 0).
         sampling: how the student samples the replayed prompts (:class:`kd.generation.Sampling`).
         seed: seed of the sampler.
@@ -133,8 +137,10 @@ class CrossStage(DistillationRecipe):
             raise ConfigError(f"recipe.estimator must be one of {list(ESTIMATORS)} (got {estimator!r})")
         if stage_objective not in STAGE_OBJECTIVES:
             raise ConfigError(f"recipe.stage_objective must be one of {list(STAGE_OBJECTIVES)} (got {stage_objective!r})")
-        if stage_objective == "grpo" and group_size < 2:
-            raise ConfigError(f"recipe.group_size must be >= 2 for GRPO's group-normalised rewards (got {group_size})")
+        minimum = {"sft": 0, "grpo": 2, "self_distill": 1}[stage_objective]
+        if group_size < minimum:
+            raise ConfigError(f"recipe.group_size must be >= {minimum} for stage_objective={stage_objective} "
+                              f"(got {group_size}); GRPO normalises rewards within a group")
         if lam < 0 or stage_weight < 0 or lam + stage_weight == 0:
             raise ConfigError(f"recipe.lam and recipe.stage_weight must be >= 0 and not both 0 (got {lam}, "
                               f"{stage_weight})")
@@ -205,6 +211,19 @@ class CrossStage(DistillationRecipe):
         """The verifiable reward of each sample (exact match with its dataset response)."""
         return exact_match_rewards(self.datamodule.tokenizer, samples, references)
 
+    def self_distill_loss(self, sampled: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        """Cross-entropy on the best rewarded sample of each prompt of a :meth:`grpo_rollout`
+        (prompts without any reward are skipped); and the share of prompts kept."""
+        rewards = sampled["rewards"].view(-1, self.group_size)
+        best = rewards.argmax(-1)  # the first of equals
+        keep = rewards.max(-1).values > 0
+        rows = (torch.arange(len(rewards), device=rewards.device) * self.group_size + best)[keep]
+        if len(rows) == 0:
+            return sampled["sample_logprobs"].new_zeros(()), keep.float().mean()
+        part = {k: sampled[k][rows] for k in ("input_ids", "attention_mask", "labels")}
+        out = self.outputs(self.student, part)
+        return cross_entropy(out.logits, out.labels), keep.float().mean()
+
     def grpo_loss(self, sampled: dict[str, Any]) -> Tensor:
         """GRPO's clipped surrogate on a :meth:`grpo_rollout`, mean over its sampled tokens."""
         out = self.outputs(self.student, sampled)
@@ -249,6 +268,11 @@ class CrossStage(DistillationRecipe):
                 terms["stage_grpo"] = self.grpo_loss(sampled)
                 terms["stage_reward"] = sampled["rewards"].mean()
                 loss = loss + self.stage_weight * terms["stage_grpo"]
+            elif self.stage_objective == "self_distill":
+                sampled = self.grpo_rollout(batch, (~replayed).nonzero().squeeze(-1))
+                terms["stage_self_distill"], terms["stage_kept"] = self.self_distill_loss(sampled)
+                terms["stage_reward"] = sampled["rewards"].mean()
+                loss = loss + self.stage_weight * terms["stage_self_distill"]
             else:
                 out = self.outputs(self.student, batch)
                 labels = torch.where(replayed.unsqueeze(-1), torch.full_like(out.labels, IGNORE_INDEX), out.labels)

@@ -251,3 +251,26 @@ def test_grpo_with_equal_rewards_has_no_gradient(routed_dm):
     assert all(g is None or g.abs().max() == 0 for g in grads)
     with pytest.raises(ConfigError, match="group_size must be >= 2"):
         CrossStage(student=student, teacher=_model(1, V), stage_objective="grpo", group_size=1)
+
+
+def test_self_distillation_trains_on_the_best_rewarded_sample_of_each_prompt(routed_dm, monkeypatch):
+    """GLM-4.5's iterative self-distillation: of each prompt's samples keep the first with the
+    highest reward when any is rewarded, and train cross-entropy on those samples only."""
+    V = len(routed_dm.tokenizer)
+    student = _model(15, V)
+    recipe = _attached(CrossStage(student=student, teacher=_model(16, V), lam=0.0, stage_objective="self_distill",
+                                  group_size=2, sampling={"max_new_tokens": 4}), routed_dm)
+    recipe.set_vocabulary(V)
+    # prompt 0: second sample rewarded; prompt 1: none; prompt 2: both (the first is kept)
+    monkeypatch.setattr(recipe, "rewards", lambda samples, refs: torch.tensor([0.0, 1.0, 0.0, 0.0, 1.0, 1.0]))
+    sampled = recipe.grpo_rollout(_batch(routed_dm), torch.arange(3))
+    loss, kept = recipe.self_distill_loss(sampled)
+    assert kept.item() == pytest.approx(2 / 3)
+    rows = torch.tensor([1, 4])
+    logits = student(input_ids=sampled["input_ids"][rows], attention_mask=sampled["attention_mask"][rows]).logits
+    labels = sampled["labels"][rows][:, 1:]
+    expected = F.cross_entropy(logits[:, :-1, :V].reshape(-1, V), labels.reshape(-1), ignore_index=IGNORE_INDEX)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    monkeypatch.setattr(recipe, "rewards", lambda samples, refs: torch.zeros(len(samples)))
+    nothing, kept = recipe.self_distill_loss(recipe.grpo_rollout(_batch(routed_dm), torch.arange(3)))
+    assert nothing.item() == 0.0 and kept.item() == 0.0
