@@ -121,13 +121,18 @@ class SweepSummary(Callback):
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         value = getattr(job_return, "_return_value", None)
-        if isinstance(value, dict) and "results" in value:
+        if isinstance(value, dict) and ("results" in value or "table" in value):
             self.runs.append(value)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        runs = self.runs or load_runs([config.hydra.sweep.dir])
+        runs = [r for r in self.runs if "results" in r] or load_runs([config.hydra.sweep.dir])
         if runs:
             print("\nSweep summary (mean ± std over seeds)\n" + summarize(runs, metric=headline_metric(runs)), flush=True)
+        pipelines = [r for r in self.runs if "table" in r]
+        if pipelines:
+            from kd.pipeline import summarize_pipelines
+
+            print("\n" + summarize_pipelines(pipelines), flush=True)
 
 
 def report_main(argv: list[str] | None = None) -> None:
@@ -139,4 +144,10 @@ def report_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metric", default=None, help="metric to tabulate (default: test/exact_match if present, else test/acc)")
     args = parser.parse_args(argv)
     runs = load_runs(args.paths)
+    from kd.pipeline import load_pipelines, summarize_pipelines
+
+    pipelines = load_pipelines(args.paths)
+    if pipelines and not runs:
+        print(summarize_pipelines(pipelines))
+        return
     print(summarize(runs, metric=args.metric or headline_metric(runs)))

@@ -141,4 +141,37 @@ def format_table(table: dict[str, dict[str, dict[str, float]]], skills: list[str
     return "\n".join(lines).rstrip()
 
 
-__all__ = ["run_pipeline", "run_stage", "format_table", "WITH", "WITHOUT"]
+def load_pipelines(paths: list[str | Path]) -> list[dict[str, Any]]:
+    """Every ``pipeline.json`` at or below the given paths, parsed."""
+    found = []
+    for p in map(Path, paths):
+        for f in [p] if p.is_file() else sorted(p.rglob("pipeline.json")):
+            found.append(json.loads(f.read_text()))
+    return found
+
+
+def summarize_pipelines(summaries: list[dict[str, Any]]) -> str:
+    """Each skill's exact match (%) after each stage, mean ± std over the runs (seeds)."""
+    import statistics
+
+    if not summaries:
+        return "no pipeline runs found (no pipeline.json under the given paths)"
+    seeds = sorted(s.get("seed") for s in summaries)
+    skills = list(dict.fromkeys(k for s in summaries for v in s["table"].values() for sc in v.values() for k in sc))
+    lines = [f"pipeline summary over {len(summaries)} run(s), seeds {seeds} (exact match %, mean ± std)"]
+    for variant, stages in summaries[0]["table"].items():
+        lines.append(variant)
+        lines.append("  " + f"{'after stage':<14}" + "".join(f"{k:>16}" for k in skills))
+        for stage in stages:
+            cells = []
+            for k in skills:
+                values = [100 * s["table"][variant][stage][k] for s in summaries
+                          if k in s["table"].get(variant, {}).get(stage, {})]
+                spread = f" ± {statistics.stdev(values):.1f}" if len(values) > 1 else ""
+                cells.append(f"{statistics.fmean(values):.1f}{spread}" if values else "-")
+            lines.append(f"  {stage:<14}" + "".join(f"{c:>16}" for c in cells))
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
+__all__ = ["run_pipeline", "run_stage", "format_table", "load_pipelines", "summarize_pipelines", "WITH", "WITHOUT"]

@@ -70,3 +70,17 @@ def test_bad_pipelines_are_refused(make_cfg):
         cfg.pipeline.stages = []
     with pytest.raises(ConfigError, match="pipeline.stages is empty"):
         train(cfg)
+
+
+def test_pipeline_summaries_average_over_seeds(tmp_path):
+    from kd.pipeline import WITH, load_pipelines, summarize_pipelines
+
+    for seed, upper in ((0, 0.5), (1, 1.0)):
+        run = tmp_path / str(seed)
+        run.mkdir()
+        table = {WITH: {"strings": {"upper": upper, "sort": 0.0}}}
+        (run / "pipeline.json").write_text(json.dumps({"seed": seed, "table": table}))
+    text = summarize_pipelines(load_pipelines([tmp_path]))
+    assert "seeds [0, 1]" in text
+    row = next(line for line in text.splitlines() if line.strip().startswith("strings"))
+    assert "75.0 ± 35.4" in row and "0.0 ± 0.0" in row  # mean and sample std of 50 and 100
