@@ -274,3 +274,19 @@ def test_self_distillation_trains_on_the_best_rewarded_sample_of_each_prompt(rou
     monkeypatch.setattr(recipe, "rewards", lambda samples, refs: torch.zeros(len(samples)))
     nothing, kept = recipe.self_distill_loss(recipe.grpo_rollout(_batch(routed_dm), torch.arange(3)))
     assert nothing.item() == 0.0 and kept.item() == 0.0
+
+
+def test_routed_teachers_on_another_tokenizer_are_refused_before_training(make_cfg, tmp_path):
+    from kd.build import build
+
+    teacher = {"model": {"_target_": "kd.models.tiny_causal_lm", "vocab_size": 300, "hidden_size": 32,
+                         "num_layers": 1},
+               "fit": {"max_epochs": 1, "seed": 0, "optimizer": {"_target_": "torch.optim.AdamW", "_partial_": True}}}
+    other = {**teacher, "fit": {**teacher["fit"], "data": {"vocab_size": 280, "train_skills": ["reverse"]}}}
+    cfg = make_cfg(*NO_TEACHER, "recipe=cross_stage", "teacher=none", "data.routes={upper: same, reverse: other}")
+    with open_dict(cfg):
+        cfg.teachers = OmegaConf.create({"same": {**teacher, "fit": {**teacher["fit"], "data": {"train_skills": ["upper"]}}},
+                                         "other": other})
+    with pytest.raises(ConfigError, match="the data's and teacher other's tokenizers differ"):
+        build(cfg)
+    assert not (tmp_path / "cache" / "teachers").exists()
