@@ -460,6 +460,9 @@ def build(cfg: DictConfig, *, teacher: bool | None = None, setup: bool = True) -
         if unknown:
             raise ConfigError(f"data.routes sends examples to {unknown}, which teachers: does not name; use "
                               f"{sorted(routed)}")
+        if regime is not None and regime.uses_teacher:
+            raise ConfigError(f"regime={regime.name} generates data with one teacher, not with routed teachers "
+                              "(teachers:); use regime=offline or regime=on_policy")
         datamodule.teacher_names = sorted(routed)
         teacher_model = {name: instantiate(t.model) for name, t in routed.items()}
     else:
@@ -494,40 +497,36 @@ def build(cfg: DictConfig, *, teacher: bool | None = None, setup: bool = True) -
 # ----------------------------------------------------------------------------- cached sub-runs
 
 
-def train_supervised(cfg: DictConfig) -> tuple[Run, dict[str, float]]:
-    """Build and train ``cfg`` (a :func:`sub_config` with the supervised recipe); return
-    the run and its test metrics."""
-    run = build(cfg)
-    run.prepare()
-    return run, run.fit()
+def cached_run(cache: Cache, kind: str, name: str, sub: DictConfig, what: str | None = None) -> Path:
+    """The cache entry ``<kind>/<name>`` holding the student weights (``model.safetensors`` or
+    ``save_pretrained`` files, at its top level) that training ``sub`` ends with, and its
+    facts (test metrics, parameters) in :meth:`kd.cache.Cache.meta`; trained when missing
+    or unusable, its checkpoints in a scratch folder, the shared caches reused."""
+    from kd.models import count_parameters, read_state_dict
+
+    def train_into(directory: Path) -> dict[str, Any]:
+        with open_dict(sub):
+            sub.paths.cache_dir = str(cache.root)
+            sub.paths.output_dir = str(directory / "run")
+        run = build(sub)
+        run.prepare()
+        metrics = run.fit()
+        shutil.rmtree(directory / "run", ignore_errors=True)
+        save_model(run.student, directory)
+        return {"metrics": metrics, "params": count_parameters(run.student)}
+
+    return cache.get_or_build(kind, name, train_into, validate=read_state_dict, what=what or kind.rstrip("s"))
 
 
 def cached_supervised(cache: Cache, kind: str, prefix: str, cfg: DictConfig, **changes: Any) -> Path:
-    """The cache entry ``<kind>/<prefix>-<hash>`` holding the weights (``model.safetensors``
-    or ``save_pretrained`` files, at its top level) of the no-teacher recipe trained on ``cfg`` with
-    ``changes`` (:func:`sub_config`); its facts (test metrics, parameters) in
-    :meth:`kd.cache.Cache.meta`. Trained when missing or unusable."""
-    from kd.models import count_parameters, read_state_dict
-
+    """The :func:`cached_run` ``<kind>/<prefix>-<hash>`` of the no-teacher recipe trained on
+    ``cfg`` with ``changes`` (:func:`sub_config`), the hash covering what shapes it."""
     sub = sub_config(cfg, recipe=cfg.supervised_recipe, teacher=None, teachers=None, divergence=None, regime=None,
                      logger={}, ckpt_path=None, student_sft=None, **changes)
     with open_dict(sub):  # the student's teacher-init scheme belongs to the distilled run, not to this one
         if isinstance(sub.student, DictConfig) and INIT_FROM_TEACHER in sub.student:
             del sub.student[INIT_FROM_TEACHER]
-    name = f"{prefix}-{run_key(sub, weights_only=kind == 'teachers')}"
-
-    def train_into(directory: Path) -> dict[str, Any]:
-        with open_dict(sub):  # its checkpoints go to a scratch folder; caches stay shared
-            sub.paths.cache_dir = str(cache.root)
-            sub.paths.output_dir = str(directory / "run")
-        run, metrics = train_supervised(sub)
-        shutil.rmtree(directory / "run", ignore_errors=True)
-        save_model(run.student, directory)
-        return {"metrics": metrics, "params": count_parameters(run.student)}
-
-    entry = cache.get_or_build(kind, name, train_into, validate=read_state_dict,
-                               what=kind.rstrip("s"))
-    return entry
+    return cached_run(cache, kind, f"{prefix}-{run_key(sub, weights_only=kind == 'teachers')}", sub)
 
 
 def _fitted(cache: Cache, kind: str, prefix: str, cfg: DictConfig, model: DictConfig, fit: DictConfig) -> Path:

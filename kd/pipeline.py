@@ -27,10 +27,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from kd import ConfigError
-from kd.build import build, student_factory, sub_config
+from kd.build import COSMETIC, build, cached_run, student_factory, sub_config
 from kd.cache import Cache
 from kd.cache import key as cache_key
-from kd.models import save_model
 
 #: the two variants a comparing pipeline runs
 WITH, WITHOUT = "with cross-stage distillation", "without (stages in sequence)"
@@ -61,32 +60,19 @@ def _stage_config(cfg: DictConfig, stage: DictConfig, earlier: list[tuple[DictCo
 
 
 def _stage_key(sub: DictConfig) -> str:
+    """Hash of a stage's whole resolved config but what cannot change its weights (paths,
+    loggers, callbacks, cosmetic trainer settings, the cache location)."""
     plain = OmegaConf.to_container(OmegaConf.masked_copy(sub, [k for k in sub if k != "hydra"]), resolve=True)
     for volatile in ("paths", "logger", "callbacks"):
         plain.pop(volatile, None)
-    plain["trainer"] = {k: v for k, v in plain["trainer"].items() if k not in ("enable_progress_bar",
-                                                                              "enable_model_summary", "log_every_n_steps",
-                                                                              "default_root_dir")}
+    plain["trainer"] = {k: v for k, v in plain["trainer"].items() if k not in COSMETIC}
     plain["data"].pop("cache_dir", None)
     return cache_key(plain)
 
 
 def run_stage(cache: Cache, sub: DictConfig, name: str) -> tuple[Path, dict[str, Any]]:
     """Train one stage once (cached under ``stages/``); its weights and test metrics."""
-
-    def train_into(directory: Path) -> dict[str, Any]:
-        with open_dict(sub):
-            sub.paths.output_dir = str(directory / "run")
-        run = build(sub)
-        run.prepare()
-        metrics = run.fit()
-        import shutil
-
-        shutil.rmtree(directory / "run", ignore_errors=True)
-        save_model(run.student, directory)
-        return {"metrics": metrics}
-
-    entry = cache.get_or_build("stages", f"{name}-{_stage_key(sub)}", train_into, what=f"stage {name}")
+    entry = cached_run(cache, "stages", f"{name}-{_stage_key(sub)}", sub, what=f"stage {name}")
     return entry, cache.meta("stages", entry.name)
 
 
@@ -109,6 +95,11 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     cache = Cache(cfg.paths.cache_dir)
     variants = [(WITH, float(p.lam))] + ([(WITHOUT, 0.0)] if p.get("compare", True) and p.lam > 0 else [])
+    for variant, lam in variants:  # every stage's settings are checked before the first one trains
+        placeholders: list[tuple[DictConfig, Path]] = []
+        for stage in stages:
+            build(_stage_config(cfg, stage, placeholders, None, lam, out / "stages" / str(stage.name)), setup=False)
+            placeholders.append((stage, out))  # any existing path: nothing is loaded at build time
     table: dict[str, dict[str, dict[str, float]]] = {}
     for variant, lam in variants:
         earlier: list[tuple[DictConfig, Path]] = []

@@ -309,9 +309,10 @@ class DistillationRecipe(L.LightningModule):
                 merged.logits[rows], merged.labels[rows], merged.mask[rows] = part.logits, part.labels, part.mask
                 if part.hidden is not None:
                     merged.hidden[rows] = part.hidden
-            if merged is None:  # no row has a teacher: shapes from the student's view
-                student = self.outputs(self.student, batch, hidden=False)
-                merged = Outputs(torch.zeros_like(student.logits), student.labels, torch.zeros_like(student.mask))
+            if merged is None:  # no row has a teacher: zero logits of the right shape, nothing in the mask
+                first = self.outputs(next(iter(self.teachers.values())), batch, hidden)
+                merged = Outputs(torch.zeros_like(first.logits), first.labels, torch.zeros_like(first.mask),
+                                 None if first.hidden is None else torch.zeros_like(first.hidden))
             return merged
 
     def route(self, batch: dict[str, Tensor]) -> Tensor:
@@ -371,8 +372,6 @@ class DistillationRecipe(L.LightningModule):
         raise NotImplementedError
 
     def on_fit_start(self) -> None:
-        if self.teachers is not None and self.regime.name == "teacher_generated":
-            raise ConfigError("teacher-generated data needs one teacher, not routed teachers; use regime=offline")
         self.regime.prepare(self.teacher, self.datamodule)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:

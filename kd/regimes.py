@@ -153,6 +153,8 @@ class Regime:
     name = "offline"
     #: regimes that generate text need token data (:class:`PromptData`)
     generative = False
+    #: regimes whose sequences one teacher generates (they need a single teacher in its own tokens)
+    uses_teacher = False
 
     def validate(self, data: Any) -> None:
         """Refuse a datamodule this regime cannot work with (called before any training)."""
@@ -197,6 +199,7 @@ class TeacherGenerated(Regime):
 
     name = "teacher_generated"
     generative = True
+    uses_teacher = True
 
     def __init__(self, cache_dir: str = "~/.cache/kd", sampling: Sampling | Any = None, num_candidates: int = 1,
                  select: str = "first", batch_size: int = 128, seed: int = 0) -> None:
@@ -329,6 +332,7 @@ class Mixed(OnPolicy):
         self.lmbda = lmbda
         extra = dict(teacher_generated or {})
         self.teacher_data = TeacherGenerated(cache_dir, self.sampling, **extra) if seq_kd else None
+        self.uses_teacher = seq_kd
         self.rng = torch.Generator().manual_seed(seed)
         self.on_policy_batches = 0
         self.batches = 0

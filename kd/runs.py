@@ -37,6 +37,7 @@ from kd.build import build, instantiate, scratch_baseline, student_factory, stud
 from kd.evaluation import SCRATCH_ROW, SFT_ROW, headline_metric, summarize
 from kd.models import count_parameters, load_weights
 
+
 def _overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 

@@ -99,8 +99,7 @@ class CrossTokenizerRecipe(DistillationRecipe):
     num_heads = 1
 
     def __init__(self, **kwargs: Any) -> None:
-        regime = kwargs.get("regime")
-        if getattr(regime, "name", "") == "teacher_generated" or getattr(regime, "teacher_data", None) is not None:
+        if getattr(kwargs.get("regime"), "uses_teacher", False):  # teacher_generated, or mixed with seq_kd
             raise ConfigError("cross-tokenizer recipes cannot train on teacher-generated tokens (they are the "
                               "teacher's); use regime=offline, regime=on_policy or regime=mixed with seq_kd=false")
         super().__init__(**kwargs)

@@ -68,11 +68,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kd import ConfigError
+from kd import ConfigError, policy
 from kd.data import IGNORE_INDEX
 from kd.divergences import reduce, reverse_kl_per_position, to_log_probs
 from kd.evaluation import cross_entropy
 from kd.generation import Sampling, generate
+from kd.policy import sampled_log_probs
 from kd.recipe import DistillationRecipe, Needs
 from kd.regimes import join_prompts_and_responses
 
@@ -106,9 +107,9 @@ def token_advantages(student_logprobs: Tensor, teacher_logprobs: Tensor) -> Tens
 
 def clipped_surrogate(logprobs: Tensor, sample_logprobs: Tensor, advantages: Tensor, eps: float = 0.2) -> Tensor:
     """Per-token ``-min(rho A, clip(rho, 1-eps, 1+eps) A)`` with ``rho = exp(logprobs -
-    sample_logprobs)``; the gradient flows through ``logprobs`` only."""
-    ratio = torch.exp(logprobs - sample_logprobs.detach())
-    return -torch.minimum(ratio * advantages, ratio.clamp(1 - eps, 1 + eps) * advantages)
+    sample_logprobs)`` (:func:`kd.policy.clipped_surrogate`); the gradient flows through
+    ``logprobs`` only."""
+    return policy.clipped_surrogate(torch.exp(logprobs - sample_logprobs.detach()), advantages, eps)
 
 
 class CrossStage(DistillationRecipe):
@@ -227,7 +228,7 @@ class CrossStage(DistillationRecipe):
     def grpo_loss(self, sampled: dict[str, Any]) -> Tensor:
         """GRPO's clipped surrogate on a :meth:`grpo_rollout`, mean over its sampled tokens."""
         out = self.outputs(self.student, sampled)
-        new = to_log_probs(out.logits, mask=out.mask).gather(-1, out.labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        new = sampled_log_probs(to_log_probs(out.logits, mask=out.mask), out.labels)
         advantage = sampled["advantages"].unsqueeze(-1).expand_as(new)
         return reduce(clipped_surrogate(new, sampled["sample_logprobs"], advantage, self.clip_eps), out.mask)
 
@@ -238,9 +239,8 @@ class CrossStage(DistillationRecipe):
         mask = self.distill_mask(sampled, student.mask)
         log_q = to_log_probs(student.logits, mask=mask)
         log_p = to_log_probs(teacher.logits, mask=mask)
-        index = student.labels.clamp(min=0).unsqueeze(-1)
-        new = log_q.gather(-1, index).squeeze(-1)
-        advantage = token_advantages(new, log_p.gather(-1, index).squeeze(-1))
+        new = sampled_log_probs(log_q, student.labels)
+        advantage = token_advantages(new, sampled_log_probs(log_p, student.labels))
         if self.estimator == "sampled":
             per_token = clipped_surrogate(new, sampled["sample_logprobs"], advantage, self.clip_eps)
         else:

@@ -64,6 +64,8 @@ from kd import ConfigError
 from kd.divergences import forward_kl, reduce, reverse_kl_per_position, to_log_probs
 from kd.evaluation import cross_entropy
 from kd.generation import Sampling, TeacherMix, generate
+from kd.policy import clipped_surrogate as ppo_clipped_loss  # -min(rw A, clip(rw) A), rw = ratio x weight
+from kd.policy import sampled_log_probs
 from kd.recipe import DistillationRecipe, Needs
 from kd.regimes import join_prompts_and_responses
 
@@ -107,13 +109,6 @@ def advantages(rewards: Tensor, mask: Tensor, gamma: float, include_current: boo
         if valid.numel() > 1:
             returns = (returns - valid.mean()) / (valid.std() + 1e-8)
     return torch.where(mask, returns, torch.zeros_like(returns))
-
-
-def ppo_clipped_loss(ratio_w: Tensor, advantage: Tensor, eps: float = 0.2) -> Tensor:
-    """Per-token clipped surrogate ``-min(rw A, clip(rw, 1-eps, 1+eps) A)`` where ``rw`` is
-    the PPO ratio times the importance weight. A token whose clipped branch is active gets
-    no gradient."""
-    return -torch.minimum(ratio_w * advantage, ratio_w.clamp(1 - eps, 1 + eps) * advantage)
 
 
 class MiniLLM(DistillationRecipe):
@@ -207,9 +202,8 @@ class MiniLLM(DistillationRecipe):
         importance weights ``w`` of the valid tokens (row-major, as ``labels[mask]``)."""
         log_q = to_log_probs(student_logits)
         log_p = to_log_probs(teacher_logits)
-        index = labels.clamp(min=0).unsqueeze(-1)
-        old = log_q.gather(-1, index).squeeze(-1)
-        reward = (log_p.gather(-1, index).squeeze(-1) - old) * self.settings["reward_scale"]
+        old = sampled_log_probs(log_q, labels)
+        reward = (sampled_log_probs(log_p, labels) - old) * self.settings["reward_scale"]
         if self.settings["reward_clip"] is not None:
             reward = reward.clamp(-self.settings["reward_clip"], self.settings["reward_clip"])
         reward = torch.where(mask, reward, torch.zeros_like(reward))
@@ -230,7 +224,7 @@ class MiniLLM(DistillationRecipe):
         logits, labels = out.logits, out.labels
         mask = rollout["mask"]
         log_q = to_log_probs(logits, mask=mask)
-        new = log_q.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        new = sampled_log_probs(log_q, labels)
         ratio_w = torch.exp(torch.where(mask, new - rollout["old_logprobs"], torch.zeros_like(new))) * rollout["weights"]
         ppo_tokens = ppo_clipped_loss(ratio_w, rollout["advantages"], self.clip_eps)
         ppo = reduce(ppo_tokens, mask)

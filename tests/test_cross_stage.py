@@ -290,3 +290,29 @@ def test_routed_teachers_on_another_tokenizer_are_refused_before_training(make_c
     with pytest.raises(ConfigError, match="the data's and teacher other's tokenizers differ"):
         build(cfg)
     assert not (tmp_path / "cache" / "teachers").exists()
+
+
+def test_a_batch_without_routed_rows_gets_zero_teacher_logits_of_the_right_shape(routed_dm):
+    V = len(routed_dm.tokenizer)
+    batch = _batch(routed_dm)
+    stage_rows = (batch["teacher_index"] < 0).nonzero().squeeze(-1)
+    part = {k: v[stage_rows] for k, v in batch.items()}
+    student = _model(17, V)
+    recipe = Hinton(student=student, teacher={"stage_a": _model(18, V), "stage_b": _model(19, V)},
+                    divergence=ForwardKL(), lam=1.0, temperature=1.0)
+    recipe.set_vocabulary(V)
+    logits = recipe.teacher_logits(part)
+    assert logits.shape == recipe.outputs(student, part).logits.shape and not logits.any()
+    assert not recipe.distill_mask(part, torch.ones(logits.shape[:-1], dtype=torch.bool)).any()
+
+
+def test_routed_teachers_with_a_teacher_generated_regime_are_refused_at_build(make_cfg):
+    from kd.build import build
+
+    cfg = make_cfg(*NO_TEACHER, "recipe=hinton", "teacher=none", "regime=teacher_generated",
+                   "data.routes={upper: a}")
+    with open_dict(cfg):
+        cfg.teachers = OmegaConf.create({"a": {"model": {"_target_": "kd.models.tiny_causal_lm", "vocab_size": 300,
+                                                         "hidden_size": 32, "num_layers": 1}}})
+    with pytest.raises(ConfigError, match="generates data with one teacher, not with routed teachers"):
+        build(cfg, setup=False)

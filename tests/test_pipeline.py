@@ -34,10 +34,10 @@ def test_a_pipeline_runs_its_stages_caches_them_and_prints_the_table(make_cfg, t
     entries = sorted(p.name.split("-")[0] for p in (tmp_path / "cache" / "stages").iterdir())
     assert entries == ["sorting", "sorting", "strings"]  # stage 1 is the same with and without distillation
 
-    # a second run reuses every stage: nothing is built
-    import kd.pipeline
+    # a second run reuses every stage: nothing is trained
+    from kd.build import Run
 
-    monkeypatch.setattr(kd.pipeline, "build", lambda *a, **k: pytest.fail("a cached stage was trained again"))
+    monkeypatch.setattr(Run, "fit", lambda self: pytest.fail("a cached stage was trained again"))
     again = train(make_cfg(*TINY, root=tmp_path))
     assert again["table"] == table
 
@@ -84,3 +84,9 @@ def test_pipeline_summaries_average_over_seeds(tmp_path):
     assert "seeds [0, 1]" in text
     row = next(line for line in text.splitlines() if line.strip().startswith("strings"))
     assert "75.0 ± 35.4" in row and "0.0 ± 0.0" in row  # mean and sample std of 50 and 100
+
+
+def test_every_stage_is_checked_before_the_first_one_trains(make_cfg, tmp_path):
+    with pytest.raises(ConfigError, match="recipe.stage_objective must be one of"):
+        train(make_cfg(*TINY, "pipeline.stages.1.objective=rl"))
+    assert not (tmp_path / "cache" / "stages").exists()

@@ -533,7 +533,7 @@ class LMDataModule(L.LightningDataModule):
             prompts = [encode_prompt(teacher, ex.prompt) for ex in kept] if teacher is not None else None
             routed = None
             if self.routes:
-                names = self.teacher_names or sorted(set(self.routes.values()))
+                names = self.teacher_names
                 routed = [names.index(self.routes[ex.skill]) if ex.skill in self.routes else -1 for ex in kept]
             self.splits[split] = EncodedSplit(kept, encoded, prompts, routed)
 
