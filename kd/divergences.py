@@ -76,7 +76,8 @@ from __future__ import annotations
 
 import abc
 import math
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -109,6 +110,12 @@ __all__ = [
     "SkewReverseKL",
     "TVD",
     "ULD",
+    "TopK",
+    "topk_bins",
+    "SELECTIONS",
+    "select_tokens",
+    "chunked_divergence",
+    "HeadLogits",
 ]
 
 #: Valid values of the ``reduction`` argument.
@@ -538,6 +545,120 @@ skew_reverse_kl.__doc__ = (
 tvd.__doc__ = "Total variation ``0.5 * sum_v |p_T(v) - p_S(v)|``.\n" + _SIGNATURE_DOC
 
 
+# --------------------------------------------------------------------------- top-k teachers
+
+
+@dataclass
+class TopK:
+    """A teacher distribution known by its top ``k`` tokens (a teacher logit cache).
+
+    Attributes:
+        ids: ``(..., k)`` token ids.
+        logprobs: ``(..., k)`` the teacher's log-probabilities of those tokens, already at
+            the loss temperature (any float dtype; upcast to the compute dtype).
+        tail: compare ``k + 1`` bins, the ``k`` ids and one tail bin holding the remaining
+            mass (teacher: ``1 - sum(top-k)``; student: its mass outside the ``k`` ids), the
+            default; ``False``: renormalise both sides over the ``k`` ids (a weaker loss that
+            ignores the student's mass elsewhere).
+    """
+
+    ids: Tensor
+    logprobs: Tensor
+    tail: bool = True
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.ids.shape)
+
+
+def topk_bins(student_logprobs: Tensor, teacher: TopK) -> tuple[Tensor, Tensor]:
+    """Student and teacher log-probabilities over the top-k bins (RECIPES.md section 8).
+
+    Args:
+        student_logprobs: ``(..., V)`` student log-probabilities (at the loss temperature).
+        teacher: the cached top-k, ``ids``/``logprobs`` ``(..., k)``.
+
+    Returns:
+        ``(student_bins, teacher_bins)``, each ``(..., k + 1)`` with the tail bin last
+        (``(..., k)`` when ``teacher.tail`` is False), in the student's dtype. The
+        student's tail is the log-sum-exp of its log-probabilities outside the ``k`` ids
+        (no cancellation); where it has none (``k = V``) both tails are ``-inf`` (0 mass),
+        so ``k = V`` gives the full-vocabulary divergence exactly.
+    """
+    dtype = student_logprobs.dtype
+    ids = teacher.ids.long()
+    log_p = teacher.logprobs.to(dtype)
+    log_q = student_logprobs.gather(-1, ids)
+    if not teacher.tail:
+        return torch.log_softmax(log_q, dim=-1), torch.log_softmax(log_p, dim=-1)
+    neg_inf = torch.full((), -math.inf, dtype=dtype, device=log_q.device)
+    outside = student_logprobs.scatter(-1, ids, -math.inf)
+    empty = (outside == -math.inf).all(-1, keepdim=True)
+    safe = torch.where(empty, torch.zeros((), dtype=dtype, device=log_q.device), outside)
+    q_tail = torch.where(empty, neg_inf, torch.logsumexp(safe, dim=-1, keepdim=True))
+    p_mass = (1.0 - log_p.exp().sum(-1, keepdim=True)).clamp(min=0.0)
+    p_tail = torch.where(empty | (p_mass <= 0), neg_inf, p_mass.clamp(min=torch.finfo(dtype).tiny).log())
+    return torch.cat([log_q, q_tail], -1), torch.cat([log_p, p_tail], -1)
+
+
+# --------------------------------------------------------------------------- token selection
+
+#: valid values of ``select`` (token selection, TIP): every token, the highest student
+#: entropy, the confidently wrong (low entropy, high divergence), or half of each
+SELECTIONS: tuple[str, ...] = ("all", "entropy", "overconfident", "both")
+
+
+def _check_selection(select: str, keep: float) -> None:
+    if select not in SELECTIONS:
+        raise ConfigError(f"unknown token selection {select!r}; choose one of " + ", ".join(SELECTIONS))
+    k = _as_float(keep)
+    if k is None or not 0.0 < k <= 1.0:
+        raise ConfigError(f"divergence.keep must be in (0, 1] (got {keep!r}): the fraction of tokens the loss keeps")
+
+
+def _top(scores: Tensor, n: int) -> Tensor:
+    """Indices of the ``n`` highest scores (ties: the earlier position first)."""
+    return torch.sort(scores, descending=True, stable=True).indices[:n]
+
+
+def select_tokens(entropy: Tensor, divergence: Tensor | None, select: str, keep: float) -> Tensor:
+    """Which of ``n`` candidate tokens a loss keeps (TIP, RECIPES.md section 9).
+
+    Args:
+        entropy: ``(n,)`` the student's entropy at each valid token.
+        divergence: ``(n,)`` the teacher-student divergence at each token (needed for
+            ``overconfident`` and ``both``).
+        select: ``entropy``: the ``ceil(keep * n)`` highest-entropy tokens;
+            ``overconfident``: among the lowest-entropy half (``ceil(n / 2)`` tokens), the
+            highest-divergence ones, up to ``ceil(keep * n)``; ``both``: half the budget
+            (rounded up) by entropy, the rest from the overconfident region; ``all``: every token.
+        keep: the kept fraction in ``(0, 1]``.
+
+    Returns:
+        ``(m,)`` sorted indices of the kept tokens.
+    """
+    n = entropy.numel()
+    if select == "all" or n == 0:
+        return torch.arange(n, device=entropy.device)
+    budget = max(1, math.ceil(keep * n - 1e-9))
+    by_entropy = _top(entropy, budget if select == "entropy" else math.ceil(budget / 2))
+    if select == "entropy":
+        return by_entropy.sort().values
+    assert divergence is not None, "overconfident selection needs the divergence of each token"
+    region = _top(-entropy, math.ceil(n / 2))  # the lowest-entropy half
+    if select == "both":
+        region = region[~torch.isin(region, by_entropy)]
+    wanted = budget if select == "overconfident" else budget - by_entropy.numel()
+    confident = region[_top(divergence[region], wanted)]
+    kept = confident if select == "overconfident" else torch.cat([by_entropy, confident])
+    return kept.sort().values
+
+
+def entropy_of(log_q: Tensor) -> Tensor:
+    """Entropy ``-sum_v q log q`` per row of log-probabilities ``(..., V) -> (...)``."""
+    return -(log_q.exp() * torch.where(log_q > -math.inf, log_q, torch.zeros_like(log_q))).sum(-1)
+
+
 # --------------------------------------------------------------------------- modules
 
 
@@ -546,6 +667,27 @@ class Divergence(nn.Module, abc.ABC):
 
     Subclasses implement :meth:`per_position`; ``forward`` validates, converts logits to
     log-probabilities in fp32 (fp64 for fp64 input) and reduces with :func:`reduce`.
+
+    ``forward(student, teacher, mask=None, temperature=1.0)`` takes, for each side:
+
+    * logits ``(..., V)`` (the plain functions of this module);
+    * a :class:`kd.chunked.HeadLogits` (hidden states and the output head): with
+      ``chunked`` on, the fused path of :mod:`kd.chunked` computes the same values a
+      block of positions at a time without ever building ``(N, V)`` logits; off, the
+      logits are built and the plain path runs;
+    * for the teacher, a :class:`TopK` (a teacher logit cache): ``k + 1`` bins
+      (:func:`topk_bins`), the temperature applied to the student only (the cache
+      stores the teacher at the loss temperature).
+
+    Args:
+        reduction: one of :data:`REDUCTIONS`.
+        select: token selection (:data:`SELECTIONS`, TIP): ``all`` (default) or which
+            tokens the loss keeps; the kept tokens are chosen without gradient over the
+            valid tokens of the whole batch (:func:`select_tokens`) and the reduction
+            averages over them only. :attr:`kept` holds the mask of the last call.
+        keep: the kept fraction of the valid tokens, in ``(0, 1]``.
+        chunked: use the fused path when the student comes as hidden states and a head.
+        chunk_size: positions per block of the fused path (None: about 2**23 logits per block).
     """
 
     #: Short identifier, e.g. for logging (``"forward_kl"``, ``"jsd"``, ...).
@@ -553,10 +695,23 @@ class Divergence(nn.Module, abc.ABC):
     #: True for divergences that compare distributions over different vocabularies (ULD)
     cross_vocabulary: bool = False
 
-    def __init__(self, reduction: str = "mean") -> None:
+    def __init__(self, reduction: str = "mean", select: str = "all", keep: float = 1.0, chunked: bool = True,
+                 chunk_size: int | None = None) -> None:
         super().__init__()
         _check_reduction(reduction)
+        _check_selection(select, keep)
+        if chunk_size is not None and (isinstance(chunk_size, bool) or int(chunk_size) < 1):
+            raise ConfigError(f"divergence.chunk_size must be a positive number of positions or null (got {chunk_size!r})")
+        if self.cross_vocabulary and select != "all":
+            raise ConfigError(f"divergence {self.name} compares two vocabularies; token selection needs one, "
+                              "so keep divergence.select=all")
         self.reduction = reduction
+        self.select = select
+        self.keep = float(keep)
+        self.chunked = bool(chunked)
+        self.chunk_size = None if chunk_size is None else int(chunk_size)
+        #: ``(...)`` bool, the positions the last call counted (mask and selection)
+        self.kept: Tensor | None = None
 
     @abc.abstractmethod
     def per_position(self, student_logprobs: Tensor, teacher_logprobs: Tensor) -> Tensor:
@@ -564,17 +719,102 @@ class Divergence(nn.Module, abc.ABC):
 
     def forward(
         self,
-        student_logits: Tensor,
-        teacher_logits: Tensor,
+        student_logits: Any,
+        teacher_logits: Any,
         mask: Tensor | None = None,
         temperature: float = 1.0,
     ) -> Tensor:
-        """Loss between ``(..., V)`` logits; ``mask`` ``(...)``; scalar or ``(...)`` for ``"none"``."""
-        return _divergence(self.per_position, student_logits, teacher_logits, mask, temperature, self.reduction,
-                           same_vocab=not self.cross_vocabulary)
+        """Loss between ``(..., V)`` logits (or hidden states and head, or a top-k teacher);
+        ``mask`` ``(...)``; scalar or ``(...)`` for ``"none"``."""
+        from kd.chunked import HeadLogits
+
+        fused = isinstance(student_logits, HeadLogits) and self.chunked and not self.cross_vocabulary
+        if not fused:
+            if isinstance(student_logits, HeadLogits):
+                student_logits = student_logits.materialize()
+            if isinstance(teacher_logits, HeadLogits):
+                teacher_logits = teacher_logits.materialize()
+        if not fused and torch.is_tensor(teacher_logits) and self.select == "all":
+            self.kept = (torch.ones(student_logits.shape[:-1], dtype=torch.bool, device=student_logits.device)
+                         if mask is None else _as_bool(mask))
+            return _divergence(self.per_position, student_logits, teacher_logits, mask, temperature, self.reduction,
+                               same_vocab=not self.cross_vocabulary)
+        return self._by_rows(student_logits, teacher_logits, mask, temperature, fused)
+
+    def _by_rows(self, student: Any, teacher: Any, mask: Tensor | None, temperature: float, fused: bool) -> Tensor:
+        """The loss over the valid (and selected) positions only, gathered as rows."""
+        from kd.chunked import fused_loss, scalar_weights
+
+        _check_temperature(temperature)
+        shape = tuple(student.shape[:-1])
+        if tuple(teacher.shape[:-1]) != shape or (not isinstance(teacher, TopK) and teacher.shape[-1] != student.shape[-1]):
+            raise ValueError(f"student shape {tuple(student.shape)} and teacher shape {tuple(teacher.shape)} "
+                             "must agree (a top-k teacher on every dimension but the last)")
+        if mask is not None and tuple(mask.shape) != shape:
+            raise ValueError(f"mask shape {tuple(mask.shape)} must equal the logits' leading shape {shape}")
+        if self.reduction == "seq_mean" and len(shape) < 2:
+            raise ValueError("reduction='seq_mean' needs logits with at least 3 dims (B, L, V), got shape "
+                             f"{tuple(student.shape)}")
+        device = student.hidden.device if fused else student.device
+        count = math.prod(shape)
+        valid = torch.ones(count, dtype=torch.bool, device=device) if mask is None else _as_bool(mask).reshape(-1)
+        rows = valid.nonzero().squeeze(-1)
+        dtype = compute_dtype(student.hidden, student.weight) if fused else compute_dtype(student)
+        if self.select != "all" and rows.numel():
+            rows = rows[self._select(student, teacher, rows, temperature, fused, dtype)]
+        kept = torch.zeros(count, dtype=torch.bool, device=device)
+        kept[rows] = True
+        self.kept = kept.view(shape)
+
+        if fused:
+            if self.reduction == "none":
+                values = fused_loss(student, teacher, self.per_position, rows, None, temperature=temperature,
+                                    chunk_size=self.chunk_size, dtype=dtype)
+                return torch.zeros(count, dtype=dtype, device=device).index_add(0, rows, values).view(shape)
+            weights = scalar_weights(rows, self.reduction, shape, dtype)
+            return fused_loss(student, teacher, self.per_position, rows, weights, temperature=temperature,
+                              chunk_size=self.chunk_size, dtype=dtype)
+        log_q = to_log_probs(student.reshape(-1, student.shape[-1])[rows], temperature, dtype=dtype)
+        values = self._values(log_q, self._teacher_rows(teacher, rows, temperature, dtype))
+        full = torch.zeros(count, dtype=dtype, device=device).index_add(0, rows, values).view(shape)
+        return reduce(full, self.kept, self.reduction)
+
+    def _select(self, student: Any, teacher: Any, rows: Tensor, temperature: float, fused: bool,
+                dtype: torch.dtype) -> Tensor:
+        """Indices into ``rows`` of the tokens :attr:`select` keeps (no gradient)."""
+        from kd.chunked import map_rows
+
+        def score(log_q: Tensor, t_block: Any) -> Tensor:
+            entropy = entropy_of(log_q)
+            if self.select in ("overconfident", "both"):
+                return torch.stack([entropy, self._values(log_q, t_block)], -1)
+            return entropy[:, None]
+
+        if fused:
+            scores = map_rows(student, teacher, score, rows, temperature, self.chunk_size, dtype)
+        else:
+            with torch.no_grad():
+                log_q = to_log_probs(student.reshape(-1, student.shape[-1])[rows], temperature, dtype=dtype)
+                scores = score(log_q, self._teacher_rows(teacher, rows, temperature, dtype))
+        divergence = scores[:, 1] if scores.shape[1] > 1 else None
+        return select_tokens(scores[:, 0], divergence, self.select, self.keep)
+
+    @staticmethod
+    def _teacher_rows(teacher: Any, rows: Tensor, temperature: float, dtype: torch.dtype) -> Any:
+        if isinstance(teacher, TopK):
+            k = teacher.ids.shape[-1]
+            return TopK(teacher.ids.reshape(-1, k)[rows], teacher.logprobs.reshape(-1, k)[rows], teacher.tail)
+        return to_log_probs(teacher.reshape(-1, teacher.shape[-1])[rows], temperature, dtype=dtype)
+
+    def _values(self, log_q: Tensor, teacher: Any) -> Tensor:
+        """Per-row values against teacher log-probabilities or a top-k block."""
+        if isinstance(teacher, TopK):
+            return self.per_position(*topk_bins(log_q, teacher))
+        return self.per_position(log_q, teacher)
 
     def extra_repr(self) -> str:
-        return f"reduction={self.reduction!r}"
+        extra = f", select={self.select!r}, keep={self.keep}" if self.select != "all" else ""
+        return f"reduction={self.reduction!r}{extra}"
 
 
 class ForwardKL(Divergence):
@@ -600,16 +840,16 @@ class JSD(Divergence):
 
     name = "jsd"
 
-    def __init__(self, beta: float = 0.5, reduction: str = "mean") -> None:
+    def __init__(self, beta: float = 0.5, reduction: str = "mean", **options: Any) -> None:
         _check_beta(beta)
-        super().__init__(reduction)
+        super().__init__(reduction, **options)
         self.beta = float(beta)
 
     def per_position(self, student_logprobs: Tensor, teacher_logprobs: Tensor) -> Tensor:
         return jsd_per_position(student_logprobs, teacher_logprobs, self.beta)
 
     def extra_repr(self) -> str:
-        return f"beta={self.beta}, reduction={self.reduction!r}"
+        return f"beta={self.beta}, " + super().extra_repr()
 
 
 class SkewForwardKL(Divergence):
@@ -617,16 +857,16 @@ class SkewForwardKL(Divergence):
 
     name = "skew_forward_kl"
 
-    def __init__(self, alpha: float = 0.1, reduction: str = "mean") -> None:
+    def __init__(self, alpha: float = 0.1, reduction: str = "mean", **options: Any) -> None:
         _check_alpha(alpha, "skew forward KL")
-        super().__init__(reduction)
+        super().__init__(reduction, **options)
         self.alpha = float(alpha)
 
     def per_position(self, student_logprobs: Tensor, teacher_logprobs: Tensor) -> Tensor:
         return skew_forward_kl_per_position(student_logprobs, teacher_logprobs, self.alpha)
 
     def extra_repr(self) -> str:
-        return f"alpha={self.alpha}, reduction={self.reduction!r}"
+        return f"alpha={self.alpha}, " + super().extra_repr()
 
 
 class SkewReverseKL(Divergence):
@@ -634,16 +874,16 @@ class SkewReverseKL(Divergence):
 
     name = "skew_reverse_kl"
 
-    def __init__(self, alpha: float = 0.1, reduction: str = "mean") -> None:
+    def __init__(self, alpha: float = 0.1, reduction: str = "mean", **options: Any) -> None:
         _check_alpha(alpha, "skew reverse KL")
-        super().__init__(reduction)
+        super().__init__(reduction, **options)
         self.alpha = float(alpha)
 
     def per_position(self, student_logprobs: Tensor, teacher_logprobs: Tensor) -> Tensor:
         return skew_reverse_kl_per_position(student_logprobs, teacher_logprobs, self.alpha)
 
     def extra_repr(self) -> str:
-        return f"alpha={self.alpha}, reduction={self.reduction!r}"
+        return f"alpha={self.alpha}, " + super().extra_repr()
 
 
 class TVD(Divergence):
@@ -664,3 +904,89 @@ class ULD(Divergence):
 
     def per_position(self, student_logprobs: Tensor, teacher_logprobs: Tensor) -> Tensor:
         return uld_per_position(student_logprobs, teacher_logprobs)
+
+
+# --------------------------------------------------------------------------- chunked entry point
+
+#: the divergence modules by name (the ``divergence/`` group's options)
+DIVERGENCES: dict[str, type[Divergence]] = {
+    cls.name: cls for cls in (ForwardKL, ReverseKL, JSD, SkewForwardKL, SkewReverseKL, TVD)
+}
+
+
+def chunked_divergence(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Tensor | None,
+    teacher_weight: Tensor | None,
+    divergence: Divergence | str = "forward_kl",
+    *,
+    mask: Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+    student_bias: Tensor | None = None,
+    teacher_bias: Tensor | None = None,
+    teacher_logits: Tensor | TopK | None = None,
+    softcap: float | None = None,
+    teacher_softcap: float | None = None,
+    scale: float = 1.0,
+    teacher_scale: float = 1.0,
+    **options: Any,
+) -> Tensor:
+    """A divergence from hidden states and output heads, a block of positions at a time
+    (:mod:`kd.chunked`): no ``(N, V)`` logits tensor of either model exists.
+
+    Equal (values and gradients) to ``divergence(softcap(scale * (h_S @ W_S.T + b_S)),
+    softcap(teacher_scale * (h_T @ W_T.T + b_T)), mask, temperature)``.
+
+    Args:
+        student_hidden: ``(..., H_S)`` the student's last hidden states (after its final norm).
+        student_weight: ``(V, H_S)`` its output head.
+        teacher_hidden: ``(..., H_T)``, or None when ``teacher_logits`` is given.
+        teacher_weight: ``(V, H_T)``, or None with ``teacher_logits``.
+        divergence: a :class:`Divergence` (its reduction, shape parameter and token
+            selection apply) or a name of :data:`DIVERGENCES` (then ``options`` go to its
+            constructor: ``beta``, ``alpha``, ``reduction``, ``select``, ``keep``).
+        mask: ``(...)`` bool, the positions that count.
+        temperature: divides both models' logits (not a cached top-k teacher's).
+        chunk_size: positions per block (None: about 2**23 logits per block).
+        student_bias, teacher_bias: ``(V,)`` head biases.
+        teacher_logits: the teacher as logits ``(..., V)`` or a :class:`TopK` cache instead
+            of hidden states and a head.
+        softcap, teacher_softcap: Gemma's final logit softcapping ``c * tanh(z / c)``.
+        scale, teacher_scale: multiply each model's logits before the softcap.
+
+    Returns:
+        The reduced loss like the plain functions (``(...)`` for ``reduction="none"``).
+    """
+    from kd.chunked import HeadLogits
+
+    if isinstance(divergence, str):
+        if divergence not in DIVERGENCES:
+            raise ConfigError(f"unknown divergence {divergence!r}; choose one of " + ", ".join(DIVERGENCES))
+        divergence = DIVERGENCES[divergence](**options)
+    elif options:
+        raise TypeError(f"options {sorted(options)} only apply to a divergence given by name")
+    if chunk_size is not None or not divergence.chunked:
+        divergence = _with_chunking(divergence, chunk_size)
+    student = HeadLogits(student_hidden, student_weight, student_bias, softcap, scale)
+    if teacher_logits is not None:
+        teacher: Any = teacher_logits
+    elif teacher_hidden is not None and teacher_weight is not None:
+        teacher = HeadLogits(teacher_hidden, teacher_weight, teacher_bias, teacher_softcap, teacher_scale)
+    else:
+        raise ValueError("give the teacher as teacher_hidden and teacher_weight, or as teacher_logits")
+    return divergence(student, teacher, mask, temperature)
+
+
+def _with_chunking(divergence: Divergence, chunk_size: int | None) -> Divergence:
+    """A shallow copy of ``divergence`` that runs chunked with ``chunk_size``."""
+    import copy
+
+    clone = copy.copy(divergence)
+    clone.chunked = True
+    clone.chunk_size = chunk_size if chunk_size is not None else divergence.chunk_size
+    return clone
+
+
+from kd.chunked import HeadLogits  # noqa: E402 - kd.chunked imports this module lazily

@@ -26,20 +26,33 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
+from kd.chunked import HeadLogits, Labels, fused_loss, map_rows, scalar_weights
 from kd.data import IGNORE_INDEX
-from kd.divergences import forward_kl
+from kd.divergences import compute_dtype, forward_kl, forward_kl_per_position
 
 
-def cross_entropy(logits: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
-    """Cross-entropy of ``logits`` (..., V) against ``labels`` (...) in fp32.
+def cross_entropy(logits: Tensor | HeadLogits, labels: Tensor, reduction: str = "mean") -> Tensor:
+    """Cross-entropy of ``logits`` (..., V) against ``labels`` (...) in fp32 (fp64 stays fp64).
 
     Positions labelled :data:`~kd.data.IGNORE_INDEX` are excluded; ``"mean"`` averages over
     the valid positions of the whole batch and returns 0 (not NaN) when there are none;
     ``"sum"`` sums them; ``"none"`` returns per-position values (0 where ignored).
+    ``logits`` may be a :class:`kd.chunked.HeadLogits` (hidden states and head): then the
+    loss is computed a block of positions at a time (:func:`kd.chunked.fused_loss`).
     """
     valid = labels != IGNORE_INDEX
+    if isinstance(logits, HeadLogits):
+        rows = valid.reshape(-1).nonzero().squeeze(-1)
+        target = Labels(torch.where(valid, labels, 0))
+        if reduction == "none":
+            values = fused_loss(logits, target, None, rows, None)
+            return values.new_zeros(valid.numel()).index_add(0, rows, values).view(labels.shape)
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean', 'sum' or 'none' (got {reduction!r})")
+        dtype = compute_dtype(logits.hidden, logits.weight)
+        return fused_loss(logits, target, None, rows, scalar_weights(rows, reduction, tuple(labels.shape), dtype))
     per = nn.functional.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]),
+        logits.to(compute_dtype(logits)).reshape(-1, logits.shape[-1]),
         torch.where(valid, labels, 0).reshape(-1),
         reduction="none",
     ).reshape(labels.shape)
@@ -73,9 +86,13 @@ class StageMetrics(nn.Module):
 
     @torch.no_grad()
     def update(
-        self, student_logits: Tensor, labels: Tensor, mask: Tensor, teacher_logits: Tensor | None = None
+        self, student_logits: Tensor | HeadLogits, labels: Tensor, mask: Tensor,
+        teacher_logits: Tensor | HeadLogits | None = None,
     ) -> None:
         self.tokens = self.tokens or labels.dim() > 1
+        if isinstance(student_logits, HeadLogits) or isinstance(teacher_logits, HeadLogits):
+            self._update_by_rows(student_logits, labels, mask, teacher_logits)
+            return
         gold = labels != IGNORE_INDEX
         n_gold = int(gold.sum())
         if n_gold:
@@ -91,6 +108,45 @@ class StageMetrics(nn.Module):
                 t_correct = (teacher_logits.argmax(-1) == labels) & gold
                 self.teacher_acc.update(t_correct.sum() / n_gold, weight=n_gold)
                 self.teacher_loss.update(cross_entropy(teacher_logits, labels), weight=n_gold)
+
+    def _update_by_rows(self, student: Tensor | HeadLogits, labels: Tensor, mask: Tensor,
+                        teacher: Tensor | HeadLogits | None) -> None:
+        """The same metrics, a block of positions at a time for the models given as hidden
+        states and head (:class:`kd.chunked.HeadLogits`)."""
+        gold = labels != IGNORE_INDEX
+        gold_rows = gold.reshape(-1).nonzero().squeeze(-1)
+        target = Labels(torch.where(gold, labels, 0))
+
+        def ce_and_correct(log_q: Tensor, ids: Tensor) -> Tensor:
+            return torch.stack([-log_q.gather(-1, ids[:, None]).squeeze(-1),
+                                (log_q.argmax(-1) == ids).to(log_q.dtype)], -1)
+
+        def gold_metrics(logits: Tensor | HeadLogits) -> tuple[Tensor, Tensor]:
+            if isinstance(logits, HeadLogits):
+                values = map_rows(logits, target, ce_and_correct, gold_rows)
+                return values[:, 0].mean(), values[:, 1].mean()
+            correct = (logits.argmax(-1) == labels) & gold
+            return cross_entropy(logits, labels), correct.sum() / gold.sum()
+
+        n_gold = gold_rows.numel()
+        if n_gold:
+            loss, acc = gold_metrics(student)
+            self.loss.update(loss, weight=n_gold)
+            self.acc.update(acc, weight=n_gold)
+        if teacher is None:
+            return
+        self.has_teacher = True
+        rows = mask.reshape(-1).bool().nonzero().squeeze(-1)
+        if rows.numel():
+            if isinstance(student, HeadLogits):
+                kl = map_rows(student, teacher, lambda log_q, log_p: forward_kl_per_position(log_q, log_p), rows).mean()
+            else:
+                kl = forward_kl(student, teacher.materialize(), mask)
+            self.kl_to_teacher.update(kl, weight=rows.numel())
+        if n_gold:
+            loss, acc = gold_metrics(teacher)
+            self.teacher_acc.update(acc, weight=n_gold)
+            self.teacher_loss.update(loss, weight=n_gold)
 
     def compute(self) -> dict[str, Tensor]:
         out = {"loss": self.loss.compute(), "acc": self.acc.compute()}

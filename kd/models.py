@@ -485,3 +485,52 @@ def save_model(model: nn.Module, directory: str | os.PathLike) -> Path:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(out / "model.safetensors"))
     return out
+
+
+def split_head(model: nn.Module) -> tuple[nn.Module, nn.Linear, float | None, float] | None:
+    """The body and linear output head of a transformers causal LM, so that
+    ``logits == softcap(scale * head(body(...).last_hidden_state))``:
+    ``(body, head, softcap, scale)``, or None for models without that shape (classifiers,
+    masked LMs whose head transforms the hidden states first, custom heads).
+
+    The split is checked once per model (:func:`head_matches`) before it is trusted."""
+    if not (_is_hf(model) and hasattr(model, "get_output_embeddings")):
+        return None
+    head = model.get_output_embeddings()
+    body = getattr(model, "base_model", None)
+    if not isinstance(head, nn.Linear) or body is None or body is model:
+        return None
+    config = getattr(model, "config", None)
+    softcap = getattr(config, "final_logit_softcapping", None) or None
+    scale = float(getattr(config, "logit_scale", None) or 1.0)  # Cohere multiplies its logits
+    if getattr(config, "logits_scaling", None):  # Granite divides them
+        scale /= float(config.logits_scaling)
+    return body, head, softcap, scale
+
+
+@torch.no_grad()
+def head_matches(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> bool:
+    """Whether :func:`split_head` reproduces ``model``'s logits on (the start of) a batch,
+    in eval mode (the result is remembered on the model)."""
+    known = getattr(model, "_kd_head_matches", None)
+    if known is not None:
+        return known
+    parts = split_head(model)
+    ok = False
+    if parts is not None:
+        body, head, softcap, scale = parts
+        ids, mask = input_ids[:1, :16], attention_mask[:1, :16]
+        was_training = model.training
+        model.eval()
+        try:
+            want = model(input_ids=ids, attention_mask=mask).logits.float()
+            got = head(body(input_ids=ids, attention_mask=mask).last_hidden_state) * scale
+            if softcap:
+                got = softcap * torch.tanh(got / softcap)
+            ok = got.shape == want.shape and bool(torch.allclose(got.float(), want, rtol=1e-3, atol=1e-4))
+        except (TypeError, AttributeError, ValueError):
+            ok = False
+        finally:
+            model.train(was_training)
+    object.__setattr__(model, "_kd_head_matches", ok)
+    return ok

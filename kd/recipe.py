@@ -59,7 +59,8 @@ from kd.data import IGNORE_INDEX
 from kd.divergences import Divergence
 from kd.evaluation import StageMetrics
 from kd.generation import GREEDY
-from kd.models import freeze, save_model
+from kd.chunked import HeadLogits
+from kd.models import freeze, head_matches, save_model, split_head
 from kd.regimes import Offline, Regime
 
 # the frozen teacher is in eval mode on purpose
@@ -131,12 +132,15 @@ class Outputs:
 
     Attributes:
         logits: ``(..., V)``; position i of a causal LM predicts token i+1, already shifted.
+            With ``fused`` outputs a :class:`kd.chunked.HeadLogits` (hidden states and head)
+            and for a cached teacher a :class:`kd.divergences.TopK`, which the divergences
+            accept in place of logits.
         labels: ``(...)`` gold targets aligned with ``logits`` (IGNORE_INDEX where none).
         mask: ``(...)`` bool, the positions where a distribution is compared.
         hidden: ``(..., H)`` last hidden states aligned with ``logits`` (None unless asked).
     """
 
-    logits: Tensor
+    logits: Any
     labels: Tensor
     mask: Tensor
     hidden: Tensor | None = None
@@ -215,7 +219,14 @@ class DistillationRecipe(L.LightningModule):
 
     # ------------------------------------------------------------------ model calls
 
-    def outputs(self, model: nn.Module, batch: dict[str, Tensor], hidden: bool | None = None) -> Outputs:
+    @property
+    def fused(self) -> bool:
+        """Whether losses take language models' logits as hidden states and output head
+        (:class:`kd.chunked.HeadLogits`): the divergence is chunked (``divergence.chunked``)."""
+        return self.divergence is not None and getattr(self.divergence, "chunked", False)
+
+    def outputs(self, model: nn.Module, batch: dict[str, Tensor], hidden: bool | None = None,
+                fused: bool = False) -> Outputs:
         """Run ``model`` on ``batch``; return its :class:`Outputs`.
 
         ``labels`` holds gold targets (IGNORE_INDEX where there is none) and ``mask`` the
@@ -233,10 +244,25 @@ class DistillationRecipe(L.LightningModule):
         a transformers model. Logits are cut to ``self.vocab_size`` (the tokenizer's true
         vocabulary) when set, so a model whose output layer is padded past it compares with
         one that is not.
+
+        ``fused``: a causal LM whose logits are a linear head over its last hidden states
+        (:func:`kd.models.split_head`, checked once per model) returns ``logits`` as a
+        :class:`kd.chunked.HeadLogits`: the ``(B, L, V)`` logits are never built, and the
+        divergences, :func:`kd.evaluation.cross_entropy` and the evaluation metrics compute
+        from the hidden states a block of positions at a time. Other models return logits.
         """
         hidden = self.needs.hidden_states if hidden is None else hidden
         states = None
-        if "input_ids" in batch:
+        if fused and "input_ids" in batch and "original_ids" not in batch and head_matches(
+                model, batch["input_ids"], batch["attention_mask"]):
+            body, head, softcap, scale = split_head(model)
+            states = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+            states = states[:, :-1]
+            logits: Any = HeadLogits(states, head.weight, head.bias, softcap, scale)
+            labels = batch["labels"][:, 1:]
+            mask = labels != IGNORE_INDEX
+            states = states if hidden else None
+        elif "input_ids" in batch:
             extra = {"output_hidden_states": True} if hidden else {}
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra)
             states = out.hidden_states[-1] if hidden else None
@@ -264,7 +290,7 @@ class DistillationRecipe(L.LightningModule):
                     f"a model has {logits.shape[-1]} output logits but the tokenizer {self.vocab_size} tokens; "
                     "give the model a vocabulary at least as large as the tokenizer's"
                 )
-            logits = logits[..., : self.vocab_size]
+            logits = logits.with_vocab(self.vocab_size) if isinstance(logits, HeadLogits) else logits[..., : self.vocab_size]
         if model is self.student and self.training:
             self._num_targets = mask.sum()  # for train/targets_per_s
         return Outputs(logits, labels, mask, states)
@@ -285,14 +311,20 @@ class DistillationRecipe(L.LightningModule):
             return list(self.teachers.items())
         return [("teacher", self.teacher)] if self.teacher is not None else []
 
-    def teacher_outputs(self, batch: dict[str, Tensor], hidden: bool | None = None) -> Outputs:
+    def teacher_outputs(self, batch: dict[str, Tensor], hidden: bool | None = None, fused: bool = False) -> Outputs:
         """The teacher's :class:`Outputs` for ``batch`` (no grad, eval mode). With routed
         teachers each runs once on the rows routed to it; rows without a teacher get
-        zero logits (exclude them with :meth:`distill_mask`)."""
+        zero logits (exclude them with :meth:`distill_mask`). A batch that carries a
+        cached teacher (``teacher_topk``, the ``teacher_logits`` regime) returns it as the
+        logits (a :class:`kd.divergences.TopK`) and runs no teacher. ``fused``: see
+        :meth:`outputs` (a single teacher only)."""
+        if "teacher_topk" in batch and not hidden:
+            labels = batch["labels"][:, 1:]
+            return Outputs(batch["teacher_topk"], labels, labels != IGNORE_INDEX)
         with torch.no_grad():
             if self.teachers is None:
                 assert self.teacher is not None, "this recipe has no teacher"
-                return self.outputs(self.teacher, batch, hidden)
+                return self.outputs(self.teacher, batch, hidden, fused)
             route = self.route(batch)
             merged: Outputs | None = None
             for k, model in enumerate(self.teachers.values()):
@@ -329,9 +361,11 @@ class DistillationRecipe(L.LightningModule):
         has = self.route(batch) >= 0
         return mask & has.view(-1, *([1] * (mask.dim() - 1)))
 
-    def teacher_logits(self, batch: dict[str, Tensor]) -> Tensor:
-        """Teacher logits for ``batch`` (no grad, eval mode)."""
-        return self.teacher_outputs(batch, hidden=False).logits
+    def teacher_logits(self, batch: dict[str, Tensor], fused: bool = False) -> Any:
+        """Teacher logits for ``batch`` (no grad, eval mode): a tensor, or with ``fused`` a
+        :class:`kd.chunked.HeadLogits` where the teacher allows; a cached
+        :class:`kd.divergences.TopK` when the batch carries one."""
+        return self.teacher_outputs(batch, hidden=False, fused=fused).logits
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
         return self.outputs(self.student, batch, hidden=False).logits
@@ -433,9 +467,9 @@ class DistillationRecipe(L.LightningModule):
         if "prompt_ids" in batch and "input_ids" not in batch:  # prompts only: score generated answers
             self._generation_eval_step(stage, batch)
             return
-        out = self.outputs(self.student, batch, hidden=False)
+        out = self.outputs(self.student, batch, hidden=False, fused=self.fused)
         same_tokens = self.teacher is not None and self.needs.teacher_tokenizer == "shared"  # one teacher
-        teacher = self.teacher_logits(batch) if same_tokens else None
+        teacher = self.teacher_logits(batch, fused=self.fused) if same_tokens else None
         self.metrics[stage].update(out.logits, out.labels, out.mask, teacher)
 
     def _generation_eval_step(self, stage: str, batch: dict[str, Tensor]) -> None:

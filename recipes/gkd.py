@@ -80,11 +80,13 @@ class GKD(DistillationRecipe):
         return self
 
     def compute_loss(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        out = self.outputs(self.student, batch)
+        out = self.outputs(self.student, batch, fused=self.fused)
         mask = self.distill_mask(batch, out.mask)  # rows routed to no teacher do not count
-        loss = self.divergence(out.logits, self.teacher_logits(batch), mask, temperature=self.temperature)
+        teacher = self.teacher_logits(batch, fused=self.fused)
+        loss = self.divergence(out.logits, teacher, mask, temperature=self.temperature)
+        kept = self.divergence.kept  # the mask after token selection (divergence.select)
         if self.divergence.reduction == "seq_mean":
-            items = mask.reshape(-1, mask.shape[-1]).any(-1).sum()
+            items = kept.reshape(-1, kept.shape[-1]).any(-1).sum()
         else:
-            items = mask.sum()
+            items = kept.sum()
         return {"loss": loss, "num_items": items}

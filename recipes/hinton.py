@@ -55,8 +55,8 @@ class Hinton(DistillationRecipe):
         self.temperature = temperature
 
     def compute_loss(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        out = self.outputs(self.student, batch)
-        teacher = self.teacher_logits(batch)
+        out = self.outputs(self.student, batch, fused=self.fused)
+        teacher = self.teacher_logits(batch, fused=self.fused)
         hard = cross_entropy(out.logits, out.labels)
         soft = self.temperature**2 * self.divergence(out.logits, teacher, self.distill_mask(batch, out.mask),
                                                      temperature=self.temperature)

@@ -1,0 +1,199 @@
+"""Peak memory and time of one divergence forward + backward from hidden states: the plain
+way (full logits), kd's chunked path, TRL's chunked kernel and Liger's fused linear JSD.
+
+Each measurement runs in its own process (the script re-invokes itself with ``--worker``),
+so peak memory is that variant's alone: on CPU the growth of the process's peak resident
+set (``ru_maxrss``) over its value once the inputs exist, on CUDA
+``torch.cuda.max_memory_allocated`` over the memory the inputs hold. Time is the median of
+``--repeats`` forward + backward passes after one warm-up pass.
+
+Variants, for student hidden states ``(N, H)`` with head ``(V, H)`` and a teacher with
+its own ``(N, H)`` and ``(V, H)``:
+
+* ``plain``: ``logits = h @ W.T`` for both models (the teacher's under no_grad) and the
+  plain divergence of :mod:`kd.divergences` on them;
+* ``chunked``: :func:`kd.divergences.chunked_divergence` (default block size);
+* ``trl``: ``trl.kernels.chunked_divergence.ChunkedDivergenceFunction`` (forward KL,
+  reverse KL and JSD only: its ``beta`` selects among them), mean over tokens;
+* ``liger``: ``liger_kernel``'s ``LigerFusedLinearJSD`` (Triton, so CUDA only; JSD and
+  its two ends).
+
+    python benchmarks/loss_memory.py                       # V = 49,152 and 262,144, N = 2,048, H = 576
+    python benchmarks/loss_memory.py --vocab 49152 --divergences jsd forward_kl
+    python benchmarks/loss_memory.py --device cuda --dtype bfloat16 --tokens 8192 --vocab 262144
+
+The table gives, per vocabulary and divergence, each variant's peak MB and seconds and the
+ratios to the plain way (the targets: chunked peak <= 1/8 of plain and below TRL's, time
+<= 1.2x plain). A variant that fails (out of memory, not installed, not supported) shows
+why instead of a number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+DIVERGENCES = ["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"]
+BETA = {"forward_kl": 0.0, "reverse_kl": 1.0, "jsd": 0.5}  # TRL's and Liger's beta for the divergences they have
+VARIANTS = ["plain", "chunked", "trl", "liger"]
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def worker(args: argparse.Namespace) -> dict:
+    import torch
+
+    torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    n, h, v = args.tokens, args.hidden, args.vocab
+    hs = (torch.randn(n, h, device=device, dtype=dtype) * 0.5).requires_grad_()
+    ws = (torch.randn(v, h, device=device, dtype=dtype) * 0.05).requires_grad_()
+    ht = torch.randn(n, h, device=device, dtype=dtype) * 0.5
+    wt = torch.randn(v, h, device=device, dtype=dtype) * 0.05
+    step = _step(args.variant, args.divergence, hs, ws, ht, wt, args.temperature)
+
+    def run() -> float:
+        hs.grad = ws.grad = None
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        loss = step()
+        loss.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        run()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        base = _rss_mb()
+        run()
+        peak = _rss_mb() - base
+    times = [run() for _ in range(args.repeats)]
+    return {"peak_mb": peak, "time_s": statistics.median(times)}
+
+
+def _step(variant: str, divergence: str, hs, ws, ht, wt, temperature: float):
+    import torch
+
+    import kd.divergences as D
+
+    if variant == "plain":
+        module = D.DIVERGENCES[divergence](chunked=False)
+
+        def step():
+            with torch.no_grad():
+                teacher = ht @ wt.T
+            return module(hs @ ws.T, teacher, temperature=temperature)
+
+        return step
+    if variant == "chunked":
+        module = D.DIVERGENCES[divergence]()
+        return lambda: D.chunked_divergence(hs, ws, ht, wt, module, temperature=temperature)
+    if divergence not in BETA:
+        raise NotImplementedError(f"{variant} has no {divergence}")
+    beta = BETA[divergence]
+    if variant == "trl":
+        from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+
+        def step():
+            per_token, _ = ChunkedDivergenceFunction.apply(hs, ws, None, ht, wt, None, beta, temperature)
+            return per_token.mean()
+
+        return step
+    if variant == "liger":
+        from liger_kernel.transformers import LigerFusedLinearJSD
+
+        if hs.device.type != "cuda":
+            raise NotImplementedError("Liger's kernels are Triton, CUDA only")
+        loss = LigerFusedLinearJSD(jsd_beta=beta, temperature=temperature)
+        return lambda: loss(hs, ws, ht, wt)
+    raise ValueError(f"unknown variant {variant}")
+
+
+def measure(args: argparse.Namespace, variant: str, divergence: str, vocab: int) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--variant", variant, "--divergence", divergence,
+           "--vocab", str(vocab), "--tokens", str(args.tokens), "--hidden", str(args.hidden), "--device", args.device,
+           "--dtype", args.dtype, "--repeats", str(args.repeats), "--temperature", str(args.temperature),
+           "--threads", str(args.threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    for line in proc.stdout.splitlines()[::-1]:
+        if line.startswith("{"):
+            return json.loads(line)
+    tail = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+    if proc.returncode in (-9, 137):
+        tail = "killed (out of memory)"
+    return {"error": tail[:60]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--vocab", type=int, nargs="+", default=[49152, 262144])
+    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--hidden", type=int, default=576)
+    parser.add_argument("--divergences", nargs="+", default=DIVERGENCES, choices=DIVERGENCES)
+    parser.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
+    parser.add_argument("--divergence", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        args.vocab = args.vocab[0]
+        try:
+            print(json.dumps(worker(args)))
+        except (ImportError, NotImplementedError) as e:
+            print(json.dumps({"error": str(e).splitlines()[0][:60]}))
+        return
+
+    print(f"# N = {args.tokens} positions, H = {args.hidden}, {args.dtype} on {args.device}; forward + backward, "
+          f"median of {args.repeats}; peak = memory above the inputs'")
+    results = []
+    for vocab in args.vocab:
+        print(f"\nV = {vocab:,}")
+        head = f"{'divergence':<16}" + "".join(f"{v + ' MB':>14}{v + ' s':>10}" for v in args.variants)
+        print(head + f"{'chunked/plain mem':>19}{'time':>7}{'chunked/trl mem':>17}")
+        for divergence in args.divergences:
+            row = {v: measure(args, v, divergence, vocab) for v in args.variants}
+            results.append({"vocab": vocab, "divergence": divergence, **row})
+            cells = ""
+            for v in args.variants:
+                r = row[v]
+                cells += (f"{r['peak_mb']:>14,.0f}{r['time_s']:>10.2f}" if "error" not in r
+                          else f"{r['error'][:22]:>24}")
+
+            def ratio(a: str, b: str, key: str) -> str:
+                ra, rb = row.get(a, {}), row.get(b, {})
+                if key in ra and key in rb and rb[key] > 0:
+                    return f"{ra[key] / rb[key]:.3f}"
+                return "-"
+
+            print(f"{divergence:<16}{cells}{ratio('chunked', 'plain', 'peak_mb'):>19}"
+                  f"{ratio('chunked', 'plain', 'time_s'):>7}{ratio('chunked', 'trl', 'peak_mb'):>17}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
