@@ -61,7 +61,8 @@ def worker(args: argparse.Namespace) -> dict:
     ws = (torch.randn(v, h, device=device, dtype=dtype) * 0.05).requires_grad_()
     ht = torch.randn(n, h, device=device, dtype=dtype) * 0.5
     wt = torch.randn(v, h, device=device, dtype=dtype) * 0.05
-    step = _step(args.variant, args.divergence, hs, ws, ht, wt, args.temperature)
+    step = _step(args.variant, args.divergence, hs, ws, ht, wt, args.temperature, args.select, args.keep,
+                 args.chunk_size)
 
     def run() -> float:
         hs.grad = ws.grad = None
@@ -88,13 +89,14 @@ def worker(args: argparse.Namespace) -> dict:
     return {"peak_mb": peak, "time_s": statistics.median(times)}
 
 
-def _step(variant: str, divergence: str, hs, ws, ht, wt, temperature: float):
+def _step(variant: str, divergence: str, hs, ws, ht, wt, temperature: float, select: str = "all",
+          keep: float = 1.0, chunk_size: int | None = None):
     import torch
 
     import kd.divergences as D
 
     if variant == "plain":
-        module = D.DIVERGENCES[divergence](chunked=False)
+        module = D.DIVERGENCES[divergence](chunked=False, select=select, keep=keep)
 
         def step():
             with torch.no_grad():
@@ -103,7 +105,7 @@ def _step(variant: str, divergence: str, hs, ws, ht, wt, temperature: float):
 
         return step
     if variant == "chunked":
-        module = D.DIVERGENCES[divergence]()
+        module = D.DIVERGENCES[divergence](select=select, keep=keep, chunk_size=chunk_size or None)
         return lambda: D.chunked_divergence(hs, ws, ht, wt, module, temperature=temperature)
     if divergence not in BETA:
         raise NotImplementedError(f"{variant} has no {divergence}")
@@ -126,11 +128,13 @@ def _step(variant: str, divergence: str, hs, ws, ht, wt, temperature: float):
     raise ValueError(f"unknown variant {variant}")
 
 
-def measure(args: argparse.Namespace, variant: str, divergence: str, vocab: int) -> dict:
+def measure(args: argparse.Namespace, variant: str, divergence: str, vocab: int, select: str = "all",
+            keep: float = 1.0) -> dict:
+    """One variant's ``{"peak_mb", "time_s"}`` (or ``{"error"}``), measured in a process of its own."""
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--variant", variant, "--divergence", divergence,
            "--vocab", str(vocab), "--tokens", str(args.tokens), "--hidden", str(args.hidden), "--device", args.device,
            "--dtype", args.dtype, "--repeats", str(args.repeats), "--temperature", str(args.temperature),
-           "--threads", str(args.threads)]
+           "--threads", str(args.threads), "--select", select, "--keep", str(keep), "--chunk-size", str(args.chunk_size)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     for line in proc.stdout.splitlines()[::-1]:
         if line.startswith("{"):
@@ -141,8 +145,9 @@ def measure(args: argparse.Namespace, variant: str, divergence: str, vocab: int)
     return {"error": tail[:60]}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def common_parser(description: str = __doc__.split("\n\n")[0]) -> argparse.ArgumentParser:
+    """The options of this script (token_selection.py shares them)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--vocab", type=int, nargs="+", default=[49152, 262144])
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--hidden", type=int, default=576)
@@ -153,11 +158,19 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--chunk-size", dest="chunk_size", type=int, default=0,
+                        help="positions per block of the chunked path (0: kd's default, about 2**23 logits)")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--divergence", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    parser.add_argument("--select", default="all", help=argparse.SUPPRESS)
+    parser.add_argument("--keep", type=float, default=1.0, help=argparse.SUPPRESS)
+    return parser
+
+
+def main() -> None:
+    args = common_parser().parse_args()
     if args.worker:
         args.vocab = args.vocab[0]
         try:

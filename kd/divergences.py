@@ -70,6 +70,17 @@ Conventions
 
 Vocabularies that differ only by padding rows must be sliced to the shared true
 vocabulary by the caller (``logits[..., :V]``); logits of different shapes are refused.
+
+Beyond logits, the modules accept (``Divergence.forward``):
+
+* **hidden states and an output head** (:class:`kd.chunked.HeadLogits`): the chunked
+  path of :mod:`kd.chunked` computes the same values a block of positions at a time,
+  never building ``(N, V)`` logits; :func:`chunked_divergence` is its functional entry point;
+* **a top-k teacher** (:class:`TopK`, a teacher logit cache): ``k + 1`` bins, the cached
+  ids plus a tail bin (:func:`topk_bins`, RECIPES.md section 8);
+* **token selection** (``select``/``keep``, TIP, RECIPES.md section 9): the loss keeps
+  the highest-entropy or the confidently wrong tokens (:func:`select_tokens`), chosen
+  without gradient, and averages over them only.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ import kd.divergences as D
 from kd.chunked import HeadLogits
 from kd.evaluation import StageMetrics, cross_entropy
 from kd.models import head_matches, split_head, tiny_causal_lm
+from tests.conftest import SMALL_TASK
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
@@ -310,3 +311,16 @@ def test_gkd_with_token_selection_counts_the_kept_tokens(task_dm):
     terms = recipe.compute_loss(batch)
     valid = int((batch["labels"][:, 1:] != -100).sum())
     assert int(terms["num_items"]) == math.ceil(valid / 2)
+
+
+def test_token_selection_and_the_chunked_switch_are_command_line_knobs(make_cfg):
+    from kd.build import build
+    from kd.runs import train
+
+    run = build(make_cfg(*SMALL_TASK, "recipe=gkd", "divergence.select=overconfident", "divergence.keep=0.1"),
+                setup=False)
+    assert (run.recipe.divergence.select, run.recipe.divergence.keep, run.recipe.fused) == ("overconfident", 0.1, True)
+    assert not build(make_cfg(*SMALL_TASK, "recipe=gkd", "divergence.chunked=false"), setup=False).recipe.fused
+    summary = train(make_cfg(*SMALL_TASK, "recipe=hinton", "divergence.select=entropy", "divergence.keep=0.5",
+                             "debug=fast_dev_run"))
+    assert "student, hinton" in summary["results"]
