@@ -435,14 +435,16 @@ def build(cfg: DictConfig, *, teacher: bool | None = None, setup: bool = True) -
     # The student is created right after seeding, as in the scratch baseline: same init.
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
+    regime = instantiate(cfg.regime) if cfg.get("regime") else None
+    if regime is not None:
+        regime.validate(datamodule)
+        regime.check_recipe(name, needs, teacher=with_teacher, routed=bool(cfg.get("teachers")),
+                            temperature=cfg.recipe.get("temperature"))
     if needs.teacher_tokenizer == "own" and with_teacher:
         if not hasattr(datamodule, "teacher_tokenizer"):
             raise ConfigError(f"recipe {name} distils language models across tokenizers; use language-model data "
                               "(data=task, data=jsonl, data=hf, data=chatterbot)")
         datamodule.teacher_tokenizer = datamodule.teacher_tokenizer or teacher_tokenizer(cfg)
-    regime = instantiate(cfg.regime) if cfg.get("regime") else None
-    if regime is not None:
-        regime.validate(datamodule)
     factory, scheme = student_factory(cfg)
     if scheme is not None and not cfg.get("teacher"):
         raise ConfigError("this student is initialised from a teacher's layers; choose one with teacher=<config>")

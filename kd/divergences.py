@@ -121,6 +121,7 @@ __all__ = [
     "SkewReverseKL",
     "TVD",
     "ULD",
+    "SoftCrossEntropy",
     "TopK",
     "topk_bins",
     "SELECTIONS",
@@ -904,6 +905,20 @@ class TVD(Divergence):
 
     def per_position(self, student_logprobs: Tensor, teacher_logprobs: Tensor) -> Tensor:
         return tvd_per_position(student_logprobs, teacher_logprobs)
+
+
+class SoftCrossEntropy(Divergence):
+    """Cross-entropy to the teacher's distribution, ``-sum_v p_T(v) log p_S(v)``: forward KL
+    plus the teacher's entropy (which has no gradient). Kim & Rush's word-level KD term;
+    not an option of the ``divergence/`` group (it is not a divergence: it is not 0 when the
+    two distributions agree)."""
+
+    name = "soft_cross_entropy"
+
+    def per_position(self, student_logprobs: Tensor, teacher_logprobs: Tensor) -> Tensor:
+        zero = torch.zeros((), dtype=student_logprobs.dtype, device=student_logprobs.device)
+        log_q = torch.where(teacher_logprobs > -math.inf, student_logprobs, zero)
+        return -(teacher_logprobs.exp() * log_q).sum(-1)
 
 
 class ULD(Divergence):

@@ -319,8 +319,11 @@ class DistillationRecipe(L.LightningModule):
         logits (a :class:`kd.divergences.TopK`) and runs no teacher. ``fused``: see
         :meth:`outputs` (a single teacher only)."""
         if "teacher_topk" in batch and not hidden:
-            labels = batch["labels"][:, 1:]
-            return Outputs(batch["teacher_topk"], labels, labels != IGNORE_INDEX)
+            if "input_ids" in batch:
+                labels = batch["labels"][:, 1:]
+                return Outputs(batch["teacher_topk"], labels, labels != IGNORE_INDEX)
+            labels = batch["labels"]  # classification: one position per example, all compared
+            return Outputs(batch["teacher_topk"], labels, torch.ones_like(labels, dtype=torch.bool))
         with torch.no_grad():
             if self.teachers is None:
                 assert self.teacher is not None, "this recipe has no teacher"

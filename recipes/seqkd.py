@@ -35,16 +35,19 @@ from typing import Any
 from torch import Tensor
 
 from kd import ConfigError
-from kd.divergences import reduce, to_log_probs
+from kd.divergences import SoftCrossEntropy
 from kd.evaluation import cross_entropy
 from kd.recipe import DistillationRecipe, Needs
 
 
-def soft_cross_entropy(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, temperature: float = 1.0) -> Tensor:
-    """``sum_k q_T(k) * (-log p_S(k))`` per position ``(..., V) -> scalar``, mean over ``mask``."""
-    log_p = to_log_probs(student_logits, temperature, mask)
-    log_q = to_log_probs(teacher_logits, temperature, mask)
-    return reduce(-(log_q.exp() * log_p).sum(-1), mask, "mean")
+def soft_cross_entropy(student_logits: Any, teacher_logits: Any, mask: Tensor, temperature: float = 1.0,
+                       chunked: bool = True) -> Tensor:
+    """``sum_k q_T(k) * (-log p_S(k))`` per position ``(..., V) -> scalar``, mean over ``mask``.
+
+    Either side may come as hidden states and head (:class:`kd.chunked.HeadLogits`,
+    computed a block at a time when ``chunked``), the teacher also as a cached top-k
+    (:class:`kd.divergences.TopK`: k + 1 bins)."""
+    return SoftCrossEntropy(chunked=chunked)(student_logits, teacher_logits, mask, temperature)
 
 
 class SeqKD(DistillationRecipe):
@@ -53,12 +56,14 @@ class SeqKD(DistillationRecipe):
     Args:
         alpha: weight in [0, 1] of the word-level soft term; 0 skips the teacher forward.
         temperature: softens both distributions of the soft term (T^2 scaling).
+        chunked: compute the loss from the language models' hidden states and output heads
+            a block of positions at a time (:mod:`kd.chunked`), never building (B, L, V) logits.
         **kwargs: passed to :class:`kd.recipe.DistillationRecipe`.
     """
 
     needs = Needs(data=("causal_lm",))
 
-    def __init__(self, *, alpha: float = 0.0, temperature: float = 1.0, **kwargs: Any) -> None:
+    def __init__(self, *, alpha: float = 0.0, temperature: float = 1.0, chunked: bool = True, **kwargs: Any) -> None:
         if not 0.0 <= alpha <= 1.0:
             raise ConfigError(f"recipe.alpha must be in [0, 1] (got {alpha}); it weights the word-level soft term")
         if not temperature > 0:
@@ -66,16 +71,22 @@ class SeqKD(DistillationRecipe):
         super().__init__(**kwargs)
         self.alpha = alpha
         self.temperature = temperature
+        self.chunked = chunked
+
+    @property
+    def fused(self) -> bool:
+        return self.chunked
 
     def compute_loss(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        out = self.outputs(self.student, batch)
+        out = self.outputs(self.student, batch, fused=self.fused)
         logits, mask = out.logits, out.mask
         nll = cross_entropy(logits, out.labels)
         terms = {"nll": nll}
         loss = (1 - self.alpha) * nll
         if self.alpha > 0:
-            word = self.temperature**2 * soft_cross_entropy(logits, self.teacher_logits(batch),
-                                                            self.distill_mask(batch, mask), self.temperature)
+            teacher = self.teacher_logits(batch, fused=self.fused)
+            word = self.temperature**2 * soft_cross_entropy(logits, teacher, self.distill_mask(batch, mask),
+                                                            self.temperature, self.chunked)
             terms["word_kd"] = word
             loss = loss + self.alpha * word
         return {"loss": loss, **terms}

@@ -277,18 +277,22 @@ def _pair(vocab: int = 300):
             tiny_causal_lm(vocab_size=vocab + 20, hidden_size=48, num_layers=1))
 
 
-@pytest.mark.parametrize("recipe_name", ["hinton", "gkd"])
+@pytest.mark.parametrize("recipe_name", ["hinton", "gkd", "word_kd"])
 def test_recipes_compute_the_same_loss_and_gradients_fused_and_dense(task_dm, recipe_name):
     from recipes.gkd import GKD
     from recipes.hinton import Hinton
+    from recipes.seqkd import SeqKD
 
     batch = next(iter(task_dm.train_dataloader()))
     results = []
     for chunked in (True, False):
         student, teacher = _pair(len(task_dm.tokenizer))
         divergence = D.JSD(beta=0.3, chunked=chunked, chunk_size=16)
-        recipe = (Hinton(student=student, teacher=teacher, divergence=divergence, lam=0.6, temperature=2.0)
-                  if recipe_name == "hinton" else GKD(student=student, teacher=teacher, divergence=divergence))
+        recipe = {"hinton": lambda: Hinton(student=student, teacher=teacher, divergence=divergence, lam=0.6,
+                                           temperature=2.0),
+                  "gkd": lambda: GKD(student=student, teacher=teacher, divergence=divergence),
+                  "word_kd": lambda: SeqKD(student=student, teacher=teacher, alpha=0.5, temperature=2.0,
+                                           chunked=chunked)}[recipe_name]()
         recipe.set_vocabulary(len(task_dm.tokenizer))
         terms = recipe.compute_loss(batch)
         terms["loss"].backward()

@@ -11,7 +11,8 @@ Batches (what recipes receive):
   ``attention_mask`` (B, L), ``labels`` (B, L) equal to ``input_ids`` on response tokens
   (EOS included) and :data:`kd.data.IGNORE_INDEX` on prompt and padding; position i of
   the logits predicts token i+1 (the recipe shifts); plus the same prompts left-padded
-  (``prompt_ids``, ``prompt_mask``) for on-policy generation;
+  (``prompt_ids``, ``prompt_mask``) for on-policy generation, and ``index`` (B,) the
+  examples' positions in their split (a teacher logit cache looks its rows up by it);
 * generation evaluation, left-padded prompts: ``prompt_ids`` (B, P), ``prompt_mask``
   (B, P), ``index`` (B,) the examples' positions in their split, to score the generated
   answers against the references (exact match, per skill).
@@ -338,8 +339,9 @@ class EncodedSplit(Dataset):
 def collate_train(items: list[dict], pad_token_id: int, teacher_pad_id: int | None = None) -> dict[str, torch.Tensor]:
     """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (prompt and padding
     ignored), plus the left-padded ``prompt_ids``/``prompt_mask`` that on-policy regimes
-    generate from (and ``teacher_prompt_ids``/``teacher_prompt_mask`` when the items carry
-    the teacher's own prompt tokens)."""
+    generate from, the examples' ``index`` in their split (-1 for items without one), and
+    ``teacher_prompt_ids``/``teacher_prompt_mask`` when the items carry the teacher's own
+    prompt tokens."""
     length = max(len(it["prompt_ids"]) + len(it["response_ids"]) for it in items)
     ids = torch.full((len(items), length), pad_token_id, dtype=torch.long)
     labels = torch.full((len(items), length), IGNORE_INDEX, dtype=torch.long)
@@ -351,7 +353,6 @@ def collate_train(items: list[dict], pad_token_id: int, teacher_pad_id: int | No
         labels[row, len(p) : n] = torch.tensor(r)
         mask[row, :n] = 1
     prompts = collate_prompts(items, pad_token_id, teacher_pad_id)
-    prompts.pop("index")
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, **prompts}
 
 
