@@ -22,6 +22,7 @@ from kd.generation import (
     generate,
     left_pad,
     position_ids_from_mask,
+    sample_from_log_probs,
 )
 
 VOCAB = 50
@@ -313,3 +314,100 @@ def test_ids_past_the_tokenizer_vocabulary_are_never_generated():
     limited = generate(model, prompts, None, GenerationConfig(max_new_tokens=8, temperature=1.0, vocab_size=V - 10),
                        generator=torch.Generator().manual_seed(0))
     assert (limited.responses < V - 10).all()
+
+
+def _reference_generate(model, ids, mask, config: GenerationConfig, generator=None) -> Generation:
+    """The documented conventions, spelled out naively: no cache (one full forward per step),
+    sequences grown by concatenation, positions recomputed from the whole mask."""
+    eos = set(config.eos_token_ids)
+    t = 1.0 if config.greedy else config.temperature
+    seqs, m = ids.clone(), mask.clone()
+    finished = [False] * len(ids)
+    toks, lps, valids = [], [], []
+    with torch.no_grad():
+        for _ in range(config.max_new_tokens):
+            logits = model(input_ids=seqs, attention_mask=m, position_ids=position_ids_from_mask(m)).logits[:, -1]
+            lp = filter_log_probs(torch.log_softmax(logits.float() / t, -1), config.top_k if t else 0, config.top_p)
+            tok = lp.argmax(-1) if config.greedy else sample_from_log_probs(lp, generator)
+            valid = torch.tensor([not f for f in finished])
+            tok = torch.where(valid, tok, torch.full_like(tok, config.pad_token_id))
+            lps.append(torch.where(valid, lp.gather(-1, tok[:, None]).squeeze(-1), torch.zeros(len(ids))))
+            toks.append(tok)
+            valids.append(valid)
+            seqs = torch.cat([seqs, tok[:, None]], 1)
+            m = torch.cat([m, valid.long()[:, None]], 1)
+            finished = [f or (v and int(k) in eos) for f, v, k in zip(finished, valid.tolist(), tok)]
+            if eos and all(finished):
+                break
+    return Generation(seqs, m, torch.stack(valids, 1), torch.stack(lps, 1), ids.shape[1])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_preallocated_loop_equals_naive_reference_with_eos_mid_batch(models, arch, temperature):
+    """Left-padded batch, an EOS that ends some rows in the middle and others not at all:
+    the cached, preallocated loop returns what the naive loop returns."""
+    model = models[arch]
+    ids, mask = left_pad(PROMPTS)
+    free = generate(model, ids, mask, GenerationConfig(max_new_tokens=10, temperature=temperature),
+                    generator=torch.Generator().manual_seed(1))
+    eos = int(free.responses[0, 3])  # row 0 stops at step 3 at the latest
+    cfg = GenerationConfig(max_new_tokens=10, temperature=temperature, eos_token_id=eos, pad_token_id=49)
+    ours = generate(model, ids, mask, cfg, generator=torch.Generator().manual_seed(1))
+    ref = _reference_generate(model, ids, mask, cfg, generator=torch.Generator().manual_seed(1))
+    assert not ours.response_mask.all() and ours.response_mask[:, 0].all()  # EOS hit mid-way
+    assert torch.equal(ours.sequences, ref.sequences)
+    assert torch.equal(ours.attention_mask, ref.attention_mask)
+    assert torch.equal(ours.response_mask, ref.response_mask)
+    assert torch.allclose(ours.logprobs, ref.logprobs, atol=1e-5)
+    for t in (ours.sequences, ours.attention_mask, ours.response_mask, ours.logprobs):
+        assert t.is_contiguous()
+
+
+def test_preallocated_loop_with_top_k_top_p_equals_naive_reference(models):
+    model = models["llama"]
+    ids, mask = left_pad(PROMPTS)
+    cfg = GenerationConfig(max_new_tokens=8, temperature=1.2, top_k=10, top_p=0.9, eos_token_id=2)
+    ours = generate(model, ids, mask, cfg, generator=torch.Generator().manual_seed(7))
+    ref = _reference_generate(model, ids, mask, cfg, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(ours.sequences, ref.sequences)
+    assert torch.allclose(ours.logprobs, ref.logprobs, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_matches_transformers_generate_batch_16(models, arch):
+    model = models[arch]
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, VOCAB, (int(n),), generator=g).tolist()
+               for n in torch.randint(1, 12, (16,), generator=g)]
+    ids, mask = left_pad(prompts)
+    ours = generate(model, ids, mask, _greedy(max_new_tokens=12, eos_token_id=2))
+    ref = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
+                         max_new_tokens=12, eos_token_id=2, pad_token_id=0)
+    assert torch.equal(ours.sequences, ref)
+    # and without EOS (every row runs the whole budget)
+    ours = generate(model, ids, mask, _greedy(max_new_tokens=12))
+    ref = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=12,
+                         min_new_tokens=12, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(ours.sequences, ref)
+
+
+def test_sample_from_log_probs():
+    probs = torch.tensor([0.5, 0.0, 0.2, 0.3, 0.0])
+    lp = torch.log(probs).expand(20000, 5)
+    draws = sample_from_log_probs(lp, torch.Generator().manual_seed(0))
+    assert draws.shape == (20000,) and draws.dtype == torch.long
+    freq = torch.bincount(draws, minlength=5).float() / len(draws)
+    assert freq[1] == 0 and freq[4] == 0  # zero-probability tokens (also the last one) are never drawn
+    assert torch.allclose(freq, probs, atol=0.015)
+    again = sample_from_log_probs(lp, torch.Generator().manual_seed(0))
+    assert torch.equal(draws, again)
+    # unnormalized log-probs: the same uniforms pick the same tokens (up to boundary rounding)
+    shifted = sample_from_log_probs(lp + 3.0, torch.Generator().manual_seed(0))
+    assert (shifted == draws).float().mean() > 0.999
+    # a single possible token is always drawn
+    one = torch.full((4, 6), float("-inf"))
+    one[:, 5] = 0.0
+    assert sample_from_log_probs(one).tolist() == [5] * 4
+    with pytest.raises(ValueError, match="non-finite"):
+        sample_from_log_probs(torch.tensor([[0.0, float("nan")]]))
