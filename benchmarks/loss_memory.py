@@ -124,7 +124,7 @@ def _step(variant: str, divergence: str, hs, ws, ht, wt, temperature: float, sel
         if hs.device.type != "cuda":
             raise NotImplementedError("Liger's kernels are Triton, CUDA only")
         loss = LigerFusedLinearJSD(jsd_beta=beta, temperature=temperature)
-        return lambda: loss(hs, ws, ht, wt)
+        return lambda: loss(hs, ws, ht, wt, None)
     raise ValueError(f"unknown variant {variant}")
 
 
