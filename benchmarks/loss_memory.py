@@ -159,7 +159,7 @@ def common_parser(description: str = __doc__.split("\n\n")[0]) -> argparse.Argum
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--chunk-size", dest="chunk_size", type=int, default=0,
-                        help="positions per block of the chunked path (0: kd's default, about 2**23 logits)")
+                        help="positions per block of the chunked path (0: kd's default, kd.chunked.default_chunk_size)")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--variant", help=argparse.SUPPRESS)

@@ -40,16 +40,6 @@ from kd.evaluation import cross_entropy
 from kd.recipe import DistillationRecipe, Needs
 
 
-def soft_cross_entropy(student_logits: Any, teacher_logits: Any, mask: Tensor, temperature: float = 1.0,
-                       chunked: bool = True) -> Tensor:
-    """``sum_k q_T(k) * (-log p_S(k))`` per position ``(..., V) -> scalar``, mean over ``mask``.
-
-    Either side may come as hidden states and head (:class:`kd.chunked.HeadLogits`,
-    computed a block at a time when ``chunked``), the teacher also as a cached top-k
-    (:class:`kd.divergences.TopK`: k + 1 bins)."""
-    return SoftCrossEntropy(chunked=chunked)(student_logits, teacher_logits, mask, temperature)
-
-
 class SeqKD(DistillationRecipe):
     """Kim & Rush's word- and sequence-level KD (the regime picks the targets).
 
@@ -58,12 +48,15 @@ class SeqKD(DistillationRecipe):
         temperature: softens both distributions of the soft term (T^2 scaling).
         chunked: compute the loss from the language models' hidden states and output heads
             a block of positions at a time (:mod:`kd.chunked`), never building (B, L, V) logits.
+        select, keep: token selection of the soft term (TIP, :mod:`kd.divergences`): ``all``
+            or ``entropy`` / ``overconfident`` / ``both`` keeping the fraction ``keep``.
         **kwargs: passed to :class:`kd.recipe.DistillationRecipe`.
     """
 
     needs = Needs(data=("causal_lm",))
 
-    def __init__(self, *, alpha: float = 0.0, temperature: float = 1.0, chunked: bool = True, **kwargs: Any) -> None:
+    def __init__(self, *, alpha: float = 0.0, temperature: float = 1.0, chunked: bool = True, select: str = "all",
+                 keep: float = 1.0, **kwargs: Any) -> None:
         if not 0.0 <= alpha <= 1.0:
             raise ConfigError(f"recipe.alpha must be in [0, 1] (got {alpha}); it weights the word-level soft term")
         if not temperature > 0:
@@ -72,6 +65,7 @@ class SeqKD(DistillationRecipe):
         self.alpha = alpha
         self.temperature = temperature
         self.chunked = chunked
+        self.soft = SoftCrossEntropy(select=select, keep=keep, chunked=chunked)
 
     @property
     def fused(self) -> bool:
@@ -85,8 +79,7 @@ class SeqKD(DistillationRecipe):
         loss = (1 - self.alpha) * nll
         if self.alpha > 0:
             teacher = self.teacher_logits(batch, fused=self.fused)
-            word = self.temperature**2 * soft_cross_entropy(logits, teacher, self.distill_mask(batch, mask),
-                                                            self.temperature, self.chunked)
+            word = self.temperature**2 * self.soft(logits, teacher, self.distill_mask(batch, mask), self.temperature)
             terms["word_kd"] = word
             loss = loss + self.alpha * word
         return {"loss": loss, **terms}
