@@ -168,6 +168,7 @@ class _Spec:
     temperature: float
     dtype: torch.dtype
     chunk: int
+    grad_enabled: bool = True  # grad mode where the loss was called (a Function's forward runs without)
 
     def values(self, rows: Tensor, s_h: Tensor, s_w: Tensor, s_b: Tensor | None, t0: Tensor | None,
                t1: Tensor | None, t2: Tensor | None, graph: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -217,7 +218,7 @@ class _EagerFused(torch.autograd.Function):
     def forward(ctx: Any, spec: _Spec, rows: Tensor, weights: Tensor, s_h: Tensor, s_w: Tensor,
                 s_b: Tensor | None, t0: Tensor | None, t1: Tensor | None, t2: Tensor | None) -> Tensor:
         total = torch.zeros((), dtype=spec.dtype, device=s_h.device)
-        want = [x is not None and x.requires_grad for x in (s_h, s_w, s_b, t0, t1, t2)]
+        want = [spec.grad_enabled and x is not None and x.requires_grad for x in (s_h, s_w, s_b, t0, t1, t2)]
         want_t_logits = spec.kind in ("head", "logits") and any(want[3:])
         grads: list[Tensor | None] = [None] * 6
         if any(want):
@@ -331,7 +332,7 @@ def fused_loss(student: HeadLogits, teacher: Any, per_position: Callable[[Tensor
         floats = [student.hidden, student.weight] + [t for t in (t0, t1) if t is not None and t.is_floating_point()]
         dtype = compute_dtype(*floats)
     chunk = int(chunk_size or default_chunk_size(student.weight.shape[0], student.weight.device))
-    spec = _Spec(student, teacher, kind, per_position, float(temperature), dtype, chunk)
+    spec = _Spec(student, teacher, kind, per_position, float(temperature), dtype, chunk, torch.is_grad_enabled())
     s_h = student.hidden.reshape(-1, student.hidden.shape[-1])
     rows = rows.to(s_h.device)
     if weights is not None:

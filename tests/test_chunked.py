@@ -328,3 +328,16 @@ def test_token_selection_and_the_chunked_switch_are_command_line_knobs(make_cfg)
     summary = train(make_cfg(*SMALL_TASK, "recipe=hinton", "divergence.select=entropy", "divergence.keep=0.5",
                              "debug=fast_dev_run"))
     assert "student, hinton" in summary["results"]
+
+
+def test_no_gradient_work_under_no_grad(monkeypatch):
+    hs, ws, bs, ht, wt, mask = _problem(torch.float64, seed=7)  # hs, ws, bs require grad
+
+    def no_backward(*args, **kwargs):
+        raise AssertionError("gradients computed under no_grad")
+
+    monkeypatch.setattr(torch.autograd, "grad", no_backward)
+    with torch.no_grad():
+        loss = D.JSD(chunk_size=4)(HeadLogits(hs, ws, bs), HeadLogits(ht, wt), mask)
+    assert not loss.requires_grad
+    assert _rel(loss, D.jsd(hs @ ws.T + bs, ht @ wt.T, mask)) < 1e-10
