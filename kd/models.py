@@ -306,17 +306,26 @@ def layer_map(teacher_layers: int, student_layers: int, scheme: str | Sequence[i
 
 
 def init_from_teacher(student: nn.Module, teacher: nn.Module, scheme: str | Sequence[int] = "even") -> list[int]:
-    """Copy into ``student`` the teacher's embeddings (with their LayerNorm), output head
-    and the layers :func:`layer_map` picks; return the map. Works for any transformers
-    encoder whose layers are named ``...layer.<i>....`` (BERT, RoBERTa, DistilBERT);
-    shapes must agree everywhere but in depth."""
+    """Copy into ``student`` the teacher's embeddings (with their LayerNorm), output head,
+    final norm and the layers :func:`layer_map` picks; return the map. Works for any
+    transformers model whose layers are named ``...layer.<i>....`` (BERT, RoBERTa,
+    DistilBERT), ``...layers.<i>....`` (Llama, Qwen, Gemma) or ``...h.<i>....`` (GPT-2):
+    depth pruning of causal LMs (Minitron, Llama 3.2) as well as DistilBERT's
+    initialisation. Shapes must agree everywhere but in depth; a model whose layers differ
+    by type (Gemma's sliding and full attention) must keep the types of the mapped layers."""
     import re
 
-    pattern = re.compile(r"(.*\blayer\.)(\d+)(\..*)")
+    pattern = re.compile(r"(.*\b(?:layer|layers|h)\.)(\d+)(\..*)")
     t_state = teacher.state_dict()
     depth = lambda state: 1 + max((int(m.group(2)) for k in state if (m := pattern.match(k))), default=-1)  # noqa: E731
     s_state = student.state_dict()
     mapping = layer_map(depth(t_state), depth(s_state), scheme)
+    t_types = getattr(getattr(teacher, "config", None), "layer_types", None)
+    s_types = getattr(getattr(student, "config", None), "layer_types", None)
+    if t_types is not None and s_types is not None and list(s_types) != [t_types[i] for i in mapping]:
+        raise ConfigError(f"the student's layer types {list(s_types)} differ from those of the teacher layers "
+                          f"{mapping} it copies; build the student with the same layer_map "
+                          "(kd.models.shallower_copy keeps the types of the 'even' map)")
     new = {}
     for key, value in s_state.items():
         m = pattern.match(key)
@@ -343,9 +352,12 @@ def shallower_copy(model: nn.Module, num_layers: int | None = None) -> nn.Module
     import copy
 
     config = copy.deepcopy(model.config)
-    key = "n_layers" if hasattr(config, "n_layers") else "num_hidden_layers"
+    key = next((k for k in ("n_layers", "n_layer") if hasattr(config, k)), "num_hidden_layers")
     depth = getattr(config, key)
-    setattr(config, key, num_layers or max(1, depth // 2))
+    num_layers = num_layers or max(1, depth // 2)
+    setattr(config, key, num_layers)
+    if getattr(config, "layer_types", None) is not None:  # Gemma: sliding / full attention per layer
+        config.layer_types = [config.layer_types[i] for i in layer_map(depth, num_layers, "even")]
     return type(model)(config)
 
 

@@ -52,3 +52,50 @@ def test_missing_or_mismatched_weights_fail_with_one_sentence(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="no weights found in directory"):
         load_weights(MLPClassifier(), tmp_path / "empty")
+
+
+def _causal_lms():
+    from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+                              LlamaForCausalLM)
+
+    torch.manual_seed(0)
+    return [
+        LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=6,
+                                     num_attention_heads=2, num_key_value_heads=1)),
+        GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=6, n_head=2, bos_token_id=0, eos_token_id=0)),
+        Gemma3ForCausalLM(Gemma3TextConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=6,
+                                           num_attention_heads=2, num_key_value_heads=1, head_dim=8)),
+    ]
+
+
+@pytest.mark.parametrize("index", [0, 1, 2], ids=["llama", "gpt2", "gemma3"])
+def test_depth_pruned_causal_lm_students_copy_the_teachers_layers(index):
+    from kd.models import init_from_teacher, shallower_copy
+
+    teacher = _causal_lms()[index].eval()
+    student = shallower_copy(teacher, 2)
+    assert init_from_teacher(student, teacher, "even") == [0, 5]
+    t_state, s_state = teacher.state_dict(), student.state_dict()
+    block = "transformer.h" if index == 1 else "model.layers"
+    for s_layer, t_layer in ((0, 0), (1, 5)):
+        keys = [k for k in s_state if k.startswith(f"{block}.{s_layer}.")]
+        assert keys
+        for key in keys:
+            assert torch.equal(s_state[key], t_state[key.replace(f"{block}.{s_layer}.", f"{block}.{t_layer}.", 1)])
+    if index == 2:  # Gemma keeps the attention type of each copied layer
+        assert student.config.layer_types == ["sliding_attention", "full_attention"]
+    # a "pruned" copy that keeps every layer is the teacher
+    whole = shallower_copy(teacher, 6).eval()
+    init_from_teacher(whole, teacher, "even")
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(whole(input_ids=ids).logits, teacher(input_ids=ids).logits)
+
+
+def test_a_student_with_other_layer_types_than_its_copied_layers_is_refused():
+    from kd.models import init_from_teacher, shallower_copy
+
+    teacher = _causal_lms()[2]
+    student = shallower_copy(teacher, 2)  # layer types of the even map: [sliding, full]
+    with pytest.raises(ConfigError, match="layer types"):
+        init_from_teacher(student, teacher, [0, 1])  # two sliding layers
