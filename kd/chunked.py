@@ -93,13 +93,6 @@ class HeadLogits:
     def shape(self) -> tuple[int, ...]:
         return (*self.hidden.shape[:-1], self.weight.shape[0])
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return torch.promote_types(self.hidden.dtype, self.weight.dtype)
-
-    def dim(self) -> int:
-        return self.hidden.dim()
-
     def transform(self, z: Tensor) -> Tensor:
         """Scale and softcap raw head outputs ``z`` (any shape)."""
         if self.scale != 1.0:
@@ -108,11 +101,9 @@ class HeadLogits:
             z = self.softcap * torch.tanh(z / self.softcap)
         return z
 
-    def rows_logits(self, hidden_rows: Tensor, weight: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
+    def rows_logits(self, hidden_rows: Tensor) -> Tensor:
         """Logits ``(C, V)`` of hidden rows ``(C, H)``."""
-        weight = self.weight if weight is None else weight
-        bias = self.bias if bias is None else bias
-        return self.transform(F.linear(hidden_rows, weight, bias))
+        return self.transform(F.linear(hidden_rows, self.weight, self.bias))
 
     def materialize(self) -> Tensor:
         """The full logits ``(..., V)``."""

@@ -625,7 +625,8 @@ def _check_selection(select: str, keep: float) -> None:
         raise ConfigError(f"unknown token selection {select!r}; choose one of " + ", ".join(SELECTIONS))
     k = _as_float(keep)
     if k is None or not 0.0 < k <= 1.0:
-        raise ConfigError(f"divergence.keep must be in (0, 1] (got {keep!r}): the fraction of tokens the loss keeps")
+        raise ConfigError(f"the token-selection keep must be in (0, 1] (got {keep!r}): the fraction of tokens the "
+                          "loss keeps")
 
 
 def _top(scores: Tensor, n: int) -> Tensor:

@@ -89,30 +89,9 @@ class StageMetrics(nn.Module):
         self, student_logits: Tensor | HeadLogits, labels: Tensor, mask: Tensor,
         teacher_logits: Tensor | HeadLogits | None = None,
     ) -> None:
+        """Either model may come as hidden states and head (:class:`kd.chunked.HeadLogits`):
+        its metrics are then computed a block of positions at a time."""
         self.tokens = self.tokens or labels.dim() > 1
-        if isinstance(student_logits, HeadLogits) or isinstance(teacher_logits, HeadLogits):
-            self._update_by_rows(student_logits, labels, mask, teacher_logits)
-            return
-        gold = labels != IGNORE_INDEX
-        n_gold = int(gold.sum())
-        if n_gold:
-            self.loss.update(cross_entropy(student_logits, labels), weight=n_gold)
-            correct = (student_logits.argmax(-1) == labels) & gold
-            self.acc.update(correct.sum() / n_gold, weight=n_gold)
-        if teacher_logits is not None:
-            self.has_teacher = True
-            n = int(mask.sum())
-            if n:
-                self.kl_to_teacher.update(forward_kl(student_logits, teacher_logits, mask), weight=n)
-            if n_gold:
-                t_correct = (teacher_logits.argmax(-1) == labels) & gold
-                self.teacher_acc.update(t_correct.sum() / n_gold, weight=n_gold)
-                self.teacher_loss.update(cross_entropy(teacher_logits, labels), weight=n_gold)
-
-    def _update_by_rows(self, student: Tensor | HeadLogits, labels: Tensor, mask: Tensor,
-                        teacher: Tensor | HeadLogits | None) -> None:
-        """The same metrics, a block of positions at a time for the models given as hidden
-        states and head (:class:`kd.chunked.HeadLogits`)."""
         gold = labels != IGNORE_INDEX
         gold_rows = gold.reshape(-1).nonzero().squeeze(-1)
         target = Labels(torch.where(gold, labels, 0))
@@ -130,21 +109,23 @@ class StageMetrics(nn.Module):
 
         n_gold = gold_rows.numel()
         if n_gold:
-            loss, acc = gold_metrics(student)
+            loss, acc = gold_metrics(student_logits)
             self.loss.update(loss, weight=n_gold)
             self.acc.update(acc, weight=n_gold)
-        if teacher is None:
+        if teacher_logits is None:
             return
         self.has_teacher = True
         rows = mask.reshape(-1).bool().nonzero().squeeze(-1)
         if rows.numel():
-            if isinstance(student, HeadLogits):
-                kl = map_rows(student, teacher, lambda log_q, log_p: forward_kl_per_position(log_q, log_p), rows).mean()
+            if isinstance(student_logits, HeadLogits):
+                kl = map_rows(student_logits, teacher_logits,
+                              lambda log_q, log_p: forward_kl_per_position(log_q, log_p), rows).mean()
             else:
-                kl = forward_kl(student, teacher.materialize(), mask)
+                teacher = teacher_logits.materialize() if isinstance(teacher_logits, HeadLogits) else teacher_logits
+                kl = forward_kl(student_logits, teacher, mask)
             self.kl_to_teacher.update(kl, weight=rows.numel())
         if n_gold:
-            loss, acc = gold_metrics(teacher)
+            loss, acc = gold_metrics(teacher_logits)
             self.teacher_acc.update(acc, weight=n_gold)
             self.teacher_loss.update(loss, weight=n_gold)
 

@@ -55,7 +55,7 @@ import torch
 from torch import Tensor, nn
 
 from kd import ConfigError
-from kd.data import IGNORE_INDEX
+from kd.data import IGNORE_INDEX, batch_targets
 from kd.divergences import Divergence
 from kd.evaluation import StageMetrics
 from kd.generation import GREEDY
@@ -230,15 +230,10 @@ class DistillationRecipe(L.LightningModule):
         """Run ``model`` on ``batch``; return its :class:`Outputs`.
 
         ``labels`` holds gold targets (IGNORE_INDEX where there is none) and ``mask`` the
-        positions where a distribution is predicted and compared with the teacher.
-
-        * classification ``{"inputs", "labels"}``: one position per example, every example
-          in the mask (unlabelled ones too);
-        * token batches ``{"input_ids", "attention_mask", "labels"}``: logits of position i
-          predict token i+1, so logits (and hidden states) drop the last position and labels
-          the first; the mask keeps response tokens (prompt and padding are IGNORE_INDEX);
-        * masked-LM batches (they carry ``original_ids``, :mod:`kd.data.mlm`): no shift,
-          labels at the masked positions, the mask holds every non-pad token.
+        positions where a distribution is predicted and compared with the teacher, as
+        :func:`kd.data.batch_targets` aligns them: token batches are shifted (logits and
+        hidden states drop the last position, labels the first), masked-LM batches are not,
+        classification batches have one position per example.
 
         ``hidden`` (default: ``needs.hidden_states``) also returns the last hidden states of
         a transformers model. Logits are cut to ``self.vocab_size`` (the tokenizer's true
@@ -252,38 +247,25 @@ class DistillationRecipe(L.LightningModule):
         from the hidden states a block of positions at a time. Other models return logits.
         """
         hidden = self.needs.hidden_states if hidden is None else hidden
+        labels, mask = batch_targets(batch)
         states = None
         if fused and "input_ids" in batch and "original_ids" not in batch and head_matches(
                 model, batch["input_ids"], batch["attention_mask"]):
             body, head, softcap, scale = split_head(model)
-            states = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-            states = states[:, :-1]
-            logits: Any = HeadLogits(states, head.weight, head.bias, softcap, scale)
-            labels = batch["labels"][:, 1:]
-            mask = labels != IGNORE_INDEX
-            states = states if hidden else None
+            last = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state[:, :-1]
+            logits: Any = HeadLogits(last, head.weight, head.bias, softcap, scale)
+            states = last if hidden else None
         elif "input_ids" in batch:
             extra = {"output_hidden_states": True} if hidden else {}
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra)
             states = out.hidden_states[-1] if hidden else None
-            if "original_ids" in batch:  # masked LM (kd.data.mlm): each position predicts its own token
-                logits, labels = out.logits, batch["labels"]
-                mask = batch["attention_mask"].bool()
-            else:
-                logits = out.logits[:, :-1]
+            logits = out.logits
+            if "original_ids" not in batch:  # causal LM: position i predicts token i+1
+                logits = logits[:, :-1]
                 states = states[:, :-1] if states is not None else None
-                labels = batch["labels"][:, 1:]
-                mask = labels != IGNORE_INDEX
-        elif "inputs" in batch:
+        else:
             logits = model(batch["inputs"])
             logits = getattr(logits, "logits", logits)
-            labels = batch["labels"]
-            mask = torch.ones_like(labels, dtype=torch.bool)
-        else:
-            raise ConfigError(
-                f"batches with keys {sorted(batch)} are not a format recipes understand; use a datamodule "
-                "from kd.data (classification: 'inputs'/'labels'; language models: 'input_ids'/'labels')"
-            )
         if self.vocab_size is not None:
             if logits.shape[-1] < self.vocab_size:
                 raise ConfigError(
@@ -319,11 +301,7 @@ class DistillationRecipe(L.LightningModule):
         logits (a :class:`kd.divergences.TopK`) and runs no teacher. ``fused``: see
         :meth:`outputs` (a single teacher only)."""
         if "teacher_topk" in batch and not hidden:
-            if "input_ids" in batch:
-                labels = batch["labels"][:, 1:]
-                return Outputs(batch["teacher_topk"], labels, labels != IGNORE_INDEX)
-            labels = batch["labels"]  # classification: one position per example, all compared
-            return Outputs(batch["teacher_topk"], labels, torch.ones_like(labels, dtype=torch.bool))
+            return Outputs(batch["teacher_topk"], *batch_targets(batch))
         with torch.no_grad():
             if self.teachers is None:
                 assert self.teacher is not None, "this recipe has no teacher"

@@ -77,7 +77,7 @@ from torch import Tensor, nn
 from kd import ConfigError
 from kd.cache import Cache
 from kd.cache import key as cache_key
-from kd.data import IGNORE_INDEX
+from kd.data import IGNORE_INDEX, batch_targets
 from kd.generation import Sampling, generate
 
 log = logging.getLogger(__name__)
@@ -534,6 +534,9 @@ class TeacherLogits(Regime):
         tokenized training split, the vocabulary, top_k, the temperature, the log-prob
         dtype and the format version."""
         split, collate, _, vocab = self._split(data)
+        return self._key(teacher, data, split, collate, vocab)
+
+    def _key(self, teacher: nn.Module, data: Any, split: Any, collate: Callable, vocab: int | None) -> str:
         k = self.top_k if vocab is None else min(self.top_k, vocab)  # top_k >= V all store the full teacher
         digest = cache_key(LOGIT_CACHE_FORMAT, weights_fingerprint(teacher), getattr(data, "kd_kind", None),
                            self._data_fingerprint(data, split, collate), vocab, k, self._temperature,
@@ -550,13 +553,12 @@ class TeacherLogits(Regime):
     def _teacher_rows(teacher: nn.Module, batch: dict[str, Tensor], vocab: int | None) -> Tensor:
         """The teacher's logits ``(n, V)`` at the batch's positions that count, row-major
         (as :meth:`kd.recipe.DistillationRecipe.outputs` aligns and cuts them)."""
+        _, mask = batch_targets(batch)
         if "input_ids" in batch:
             logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-            mask = batch["labels"][:, 1:] != IGNORE_INDEX
         else:
             logits = teacher(batch["inputs"])
             logits = getattr(logits, "logits", logits)
-            mask = torch.ones(logits.shape[:-1], dtype=torch.bool, device=logits.device)
         if vocab is not None:
             if logits.shape[-1] < vocab:
                 raise ConfigError(f"the teacher has {logits.shape[-1]} output logits but the tokenizer {vocab} tokens; "
@@ -657,7 +659,7 @@ class TeacherLogits(Regime):
         started = time.perf_counter()
         self.built = False
         split, collate, counts, vocab = self._split(data)
-        name = self.key(teacher, data)
+        name = self._key(teacher, data, split, collate, vocab)
 
         def build(directory: Path) -> dict[str, Any]:
             self.built = True
@@ -683,16 +685,15 @@ class TeacherLogits(Regime):
 
         if self.ids is None or self.offsets is None or self.logprobs is None:
             raise RuntimeError(f"regime={self.name} gives batches only after prepare() built or found its cache")
+        _, mask = batch_targets(batch)
         if "input_ids" in batch:
             if "index" not in batch:
                 raise ConfigError(f"regime={self.name} looks training rows up by their example index, which these "
                                   "batches lack; use kd.data.lm.LMDataModule (its batches carry 'index')")
-            mask = batch["labels"][:, 1:] != IGNORE_INDEX
             index = np.asarray(batch["index"].tolist(), dtype=np.int64)
             counts = mask.sum(-1).cpu().numpy()
         else:
             inputs = batch["inputs"]
-            mask = torch.ones(len(inputs), dtype=torch.bool, device=inputs.device)
             rows_of = self.rows or {}
             index = np.asarray([rows_of.get(_row_key(row), -1) for row in inputs.cpu()], dtype=np.int64)
             counts = np.ones(len(index), dtype=np.int64)
