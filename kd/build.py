@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_class
 from hydra.utils import instantiate as hydra_instantiate
@@ -35,7 +36,8 @@ from torch import nn
 from kd import ConfigError, config_error
 from kd.cache import Cache
 from kd.cache import key as cache_key
-from kd.models import check_same_tokenizer, init_from_teacher, kind_of, load_tokenizer, load_weights, save_model
+from kd.models import (CALIBRATED, calibrated_layer_map, check_same_tokenizer, init_from_teacher, kind_of, layer_distances,
+                       layer_list, load_tokenizer, load_weights, save_model)
 from kd.recipe import DistillationRecipe
 
 log = logging.getLogger("kd")
@@ -116,13 +118,15 @@ def instantiate_all(section: DictConfig | None) -> list[Any]:
 
 def sub_config(cfg: DictConfig, **changes: Any) -> DictConfig:
     """A copy of ``cfg`` with keys (dotted paths) replaced; dict values under ``merge``
-    are merged into the existing node instead (``merge={"data": {...}}``). The student is
-    resolved first (it may refer to nodes a change removes, e.g. student=from_teacher)."""
+    are merged into the existing node instead (``merge={"data": {...}}``). The student and
+    the data are resolved first (they may refer to nodes a change removes: student=from_teacher
+    is built from the teacher's model, data=text_lm takes the teacher's tokenizer)."""
     merges = changes.pop("merge", {}) or {}
     sub = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
     with open_dict(sub):
-        if "student" not in changes:
-            sub.student = OmegaConf.to_container(cfg.student, resolve=True)
+        for node in ("student", "data"):
+            if node not in changes and isinstance(cfg.get(node), DictConfig):
+                sub[node] = OmegaConf.to_container(cfg[node], resolve=True)
         for dotted, value in changes.items():
             OmegaConf.update(sub, dotted, value, merge=False)
         for dotted, value in merges.items():
@@ -198,8 +202,24 @@ class Run:
             if source is None:  # a recipe without a teacher: the "teacher init, no KD" ablation
                 source = instantiate(cfg.teacher.model)
                 load_teacher(cfg, source, self.cache)
-            mapping = init_from_teacher(self.student, source, self.init_scheme)
+            scheme = self.init_scheme
+            if isinstance(scheme, str) and scheme in CALIBRATED:
+                scheme = self._calibrated_map(source, scheme)
+            mapping = init_from_teacher(self.student, source, scheme)
             log.info("student initialised from the teacher: student layer i <- teacher layer %s[i]", mapping)
+
+    def _calibrated_map(self, teacher: nn.Module, scheme: str, num_batches: int = 8) -> list[int]:
+        """A ``block``/``importance`` layer map measured on the first ``num_batches``
+        training batches of a fixed shuffle (the same for every seed and recipe)."""
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            loader = iter(self.datamodule.train_dataloader())
+            batches = [b for _, b in zip(range(num_batches), loader)]
+        device = next(teacher.parameters()).device
+        batches = [{k: b[k].to(device) for k in ("input_ids", "attention_mask")} for b in batches]
+        mapping = calibrated_layer_map(layer_distances(teacher, batches), len(layer_list(self.student)), scheme)
+        log.info("layer_map=%s measured on %d training batches: keeps teacher layers %s", scheme, len(batches), mapping)
+        return mapping
 
     def fit(self) -> dict[str, float]:
         """Train with the run's trainer, then test the checkpoint with the best validation

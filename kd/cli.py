@@ -17,7 +17,7 @@ import hydra
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from kd import config_error
+from kd import ConfigError, config_error
 from kd.evaluation import headline_metric, load_runs, summarize
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"  # also kd.build.CONF_DIR
@@ -142,6 +142,9 @@ def report_main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="kd-report", description=report_main.__doc__)
     parser.add_argument("paths", nargs="+", help="run or sweep directories (searched for metrics.json)")
     parser.add_argument("--metric", default=None, help="metric to tabulate (default: test/exact_match if present, else test/acc)")
+    parser.add_argument("--baseline", default=None,
+                        help="a setting (its overrides without seed=, as the table heads print it): every other "
+                             "setting also gets its per-seed paired differences against it")
     args = parser.parse_args(argv)
     runs = load_runs(args.paths)
     from kd.pipeline import load_pipelines, summarize_pipelines
@@ -150,4 +153,8 @@ def report_main(argv: list[str] | None = None) -> None:
     if pipelines and not runs:
         print(summarize_pipelines(pipelines))
         return
-    print(summarize(runs, metric=args.metric or headline_metric(runs)))
+    try:
+        print(summarize(runs, metric=args.metric or headline_metric(runs), baseline=args.baseline))
+    except ConfigError as e:
+        print(f"kd-report: error: {e}", file=sys.stderr)
+        sys.exit(2)

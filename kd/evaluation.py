@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from kd.chunked import HeadLogits, Labels, fused_loss, map_rows, scalar_weights
+from kd import ConfigError
 from kd.data import IGNORE_INDEX
 from kd.divergences import compute_dtype, forward_kl, forward_kl_per_position
 
@@ -195,18 +196,46 @@ def gap_closed(results: dict[str, dict], metric: str) -> dict[str, float]:
             if name not in ("teacher", *BASELINE_ROWS) and res.get(metric) is not None}
 
 
-def summarize(runs: list[dict], metric: str = "test/acc") -> str:
+def setting_of(run: dict) -> str:
+    """A run's setting: its command-line overrides without the seed (``(defaults)`` if none)."""
+    return " ".join(o for o in run.get("overrides", []) if not o.startswith("seed=")) or "(defaults)"
+
+
+def student_value(run: dict, metric: str) -> float | None:
+    """``metric`` of the model a run trained (its ``student, <recipe>`` row, else its last row)."""
+    results = run.get("results", {})
+    row = results.get(f"student, {run.get('recipe')}") or (list(results.values())[-1] if results else {})
+    value = row.get(metric)
+    return float(value) if value is not None and math.isfinite(value) else None
+
+
+def paired_differences(runs: list[dict], baseline: list[dict], metric: str) -> dict[int, float]:
+    """Per seed, the trained model's ``metric`` in ``runs`` minus its value in the
+    ``baseline`` runs of the same seed (seeds missing on either side are left out)."""
+    base = {r.get("seed"): student_value(r, metric) for r in baseline}
+    out = {}
+    for r in runs:
+        value, ref = student_value(r, metric), base.get(r.get("seed"))
+        if value is not None and ref is not None:
+            out[r.get("seed")] = value - ref
+    return dict(sorted(out.items()))
+
+
+def summarize(runs: list[dict], metric: str = "test/acc", baseline: str | None = None) -> str:
     """A text table: one block per setting, one row per model, mean ± std over seeds.
 
     Each run dict is a parsed ``metrics.json``: ``{"overrides": [...], "seed": int,
-    "results": {row_name: {"test/acc": float, "params": int, ...}}}``.
+    "results": {row_name: {"test/acc": float, "params": int, ...}}}``. With ``baseline``
+    (a setting, :func:`setting_of`), every other setting gets a line of per-seed paired
+    differences of its trained model against that setting's (same seed).
     """
     if not runs:
         return "no runs found (no metrics.json under the given paths)"
     groups: dict[str, list[dict]] = defaultdict(list)
     for run in runs:
-        key = " ".join(o for o in run.get("overrides", []) if not o.startswith("seed=")) or "(defaults)"
-        groups[key].append(run)
+        groups[setting_of(run)].append(run)
+    if baseline is not None and baseline not in groups:
+        raise ConfigError(f"no runs with the setting '{baseline}'; choose one of: {', '.join(groups)}")
     percent = metric.endswith(("acc", "exact_match"))
     lines = []
     for key, members in groups.items():
@@ -232,5 +261,11 @@ def summarize(runs: list[dict], metric: str = "test/acc") -> str:
         for name, values in rows.items():
             gap = _fmt(gaps[name], True) if gaps.get(name) else ""
             lines.append(f"  {name:<{width}}  {_fmt(values, percent):>18}  {params[name]:>10,}  {gap:>14}".rstrip())
+        if baseline is not None and key != baseline:
+            diffs = paired_differences(members, groups[baseline], metric)
+            if diffs:
+                scale = 100.0 if percent else 1.0
+                each = ", ".join(f"seed {s}: {d * scale:+.2f}" for s, d in diffs.items())
+                lines.append(f"  paired difference vs {baseline}: {_fmt(list(diffs.values()), percent)} ({each})")
         lines.append("")
     return "\n".join(lines).rstrip()

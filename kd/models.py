@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from kd import ConfigError
 
@@ -286,6 +286,8 @@ def layer_map(teacher_layers: int, student_layers: int, scheme: str | Sequence[i
     ``"distilbert"``: the published map ``[0, 2, 4, 7, 9, 11]`` (12 -> 6 only); ``"even"``:
     ``round(linspace(0, T - 1, S))``, first and last layer kept, evenly spread between
     (for 12 -> 6 it equals the published map); or an explicit list of teacher indices.
+    ``"block"`` and ``"importance"`` are chosen from data (:func:`calibrated_layer_map`;
+    the run measures them on training batches before it copies the layers).
     """
     if isinstance(scheme, str):
         if scheme == "distilbert":
@@ -293,8 +295,12 @@ def layer_map(teacher_layers: int, student_layers: int, scheme: str | Sequence[i
                 raise ConfigError(f"layer_map=distilbert is the 12 -> 6 map; for {teacher_layers} -> "
                                   f"{student_layers} layers use layer_map=even or a list")
             return list(DISTILBERT_LAYERS)
+        if scheme in CALIBRATED:
+            raise ConfigError(f"layer_map={scheme} is measured on data: the run chooses it (kd.build), or call "
+                              "calibrated_layer_map with layer_distances")
         if scheme != "even":
-            raise ConfigError(f"layer_map must be 'distilbert', 'even' or a list of teacher layers (got {scheme!r})")
+            raise ConfigError(f"layer_map must be 'distilbert', 'even', 'block', 'importance' or a list of teacher "
+                              f"layers (got {scheme!r})")
         if student_layers == 1:
             return [0]
         step = (teacher_layers - 1) / (student_layers - 1)
@@ -303,6 +309,81 @@ def layer_map(teacher_layers: int, student_layers: int, scheme: str | Sequence[i
     if len(mapping) != student_layers or not all(0 <= i < teacher_layers for i in mapping):
         raise ConfigError(f"layer_map {mapping} must list {student_layers} teacher layers in [0, {teacher_layers})")
     return mapping
+
+
+#: layer_map schemes chosen from the teacher's hidden states on data (:func:`calibrated_layer_map`)
+CALIBRATED = ("block", "importance")
+
+
+def layer_list(model: nn.Module) -> nn.ModuleList:
+    import re
+
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and re.search(r"(^|\.)(layer|layers|h)$", name) and len(module):
+            return module
+    raise ConfigError(f"{type(model).__name__} has no list of layers named layer, layers or h; give "
+                      "init_from_teacher an explicit list of layers")
+
+
+@torch.no_grad()
+def layer_distances(model: nn.Module, batches: Sequence[dict[str, Tensor]]) -> Tensor:
+    """``(T+1, T+1)`` mean angular distance ``arccos(cos(x_i, x_j)) / pi`` between the
+    hidden states entering layer i and layer j (``x_T``: the last layer's output), over
+    the real tokens of ``batches`` (``input_ids``, ``attention_mask``)."""
+    layers = layer_list(model)
+    states: list[Tensor] = []
+
+    def first(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        states.append((args[0] if args else kwargs["hidden_states"]).detach())
+
+    def out(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        states.append((output[0] if isinstance(output, (tuple, list)) else output).detach())
+
+    handles = [layers[0].register_forward_pre_hook(first, with_kwargs=True)]
+    handles += [layer.register_forward_hook(out, with_kwargs=True) for layer in layers]
+    total = torch.zeros(len(layers) + 1, len(layers) + 1, dtype=torch.float64)
+    count = 0
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            states.clear()
+            mask = batch["attention_mask"].bool()
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            x = torch.stack([s[mask] for s in states]).double()  # (T+1, tokens, H)
+            x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            cos = torch.einsum("inh,jnh->ijn", x, x).clamp(-1, 1)
+            total += (torch.arccos(cos) / math.pi).sum(-1)
+            count += int(mask.sum())
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    if count == 0:
+        raise ConfigError("no tokens to measure layer importance on; give the data at least one example")
+    return total / count
+
+
+def calibrated_layer_map(distances: Tensor, student_layers: int, scheme: str) -> list[int]:
+    """The teacher layers a ``student_layers``-layer student keeps, from :func:`layer_distances`.
+
+    ``"block"`` (Gromov et al. 2024, "The Unreasonable Ineffectiveness of the Deeper
+    Layers"): drop the contiguous block of ``T - S`` layers whose input and output are
+    closest in angle, keep the rest. ``"importance"`` (Men et al. 2024, ShortGPT's Block
+    Influence ``1 - cos(x_i, x_{i+1})``, ranked by the angular distance here, which orders
+    layers the same way): keep the ``S`` layers that change their input most, in order.
+    """
+    teacher_layers = distances.shape[0] - 1
+    if not 1 <= student_layers <= teacher_layers:
+        raise ConfigError(f"a student of {student_layers} layers cannot keep layers of a {teacher_layers}-layer teacher")
+    if scheme == "block":
+        n = teacher_layers - student_layers
+        start = min(range(teacher_layers - n + 1), key=lambda l: float(distances[l, l + n]))
+        return [i for i in range(teacher_layers) if not start <= i < start + n]
+    if scheme == "importance":
+        influence = torch.tensor([float(distances[i, i + 1]) for i in range(teacher_layers)])
+        return sorted(torch.argsort(influence, descending=True, stable=True)[:student_layers].tolist())
+    raise ConfigError(f"calibrated layer maps are {CALIBRATED} (got {scheme!r})")
 
 
 def init_from_teacher(student: nn.Module, teacher: nn.Module, scheme: str | Sequence[int] = "even") -> list[int]:

@@ -501,7 +501,9 @@ class TeacherLogits(Regime):
         if getattr(data, "kd_kind", None) == "causal_lm":
             from kd.data.lm import collate_train
 
-            counts = np.array([len(response) for _, response in split.encoded], dtype=np.int64)
+            # labels are shifted (position i predicts token i+1): with an empty prompt (plain
+            # text) the first response token has no position predicting it
+            counts = np.array([len(response) - (not prompt) for prompt, response in split.encoded], dtype=np.int64)
             return split, partial(collate_train, pad_token_id=data.pad_token_id), counts, len(data.tokenizer)
         from torch.utils.data import default_collate
 

@@ -68,6 +68,12 @@ def extra_overrides(group: str, option: str, tiny_hf) -> list[str]:
         return ["data=task", f"student.name_or_path={model}"]
     if (group, option) == ("teacher", "hf"):
         return ["data=task", f"teacher.name_or_path={model}"]
+    if option in ("smol_prune", "smol_prune_ce") or option.startswith("chat_"):  # the real pair: a tiny stand-in
+        return [f"teacher.name_or_path={model}"]
+    if option in ("smollm2", "smollm2_chat"):
+        return ["data=text_lm", f"teacher.name_or_path={model}", "student=from_teacher"]
+    if (group, option) == ("data", "text_lm"):
+        return ["teacher=smollm2", f"teacher.name_or_path={model}", "student=from_teacher"]
     if option in ("text_bert", "from_teacher", "distilbert"):
         return ["data=text", "teacher=text_bert"]
     if (group, option) in {("recipe", "byte_kd"), ("recipe", "uld")}:
@@ -121,6 +127,19 @@ def test_text_data_takes_the_students_tokenizer_unless_told(make_cfg, tiny_hf):
         assert make_cfg(f"data={data}", "student=task_llama").data.tokenizer is None  # BPE trained on the data
         assert make_cfg(f"data={data}", "student=hf", f"student.name_or_path={model}",
                         "data.tokenizer=other").data.tokenizer == "other"
+
+
+def test_plain_text_data_takes_the_teachers_tokenizer_also_in_sub_runs(make_cfg, tiny_hf):
+    from kd.build import sub_config
+
+    model = str(tiny_hf / "model")
+    cfg = make_cfg("experiment=smol_prune", f"teacher.name_or_path={model}")
+    assert cfg.data.tokenizer == model and cfg.data.chat_template is False
+    assert cfg.student._target_ == "kd.models.shallower_copy" and cfg.student.num_layers == 10
+    # a cached sub-run drops the teacher but keeps the data's tokenizer (and the student built from it)
+    sub = sub_config(cfg, recipe=cfg.supervised_recipe, teacher=None)
+    assert sub.data.tokenizer == model and sub.student.model.name_or_path == model
+    assert make_cfg("experiment=smol_prune_ce", f"teacher.name_or_path={model}").recipe.lam == 0
 
 
 def test_recipe_picks_its_own_teacher_default_and_command_line_wins(make_cfg):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 
 import pytest
 import torch
 
+from kd import ConfigError
 from kd.data import IGNORE_INDEX
 from kd.evaluation import StageMetrics, cross_entropy, summarize
 
@@ -68,3 +70,32 @@ def test_summary_reports_share_of_the_gap_closed_and_wall_time():
     assert "wall time 12.00 ± 2.83 s per run" in table
     teacher = next(line for line in table.splitlines() if line.strip().startswith("teacher"))
     assert teacher.endswith(" 0")  # params last: no gap column for the reference rows
+
+
+def test_summary_pairs_each_setting_with_the_baseline_by_seed(tmp_path, capsys):
+    """Per-seed differences of the trained model against the baseline setting's same seed:
+    ppl (12 - 20, 15 - 18) = -8, -3 (mean -5.5, std 3.54); seed 2 has no baseline run."""
+    def run(setting, recipe, seed, ppl):
+        return {"seed": seed, "recipe": recipe, "overrides": [setting, f"seed={seed}"],
+                "results": {"teacher": {"test/ppl": 5.0}, f"student, {recipe}": {"test/ppl": ppl}}}
+
+    runs = [run("recipe.lam=0", "hinton", 0, 20.0), run("recipe.lam=0", "hinton", 1, 18.0),
+            run("divergence=jsd", "hinton", 0, 12.0), run("divergence=jsd", "hinton", 1, 15.0),
+            run("divergence=jsd", "hinton", 2, 11.0)]
+    table = summarize(runs, metric="test/ppl", baseline="recipe.lam=0")
+    line = next(l for l in table.splitlines() if l.strip().startswith("paired"))  # noqa: E741
+    assert line.strip() == "paired difference vs recipe.lam=0: -5.50 ± 3.54 (seed 0: -8.00, seed 1: -3.00)"
+    assert table.count("paired difference") == 1  # not for the baseline itself
+    with pytest.raises(ConfigError, match="choose one of: recipe.lam=0, divergence=jsd"):
+        summarize(runs, metric="test/ppl", baseline="recipe.lam=1")
+    # the console script: one sentence and exit code 2 for an unknown baseline
+    from kd.cli import report_main
+
+    for i, r in enumerate(runs):
+        (tmp_path / str(i)).mkdir()
+        (tmp_path / str(i) / "metrics.json").write_text(json.dumps(r))
+    report_main([str(tmp_path), "--metric", "test/ppl", "--baseline", "recipe.lam=0"])
+    assert "paired difference vs recipe.lam=0: -5.50" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        report_main([str(tmp_path), "--baseline", "nope"])
+    assert exit_.value.code == 2 and "no runs with the setting 'nope'" in capsys.readouterr().err

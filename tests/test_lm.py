@@ -242,3 +242,40 @@ def test_chatterbot_source_pairs_consecutive_turns():
     assert (first[0], first[1]) in pairs
     with pytest.raises(ConfigError, match="no categories \\['klingon'\\]"):
         ChatterbotSource(categories=["klingon"]).load()
+
+
+def test_text_windows_hold_out_whole_documents_and_cover_every_token(tmp_path):
+    from kd.data.lm import TextWindows
+
+    docs = [" ".join(f"d{d}w{i}" for i in range(50)) for d in range(20)]  # 20 documents of 50 words
+    (tmp_path / "text.txt").write_text("\n".join(docs))
+    splits = TextWindows(str(tmp_path / "text.txt"), words=20, val_fraction=0.1, test_fraction=0.1).load()
+    assert [len(splits[s]) for s in ("train", "val", "test")] == [16 * 3, 2 * 3, 2 * 3]  # 50 words: 20 + 20 + 10
+    doc_of = lambda ex: ex.response.split()[0].split("w")[0]  # noqa: E731
+    train_docs = {doc_of(ex) for ex in splits["train"]}
+    assert train_docs.isdisjoint({doc_of(ex) for s in ("val", "test") for ex in splits[s]})
+    assert all(ex.prompt == "" for s in splits.values() for ex in s)
+    assert sorted(len(ex.response.split()) for ex in splits["train"])[:16] == [10] * 16
+    assert len(TextWindows(str(tmp_path / "text.txt"), words=20, max_windows=7).load()["train"]) == 7
+    # the datamodule without the chat template: no prompt tokens, every token after the first is a label
+    tok = train_bpe_tokenizer(docs, vocab_size=300)
+    assert tok.chat_template  # kd's trained tokenizers carry one; chat_template=false must ignore it
+    tok.save_pretrained(tmp_path / "tok")
+    data = LMDataModule(TextWindows(str(tmp_path / "text.txt"), words=20), tokenizer=str(tmp_path / "tok"),
+                        max_length=256, generation_eval_size=0, chat_template=False)
+    data.setup()
+    prompt, response = data.splits["train"].encoded[0]
+    assert prompt == [] and tok.decode(response[:-1]) == data.splits["train"].examples[0].response
+    batch = next(iter(data.train_dataloader()))
+    real = batch["attention_mask"].bool()
+    assert torch.equal(batch["labels"] != IGNORE_INDEX, real)
+
+
+def test_wikipedia_slice_is_plain_text():
+    pytest.importorskip("gensim")
+    from kd.data.mlm import wikipedia_articles
+
+    articles = wikipedia_articles()
+    assert len(articles) > 50 and all(len(a.split()) >= 50 for a in articles)
+    assert articles[0].startswith("Anarchism is a political philosophy")  # bold quotes and markup gone
+    assert not any("'''" in a or "[[" in a or "\n" in a for a in articles)

@@ -341,3 +341,26 @@ def test_a_cache_prepared_for_other_rows_refuses_the_batch(dm, tmp_path):
         regime.batch(None, {**batch, "index": batch["index"].flip(0)}, dm)
     with pytest.raises(ConfigError, match="looks training rows up by their example index"):
         regime.batch(None, {k: v for k, v in batch.items() if k != "index"}, dm)
+
+
+def test_plain_text_windows_cache_every_predicted_token(tmp_path):
+    """Plain text (empty prompts, no chat template): the first token of a window has no
+    position predicting it, so the cache holds len - 1 rows per window, and the cached
+    loss at k = V is the live teacher's."""
+    from kd.data.lm import TextWindows
+
+    text = tmp_path / "text.txt"
+    words = [f"w{i % 37}" for i in range(4000)]
+    text.write_text("\n".join(" ".join(words[i : i + 200]) for i in range(0, 4000, 200)))
+    data = LMDataModule(TextWindows(str(text), words=24, val_fraction=0.1, test_fraction=0.1), vocab_size=300,
+                        batch_size=4, max_length=40, generation_eval_size=0, chat_template=False)
+    data.setup()
+    teacher, student = freeze(model(1)), model(2)
+    regime = TeacherLogits(cache_dir=str(tmp_path / "cache"), top_k=10_000, temperature=1.0, logprob_dtype="float32")
+    regime.prepare(teacher, data)
+    assert np.diff(regime.offsets).tolist() == [len(r) - 1 for p, r in data.splits["train"].encoded]
+    batch = next(iter(data.train_dataloader()))
+    recipe = Hinton(student=student, teacher=teacher, divergence=ForwardKL(), temperature=1.0)
+    recipe.set_vocabulary(len(data.tokenizer))
+    live = recipe.compute_loss(batch)["loss"].item()
+    assert recipe.compute_loss(regime.batch(student, batch, data))["loss"].item() == pytest.approx(live, rel=1e-5)

@@ -99,3 +99,50 @@ def test_a_student_with_other_layer_types_than_its_copied_layers_is_refused():
     student = shallower_copy(teacher, 2)  # layer types of the even map: [sliding, full]
     with pytest.raises(ConfigError, match="layer types"):
         init_from_teacher(student, teacher, [0, 1])  # two sliding layers
+
+
+def test_calibrated_layer_maps_keep_the_layers_the_distances_say():
+    """Hand-made distances between the states entering 4 layers (x_0..x_4): per-layer
+    changes d(x_i, x_i+1) = 0.30, 0.05, 0.35, 0.40; two-layer spans d(x_0,x_2) = 0.30,
+    d(x_1,x_3) = 0.20, d(x_2,x_4) = 0.50. Keeping 2 layers: importance keeps the two that
+    change their input most (2, 3); block drops the span of 2 with the closest ends (1, 2)."""
+    from kd.models import calibrated_layer_map
+
+    d = torch.zeros(5, 5)
+    for (i, j), v in {(0, 1): 0.30, (1, 2): 0.05, (2, 3): 0.35, (3, 4): 0.40,
+                      (0, 2): 0.30, (1, 3): 0.20, (2, 4): 0.50}.items():
+        d[i, j] = d[j, i] = v
+    assert calibrated_layer_map(d, 2, "importance") == [2, 3]
+    assert calibrated_layer_map(d, 2, "block") == [0, 3]
+    assert calibrated_layer_map(d, 4, "block") == calibrated_layer_map(d, 4, "importance") == [0, 1, 2, 3]
+    with pytest.raises(ConfigError, match="cannot keep"):
+        calibrated_layer_map(d, 5, "block")
+    with pytest.raises(ConfigError, match="measured on data"):
+        from kd.models import layer_map
+
+        layer_map(4, 2, "block")
+
+
+def test_layer_distances_are_the_angles_between_hidden_states_over_real_tokens():
+    """Against transformers' own hidden states: hidden_states[i] enters layer i (the last
+    entry is after the final norm, so the check stops before it); padding never counts."""
+    import math
+
+    import torch.nn.functional as F
+
+    from kd.models import layer_distances
+
+    teacher = _causal_lms()[0].eval()
+    ids = torch.randint(0, 64, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, 4:] = 0
+    got = layer_distances(teacher, [{"input_ids": ids, "attention_mask": mask}])
+    with torch.no_grad():
+        states = teacher(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    real = mask.bool()
+    for i in range(6):
+        for j in range(6):
+            cos = F.cosine_similarity(states[i][real].double(), states[j][real].double(), dim=-1).clamp(-1, 1)
+            assert got[i, j].item() == pytest.approx((torch.arccos(cos) / math.pi).mean().item(), abs=1e-6)
+    assert got.shape == (7, 7) and torch.all(got.diagonal() < 1e-6)
+    assert not teacher.training

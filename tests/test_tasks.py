@@ -142,10 +142,23 @@ def test_score_overall_and_per_skill():
         Example("3+3=", "6", "add"),
     ]
     got = score(["2", " 5", "ba\n", "6 "], examples)
-    assert got == pytest.approx({"exact_match": 0.75, "exact_match/add": 2 / 3, "exact_match/reverse": 1.0})
-    assert list(got) == ["exact_match", "exact_match/add", "exact_match/reverse"]
+    assert got == pytest.approx({"exact_match": 0.75, "exact_match/add": 2 / 3, "exact_match/reverse": 1.0,
+                                 "rouge_l": 0.75})  # one-word answers: Rouge-L is 1 or 0
+    assert list(got) == ["exact_match", "exact_match/add", "exact_match/reverse", "rouge_l"]
     with pytest.raises(ValueError, match="predictions"):
         score(["2"], examples)
+
+
+def test_rouge_l_is_the_f1_of_the_longest_common_word_subsequence():
+    from kd.data.tasks import rouge_l
+
+    # LCS of "the cat sat on the mat" / "the cat lay on a mat" is "the cat on mat": P = R = 4/6
+    assert rouge_l("The cat lay on a mat.", "the cat sat on the mat") == pytest.approx(2 / 3)
+    # "a b c d" vs "b d": LCS 2, P = 2/4, R = 2/2, F = 2 * 0.5 * 1 / 1.5
+    assert rouge_l("a b c d", "b d") == pytest.approx(2 / 3)
+    assert rouge_l("d c b a", "a b c d") == pytest.approx(0.25)  # order matters: LCS 1
+    assert rouge_l("", "x") == rouge_l("x", "") == rouge_l("y", "x") == 0.0
+    assert rouge_l("Hello, World!", "hello world") == 1.0
 
 
 def test_corpus_and_messages():

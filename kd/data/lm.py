@@ -281,32 +281,79 @@ class ChatterbotSource:
         return {"chatterbot": self.categories, "fractions": self.fractions, "seed": self.seed}
 
 
+class TextWindows:
+    """Plain text for language modelling: each document of a corpus cut into windows of
+    ``words`` whitespace-separated words, each window one example with an empty prompt,
+    so the loss covers every token (use with ``chat_template: false``). Held-out splits
+    are by document, so no test window shares a document with a training window.
+
+    Args:
+        corpus: ``lee``, ``wiki``, ``chatterbot`` or a text file (:class:`kd.data.mlm.TextSource`).
+        words: words per window (about 1.3 tokens per word for English BPEs; windows longer
+            than ``max_length`` tokens are cut).
+        max_windows: keep at most this many training windows (the first ones in the
+            split's fixed order; None: all), so a run's tokens are fixed by config.
+        val_fraction, test_fraction, seed: the held-out documents.
+    """
+
+    def __init__(self, corpus: str = "lee", words: int = 96, max_windows: int | None = None,
+                 val_fraction: float = 0.05, test_fraction: float = 0.1, seed: int = 0) -> None:
+        if words < 1:
+            raise ConfigError(f"data.source.words must be >= 1 (got {words})")
+        self.corpus = corpus
+        self.words = words
+        self.max_windows = max_windows
+        self.fractions = {"val": val_fraction, "test": test_fraction}
+        self.seed = seed
+
+    def load(self) -> dict[str, list[Example]]:
+        from kd.data.mlm import TextSource
+
+        docs = TextSource(self.corpus, self.fractions["val"], self.fractions["test"], self.seed).load()
+        out = {}
+        for split, texts in docs.items():
+            windows = []
+            for text in texts:
+                words = text.split()
+                windows += [" ".join(words[i : i + self.words]) for i in range(0, len(words), self.words)]
+            out[split] = [Example(prompt="", response=w, skill=str(self.corpus)) for w in windows]
+        if self.max_windows is not None:
+            out["train"] = out["train"][: self.max_windows]
+        return out
+
+    def fingerprint(self) -> dict:
+        return {"windows": str(self.corpus), "words": self.words, "max_windows": self.max_windows,
+                "fractions": self.fractions, "seed": self.seed}
+
+
 # ----------------------------------------------------------------------------- tokenization
 
 
-def render_prompt(tokenizer: Any, prompt: str) -> str:
+def render_prompt(tokenizer: Any, prompt: str, chat_template: bool = True) -> str:
     """The prompt as the model sees it: the chat template's user turn plus generation
-    prompt when the tokenizer has a template, else the raw prompt."""
-    if getattr(tokenizer, "chat_template", None):
+    prompt when the tokenizer has a template (and ``chat_template``), else the raw prompt."""
+    if chat_template and getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                              tokenize=False)
     return prompt
 
 
-def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
+def encode_prompt(tokenizer: Any, prompt: str, chat_template: bool = True) -> list[int]:
     """The prompt's token ids as the model sees them (:func:`render_prompt`)."""
-    ids = tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
-    if not getattr(tokenizer, "chat_template", None) and tokenizer.bos_token_id is not None:
+    templated = chat_template and getattr(tokenizer, "chat_template", None)
+    ids = tokenizer(render_prompt(tokenizer, prompt, chat_template), add_special_tokens=False)["input_ids"]
+    if not templated and tokenizer.bos_token_id is not None:
         # no template: start like the tokenizer itself would (e.g. Gemma's <bos>)
         if tokenizer("", add_special_tokens=True)["input_ids"] == [tokenizer.bos_token_id]:
             ids = [tokenizer.bos_token_id, *ids]
     return ids
 
 
-def encode_example(tokenizer: Any, example: Example, max_length: int) -> tuple[list[int], list[int]] | None:
+def encode_example(tokenizer: Any, example: Example, max_length: int,
+                   chat_template: bool = True) -> tuple[list[int], list[int]] | None:
     """``(prompt_ids, response_ids + [eos])``, the response truncated to fit ``max_length``;
     None when the prompt alone leaves no room for a response token."""
-    prompt = encode_prompt(tokenizer, example.prompt)
+    prompt = encode_prompt(tokenizer, example.prompt, chat_template)
     response = tokenizer(example.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     if len(prompt) >= max_length:
         return None
@@ -439,6 +486,8 @@ class LMDataModule(L.LightningDataModule):
         train_skills: train only on examples of these skills (None: all); the tokenizer and
             the held-out splits still come from all of them, so runs on different skills (the
             stages of a pipeline, their teachers) share one tokenizer.
+        chat_template: render prompts with the tokenizer's chat template (when it has one);
+            false feeds them as they are, as for plain text (:class:`TextWindows`).
     """
 
     #: the models this data is for (kd.models.KINDS; checked by kd.build)
@@ -460,6 +509,7 @@ class LMDataModule(L.LightningDataModule):
         teacher_tokenizer: Any = None,
         routes: Mapping[str, str] | None = None,
         train_skills: Sequence[str] | None = None,
+        chat_template: bool = True,
     ) -> None:
         super().__init__()
         if batch_size < 1 or max_length < 2:
@@ -479,6 +529,7 @@ class LMDataModule(L.LightningDataModule):
         self.teacher_tokenizer = teacher_tokenizer
         self.routes = dict(routes) if routes else None
         self.train_skills = list(train_skills) if train_skills else None
+        self.chat_template = chat_template
         #: the routed teachers' names in ``teacher_index`` order (``kd`` sets the run's)
         self.teacher_names: list[str] | None = sorted(set(self.routes.values())) if self.routes else None
         self.splits: dict[str, EncodedSplit] = {}
@@ -521,7 +572,7 @@ class LMDataModule(L.LightningDataModule):
         for split, examples in raw.items():
             kept, encoded = [], []
             for ex in examples:
-                enc = encode_example(self.tokenizer, ex, self.max_length)
+                enc = encode_example(self.tokenizer, ex, self.max_length, self.chat_template)
                 if enc is not None:
                     kept.append(ex)
                     encoded.append(enc)
@@ -531,7 +582,8 @@ class LMDataModule(L.LightningDataModule):
             if not kept:
                 raise ConfigError(f"no {split} example fits data.max_length={self.max_length}; raise it")
             teacher = self.teacher_tokenizer
-            prompts = [encode_prompt(teacher, ex.prompt) for ex in kept] if teacher is not None else None
+            prompts = ([encode_prompt(teacher, ex.prompt, self.chat_template) for ex in kept]
+                       if teacher is not None else None)
             routed = None
             if self.routes:
                 names = self.teacher_names

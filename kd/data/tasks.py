@@ -283,8 +283,32 @@ def exact_match(prediction: str, reference: str) -> bool:
     return prediction.strip() == reference.strip()
 
 
+def rouge_l(prediction: str, reference: str) -> float:
+    """Rouge-L F1 (Lin 2004) of two texts: the longest common subsequence of their words,
+    ``2 P R / (P + R)`` with ``P = LCS / len(prediction)``, ``R = LCS / len(reference)``.
+    Words are lower-cased runs of letters and digits (punctuation dropped). Deviation from
+    the ``rouge-score`` package the MiniLLM/DistiLLM evaluations use: no Porter stemmer.
+    """
+    import re
+
+    pred, ref = re.findall(r"\w+", prediction.lower()), re.findall(r"\w+", reference.lower())
+    if not pred or not ref:
+        return 0.0
+    row = [0] * (len(ref) + 1)
+    for word in pred:  # one row of the LCS table at a time
+        prev = 0
+        for j, other in enumerate(ref, 1):
+            prev, row[j] = row[j], prev + 1 if word == other else max(row[j], row[j - 1])
+    lcs = row[-1]
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(pred), lcs / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
 def score(predictions: Sequence[str], examples: Sequence[Example]) -> dict[str, float]:
-    """Exact-match accuracy overall and per skill.
+    """Exact-match accuracy overall and per skill, and the mean Rouge-L F1 (:func:`rouge_l`)
+    overall (the metric of open-ended answers such as chatterbot's).
 
     Args:
         predictions: one decoded answer per example (the generated text after the prompt).
@@ -292,7 +316,7 @@ def score(predictions: Sequence[str], examples: Sequence[Example]) -> dict[str, 
 
     Returns:
         ``{"exact_match": share correct, "exact_match/<skill>": share correct within that
-        skill, ...}`` with the skills in order of first appearance.
+        skill, ..., "rouge_l": mean Rouge-L F1}`` with the skills in order of first appearance.
     """
     if len(predictions) != len(examples):
         raise ValueError(f"got {len(predictions)} predictions for {len(examples)} examples")
@@ -304,6 +328,7 @@ def score(predictions: Sequence[str], examples: Sequence[Example]) -> dict[str, 
     every = [h for skill_hits in hits.values() for h in skill_hits]
     out = {"exact_match": sum(every) / len(every)}
     out.update({f"exact_match/{skill}": sum(h) / len(h) for skill, h in hits.items()})
+    out["rouge_l"] = sum(rouge_l(p, ex.response) for p, ex in zip(predictions, examples)) / len(examples)
     return out
 
 

@@ -1,0 +1,66 @@
+"""The README's real-model experiments, end to end, with a tiny stand-in for SmolLM2 (the
+same configs and code path; only the teacher's directory and the sizes are overridden)."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import pytest
+import torch
+
+from kd.runs import train as run
+
+pytest.importorskip("chatterbot_corpus")
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory):
+    """A 4-layer Llama and a byte-level BPE with a chat template, saved like a hub model."""
+    from kd.data.tokenizer import train_bpe_tokenizer
+    from kd.models import save_model, tiny_causal_lm
+
+    root = tmp_path_factory.mktemp("teacher")
+    torch.manual_seed(0)
+    save_model(tiny_causal_lm(vocab_size=300, hidden_size=32, num_layers=4), root)
+    train_bpe_tokenizer(["hello there, how are you?", "the cat sat on the mat"] * 20, vocab_size=280).save_pretrained(root)
+    text = root.parent / "text.txt"
+    text.write_text("\n".join(" ".join(f"word{(d * 7 + i) % 50}" for i in range(120)) for d in range(30)))
+    return root, text
+
+
+def test_experiment_a_prunes_the_teacher_and_reports_perplexity_and_kl(make_cfg, tiny_teacher, caplog):
+    from kd.build import build
+
+    teacher_dir, text = tiny_teacher
+    overrides = ["experiment=smol_prune", f"teacher.name_or_path={teacher_dir}", f"data.source.corpus={text}",
+                 "data.source.words=16", "data.source.max_windows=24", "student.num_layers=2",
+                 "student.init_from_teacher=importance", "regime.top_k=8"]
+    # the student starts as the teacher's layers that the measured map names
+    prepared = build(make_cfg(*overrides))
+    with caplog.at_level(logging.INFO, logger="kd"):
+        prepared.prepare()
+    kept = re.search(r"layer_map=importance measured on \d+ training batches: keeps teacher layers \[(\d+), (\d+)\]",
+                     caplog.text)
+    assert kept, caplog.text
+    mapping = [int(kept.group(1)), int(kept.group(2))]
+    t_state, s_state = prepared.teacher.state_dict(), prepared.student.state_dict()
+    for s_layer, t_layer in enumerate(mapping):
+        keys = [k for k in s_state if k.startswith(f"model.layers.{s_layer}.")]
+        assert keys and all(torch.equal(s_state[k], t_state[k.replace(f"layers.{s_layer}.", f"layers.{t_layer}.")])
+                            for k in keys)
+    # the whole run: test perplexity and KL to the teacher of every row
+    results = run(make_cfg(*overrides))["results"]
+    row = results["student, hinton"]
+    assert row["test/ppl"] > 1 and row["test/kl_to_teacher"] > 0 and results["teacher"]["test/ppl"] > 1
+
+
+def test_experiment_b_runs_teacher_sft_student_sft_and_on_policy_gkd_scored_by_rouge_l(make_cfg, tiny_teacher):
+    teacher_dir, _ = tiny_teacher
+    cfg = make_cfg("experiment=chat_gkd", f"teacher.name_or_path={teacher_dir}", "data.source.categories=[greetings]",
+                   "student.num_layers=2", "teacher.fit.max_epochs=1", "student_sft.max_epochs=1",
+                   "trainer.limit_train_batches=2", "data.generation_eval_size=6", "data.max_new_tokens=8")
+    results = run(cfg)["results"]
+    assert set(results) == {"teacher", "student, SFT (start point)", "student, gkd"}
+    for row in results.values():
+        assert 0.0 <= row["test/rouge_l"] <= 1.0
