@@ -553,7 +553,9 @@ def cached_supervised(cache: Cache, kind: str, prefix: str, cfg: DictConfig, **c
 
 def _fitted(cache: Cache, kind: str, prefix: str, cfg: DictConfig, model: DictConfig, fit: DictConfig) -> Path:
     """The cached supervised run of ``model`` described by a ``fit`` section (epochs, seed,
-    optimizer, scheduler and, under ``fit.data``, changes to the data config)."""
+    optimizer, scheduler, ``limit_train_batches`` when given (null: every batch, whatever the
+    run's trainer limits its own training to; absent: the run's limit) and, under
+    ``fit.data``, changes to the data config)."""
     return cached_supervised(
         cache, kind, prefix, cfg,
         student=OmegaConf.to_container(model, resolve=True),
@@ -563,6 +565,7 @@ def _fitted(cache: Cache, kind: str, prefix: str, cfg: DictConfig, model: DictCo
         merge={"data": fit.get("data") or {}},
         student_init=None,
         **{"trainer.max_epochs": fit.max_epochs},
+        **({"trainer.limit_train_batches": fit.limit_train_batches} if "limit_train_batches" in fit else {}),
     )
 
 

@@ -64,3 +64,31 @@ def test_experiment_b_runs_teacher_sft_student_sft_and_on_policy_gkd_scored_by_r
     assert set(results) == {"teacher", "student, SFT (start point)", "student, gkd"}
     for row in results.values():
         assert 0.0 <= row["test/rouge_l"] <= 1.0
+
+
+def test_a_fit_section_may_train_on_every_batch_whatever_the_runs_limit(make_cfg, tiny_teacher, monkeypatch):
+    """experiment=chat_* limit their distillation to 48 batches; the teacher's fine-tune and
+    the student's SFT say limit_train_batches: null and so train on every batch, while a fit
+    section without the key keeps the run's limit."""
+    import kd.build as build_module
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def capture(cache, kind, name, sub, what=None):
+        seen[kind] = sub.trainer.limit_train_batches
+        raise Stop
+
+    monkeypatch.setattr(build_module, "cached_run", capture)
+    cfg = make_cfg("experiment=chat_gkd", f"teacher.name_or_path={tiny_teacher[0]}")
+    assert cfg.trainer.limit_train_batches == 48
+    for kind, fit in (("teachers", cfg.teacher.fit), ("sft", cfg.student_sft)):
+        with pytest.raises(Stop):
+            build_module._fitted(build_module.Cache(cfg.paths.cache_dir), kind, "x", cfg, cfg.teacher.model, fit)
+        assert seen[kind] is None
+    task = make_cfg("experiment=task_gkd", "trainer.limit_train_batches=3")
+    with pytest.raises(Stop):
+        build_module._fitted(build_module.Cache(task.paths.cache_dir), "sft", "x", task, task.student, task.student_sft)
+    assert seen["sft"] == 3

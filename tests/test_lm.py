@@ -279,3 +279,51 @@ def test_wikipedia_slice_is_plain_text():
     assert len(articles) > 50 and all(len(a.split()) >= 50 for a in articles)
     assert articles[0].startswith("Anarchism is a political philosophy")  # bold quotes and markup gone
     assert not any("'''" in a or "[[" in a or "\n" in a for a in articles)
+
+
+def test_a_transfer_set_gets_soft_targets_on_every_answer_and_hard_labels_on_its_gold_share():
+    """gold_fraction 0.5: unlabelled examples carry no labels (so no CE, also for the
+    supervised baseline) but their answer tokens stay in target_mask, where Hinton's soft
+    term covers them; checked against per-row sums written out here."""
+    from kd.data.lm import collate_train
+
+    data = LMDataModule(TaskSource(train_size=64, val_size=8, test_size=8, gold_fraction=0.5), vocab_size=300,
+                        batch_size=16, max_length=48, generation_eval_size=0)
+    data.setup()
+    split = data.splits["train"]
+    assert len(split.unlabelled) == 32
+    batch = collate_train([split[i] for i in range(16)], data.pad_token_id)
+    gold = torch.tensor([i not in split.unlabelled for i in range(16)])
+    assert 0 < int(gold.sum()) < 16
+    responses = torch.zeros_like(batch["labels"], dtype=torch.bool)
+    for row in range(16):
+        prompt, response = split.encoded[row]
+        responses[row, len(prompt) : len(prompt) + len(response)] = True
+    assert torch.equal(batch["target_mask"], responses)
+    assert torch.all(batch["labels"][~gold] == IGNORE_INDEX) and torch.all((batch["labels"] != IGNORE_INDEX)[gold] == responses[gold])
+
+    torch.manual_seed(0)
+    student, teacher = tiny_causal_lm(vocab_size=300, hidden_size=32, num_layers=1), tiny_causal_lm(
+        vocab_size=300, hidden_size=32, num_layers=1)
+    V = len(data.tokenizer)
+    s = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1, :V]
+    with torch.no_grad():
+        t = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1, :V]
+    labels, every = batch["labels"][:, 1:], responses[:, 1:]
+    hard_rows = labels != IGNORE_INDEX
+    ce = F.cross_entropy(s[hard_rows], labels[hard_rows])
+    kl = F.kl_div(F.log_softmax(s[every], -1), F.log_softmax(t[every], -1), log_target=True,
+                  reduction="sum") / int(every.sum())
+    recipe = Hinton(divergence=ForwardKL(), student=student, teacher=teacher, lam=0.5, temperature=1.0)
+    recipe.set_vocabulary(V)
+    terms = recipe.compute_loss(batch)
+    assert terms["hard_ce"].item() == pytest.approx(ce.item(), rel=1e-5)
+    assert terms["soft_kd"].item() == pytest.approx(kl.item(), rel=1e-5)
+    baseline = Supervised(student=student)
+    baseline.set_vocabulary(V)
+    assert baseline.compute_loss(batch)["loss"].item() == pytest.approx(ce.item(), rel=1e-5)
+    # answers the teacher writes for the transfer set are labels (Seq-KD on it)
+    unlabelled = sorted(split.unlabelled)[0]
+    data.replace_responses("train", [[5, 6, data.tokenizer.eos_token_id] if i == unlabelled else None
+                                     for i in range(len(split))])
+    assert unlabelled not in split.unlabelled and split[unlabelled]["labelled"]

@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 
 from kd import ConfigError
-from kd.data.tasks import SKILLS, Example, corpus, exact_match, make_split, make_task, score
+from kd.data.tasks import SHORT_SKILLS, SKILLS, Example, corpus, exact_match, make_split, make_task, score
 
 SMALL = dict(train_size=1200, val_size=120, test_size=240)
 
@@ -52,10 +52,10 @@ def test_default_task_is_disjoint_too():
 
 
 def test_every_skill_has_an_equal_share_of_every_split(task):
-    k = len(SKILLS)
+    k = len(SHORT_SKILLS)  # skills=None: the six short skills
     for split, examples in task.items():
         counts = Counter(e.skill for e in examples)
-        assert set(counts) == set(SKILLS), split
+        assert set(counts) == set(SHORT_SKILLS), split
         assert all(len(examples) // k <= c <= len(examples) // k + 1 for c in counts.values()), (split, counts)
 
 
@@ -168,7 +168,7 @@ def test_corpus_and_messages():
 
 
 def test_unknown_skill_names_the_valid_ones():
-    with pytest.raises(ConfigError, match="'division'.*choose from upper, reverse, count, add, sort, mul"):
+    with pytest.raises(ConfigError, match="'division'.*choose from upper, reverse, count, add, sort, mul, upper_long, reverse_long"):
         make_task(skills=["add", "division"])
     with pytest.raises(ConfigError, match="unknown skill"):
         make_split(5, seed=0, skills="Add")
@@ -189,3 +189,39 @@ def test_impossible_split_sizes_fail_clearly_instead_of_looping():
     # 2-3 digits times 2..9 is only 990 * 8 = 7920 distinct problems.
     with pytest.raises(ConfigError, match=r"skill 'mul' yields only about \d+ distinct prompts but the splits need 10"):
         make_task(train_size=10000, val_size=10, test_size=10, skills=["mul"])
+
+
+def test_long_skills_answer_12_to_20_letters():
+    examples = make_split(200, seed=1, skills=["upper_long", "reverse_long"])
+    for ex in examples:
+        word = next(w for w in re.findall(r"[a-z]+", ex.prompt) if len(w) >= 12)
+        assert ex.response == (word.upper() if ex.skill == "upper_long" else word[::-1])
+        assert 12 <= len(ex.response) <= 20
+    assert {len(ex.response) for ex in examples} == set(range(12, 21))
+
+
+def test_degrade_adds_wrong_answers_and_a_transfer_set_to_training_only():
+    from kd.data.lm import TaskSource
+    from kd.data.tasks import degrade
+
+    train = make_split(400, seed=0, skills=["add", "sort"])
+    noisy = degrade(train, noise=0.25, seed=0)
+    wrong = [(a, b) for a, b in zip(train, noisy) if a.response != b.response]
+    assert len(wrong) == 100  # exactly the share asked for, and every one really wrong
+    assert all(a.prompt == b.prompt and a.skill == b.skill for a, b in zip(train, noisy))
+    answers = {skill: {e.response for e in train if e.skill == skill} for skill in ("add", "sort")}
+    assert all(b.response in answers[b.skill] for _, b in wrong)  # a plausible answer of the same skill
+    transfer = degrade(train, gold_fraction=0.1, seed=0)
+    assert sum(e.labelled for e in transfer) == 40
+    assert [(e.prompt, e.response) for e in transfer] == [(e.prompt, e.response) for e in train]
+    assert degrade(train, gold_fraction=0.1, noise=0.25, seed=0) == degrade(train, gold_fraction=0.1, noise=0.25, seed=0)
+    with pytest.raises(ConfigError, match="gold_fraction must be in"):
+        degrade(train, gold_fraction=0.0)
+    with pytest.raises(ConfigError, match="noise must be in"):
+        degrade(train, noise=1.0)
+    clean = TaskSource(train_size=60, val_size=10, test_size=10).load()
+    source = TaskSource(train_size=60, val_size=10, test_size=10, gold_fraction=0.5, noise=0.2)
+    splits = source.load()
+    assert splits["val"] == clean["val"] and splits["test"] == clean["test"]
+    assert sum(e.labelled for e in splits["train"]) == 30 and splits["train"] != clean["train"]
+    assert source.fingerprint() != TaskSource(train_size=60, val_size=10, test_size=10).fingerprint()

@@ -19,7 +19,8 @@ def batch_targets(batch: dict[str, Any]) -> tuple[Any, Any]:
 
     * token batches (``input_ids``): shifted, logits of position i predict token i+1, so
       labels drop the first position; the mask keeps response tokens (prompt and padding
-      are IGNORE_INDEX);
+      are IGNORE_INDEX), including those of a transfer set's unlabelled examples when the
+      batch has a ``target_mask`` (their labels are IGNORE_INDEX: no hard loss there);
     * masked-LM batches (they also carry ``original_ids``, :mod:`kd.data.mlm`): no shift,
       labels at the masked positions, the mask holds every non-pad token;
     * classification (``inputs``): one position per example, every example in the mask.
@@ -32,6 +33,8 @@ def batch_targets(batch: dict[str, Any]) -> tuple[Any, Any]:
         if "original_ids" in batch:
             return batch["labels"], batch["attention_mask"].bool()
         labels = batch["labels"][:, 1:]
+        if "target_mask" in batch:
+            return labels, batch["target_mask"][:, 1:]
         return labels, labels != IGNORE_INDEX
     if "inputs" in batch:
         return batch["labels"], torch.ones_like(batch["labels"], dtype=torch.bool)

@@ -46,20 +46,28 @@ log = logging.getLogger(__name__)
 
 
 class TaskSource:
-    """The embedded generative task of :mod:`kd.data.tasks` (deterministic from ``seed``)."""
+    """The embedded generative task of :mod:`kd.data.tasks` (deterministic from ``seed``);
+    ``noise`` and ``gold_fraction`` degrade its training split (:func:`kd.data.tasks.degrade`:
+    wrong answers, a transfer set without labels)."""
 
     def __init__(self, train_size: int = 20000, val_size: int = 300, test_size: int = 1000, seed: int = 0,
-                 skills: Sequence[str] | None = None) -> None:
+                 skills: Sequence[str] | None = None, gold_fraction: float = 1.0, noise: float = 0.0) -> None:
         self.kwargs = dict(train_size=train_size, val_size=val_size, test_size=test_size, seed=seed,
                            skills=list(skills) if skills else None)
+        self.degraded = dict(gold_fraction=gold_fraction, noise=noise)
 
     def load(self) -> dict[str, list[Example]]:
-        from kd.data.tasks import make_task
+        from kd.data.tasks import degrade, make_task
 
-        return make_task(**self.kwargs)
+        splits = make_task(**self.kwargs)
+        if self.degraded != {"gold_fraction": 1.0, "noise": 0.0}:
+            splits["train"] = degrade(splits["train"], **self.degraded, seed=self.kwargs["seed"])
+        return splits
 
     def fingerprint(self) -> dict:
-        return {"task": self.kwargs}
+        if self.degraded == {"gold_fraction": 1.0, "noise": 0.0}:
+            return {"task": self.kwargs}  # the keys of caches built before these options existed
+        return {"task": self.kwargs, "degraded": self.degraded}
 
 
 def _read_records(path: Path) -> list[dict]:
@@ -369,6 +377,8 @@ class EncodedSplit(Dataset):
         self.encoded = encoded
         self.teacher_prompts = teacher_prompts
         self.teacher_index = teacher_index
+        #: positions of the examples whose answers are not labels (a transfer set)
+        self.unlabelled = {i for i, ex in enumerate(examples) if not getattr(ex, "labelled", True)}
 
     def __len__(self) -> int:
         return len(self.encoded)
@@ -376,6 +386,8 @@ class EncodedSplit(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         prompt, response = self.encoded[i]
         item = {"prompt_ids": prompt, "response_ids": response, "index": i}
+        if self.unlabelled:
+            item["labelled"] = i not in self.unlabelled
         if self.teacher_prompts is not None:
             item["teacher_prompt_ids"] = self.teacher_prompts[i]
         if self.teacher_index is not None:
@@ -388,7 +400,9 @@ def collate_train(items: list[dict], pad_token_id: int, teacher_pad_id: int | No
     ignored), plus the left-padded ``prompt_ids``/``prompt_mask`` that on-policy regimes
     generate from, the examples' ``index`` in their split (-1 for items without one), and
     ``teacher_prompt_ids``/``teacher_prompt_mask`` when the items carry the teacher's own
-    prompt tokens."""
+    prompt tokens. When items say whether they are ``labelled`` (a transfer set), the
+    unlabelled ones get no ``labels`` and ``target_mask`` (B, L) marks every response token,
+    labelled or not: what soft targets cover (:func:`kd.data.batch_targets`)."""
     length = max(len(it["prompt_ids"]) + len(it["response_ids"]) for it in items)
     ids = torch.full((len(items), length), pad_token_id, dtype=torch.long)
     labels = torch.full((len(items), length), IGNORE_INDEX, dtype=torch.long)
@@ -400,7 +414,11 @@ def collate_train(items: list[dict], pad_token_id: int, teacher_pad_id: int | No
         labels[row, len(p) : n] = torch.tensor(r)
         mask[row, :n] = 1
     prompts = collate_prompts(items, pad_token_id, teacher_pad_id)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels, **prompts}
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels, **prompts}
+    if "labelled" in items[0]:
+        batch["target_mask"] = labels != IGNORE_INDEX
+        labels[~torch.tensor([bool(it["labelled"]) for it in items])] = IGNORE_INDEX
+    return batch
 
 
 def _left_pad(seqs: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -651,6 +669,7 @@ class LMDataModule(L.LightningDataModule):
             if response:
                 prompt = encoded[i][0]
                 encoded[i] = (prompt, list(response)[: self.max_length - len(prompt)])
+                self.splits[split].unlabelled.discard(i)  # the teacher's answer is its label
                 replaced += 1
         return replaced
 

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 from kd import ConfigError
 
-__all__ = ["Example", "SKILLS", "make_split", "make_task", "exact_match", "score", "corpus"]
+__all__ = ["Example", "SKILLS", "SHORT_SKILLS", "make_split", "make_task", "degrade", "exact_match", "rouge_l", "score", "corpus"]
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,9 @@ class Example:
     prompt: str
     response: str
     skill: str
+    #: False: a transfer-set example whose answer is withheld from the loss (its tokens are
+    #: still the input, and the teacher's soft targets still cover them), see :func:`degrade`
+    labelled: bool = True
 
     def messages(self) -> list[dict[str, str]]:
         """The example as a chat: one user turn (the prompt), one assistant turn (the answer)."""
@@ -124,6 +127,16 @@ def _mul(rng: random.Random) -> tuple[str, str]:
     return prompt, str(a * b)
 
 
+def _upper_long(rng: random.Random) -> tuple[str, str]:
+    w = _word(rng, 12, 20)
+    return _phrase(("uppercase {w}", "{w} in capitals:", "write {w} in caps"), w, w=w), w.upper()
+
+
+def _reverse_long(rng: random.Random) -> tuple[str, str]:
+    w = _word(rng, 12, 20)
+    return _phrase(("reverse {w}", "{w} backwards:", "spell {w} backwards"), w, w=w), w[::-1]
+
+
 SKILLS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
     "upper": _upper,
     "reverse": _reverse,
@@ -131,9 +144,15 @@ SKILLS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
     "add": _add,
     "sort": _sort,
     "mul": _mul,
+    "upper_long": _upper_long,
+    "reverse_long": _reverse_long,
 }
 """Skill name -> generator of one ``(prompt, response)`` from a :class:`random.Random`,
-listed roughly from easiest to hardest."""
+listed roughly from easiest to hardest; the ``_long`` skills are ``upper``/``reverse`` on
+12-20 letters (answers long enough for a student's own early errors to compound)."""
+
+#: the six skills of the table above (what ``skills=None`` means)
+SHORT_SKILLS = ("upper", "reverse", "count", "add", "sort", "mul")
 
 
 # ----------------------------------------------------------------------------- splits
@@ -184,9 +203,9 @@ class _Sampler:
 
 
 def _skill_list(skills: Sequence[str] | str | None) -> list[str]:
-    """Validated skill names (None: all of :data:`SKILLS`; a single string: that one skill)."""
+    """Validated skill names (None: :data:`SHORT_SKILLS`; a single string: that one skill)."""
     if skills is None:
-        return list(SKILLS)
+        return list(SHORT_SKILLS)
     names = [skills] if isinstance(skills, str) else list(skills)
     if not names:
         raise ConfigError(f"skills is empty; name at least one of {', '.join(SKILLS)} (or null for all)")
@@ -220,7 +239,7 @@ def make_split(n: int, seed: int, skills: Sequence[str] | str | None = None) -> 
         n: number of examples (positive).
         seed: the seed of every skill's random stream; the same ``(n, seed, skills)`` always
             gives the same list.
-        skills: names from :data:`SKILLS` (None: all of them). Repeating a name weights it.
+        skills: names from :data:`SKILLS` (None: the six short ones). Repeating a name weights it.
 
     Raises:
         ConfigError: unknown skill, ``n`` < 1, or a skill that cannot supply enough
@@ -249,7 +268,7 @@ def make_task(
         val_size: validation examples (positive).
         test_size: test examples (positive).
         seed: seed of the task; the same arguments always give the same splits.
-        skills: names from :data:`SKILLS` (None: all of them). Repeating a name weights it.
+        skills: names from :data:`SKILLS` (None: the six short ones). Repeating a name weights it.
 
     Returns:
         ``{"train": [...], "val": [...], "test": [...]}``, each a list of :class:`Example`.
@@ -268,6 +287,44 @@ def make_task(
     sampler = _Sampler(seed, names)
     splits = {split: sampler.take(n, total) for split, n in sizes.items()}
     return {"train": splits["train"], "val": splits["val"], "test": splits["test"]}
+
+
+def degrade(train: Sequence[Example], gold_fraction: float = 1.0, noise: float = 0.0,
+            seed: int = 0) -> list[Example]:
+    """A training split made harder in the two ways distillation papers argue from.
+
+    * ``noise``: this share of the examples (a seeded choice) gets a wrong answer, the
+      answer of another example of the same skill that differs from its own: noisy
+      references, where a teacher trained on them gives back their mode (Kim & Rush's
+      argument for Seq-KD).
+    * ``gold_fraction``: only this share of the examples (a seeded choice, after the noise)
+      keeps its answer as a label (``labelled``); the rest are a transfer set whose answer
+      tokens the student never gets a hard loss on, so what it learns there comes from the
+      teacher's soft targets (Hinton et al.'s transfer set; word-level KD).
+
+    Held-out splits are never degraded. The same arguments always give the same split.
+    """
+    if not 0.0 <= noise < 1.0:
+        raise ConfigError(f"data.source.noise must be in [0, 1) (got {noise}); it is the share of wrong answers")
+    if not 0.0 < gold_fraction <= 1.0:
+        raise ConfigError(f"data.source.gold_fraction must be in (0, 1] (got {gold_fraction}); it is the share of "
+                          "training answers kept as labels")
+    rng = random.Random(f"kd.data.tasks/degrade/{seed}")
+    out = list(train)
+    if noise > 0:
+        by_skill: dict[str, list[str]] = {}
+        for ex in out:
+            by_skill.setdefault(ex.skill, []).append(ex.response)
+        for i in sorted(rng.sample(range(len(out)), round(noise * len(out)))):
+            ex = out[i]
+            wrong = [r for r in by_skill[ex.skill] if r != ex.response]
+            if wrong:
+                out[i] = Example(ex.prompt, rng.choice(wrong), ex.skill)
+    if gold_fraction < 1.0:
+        hidden = set(rng.sample(range(len(out)), len(out) - max(1, round(gold_fraction * len(out)))))
+        out = [Example(ex.prompt, ex.response, ex.skill, labelled=False) if i in hidden else ex
+               for i, ex in enumerate(out)]
+    return out
 
 
 # ----------------------------------------------------------------------------- scoring
