@@ -18,7 +18,12 @@ tokenizers that map some id to different strings) and the helpers every recipe s
   kd run (the ``student.`` entries), or a directory holding one of those;
 * :func:`save_model` writes a model in its native format: ``save_pretrained`` for
   transformers models, ``model.safetensors`` (via safetensors) for plain modules;
-* :func:`count_parameters`.
+* :func:`count_parameters`;
+
+and depth pruning (:func:`shallower_copy`, :func:`init_from_teacher`): a student that is the
+teacher with a subset of its layers, the subset from :func:`layer_map` (``even``, a list,
+DistilBERT's map) or measured on data (:func:`layer_distances` then
+:func:`calibrated_layer_map`: ``block``, ``importance``).
 """
 
 from __future__ import annotations

@@ -18,9 +18,11 @@ Batches (what recipes receive):
   answers against the references (exact match, per skill).
 
 Sources give ``{"train": [...], "val": [...], "test": [...]}`` lists of examples:
-:class:`TaskSource` (the embedded generative task) and :class:`JsonlSource` (local
+:class:`TaskSource` (the embedded generative task), :class:`JsonlSource` (local
 ``.jsonl``/``.json``/``.parquet`` files with ``prompt``/``response`` fields or chat
-``messages``).
+``messages``), :class:`HFDatasetSource`, :class:`ChatterbotSource` (real questions and
+answers) and :class:`TextWindows` (plain text for language modelling: empty prompts, used
+with ``chat_template=False``).
 """
 
 from __future__ import annotations
