@@ -142,6 +142,9 @@ def report_main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="kd-report", description=report_main.__doc__)
     parser.add_argument("paths", nargs="+", help="run or sweep directories (searched for metrics.json)")
     parser.add_argument("--metric", default=None, help="metric to tabulate (default: test/exact_match if present, else test/acc)")
+    parser.add_argument("--plots", default=None, metavar="DIR",
+                        help="where to write the plots (default: the first path given, or its folder for a file)")
+    parser.add_argument("--no-plots", action="store_true", help="print the table only")
     parser.add_argument("--baseline", default=None,
                         help="a setting (its overrides without seed=, as the table heads print it): every other "
                              "setting also gets its per-seed paired differences against it")
@@ -153,8 +156,16 @@ def report_main(argv: list[str] | None = None) -> None:
     if pipelines and not runs:
         print(summarize_pipelines(pipelines))
         return
+    metric = args.metric or headline_metric(runs)
     try:
-        print(summarize(runs, metric=args.metric or headline_metric(runs), baseline=args.baseline))
+        print(summarize(runs, metric=metric, baseline=args.baseline))
     except ConfigError as e:
         print(f"kd-report: error: {e}", file=sys.stderr)
         sys.exit(2)
+    if runs and not args.no_plots:
+        from kd.report import write_report
+
+        first = Path(args.paths[0])
+        out = Path(args.plots) if args.plots else (first if first.is_dir() else first.parent)
+        for path in write_report(runs, metric, out):
+            print(f"plot: {path}")

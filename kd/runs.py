@@ -24,6 +24,7 @@ is configured, and writes ``eval.json``.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,8 @@ from kd import ConfigError
 from kd.build import build, instantiate, scratch_baseline, student_factory, student_tokenizer
 from kd.evaluation import SCRATCH_ROW, SFT_ROW, headline_metric, summarize
 from kd.models import count_parameters, load_weights
+
+log = logging.getLogger("kd")
 
 
 def _overrides() -> list[str]:
@@ -96,8 +99,22 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "wall_time_s": round(time.perf_counter() - started, 2),
     }
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
-    print("\n" + summarize([summary], metric=headline_metric([summary])) + f"\n\noutputs: {out}\n", flush=True)
+    curves = _curves(out)
+    print("\n" + summarize([summary], metric=headline_metric([summary])) + f"\n\noutputs: {out}"
+          + (f"\ntraining curves: {curves}" if curves else "") + "\n", flush=True)
     return summary
+
+
+def _curves(out: Path) -> Path | None:
+    """The run's training curves as ``curves.png`` (:func:`kd.report.plot_curves`) when its
+    loggers left any; a plotting failure is a warning, never a lost run."""
+    try:
+        from kd.report import plot_curves
+
+        return plot_curves([out], out / "curves.png")
+    except Exception as e:  # noqa: BLE001 - the run's results are already on disk
+        log.warning("could not plot the training curves (%s: %s)", type(e).__name__, e)
+        return None
 
 
 def _export(run: Any, out: Path) -> Path:

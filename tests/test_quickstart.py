@@ -43,6 +43,13 @@ def test_tiny_quickstart_caches_teacher_and_baseline(make_cfg, tmp_path, capsys)
     assert len(list((cache / "baselines").iterdir())) == 2
 
 
+def test_a_run_with_a_logger_plots_its_training_curves_and_says_where(make_cfg, tmp_path, capsys):
+    summary = run(make_cfg(*TINY, "logger=tensorboard", "scratch_baseline=false", "trainer.log_every_n_steps=1"))
+    curves = Path(summary["output_dir"]) / "curves.png"
+    assert curves.read_bytes().startswith(b"\x89PNG")
+    assert f"training curves: {curves}" in capsys.readouterr().out
+
+
 def test_corrupt_teacher_cache_is_rebuilt(make_cfg, tmp_path):
     first = run(make_cfg(*TINY, "scratch_baseline=false"))
     weights = Path(first["teacher"]) / "model.safetensors"
