@@ -207,6 +207,10 @@ class Run:
                 scheme = self._calibrated_map(source, scheme)
             mapping = init_from_teacher(self.student, source, scheme)
             log.info("student initialised from the teacher: student layer i <- teacher layer %s[i]", mapping)
+        if cfg.get("peft"):  # adapters go on the student's starting weights, whatever they are
+            instantiate(cfg.peft).apply(self.student)
+            trainable = sum(p.numel() for p in self.student.parameters() if p.requires_grad)
+            log.info("LoRA: %d trainable parameters of %d", trainable, sum(p.numel() for p in self.student.parameters()))
 
     def _calibrated_map(self, teacher: nn.Module, scheme: str, num_batches: int = 8) -> list[int]:
         """A ``block``/``importance`` layer map measured on the first ``num_batches``
@@ -564,6 +568,7 @@ def _fitted(cache: Cache, kind: str, prefix: str, cfg: DictConfig, model: DictCo
         seed=fit.get("seed", cfg.seed),
         merge={"data": fit.get("data") or {}},
         student_init=None,
+        **({"peft": None} if kind == "teachers" else {}),  # a teacher trains all its weights
         **{"trainer.max_epochs": fit.max_epochs},
         **({"trainer.limit_train_batches": fit.limit_train_batches} if "limit_train_batches" in fit else {}),
     )

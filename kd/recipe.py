@@ -507,18 +507,28 @@ class DistillationRecipe(L.LightningModule):
         return self
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Checkpoints hold what trains: the teacher's entries are dropped, and so are an
+        adapted student's frozen weights (only its adapters stay, :mod:`kd.adapters`)."""
+        from kd.adapters import frozen_keys
+
         state = checkpoint.get("state_dict", {})
-        for key in [k for k in state if k.startswith(("teacher.", "teachers."))]:
+        frozen = {f"student.{k}" for k in frozen_keys(self.student)}
+        for key in [k for k in state if k.startswith(("teacher.", "teachers.")) or k in frozen]:
             del state[key]
         checkpoint["kd_regime"] = self.regime.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        from kd.adapters import frozen_keys
+
         self.regime.load_state_dict(checkpoint.get("kd_regime") or {})
         state = checkpoint.setdefault("state_dict", {})
         for prefix, teacher in (("teacher.", self.teacher), ("teachers.", self.teachers)):
             if teacher is not None:
                 for key, value in teacher.state_dict().items():
                     state.setdefault(f"{prefix}{key}", value)
+        live = self.student.state_dict()
+        for key in frozen_keys(self.student):  # an adapted student's frozen weights: the live ones
+            state.setdefault(f"student.{key}", live[key])
 
     # ------------------------------------------------------------------ optimisation
 
@@ -545,20 +555,34 @@ class DistillationRecipe(L.LightningModule):
         With a tokenizer, a transformers student is made self-contained first: its
         vocabulary is cut to the tokenizer's (rows past it were never trained, and plain
         ``generate()`` could sample them) and its config and generation config get the
-        tokenizer's EOS, BOS and pad ids (so ``generate()`` stops)."""
-        if tokenizer is not None and hasattr(self.student, "resize_token_embeddings"):
+        tokenizer's EOS, BOS and pad ids (so ``generate()`` stops).
+
+        A LoRA student (:mod:`kd.adapters`) is written merged (a plain model, the live
+        student keeps its adapters) or as its adapter alone, as ``peft.export`` says."""
+        from kd.adapters import adapted, merged, save_adapter
+
+        student = self.student
+        settings = adapted(student)
+        if settings is not None and settings.export == "adapter":
+            out = save_adapter(student, directory, base=getattr(student.config, "_name_or_path", None) or None)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(out)
+            return out
+        if settings is not None:
+            student = merged(student)
+        if tokenizer is not None and hasattr(student, "resize_token_embeddings"):
             size = len(tokenizer)
-            rows = getattr(self.student.get_input_embeddings(), "num_embeddings", size)
+            rows = getattr(student.get_input_embeddings(), "num_embeddings", size)
             if rows > size:
-                self.student.resize_token_embeddings(size)
+                student.resize_token_embeddings(size)
             ids = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
                    "bos_token_id": tokenizer.bos_token_id}
-            for config in (self.student.config, getattr(self.student, "generation_config", None)):
+            for config in (student.config, getattr(student, "generation_config", None)):
                 if config is not None:
                     for key, value in ids.items():
                         if value is not None:
                             setattr(config, key, value)
-        out = save_model(self.student, directory)
+        out = save_model(student, directory)
         if tokenizer is not None:
             tokenizer.save_pretrained(out)
         return out
