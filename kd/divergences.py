@@ -608,9 +608,17 @@ def topk_bins(student_logprobs: Tensor, teacher: TopK) -> tuple[Tensor, Tensor]:
     empty = (outside == -math.inf).all(-1, keepdim=True)
     safe = torch.where(empty, torch.zeros((), dtype=dtype, device=log_q.device), outside)
     q_tail = torch.where(empty, neg_inf, torch.logsumexp(safe, dim=-1, keepdim=True))
-    p_mass = (1.0 - log_p.exp().sum(-1, keepdim=True)).clamp(min=0.0)
-    p_tail = torch.where(empty | (p_mass <= 0), neg_inf, p_mass.clamp(min=torch.finfo(dtype).tiny).log())
+    # below k = V the teacher's tail is never 0 (a softmax); a sum of fp16 top-k probabilities
+    # can still round to 1 or more, so the tail is floored at TAIL_FLOOR (else reverse KL is inf)
+    p_mass = (1.0 - log_p.exp().sum(-1, keepdim=True)).clamp(min=TAIL_FLOOR)
+    p_tail = torch.where(empty, neg_inf, p_mass.log())
     return torch.cat([log_q, q_tail], -1), torch.cat([log_p, p_tail], -1)
+
+
+#: the least tail mass a cached top-k teacher is given below k = V (:func:`topk_bins`): its
+#: top-k log-probabilities are stored in fp16, whose sums resolve about 1e-3, so any smaller
+#: tail is unknown; 1e-6 keeps reverse KL finite without claiming a tail that was not seen
+TAIL_FLOOR = 1e-6
 
 
 # --------------------------------------------------------------------------- token selection

@@ -133,6 +133,17 @@ def test_topk_with_tail_bin_matches_the_recipes_vectors():
     assert D.ReverseKL()(P_S.log(), full).item() == pytest.approx(0.110991, abs=1e-6)
 
 
+def test_a_cached_tail_that_rounds_to_zero_below_the_vocabulary_keeps_reverse_kl_finite():
+    """Top-4 of 5 tokens whose stored probabilities sum past 1 (rounding of a tiny tail):
+    the tail is floored at 1e-6, so reverse KL over the 5 bins with the student's
+    [0.4, 0.2, 0.2, 0.1 | 0.1] is 0.4 ln(0.4/0.5) + 0.2 ln(0.2/0.3) + 0.2 ln(0.2/0.1)
+    + 0.1 ln(0.1/0.1) + 0.1 ln(0.1/1e-6) = 1.119572."""
+    cached = D.TopK(torch.tensor([[0, 1, 2, 3]]), torch.tensor([[0.5, 0.3, 0.1, 0.1000001]], dtype=torch.float64).log())
+    assert D.TAIL_FLOOR == 1e-6
+    assert D.ReverseKL()(P_S.log(), cached).item() == pytest.approx(1.119572, abs=1e-5)
+    assert math.isfinite(D.JSD()(P_S.log(), cached).item()) and math.isfinite(D.ForwardKL()(P_S.log(), cached).item())
+
+
 @pytest.mark.parametrize("name", sorted(D.DIVERGENCES))
 def test_topk_with_k_equal_to_the_vocabulary_is_the_live_teacher(name):
     hs, ws, bs, ht, wt, mask = _problem(torch.float64, seed=3)
