@@ -23,14 +23,36 @@ from kd.evaluation import headline_metric, load_runs, summarize
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"  # also kd.build.CONF_DIR
 
 
+#: the sentences of the sweep jobs that failed in this process: a sweep (``kd -m``) goes on
+#: with its other jobs and exits with code 2 at its end (:class:`SweepSummary`)
+FAILED_JOBS: list[str] = []
+
+
+def _sweep_job() -> str | None:
+    """``"<job number> (<overrides>)"`` inside a Hydra multirun job, else None."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    job = HydraConfig.get().job
+    return f"{job.num} ({' '.join(HydraConfig.get().overrides.task)})"
+
+
 def one_sentence_errors(prog: str, fn: Any, cfg: DictConfig) -> Any:
-    """Run ``fn(cfg)``; a configuration error exits with its sentence (code 2), no traceback."""
+    """Run ``fn(cfg)``; a configuration error exits with its sentence (code 2), no traceback.
+    In a sweep the failed job is reported the same way and the sweep goes on."""
     try:
         return fn(cfg)
     except Exception as e:
         cause = config_error(e)
         if cause is None:
             raise
+        job = _sweep_job()
+        if job is not None:
+            print(f"{prog}: error in sweep job {job}: {cause}", file=sys.stderr, flush=True)
+            FAILED_JOBS.append(f"job {job}: {cause}")
+            return {"error": cause}
         print(f"{prog}: error: {cause}", file=sys.stderr)
         sys.exit(2)
 
@@ -133,6 +155,10 @@ class SweepSummary(Callback):
             from kd.pipeline import summarize_pipelines
 
             print("\n" + summarize_pipelines(pipelines), flush=True)
+        if FAILED_JOBS:
+            print(f"kd: error: {len(FAILED_JOBS)} sweep job(s) failed, the others finished: "
+                  + "; ".join(FAILED_JOBS), file=sys.stderr, flush=True)
+            sys.exit(2)
 
 
 def report_main(argv: list[str] | None = None) -> None:

@@ -91,6 +91,16 @@ def test_console_script_runs_sweeps_and_never_overwrites(tmp_path):
     assert len(list((tmp_path / "outputs" / "runs").glob("*/*"))) == 2
 
 
+def test_a_failed_sweep_job_is_one_sentence_and_the_sweep_goes_on(tmp_path):
+    done = _kd("-m", "recipe.lam=2,0.5", "trainer.enable_progress_bar=false", "logger=none", *TINY, cwd=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "kd: error in sweep job 0 (recipe.lam=2" in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("kd: error: 1 sweep job(s) failed, the others finished")
+    sweep = next((tmp_path / "outputs" / "sweeps").glob("*/*"))
+    assert json.loads((sweep / "1" / "metrics.json").read_text())["results"]["student, hinton"]["test/acc"] > 0
+    assert "Sweep summary" in done.stdout
+
+
 @pytest.mark.parametrize("override,start", [
     ("teacher.checkpoint=/no/such/teacher.pt", "kd: error: checkpoint '/no/such/teacher.pt' does not exist"),
     ("recipe.lam=2", "kd: error: recipe.lam must be in [0, 1] (got 2)"),
