@@ -182,6 +182,8 @@ class Run:
     init_scheme: Any = None
     #: where the teacher's weights came from, plus the cache entry's facts
     teacher_info: dict[str, Any] = field(default_factory=dict)
+    #: the last validation's metrics of :meth:`fit` (``val/...``)
+    validation: dict[str, float] = field(default_factory=dict)
 
     def prepare(self) -> None:
         """Load the weights that come from elsewhere: the teacher's (training it once when
@@ -233,6 +235,8 @@ class Run:
         for logger in self.trainer.loggers:
             logger.log_hyperparams(OmegaConf.to_container(OmegaConf.create(plain), resolve=True))
         self.trainer.fit(self.recipe, datamodule=self.datamodule, ckpt_path=self.cfg.get("ckpt_path"))
+        # the last validation's metrics (what a sweeper optimises: never the test split)
+        self.validation = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("val/")}
         ckpt = self.trainer.checkpoint_callback
         best = getattr(ckpt, "best_model_path", "") if ckpt is not None else ""
         results = self.trainer.test(self.recipe, datamodule=self.datamodule, ckpt_path=best or None, verbose=False)

@@ -58,10 +58,21 @@ def one_sentence_errors(prog: str, fn: Any, cfg: DictConfig) -> Any:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
-def _hydra_train(cfg: DictConfig) -> dict[str, Any]:
+def _hydra_train(cfg: DictConfig) -> Any:
     from kd.runs import train
 
-    return one_sentence_errors("kd", train, cfg)
+    summary = one_sentence_errors("kd", train, cfg)
+    metric = cfg.get("optimized_metric")
+    if metric and isinstance(summary, dict) and "error" in summary:
+        return float("nan")  # a failed trial, to the sweeper
+    if metric and isinstance(summary, dict) and "validation" in summary:  # a sweeper (Optuna) optimises it
+        validation = summary["validation"]
+        if metric not in validation:
+            print(f"kd: error: optimized_metric={metric} is not a validation metric of this run; choose one of "
+                  f"{sorted(validation)}", file=sys.stderr)
+            sys.exit(2)
+        return validation[metric]
+    return summary
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")
@@ -147,6 +158,8 @@ class SweepSummary(Callback):
             self.runs.append(value)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        # jobs of a launcher that runs them in other processes (joblib, SLURM) report here
+        # only through their metrics.json files
         runs = [r for r in self.runs if "results" in r] or load_runs([config.hydra.sweep.dir])
         if runs:
             print("\nSweep summary (mean ± std over seeds)\n" + summarize(runs, metric=headline_metric(runs)), flush=True)
@@ -155,9 +168,10 @@ class SweepSummary(Callback):
             from kd.pipeline import summarize_pipelines
 
             print("\n" + summarize_pipelines(pipelines), flush=True)
-        if FAILED_JOBS:
-            print(f"kd: error: {len(FAILED_JOBS)} sweep job(s) failed, the others finished: "
-                  + "; ".join(FAILED_JOBS), file=sys.stderr, flush=True)
+        failed = FAILED_JOBS or [f"{r.get('output_dir')}: {r['error']}" for r in runs if r.get("error")]
+        if failed:
+            print(f"kd: error: {len(failed)} sweep job(s) failed, the others finished: " + "; ".join(failed),
+                  file=sys.stderr, flush=True)
             sys.exit(2)
 
 

@@ -52,6 +52,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
         return run_pipeline(cfg)
     started = time.perf_counter()
+    if cfg.get("threads"):  # e.g. 1 per job when a launcher runs several jobs on a small machine
+        import torch
+
+        torch.set_num_threads(int(cfg.threads))
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     run = build(cfg)
@@ -96,6 +100,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "teacher": run.teacher_info.get("source") if not isinstance(run.teacher, dict) else {
             name: info.get("source") for name, info in run.teacher_info.items()},
         "results": results,
+        "validation": run.validation,
         "wall_time_s": round(time.perf_counter() - started, 2),
     }
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))

@@ -1,0 +1,38 @@
+"""Sweeps on Hydra's engines: the joblib launcher (jobs in parallel processes, the summary
+read back from their metrics.json) and an Optuna search that kd feeds the validation metric."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from tests.test_quickstart import TINY, _kd
+
+QUIET = ["trainer.enable_progress_bar=false", "logger=none"]
+
+
+def test_a_joblib_sweep_runs_jobs_in_parallel_processes_and_summarises_them(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    done = _kd("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "threads=1", "seed=0,1", *QUIET, *TINY,
+               cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Joblib" in done.stdout + done.stderr  # the launcher, not the basic one, ran the jobs
+    assert "Sweep summary (mean ± std over seeds)" in done.stdout and "[2 seeds: [0, 1]" in done.stdout
+    sweep = next((tmp_path / "outputs" / "sweeps").glob("*/*"))
+    assert {json.loads((sweep / j / "metrics.json").read_text())["seed"] for j in ("0", "1")} == {0, 1}
+
+
+def test_an_optuna_search_optimises_the_validation_metric_kd_returns(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    done = _kd("-m", "hparams_search=digits_optuna", "hydra.sweeper.n_trials=3",
+               "hydra.sweeper.sampler.n_startup_trials=3", *QUIET, *TINY, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    sweep = next((tmp_path / "outputs" / "sweeps").glob("*/*"))
+    trials = [json.loads((sweep / str(j) / "metrics.json").read_text()) for j in range(3)]
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert best["best_value"] == max(t["validation"]["val/acc"] for t in trials)  # validation, not test
+    assert set(best["best_params"]) == {"recipe.lam", "recipe.temperature"}
+    points = {next(o for o in t["overrides"] if o.startswith("recipe.lam=")) for t in trials}
+    assert len(points) == 3  # three different points were tried
