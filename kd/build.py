@@ -64,6 +64,23 @@ COSMETIC = ("default_root_dir", "enable_progress_bar", "enable_model_summary", "
 # ----------------------------------------------------------------------------- config helpers
 
 
+def compose_config(*overrides: str, output_dir: str | Path | None = None, config_name: str = "train") -> DictConfig:
+    """The config ``kd <overrides>`` would run, composed from Python (notebooks, scripts):
+    Hydra's compose API over ``conf/``, the Hydra node set so every interpolation resolves,
+    and the run writing into ``output_dir`` (default ``outputs/runs/<date>/<time>`` as for
+    ``kd``). ``kd.runs.train(cfg)`` then runs it."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name, overrides=list(overrides), return_hydra_config=True)
+    HydraConfig().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir) if output_dir is not None else cfg.hydra.run.dir
+    return cfg
+
+
 def instantiate(node: Any, *args: Any, **kwargs: Any) -> Any:
     """Hydra's ``instantiate``, raising the :class:`ConfigError` a constructor raised
     instead of Hydra's wrapper around it; a setting the target does not take, or one that
@@ -612,5 +629,5 @@ def scratch_baseline(cfg: DictConfig, cache: Cache) -> tuple[Path, dict[str, Any
     return entry, cache.meta("baselines", entry.name)
 
 
-__all__ = ["Run", "build", "choice", "recipe_class", "sub_config", "run_key", "load_teacher", "student_sft",
+__all__ = ["Run", "build", "compose_config", "choice", "recipe_class", "sub_config", "run_key", "load_teacher", "student_sft",
            "scratch_baseline", "teacher_tokenizer", "instantiate_all"]

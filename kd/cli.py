@@ -17,7 +17,7 @@ import hydra
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from kd import ConfigError, config_error
+from kd import config_error
 from kd.evaluation import headline_metric, load_runs, summarize
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"  # also kd.build.CONF_DIR
@@ -176,36 +176,7 @@ class SweepSummary(Callback):
 
 
 def report_main(argv: list[str] | None = None) -> None:
-    """Console script ``kd-report DIR...``: the summary table of finished runs."""
-    import argparse
+    """Console script ``kd-report DIR...`` (:func:`kd.report.main`)."""
+    from kd.report import main
 
-    parser = argparse.ArgumentParser(prog="kd-report", description=report_main.__doc__)
-    parser.add_argument("paths", nargs="+", help="run or sweep directories (searched for metrics.json)")
-    parser.add_argument("--metric", default=None, help="metric to tabulate (default: test/exact_match if present, else test/acc)")
-    parser.add_argument("--plots", default=None, metavar="DIR",
-                        help="where to write the plots (default: the first path given, or its folder for a file)")
-    parser.add_argument("--no-plots", action="store_true", help="print the table only")
-    parser.add_argument("--baseline", default=None,
-                        help="a setting (its overrides without seed=, as the table heads print it): every other "
-                             "setting also gets its per-seed paired differences against it")
-    args = parser.parse_args(argv)
-    runs = load_runs(args.paths)
-    from kd.pipeline import load_pipelines, summarize_pipelines
-
-    pipelines = load_pipelines(args.paths)
-    if pipelines and not runs:
-        print(summarize_pipelines(pipelines))
-        return
-    metric = args.metric or headline_metric(runs)
-    try:
-        print(summarize(runs, metric=metric, baseline=args.baseline))
-    except ConfigError as e:
-        print(f"kd-report: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    if runs and not args.no_plots:
-        from kd.report import write_report
-
-        first = Path(args.paths[0])
-        out = Path(args.plots) if args.plots else (first if first.is_dir() else first.parent)
-        for path in write_report(runs, metric, out):
-            print(f"plot: {path}")
+    main(argv)

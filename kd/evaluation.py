@@ -226,8 +226,9 @@ def summarize(runs: list[dict], metric: str = "test/acc", baseline: str | None =
 
     Each run dict is a parsed ``metrics.json``: ``{"overrides": [...], "seed": int,
     "results": {row_name: {"test/acc": float, "params": int, ...}}}``. With ``baseline``
-    (a setting, :func:`setting_of`), every other setting gets a line of per-seed paired
-    differences of its trained model against that setting's (same seed).
+    (a setting, :func:`setting_of`, or overrides only it holds, e.g. ``divergence=jsd``),
+    every other setting gets a line of per-seed paired differences of its trained model
+    against that setting's (same seed).
     """
     if not runs:
         return "no runs found (no metrics.json under the given paths)"
@@ -235,7 +236,13 @@ def summarize(runs: list[dict], metric: str = "test/acc", baseline: str | None =
     for run in runs:
         groups[setting_of(run)].append(run)
     if baseline is not None and baseline not in groups:
-        raise ConfigError(f"no runs with the setting '{baseline}'; choose one of: {', '.join(groups)}")
+        wanted = set(baseline.split())
+        matches = [key for key in groups if wanted <= set(key.split())]
+        if len(matches) != 1:
+            found = "several settings" if matches else "no runs"
+            raise ConfigError(f"{found} with the setting '{baseline}'; choose one of: "
+                              f"{', '.join(matches or groups)}")
+        baseline = matches[0]
     percent = metric.endswith(("acc", "exact_match"))
     lines = []
     for key, members in groups.items():

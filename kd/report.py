@@ -10,6 +10,7 @@
   from its TensorBoard event files (``tensorboard/``) or, failing those, from the CSV
   logger's ``metrics.csv``.
 
+:func:`main` is ``kd-report``: the table of :func:`kd.evaluation.summarize`, then these plots.
 Matplotlib draws off screen (Agg); nothing is shown.
 """
 
@@ -183,5 +184,44 @@ def write_report(runs: Sequence[dict], metric: str, out_dir: str | Path) -> list
     return [p for p in written if p is not None]
 
 
-__all__ = ["swept_knobs", "metric_points", "plot_metric", "read_curves", "plot_curves", "write_report"]
+def main(argv: list[str] | None = None) -> None:
+    """``kd-report DIR...``: the summary table of finished runs (mean ± std over seeds,
+    per-seed paired differences against ``--baseline``) and its plots."""
+    import argparse
+    import sys
+
+    from kd import ConfigError
+    from kd.evaluation import headline_metric, load_runs, summarize
+
+    parser = argparse.ArgumentParser(prog="kd-report", description=main.__doc__)
+    parser.add_argument("paths", nargs="+", help="run or sweep directories (searched for metrics.json)")
+    parser.add_argument("--metric", default=None, help="metric to tabulate (default: test/exact_match if present, else test/acc)")
+    parser.add_argument("--plots", default=None, metavar="DIR",
+                        help="where to write the plots (default: the first path given, or its folder for a file)")
+    parser.add_argument("--no-plots", action="store_true", help="print the table only")
+    parser.add_argument("--baseline", default=None,
+                        help="a setting (its overrides without seed=, as the table heads print it): every other "
+                             "setting also gets its per-seed paired differences against it")
+    args = parser.parse_args(argv)
+    runs = load_runs(args.paths)
+    from kd.pipeline import load_pipelines, summarize_pipelines
+
+    pipelines = load_pipelines(args.paths)
+    if pipelines and not runs:
+        print(summarize_pipelines(pipelines))
+        return
+    metric = args.metric or headline_metric(runs)
+    try:
+        print(summarize(runs, metric=metric, baseline=args.baseline))
+    except ConfigError as e:
+        print(f"kd-report: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if runs and not args.no_plots:
+        first = Path(args.paths[0])
+        out = Path(args.plots) if args.plots else (first if first.is_dir() else first.parent)
+        for path in write_report(runs, metric, out):
+            print(f"plot: {path}")
+
+
+__all__ = ["swept_knobs", "metric_points", "plot_metric", "read_curves", "plot_curves", "write_report", "main"]
 

@@ -106,6 +106,13 @@ class CrossTokenizerRecipe(DistillationRecipe):
         self.student_bytes: ByteVocab | None = None
         self.teacher_bytes: ByteVocab | None = None
 
+    def check_data(self, datamodule: Any) -> None:
+        super().check_data(datamodule)
+        if getattr(datamodule, "chat_template", True) is False:
+            raise ConfigError("cross-tokenizer recipes predict each response from its prompt in the teacher's tokens, "
+                              "and plain text windows (chat_template: false) have no prompt; use prompt/response data "
+                              "(data=task, jsonl, hf or chatterbot)")
+
     def setup(self, stage: str) -> None:
         super().setup(stage)
         dm = self.trainer.datamodule

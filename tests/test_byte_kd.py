@@ -545,3 +545,13 @@ def test_same_tokenizer_recipes_refuse_a_teacher_with_its_own_tokenizer(make_cfg
     cfg = make_cfg(*SMALL_PAIR, "recipe=word_kd")
     with pytest.raises(ConfigError, match="recipe=byte_kd"):
         run(cfg)
+
+
+def test_plain_text_windows_are_refused_before_anything_trains(make_cfg, tmp_path):
+    from kd import ConfigError
+    from kd.build import build
+
+    cfg = make_cfg("data=text_lm", "teacher=task_llama", "student=task_llama", "recipe=uld")
+    with pytest.raises(ConfigError, match="plain text windows .* have no prompt"):
+        build(cfg, setup=False)
+    assert not (tmp_path / "cache" / "teachers").exists()  # refused before any teacher trains

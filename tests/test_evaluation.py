@@ -86,8 +86,14 @@ def test_summary_pairs_each_setting_with_the_baseline_by_seed(tmp_path, capsys):
     line = next(l for l in table.splitlines() if l.strip().startswith("paired"))  # noqa: E741
     assert line.strip() == "paired difference vs recipe.lam=0: -5.50 ± 3.54 (seed 0: -8.00, seed 1: -3.00)"
     assert table.count("paired difference") == 1  # not for the baseline itself
-    with pytest.raises(ConfigError, match="choose one of: recipe.lam=0, divergence=jsd"):
+    with pytest.raises(ConfigError, match="no runs with the setting 'recipe.lam=1'; choose one of: recipe.lam=0, "
+                                          "divergence=jsd"):
         summarize(runs, metric="test/ppl", baseline="recipe.lam=1")
+    # overrides shared by every setting need not be repeated: a part that names one setting is enough
+    common = [{**r, "overrides": ["logger=csv", *r["overrides"]]} for r in runs]
+    assert "paired difference vs logger=csv recipe.lam=0: -5.50" in summarize(common, "test/ppl", "recipe.lam=0")
+    with pytest.raises(ConfigError, match="several settings with the setting 'logger=csv'"):
+        summarize(common, metric="test/ppl", baseline="logger=csv")
     # the console script: one sentence and exit code 2 for an unknown baseline
     from kd.cli import report_main
 
