@@ -39,6 +39,7 @@ import string
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 from kd import ConfigError
 
@@ -91,13 +92,13 @@ def _phrase(phrasings: Sequence[str], problem: str, **fields: object) -> str:
     return phrasings[zlib.crc32(problem.encode()) % len(phrasings)].format(**fields)
 
 
-def _upper(rng: random.Random) -> tuple[str, str]:
-    w = _word(rng, 3, 7)
+def _upper(rng: random.Random, shortest: int = 3, longest: int = 7) -> tuple[str, str]:
+    w = _word(rng, shortest, longest)
     return _phrase(("uppercase {w}", "{w} in capitals:", "write {w} in caps"), w, w=w), w.upper()
 
 
-def _reverse(rng: random.Random) -> tuple[str, str]:
-    w = _word(rng, 3, 7)
+def _reverse(rng: random.Random, shortest: int = 3, longest: int = 7) -> tuple[str, str]:
+    w = _word(rng, shortest, longest)
     return _phrase(("reverse {w}", "{w} backwards:", "spell {w} backwards"), w, w=w), w[::-1]
 
 
@@ -127,16 +128,6 @@ def _mul(rng: random.Random) -> tuple[str, str]:
     return prompt, str(a * b)
 
 
-def _upper_long(rng: random.Random) -> tuple[str, str]:
-    w = _word(rng, 12, 20)
-    return _phrase(("uppercase {w}", "{w} in capitals:", "write {w} in caps"), w, w=w), w.upper()
-
-
-def _reverse_long(rng: random.Random) -> tuple[str, str]:
-    w = _word(rng, 12, 20)
-    return _phrase(("reverse {w}", "{w} backwards:", "spell {w} backwards"), w, w=w), w[::-1]
-
-
 SKILLS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
     "upper": _upper,
     "reverse": _reverse,
@@ -144,8 +135,8 @@ SKILLS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
     "add": _add,
     "sort": _sort,
     "mul": _mul,
-    "upper_long": _upper_long,
-    "reverse_long": _reverse_long,
+    "upper_long": partial(_upper, shortest=12, longest=20),
+    "reverse_long": partial(_reverse, shortest=12, longest=20),
 }
 """Skill name -> generator of one ``(prompt, response)`` from a :class:`random.Random`,
 listed roughly from easiest to hardest; the ``_long`` skills are ``upper``/``reverse`` on
