@@ -20,6 +20,7 @@ regime, no loggers; keyed in :mod:`kd.cache` by a hash of exactly what shapes th
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,7 @@ from kd.cache import key as cache_key
 from kd.models import (CALIBRATED, calibrated_layer_map, check_same_tokenizer, init_from_teacher, kind_of, layer_distances,
                        layer_list, load_tokenizer, load_weights, save_model)
 from kd.recipe import DistillationRecipe
+from kd.resume import AtomicCheckpointIO
 
 log = logging.getLogger("kd")
 
@@ -59,6 +61,10 @@ EVAL_ONLY = ("generation_eval_size", "eval_batch_size", "max_new_tokens", "eval_
 
 #: trainer settings that change neither the weights nor the metrics
 COSMETIC = ("default_root_dir", "enable_progress_bar", "enable_model_summary", "log_every_n_steps")
+#: trainer settings of a multi-process run that its cached sub-runs (teacher fits, SFTs,
+#: scratch baselines) drop: they train once, in the process that asks for them, before
+#: the run launches its other ranks (which then read them from the cache)
+ONE_PROCESS_ONLY = ("strategy", "num_nodes", "use_distributed_sampler", "sync_batchnorm")
 
 
 # ----------------------------------------------------------------------------- config helpers
@@ -102,6 +108,8 @@ def instantiate(node: Any, *args: Any, **kwargs: Any) -> Any:
         if isinstance(inner, TypeError) and "argument" in str(inner):
             raise ConfigError(f"{target} does not take the settings it was given ({inner}); remove them or choose "
                               "config groups that fit together") from None
+        if "pip install" in str(inner):  # e.g. trainer=deepspeed without the deepspeed package
+            raise ConfigError(f"{target} needs a package that is not installed: {str(inner).splitlines()[0]}") from None
         if isinstance(inner, (InterpolationResolutionError, MissingMandatoryValue)):
             raise ConfigError(f"{target} cannot be configured: {str(inner).splitlines()[0]}; set that key or choose "
                               "config groups that fit together") from None
@@ -234,10 +242,16 @@ class Run:
     def _calibrated_map(self, teacher: nn.Module, scheme: str, num_batches: int = 8) -> list[int]:
         """A ``block``/``importance`` layer map measured on the first ``num_batches``
         training batches of a fixed shuffle (the same for every seed and recipe)."""
-        with torch.random.fork_rng():
-            torch.manual_seed(0)
+        seed = os.environ.get("PL_GLOBAL_SEED")
+        os.environ["PL_GLOBAL_SEED"] = "0"  # the training order's seed (kd.data.train_sampler)
+        try:
             loader = iter(self.datamodule.train_dataloader())
             batches = [b for _, b in zip(range(num_batches), loader)]
+        finally:
+            if seed is None:
+                del os.environ["PL_GLOBAL_SEED"]
+            else:
+                os.environ["PL_GLOBAL_SEED"] = seed
         device = next(teacher.parameters()).device
         batches = [{k: b[k].to(device) for k in ("input_ids", "attention_mask")} for b in batches]
         mapping = calibrated_layer_map(layer_distances(teacher, batches), len(layer_list(self.student)), scheme)
@@ -527,8 +541,9 @@ def build(cfg: DictConfig, *, teacher: bool | None = None, setup: bool = True) -
     recipe.check_data(datamodule)
     if setup:
         _check_tokenizers(cfg, datamodule, recipe)
+    io = {} if cfg.trainer.get("plugins") else {"plugins": [AtomicCheckpointIO()]}  # never a half-written checkpoint
     trainer = instantiate(cfg.trainer, logger=instantiate_all(cfg.get("logger")) or False,
-                          callbacks=instantiate_all(cfg.get("callbacks")))
+                          callbacks=instantiate_all(cfg.get("callbacks")), **io)
     if teacher_model is not None and needs.teacher:
         label = f"student, {name}"
     elif scheme is not None:
@@ -565,6 +580,15 @@ def cached_run(cache: Cache, kind: str, name: str, sub: DictConfig, what: str | 
     return cache.get_or_build(kind, name, train_into, validate=read_state_dict, what=what or kind.rstrip("s"))
 
 
+def _world_size(trainer: DictConfig) -> int:
+    """The processes a trainer config trains on (devices x nodes; 1 when a device count is
+    not given as a number or a list)."""
+    devices = trainer.get("devices", 1)
+    count = len(devices) if isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices) else devices
+    count = count if isinstance(count, int) and count > 0 else 1
+    return count * int(trainer.get("num_nodes") or 1)
+
+
 def cached_supervised(cache: Cache, kind: str, prefix: str, cfg: DictConfig, **changes: Any) -> Path:
     """The :func:`cached_run` ``<kind>/<prefix>-<hash>`` of the no-teacher recipe trained on
     ``cfg`` with ``changes`` (:func:`sub_config`), the hash covering what shapes it."""
@@ -573,6 +597,12 @@ def cached_supervised(cache: Cache, kind: str, prefix: str, cfg: DictConfig, **c
     with open_dict(sub):  # the student's teacher-init scheme belongs to the distilled run, not to this one
         if isinstance(sub.student, DictConfig) and INIT_FROM_TEACHER in sub.student:
             del sub.student[INIT_FROM_TEACHER]
+        world = _world_size(sub.trainer)
+        for key in ONE_PROCESS_ONLY:  # cached sub-runs train in the calling process (DDP launches none) ...
+            sub.trainer.pop(key, None)
+        sub.trainer.devices = 1
+        if world > 1 and "batch_size" in sub.data:  # ... on the global batch of the run's W processes
+            sub.data.batch_size = int(sub.data.batch_size) * world
     return cached_run(cache, kind, f"{prefix}-{run_key(sub, weights_only=kind == 'teachers')}", sub)
 
 

@@ -180,3 +180,7 @@ def report_main(argv: list[str] | None = None) -> None:
     from kd.report import main
 
     main(argv)
+
+
+if __name__ == "__main__":  # python -m kd.cli (also how DDP relaunches a run in its other processes)
+    main()

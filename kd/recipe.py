@@ -22,15 +22,27 @@ else about the recipe. The base class owns everything recipes share:
   count and, when asked, the last hidden states ``(..., H)``;
 * logging: every loss term under ``train/<name>``, targets per second, and per-epoch
   validation/test metrics from :class:`kd.evaluation.StageMetrics`;
-* exact means under gradient accumulation: a recipe whose loss is a mean over items
-  (tokens, sequences) returns their count as ``num_items``; with
-  ``accumulate_grad_batches > 1`` the micro-batch losses are then summed and the
-  gradient divided by the items of the whole accumulation window before the optimizer
-  step (and before gradient clipping), so 2 x half a batch gives the full batch's
-  gradient even when the halves hold different numbers of tokens (Lightning's own
-  averaging of micro-batch means does not);
+* exact means under gradient accumulation and data parallelism: a recipe whose loss is a
+  mean over items (tokens, sequences) returns their count as ``num_items``; with
+  ``accumulate_grad_batches > 1`` or several processes (DDP) the micro-batch losses are
+  then summed, the items of the whole accumulation window are summed over the ranks
+  (one all-reduce of a scalar), and before the optimizer step (and before gradient
+  clipping) the synchronised gradient is rescaled to the mean over those global items. So
+  2 x half a batch, or 2 ranks x half a batch, give the full batch's gradient even when
+  the halves hold different numbers of tokens (Lightning's averaging of micro-batch means
+  and DDP's averaging of rank means do not). A loss made of terms that average over
+  different items (Hinton's hard term counts labelled tokens, the soft term every token
+  in the mask) reports the items of its main term; the other term is then weighted by
+  each part's share of those items, exact when the parts label the same share;
+* several processes (``trainer=ddp``): caches a regime builds before training (teacher
+  responses, teacher logits) are built by each machine's first rank while the others
+  wait at a barrier and then read them; held-out metrics and generated answers are
+  merged over the ranks, so every rank reports the metrics of the whole split;
 * a guard that stops training with a clear message on a NaN/inf loss (checkpoints
   already written are kept);
+* randomness per batch: torch is reseeded before every training batch from the run's
+  seed, the epoch, the batch and the rank, so a resumed run repeats what the uninterrupted
+  one did (:mod:`kd.resume`);
 * optimizer and scheduler built from config factories (Hydra ``_partial_``);
 * :meth:`save_student`: the student in its native format.
 
@@ -215,7 +227,7 @@ class DistillationRecipe(L.LightningModule):
         #: the tokenizer's true vocabulary size; logits are cut to it (see set_vocabulary)
         self.vocab_size: int | None = None
         self._predictions: dict[str, dict[int, str]] = {}  # generated answers by example index
-        self._window_items = 0.0  # items (num_items) of the current accumulation window
+        self._window_items: float | None = None  # items (num_items) of this rank's accumulation window
 
     # ------------------------------------------------------------------ model calls
 
@@ -387,7 +399,17 @@ class DistillationRecipe(L.LightningModule):
         raise NotImplementedError
 
     def on_fit_start(self) -> None:
-        self.regime.prepare(self.teacher, self.datamodule)
+        """Prepare the regime (its caches); under several processes each machine's first
+        rank builds them while the other ranks wait, then read what it built."""
+        if self.trainer.world_size == 1:
+            self.regime.prepare(self.teacher, self.datamodule)
+            return
+        first = self.trainer.local_rank == 0
+        if first:
+            self.regime.prepare(self.teacher, self.datamodule)
+        self.trainer.strategy.barrier("kd-regime-caches")
+        if not first:
+            self.regime.prepare(self.teacher, self.datamodule)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         batch = self.regime.batch(self.student, batch, self.datamodule)
@@ -409,27 +431,44 @@ class DistillationRecipe(L.LightningModule):
                          reduce_fx="sum")
         if self._trainer is not None and self.trainer.optimizers:
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=n)
-        if num_items is not None and self._accumulating():
-            self._window_items += float(num_items)
-            return loss * num_items  # a sum; divided by the window's items in on_before_optimizer_step
+        if num_items is not None and self._rescaled():
+            self._window_items = (self._window_items or 0.0) + float(num_items)
+            return loss * num_items  # a sum; divided by the global items in on_before_optimizer_step
         return loss
 
-    def _accumulating(self) -> bool:
+    def _rescaled(self) -> bool:
+        """Whether losses with ``num_items`` are summed and rescaled at the optimizer step
+        (gradient accumulation or several processes; automatic optimisation only)."""
         return (self._trainer is not None and self.automatic_optimization
-                and self.trainer.accumulate_grad_batches > 1)
+                and (self.trainer.accumulate_grad_batches > 1 or self.trainer.world_size > 1))
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Turn the window's summed micro-batch losses into the mean over its items:
-        Lightning divided each by ``accumulate_grad_batches``, so scale by N / items."""
-        if self._window_items > 0 and self._accumulating():
-            scale = self.trainer.accumulate_grad_batches / self._window_items
-            for group in optimizer.param_groups:
-                for p in group["params"]:
-                    if p.grad is not None:
-                        p.grad.mul_(scale)
-        self._window_items = 0.0
+        """Turn the summed micro-batch losses into the mean over the items of the global
+        accumulation window: Lightning divided each by ``accumulate_grad_batches`` and DDP
+        averaged the ranks, so scale by N * W / (items summed over the ranks)."""
+        if self._window_items is not None and self._rescaled():
+            items = torch.tensor(self._window_items, dtype=torch.float64, device=self.device)
+            world = self.trainer.world_size
+            if world > 1:
+                items = self.trainer.strategy.reduce(items, reduce_op="sum")
+            if float(items) > 0:
+                scale = self.trainer.accumulate_grad_batches * world / float(items)
+                for group in optimizer.param_groups:
+                    for p in group["params"]:
+                        if p.grad is not None:
+                            p.grad.mul_(scale)
+        self._window_items = None
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Reseed torch from the run's seed, the epoch, the batch and the rank
+        (:func:`kd.resume.step_seed`): a batch's dropout and samples are the same whether
+        or not the run was stopped and resumed before it."""
+        import os
+
+        from kd.resume import step_seed
+
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        torch.manual_seed(step_seed(seed, self.current_epoch, batch_idx, self.global_rank))
         self._step_started = time.perf_counter()
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -474,15 +513,24 @@ class DistillationRecipe(L.LightningModule):
         return batch["prompt_ids"], batch["prompt_mask"], tokenizer
 
     def _eval_epoch_end(self, stage: str) -> None:
-        values = self.metrics[stage].compute()
+        values = self.metrics[stage].compute()  # torchmetrics: merged over the ranks
         dm = getattr(self.trainer, "datamodule", None)
+        world = self.trainer.world_size
+        if world > 1:  # every rank answered its share of the prompts: score the whole split everywhere
+            shares: list[Any] = [None] * world
+            torch.distributed.all_gather_object(shares, self._predictions)
+            self._predictions = {}
+            for share in shares:
+                for key, answers in share.items():
+                    self._predictions.setdefault(key, {}).update(answers)
         if self._predictions.get(stage):
             values.update(dm.score(stage, self._predictions.pop(stage)))
         if stage == "test" and self._predictions.get("teacher"):
             scores = dm.score(stage, self._predictions.pop("teacher"))
             values.update({f"teacher_{k}": v for k, v in scores.items()})
         for key, value in values.items():
-            self.log(f"{stage}/{key}", value, prog_bar=key in ("acc", "loss", "exact_match"), add_dataloader_idx=False)
+            self.log(f"{stage}/{key}", value, prog_bar=key in ("acc", "loss", "exact_match"), add_dataloader_idx=False,
+                     sync_dist=world > 1)  # the same value on every rank
         self.metrics[stage].reset()
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:

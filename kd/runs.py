@@ -37,6 +37,7 @@ from kd import ConfigError
 from kd.build import build, instantiate, scratch_baseline, student_factory, student_tokenizer
 from kd.evaluation import SCRATCH_ROW, SFT_ROW, headline_metric, summarize
 from kd.models import count_parameters, load_weights
+from kd.resume import atomic_directory
 
 log = logging.getLogger("kd")
 
@@ -64,6 +65,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         metrics = run.fit()
     except FloatingPointError as e:  # a non-finite loss: keep the work done so far, then one sentence
         raise ConfigError(_keep_work(run, out, str(e), started)) from None
+    if run.trainer.global_rank != 0:  # DDP: the other ranks trained and tested; rank 0 writes the outputs
+        return {}
     params = count_parameters(run.student)  # as trained (the export cuts padding rows past the tokenizer)
     _export(run, out)
 
@@ -123,9 +126,11 @@ def _curves(out: Path) -> Path | None:
 
 
 def _export(run: Any, out: Path) -> Path:
-    directory = run.recipe.save_student(out / "student", tokenizer=getattr(run.datamodule, "tokenizer", None))
-    OmegaConf.save(run.cfg.student, directory / "model_config.yaml")
-    return directory
+    """Write the student to ``out/student``, whole or not at all (:func:`kd.resume.atomic_directory`)."""
+    with atomic_directory(out / "student") as partial:
+        run.recipe.save_student(partial, tokenizer=getattr(run.datamodule, "tokenizer", None))
+        OmegaConf.save(run.cfg.student, partial / "model_config.yaml")
+    return out / "student"
 
 
 def _keep_work(run: Any, out: Path, reason: str, started: float) -> str:

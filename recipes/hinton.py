@@ -28,7 +28,7 @@ from torch import Tensor
 from kd import ConfigError
 from kd.divergences import Divergence
 from kd.evaluation import cross_entropy
-from kd.recipe import DistillationRecipe, Needs
+from kd.recipe import IGNORE_INDEX, DistillationRecipe, Needs
 
 
 class Hinton(DistillationRecipe):
@@ -58,7 +58,9 @@ class Hinton(DistillationRecipe):
         out = self.outputs(self.student, batch, fused=self.fused)
         teacher = self.teacher_logits(batch, fused=self.fused)
         hard = cross_entropy(out.logits, out.labels)
-        soft = self.temperature**2 * self.divergence(out.logits, teacher, self.distill_mask(batch, out.mask),
-                                                     temperature=self.temperature)
+        mask = self.distill_mask(batch, out.mask)
+        soft = self.temperature**2 * self.divergence(out.logits, teacher, mask, temperature=self.temperature)
         loss = (1 - self.lam) * hard + self.lam * soft
-        return {"loss": loss, "hard_ce": hard, "soft_kd": soft}
+        # the items of the main term (the soft one, unless lam = 0); see kd.recipe on mixed counts
+        items = (out.labels != IGNORE_INDEX).sum() if self.lam == 0 else mask.sum()
+        return {"loss": loss, "hard_ce": hard, "soft_kd": soft, "num_items": items}

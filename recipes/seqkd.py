@@ -37,7 +37,7 @@ from torch import Tensor
 from kd import ConfigError
 from kd.divergences import SoftCrossEntropy
 from kd.evaluation import cross_entropy
-from kd.recipe import DistillationRecipe, Needs
+from kd.recipe import IGNORE_INDEX, DistillationRecipe, Needs
 
 
 class SeqKD(DistillationRecipe):
@@ -82,4 +82,4 @@ class SeqKD(DistillationRecipe):
             word = self.temperature**2 * self.soft(logits, teacher, self.distill_mask(batch, mask), self.temperature)
             terms["word_kd"] = word
             loss = loss + self.alpha * word
-        return {"loss": loss, **terms}
+        return {"loss": loss, **terms, "num_items": (out.labels != IGNORE_INDEX).sum()}

@@ -13,7 +13,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from kd.evaluation import cross_entropy
-from kd.recipe import DistillationRecipe, Needs
+from kd.recipe import IGNORE_INDEX, DistillationRecipe, Needs
 
 
 class Supervised(DistillationRecipe):
@@ -24,4 +24,4 @@ class Supervised(DistillationRecipe):
     def compute_loss(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         out = self.outputs(self.student, batch)
         ce = cross_entropy(out.logits, out.labels)
-        return {"loss": ce, "ce": ce}
+        return {"loss": ce, "ce": ce, "num_items": (out.labels != IGNORE_INDEX).sum()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import lightning as L
@@ -9,6 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf, open_dict
 
+from kd import ConfigError
 from kd.cli import CONF_DIR
 from kd.divergences import Divergence
 from kd.recipe import DistillationRecipe
@@ -111,6 +113,19 @@ def test_every_option_composes_and_instantiates(group, option, make_cfg, tmp_pat
             done.append((stage, entry))
         return
     cfg = make_cfg(f"{group}={option}", *extra_overrides(group, option, tiny_hf))
+    if (group, option) == ("trainer", "deepspeed") and importlib.util.find_spec("deepspeed") is None:
+        with pytest.raises(ConfigError, match="needs a package that is not installed.*pip install"):
+            _build(cfg)
+        return
+    if (group, option) == ("trainer", "fsdp") and not torch.cuda.is_available():  # FSDP wants GPUs: its strategy alone
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        from kd.build import instantiate
+
+        strategy = instantiate(cfg.trainer.strategy)
+        assert isinstance(strategy, FSDPStrategy) and strategy.kwargs["use_orig_params"]
+        with open_dict(cfg):
+            cfg.trainer.strategy = "auto"
     plain = cfg.copy()
     with open_dict(plain):
         del plain["hydra"]

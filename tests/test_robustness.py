@@ -197,21 +197,6 @@ def test_mixed_seq_kd_builds_its_teacher_part_with_the_users_settings(make_cfg):
     assert part.sampling.temperature == 0.7
 
 
-def test_a_resumed_mixed_run_continues_the_same_coin_schedule(make_cfg, tmp_path):
-    common = [*SMALL_TASK, "recipe=gkd", "regime.lmbda=0.5", "regime.sampling.max_new_tokens=3",
-              "trainer.limit_train_batches=4", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
-              "data.generation_eval_size=0", "scratch_baseline=false"]
-    train(make_cfg(*common, "trainer.max_epochs=2", root=tmp_path / "whole"))
-    train(make_cfg(*common, "trainer.max_epochs=1", root=tmp_path / "half"))
-    half = tmp_path / "half" / "run" / "checkpoints" / "last.ckpt"
-    train(make_cfg(*common, "trainer.max_epochs=2", f"ckpt_path={half}", root=tmp_path / "resumed"))
-    whole = torch.load(tmp_path / "whole" / "run" / "checkpoints" / "last.ckpt", weights_only=False)["kd_regime"]
-    resumed = torch.load(tmp_path / "resumed" / "run" / "checkpoints" / "last.ckpt", weights_only=False)["kd_regime"]
-    assert (whole["batches"], resumed["batches"]) == (8, 8)
-    assert whole["on_policy_batches"] == resumed["on_policy_batches"]
-    assert torch.equal(whole["rng"], resumed["rng"])  # the coin continued where it stopped
-
-
 def test_the_seq_inter_cache_key_covers_the_references(tmp_path):
     from types import SimpleNamespace
 

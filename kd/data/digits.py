@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from kd import ConfigError
-from kd.data import IGNORE_INDEX
+from kd.data import IGNORE_INDEX, ResumableData, eval_sampler, train_sampler
 
 
 class TensorDictDataset(Dataset):
@@ -38,7 +38,7 @@ class TensorDictDataset(Dataset):
         return {k: v[i] for k, v in self.columns.items()}
 
 
-class DigitsDataModule(L.LightningDataModule):
+class DigitsDataModule(ResumableData, L.LightningDataModule):
     """Digits classification with a fixed seeded split.
 
     Args:
@@ -112,9 +112,9 @@ class DigitsDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         self.setup()
-        return DataLoader(
-            self.splits[split], batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers
-        )
+        ds = self.splits[split]
+        sampler = train_sampler(ds, self, self.batch_size) if shuffle else eval_sampler(ds, self)
+        return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

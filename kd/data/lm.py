@@ -39,7 +39,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from kd import ConfigError
-from kd.data import IGNORE_INDEX
+from kd.data import IGNORE_INDEX, ResumableData, eval_sampler, train_sampler
 from kd.data.tasks import Example
 
 log = logging.getLogger(__name__)
@@ -476,7 +476,7 @@ def _trained_tokenizer(examples: list[Example], vocab_size: int, min_frequency: 
     return loaded["tokenizer"] if "tokenizer" in loaded else load_tokenizer(str(directory))
 
 
-class LMDataModule(L.LightningDataModule):
+class LMDataModule(ResumableData, L.LightningDataModule):
     """Prompt/response data for causal LMs.
 
     Args:
@@ -621,14 +621,17 @@ class LMDataModule(L.LightningDataModule):
 
     def _train_like(self, split: str, shuffle: bool) -> DataLoader:
         self.setup()
-        return DataLoader(self.splits[split], batch_size=self.batch_size if shuffle else self.eval_batch_size,
-                          shuffle=shuffle, num_workers=self.num_workers,
+        ds = self.splits[split]
+        return DataLoader(ds, batch_size=self.batch_size if shuffle else self.eval_batch_size,
+                          sampler=train_sampler(ds, self, self.batch_size) if shuffle else eval_sampler(ds, self),
+                          num_workers=self.num_workers,
                           collate_fn=lambda b: collate_train(b, self.pad_token_id, self.teacher_pad_id))
 
     def _prompts(self, split: str) -> DataLoader:
         ds = self.splits[split]
         subset = torch.utils.data.Subset(ds, range(min(self.generation_eval_size, len(ds))))
-        return DataLoader(subset, batch_size=self.eval_batch_size, shuffle=False, num_workers=self.num_workers,
+        return DataLoader(subset, batch_size=self.eval_batch_size, sampler=eval_sampler(subset, self),
+                          num_workers=self.num_workers,
                           collate_fn=lambda b: collate_prompts(b, self.pad_token_id, self.teacher_pad_id))
 
     def train_dataloader(self) -> DataLoader:

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from kd import ConfigError
-from kd.data import IGNORE_INDEX
+from kd.data import IGNORE_INDEX, ResumableData, eval_sampler, train_sampler
 from kd.data.lm import ChatterbotSource, hold_out
 
 
@@ -214,7 +214,7 @@ def chunk_documents(tokenizer: Any, docs: list[str], max_length: int) -> list[li
     return chunks
 
 
-class MLMDataModule(L.LightningDataModule):
+class MLMDataModule(ResumableData, L.LightningDataModule):
     """Masked-LM batches of text (``input_ids``, ``attention_mask``, ``labels``,
     ``original_ids``), masked by :class:`MLMCollator`: redrawn per training batch, fixed on
     the held-out splits.
@@ -268,11 +268,13 @@ class MLMDataModule(L.LightningDataModule):
                            len(self.tokenizer), self.mlm_probability, seed=seed)
 
     def train_dataloader(self) -> torch.utils.data.DataLoader:
-        return torch.utils.data.DataLoader(self.splits["train"], batch_size=self.batch_size, shuffle=True,
+        ds = self.splits["train"]
+        return torch.utils.data.DataLoader(ds, batch_size=self.batch_size, sampler=train_sampler(ds, self, self.batch_size),
                                            collate_fn=self._collator(None), num_workers=self.num_workers)
 
     def _eval(self, split: str) -> torch.utils.data.DataLoader:
-        return torch.utils.data.DataLoader(self.splits[split], batch_size=self.eval_batch_size,
+        ds = self.splits[split]
+        return torch.utils.data.DataLoader(ds, batch_size=self.eval_batch_size, sampler=eval_sampler(ds, self),
                                            collate_fn=self._collator(self.eval_seed), num_workers=self.num_workers)
 
     def val_dataloader(self) -> torch.utils.data.DataLoader:

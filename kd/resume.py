@@ -1,0 +1,100 @@
+"""Resume that changes nothing: a run stopped and resumed with ``ckpt_path=`` ends with the
+weights and metrics of the run that was never stopped.
+
+Where it stops:
+
+* **SIGTERM** (a scheduler's pre-emption, ``kill``) or Ctrl-C: Lightning finishes the
+  batch in progress, then :class:`CheckpointOnSigterm` (the ``interrupted`` callback of
+  ``conf/callbacks/default.yaml``) writes ``checkpoints/interrupted.ckpt``, mid-epoch;
+* **SIGKILL** or a crash: the last checkpoint written is ``checkpoints/last.ckpt`` (every
+  epoch) or a periodic one (``callbacks.last_checkpoint.every_n_train_steps=N``).
+
+What a checkpoint carries, so that the resumed run continues exactly:
+
+* weights, optimizer and scheduler state, Lightning's loop counters (Lightning);
+* the regime's state, e.g. the mixed regime's coin (:class:`kd.recipe.DistillationRecipe`);
+* the data position: the epoch and the batches it completed
+  (:class:`kd.data.ResumableData`); the training order is a permutation seeded by the run's
+  seed and the epoch (:class:`kd.data.TrainOrder`), so the resumed epoch skips what was
+  trained and goes on with the same batches;
+* nothing random: every training batch reseeds torch's generators from
+  :func:`step_seed` (run seed, epoch, batch, rank) before the regime samples and the
+  student runs (dropout, on-policy samples), so a batch's randomness does not depend on
+  what ran before it in this process.
+
+Nothing half-written is ever read: checkpoints are written to a temporary file and renamed
+into place (:class:`AtomicCheckpointIO`), the exported student to a temporary directory
+renamed into place (:func:`atomic_directory`), cache entries likewise (:mod:`kd.cache`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+
+def step_seed(seed: int, epoch: int, batch: int, rank: int = 0) -> int:
+    """A 63-bit seed for one training batch, a function of nothing else."""
+    state = np.random.SeedSequence([seed % 2**32, epoch, batch, rank]).generate_state(2, dtype=np.uint32)
+    return int(state[0]) << 31 | int(state[1]) >> 1
+
+
+class CheckpointOnSigterm(Callback):
+    """Write ``<dirpath>/<filename>.ckpt`` when Lightning stops a fit on SIGTERM (it finishes
+    the batch in progress first) or Ctrl-C, so the run resumes mid-epoch from there.
+
+    Unlike Lightning's ``OnExceptionCheckpoint``, its presence never makes a later
+    ``fit(ckpt_path=None)`` in the same directory resume on its own: a run resumes only
+    when ``ckpt_path=`` says so."""
+
+    def __init__(self, dirpath: str | os.PathLike, filename: str = "interrupted") -> None:
+        self.path = Path(dirpath) / f"{filename}.ckpt"
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        if isinstance(exception, (SIGTERMException, KeyboardInterrupt)) and trainer.state.fn == "fit":
+            trainer.save_checkpoint(self.path)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's ``torch.save`` checkpoints, written to a temporary file beside the target
+    and renamed over it: a process killed while saving leaves the previous checkpoint whole."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike,
+                        storage_options: Any | None = None) -> None:
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.partial")
+        try:
+            super().save_checkpoint(checkpoint, partial, storage_options)
+            os.replace(partial, target)
+        finally:
+            partial.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary directory beside ``target``; when the block ends without an error
+    it replaces ``target`` (an older one is removed first), else it is deleted."""
+    target = Path(target)
+    partial = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.partial")
+    partial.mkdir(parents=True)
+    try:
+        yield partial
+        if target.exists():
+            shutil.rmtree(target)
+        partial.rename(target)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+__all__ = ["step_seed", "CheckpointOnSigterm", "AtomicCheckpointIO", "atomic_directory"]
