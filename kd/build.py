@@ -29,6 +29,7 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import get_class
 from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -390,6 +391,12 @@ def _check_resolves(cfg: DictConfig) -> None:
 def _check_groups(cfg: DictConfig, cls: type[DistillationRecipe], name: str) -> None:
     """Refuse settings the recipe would silently ignore or cannot train with."""
     needs = cls.needs
+    if _world_size(cfg.trainer) > 1 and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        launcher = str(HydraConfig.get().launcher.get("_target_", ""))
+        if "submitit" not in launcher:  # SLURM starts every rank itself; elsewhere Lightning relaunches the command
+            raise ConfigError("a run on several processes cannot be a job of kd -m with this launcher (Lightning "
+                              "relaunches the whole command line in each process); run each setting as its own kd "
+                              "command, or sweep with hydra/launcher=submitit_slurm")
     if cfg.get("divergence") and not needs.divergence:
         raise ConfigError(f"recipe {name} uses no divergence, so divergence={choice('divergence', 'given')} would "
                           "change nothing; drop the divergence override or choose a recipe whose loss uses one")

@@ -182,5 +182,7 @@ def report_main(argv: list[str] | None = None) -> None:
     main(argv)
 
 
-if __name__ == "__main__":  # python -m kd.cli (also how DDP relaunches a run in its other processes)
-    main()
+if __name__ == "__main__":  # python -m kd.cli (how DDP relaunches it); kd.cli, not __main__, holds the state
+    from kd.cli import main as kd_main
+
+    kd_main()

@@ -93,3 +93,12 @@ def test_the_first_rank_builds_regime_caches_while_the_others_wait(local_rank, o
     recipe._trainer = SimpleNamespace(world_size=2, local_rank=local_rank, strategy=recorder, datamodule=None)
     recipe.on_fit_start()
     assert log == order
+
+
+def test_a_sweep_job_on_several_processes_is_refused_in_one_sentence(tmp_path):
+    env = {**os.environ, "KD_CACHE_DIR": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-m", "kd.cli", "-m", "trainer=ddp", "trainer.accelerator=cpu", "seed=0,1",
+                           "logger=none"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2  # each job reported in one sentence, the sweep's exit code says it failed
+    said = done.stdout + done.stderr
+    assert said.count("cannot be a job of kd -m with this launcher") >= 2 and "Traceback" not in said
