@@ -54,6 +54,7 @@ under ``conf/recipe/``.
 from __future__ import annotations
 
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -74,6 +75,7 @@ from kd.generation import GREEDY
 from kd.chunked import HeadLogits
 from kd.models import freeze, head_matches, save_model, split_head
 from kd.regimes import Offline, Regime
+from kd.resume import step_seed
 
 # the frozen teacher is in eval mode on purpose
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
@@ -463,10 +465,6 @@ class DistillationRecipe(L.LightningModule):
         """Reseed torch from the run's seed, the epoch, the batch and the rank
         (:func:`kd.resume.step_seed`): a batch's dropout and samples are the same whether
         or not the run was stopped and resumed before it."""
-        import os
-
-        from kd.resume import step_seed
-
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
         torch.manual_seed(step_seed(seed, self.current_epoch, batch_idx, self.global_rank))
         self._step_started = time.perf_counter()
