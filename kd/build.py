@@ -20,7 +20,6 @@ regime, no loggers; keyed in :mod:`kd.cache` by a hash of exactly what shapes th
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ from torch import nn
 
 from kd import ConfigError, config_error
 from kd.cache import Cache
+from kd.data import TrainOrder
 from kd.cache import key as cache_key
 from kd.models import (CALIBRATED, calibrated_layer_map, check_same_tokenizer, init_from_teacher, kind_of, layer_distances,
                        layer_list, load_tokenizer, load_weights, save_model)
@@ -243,16 +243,12 @@ class Run:
     def _calibrated_map(self, teacher: nn.Module, scheme: str, num_batches: int = 8) -> list[int]:
         """A ``block``/``importance`` layer map measured on the first ``num_batches``
         training batches of a fixed shuffle (the same for every seed and recipe)."""
-        seed = os.environ.get("PL_GLOBAL_SEED")
-        os.environ["PL_GLOBAL_SEED"] = "0"  # the training order's seed (kd.data.train_sampler)
-        try:
-            loader = iter(self.datamodule.train_dataloader())
+        loader = self.datamodule.train_dataloader()
+        if isinstance(loader.sampler, TrainOrder):
+            loader.sampler.seed = 0  # kd's training order: its permutation for seed 0, whatever the run's
+        with torch.random.fork_rng():  # another datamodule's shuffle: the global generator at seed 0
+            torch.manual_seed(0)
             batches = [b for _, b in zip(range(num_batches), loader)]
-        finally:
-            if seed is None:
-                del os.environ["PL_GLOBAL_SEED"]
-            else:
-                os.environ["PL_GLOBAL_SEED"] = seed
         device = next(teacher.parameters()).device
         batches = [{k: b[k].to(device) for k in ("input_ids", "attention_mask")} for b in batches]
         mapping = calibrated_layer_map(layer_distances(teacher, batches), len(layer_list(self.student)), scheme)

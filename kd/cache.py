@@ -186,20 +186,37 @@ class Cache:
                 log.info("reusing cached %s %s (built by another job)", what, found)
                 return found
             final = self.path(kind, name)
-            tmp = final.parent / f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            tmp.mkdir(parents=True)
             log.info("building the %s once (cached afterwards in %s)", what, final)
-            try:
+            with atomic_directory(final) as tmp:  # replaces whatever unusable directory is left there
                 started = time.perf_counter()
                 info = build(tmp) or {}
                 marker = {"name": name, "kind": kind, "kd_version": kd.__version__, "info": info,
                           "build_s": round(time.perf_counter() - started, 2), "files": _inventory(tmp)}
                 (tmp / MARKER).write_text(json.dumps(marker, indent=2, default=str))  # last: the entry is complete
-                shutil.rmtree(final, ignore_errors=True)  # whatever unusable directory is left there
-                os.replace(tmp, final)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
         return final
 
 
-__all__ = ["Cache", "MARKER", "key", "file_sha256"]
+def partial_path(target: str | os.PathLike) -> Path:
+    """A private temporary name beside ``target`` (hidden, unique to this process and call),
+    to write into and then rename over ``target``."""
+    target = Path(target)
+    return target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary directory beside ``target``; when the block ends without an error
+    it replaces ``target`` (an older one is removed first), else it is deleted: a process
+    killed while writing never leaves a half-written ``target``."""
+    target = Path(target)
+    partial = partial_path(target)
+    partial.mkdir(parents=True)
+    try:
+        yield partial
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(partial, target)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+__all__ = ["Cache", "MARKER", "key", "file_sha256", "partial_path", "atomic_directory"]

@@ -54,7 +54,6 @@ under ``conf/recipe/``.
 from __future__ import annotations
 
 import math
-import os
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -75,7 +74,7 @@ from kd.generation import GREEDY
 from kd.chunked import HeadLogits
 from kd.models import freeze, head_matches, save_model, split_head
 from kd.regimes import Offline, Regime
-from kd.resume import step_seed
+from kd.resume import run_seed, step_seed
 
 # the frozen teacher is in eval mode on purpose
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
@@ -449,12 +448,12 @@ class DistillationRecipe(L.LightningModule):
         accumulation window: Lightning divided each by ``accumulate_grad_batches`` and DDP
         averaged the ranks, so scale by N * W / (items summed over the ranks)."""
         if self._window_items is not None and self._rescaled():
-            items = torch.tensor(self._window_items, dtype=torch.float64, device=self.device)
-            world = self.trainer.world_size
+            world, items = self.trainer.world_size, self._window_items
             if world > 1:
-                items = self.trainer.strategy.reduce(items, reduce_op="sum")
-            if float(items) > 0:
-                scale = self.trainer.accumulate_grad_batches * world / float(items)
+                total = torch.tensor(items, dtype=torch.float64, device=self.device)
+                items = float(self.trainer.strategy.reduce(total, reduce_op="sum"))
+            if items > 0:
+                scale = self.trainer.accumulate_grad_batches * world / items
                 for group in optimizer.param_groups:
                     for p in group["params"]:
                         if p.grad is not None:
@@ -465,8 +464,7 @@ class DistillationRecipe(L.LightningModule):
         """Reseed torch from the run's seed, the epoch, the batch and the rank
         (:func:`kd.resume.step_seed`): a batch's dropout and samples are the same whether
         or not the run was stopped and resumed before it."""
-        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
-        torch.manual_seed(step_seed(seed, self.current_epoch, batch_idx, self.global_rank))
+        torch.manual_seed(step_seed(run_seed(), self.current_epoch, batch_idx, self.global_rank))
         self._step_started = time.perf_counter()
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:

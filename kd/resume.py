@@ -23,17 +23,13 @@ What a checkpoint carries, so that the resumed run continues exactly:
   what ran before it in this process.
 
 Nothing half-written is ever read: checkpoints are written to a temporary file and renamed
-into place (:class:`AtomicCheckpointIO`), the exported student to a temporary directory
-renamed into place (:func:`atomic_directory`), cache entries likewise (:mod:`kd.cache`).
+into place (:class:`AtomicCheckpointIO`); the exported student and cache entries are written
+to a temporary directory renamed into place (:func:`kd.cache.atomic_directory`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +37,14 @@ import numpy as np
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from kd.cache import partial_path
+
+
+def run_seed() -> int:
+    """The run's seed, as Lightning's ``seed_everything`` left it in ``PL_GLOBAL_SEED``
+    (0 when nothing seeded): what the training order and the per-batch seeds derive from."""
+    return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
 
 def step_seed(seed: int, epoch: int, batch: int, rank: int = 0) -> int:
@@ -73,7 +77,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                         storage_options: Any | None = None) -> None:
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.partial")
+        partial = partial_path(target)
         try:
             super().save_checkpoint(checkpoint, partial, storage_options)
             os.replace(partial, target)
@@ -81,20 +85,4 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             partial.unlink(missing_ok=True)
 
 
-@contextlib.contextmanager
-def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary directory beside ``target``; when the block ends without an error
-    it replaces ``target`` (an older one is removed first), else it is deleted."""
-    target = Path(target)
-    partial = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.partial")
-    partial.mkdir(parents=True)
-    try:
-        yield partial
-        if target.exists():
-            shutil.rmtree(target)
-        partial.rename(target)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
-
-
-__all__ = ["step_seed", "CheckpointOnSigterm", "AtomicCheckpointIO", "atomic_directory"]
+__all__ = ["run_seed", "step_seed", "CheckpointOnSigterm", "AtomicCheckpointIO"]

@@ -15,7 +15,8 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from safetensors.torch import load_file
 
-from kd.resume import AtomicCheckpointIO, atomic_directory, step_seed
+from kd.cache import atomic_directory
+from kd.resume import AtomicCheckpointIO, step_seed
 from kd.runs import train
 from tests.conftest import SMALL_TASK
 

@@ -9,10 +9,11 @@ Batch conventions (what a recipe receives):
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from torch.utils.data.distributed import DistributedSampler
+
+from kd.resume import run_seed
 
 IGNORE_INDEX = -100
 
@@ -60,7 +61,7 @@ def train_sampler(dataset: Any, datamodule: Any, batch_size: int) -> TrainOrder:
     """The training order (:class:`TrainOrder`) of ``datamodule``'s ``dataset``."""
     rank, world = process_group(datamodule)
     return TrainOrder(dataset, datamodule, batch_size, num_replicas=world, rank=rank,
-                      seed=int(os.environ.get("PL_GLOBAL_SEED", 0)))
+                      seed=run_seed())
 
 
 class TrainOrder(DistributedSampler):
