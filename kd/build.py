@@ -647,9 +647,11 @@ def load_teacher(cfg: DictConfig, model: nn.Module, cache: Cache, t: DictConfig 
 
 def student_sft(cfg: DictConfig, cache: Cache) -> Path:
     """The cache entry (weights) of the supervised fine-tune of ``cfg.student`` that
-    ``student_sft`` describes (one per seed, cached)."""
+    ``student_sft`` describes (cached; one per run seed, or one for every seed when the
+    section fixes its own ``seed``)."""
     factory, _ = student_factory(cfg)
-    return _fitted(cache, "sft", f"{choice('student', 'student')}-seed{cfg.seed}", cfg, factory, cfg.student_sft)
+    seed = cfg.student_sft.get("seed", cfg.seed)
+    return _fitted(cache, "sft", f"{choice('student', 'student')}-seed{seed}", cfg, factory, cfg.student_sft)
 
 
 def scratch_baseline(cfg: DictConfig, cache: Cache) -> tuple[Path, dict[str, Any]]:

@@ -67,7 +67,7 @@ def test_experiment_b_runs_teacher_sft_student_sft_and_on_policy_gkd_scored_by_r
 
 
 def test_a_fit_section_may_train_on_every_batch_whatever_the_runs_limit(make_cfg, tiny_teacher, monkeypatch):
-    """experiment=chat_* limit their distillation to 48 batches; the teacher's fine-tune and
+    """experiment=chat_* limit their distillation to 24 batches; the teacher's fine-tune and
     the student's SFT say limit_train_batches: null and so train on every batch, while a fit
     section without the key keeps the run's limit."""
     import kd.build as build_module
@@ -83,7 +83,7 @@ def test_a_fit_section_may_train_on_every_batch_whatever_the_runs_limit(make_cfg
 
     monkeypatch.setattr(build_module, "cached_run", capture)
     cfg = make_cfg("experiment=chat_gkd", f"teacher.name_or_path={tiny_teacher[0]}")
-    assert cfg.trainer.limit_train_batches == 48
+    assert cfg.trainer.limit_train_batches == 24
     for kind, fit in (("teachers", cfg.teacher.fit), ("sft", cfg.student_sft)):
         with pytest.raises(Stop):
             build_module._fitted(build_module.Cache(cfg.paths.cache_dir), kind, "x", cfg, cfg.teacher.model, fit)
@@ -92,3 +92,26 @@ def test_a_fit_section_may_train_on_every_batch_whatever_the_runs_limit(make_cfg
     with pytest.raises(Stop):
         build_module._fitted(build_module.Cache(task.paths.cache_dir), "sft", "x", task, task.student, task.student_sft)
     assert seen["sft"] == 3
+
+
+def test_an_sft_section_with_its_own_seed_is_one_sft_for_every_run_seed(make_cfg, tiny_teacher, monkeypatch):
+    """sft=chat fixes seed 0: the runs of seeds 0 and 1 start from the same cached SFT (one
+    cache entry, trained with seed 0); sft=task has no seed, so each run seed has its own."""
+    import kd.build as build_module
+
+    names = {}
+
+    def capture(cache, kind, name, sub, what=None):
+        names[(sub.seed, name)] = kind
+        return cache.root
+
+    monkeypatch.setattr(build_module, "cached_run", capture)
+    for seed in (0, 1):
+        cfg = make_cfg("experiment=chat_gkd", f"teacher.name_or_path={tiny_teacher[0]}", f"seed={seed}")
+        build_module.student_sft(cfg, build_module.Cache(cfg.paths.cache_dir))
+    assert len(names) == 1 and next(iter(names))[0] == 0
+    names.clear()
+    for seed in (0, 1):
+        task = make_cfg("experiment=task_gkd", f"seed={seed}")
+        build_module.student_sft(task, build_module.Cache(task.paths.cache_dir))
+    assert sorted(seed for seed, _ in names) == [0, 1] and len({name for _, name in names}) == 2
