@@ -174,7 +174,14 @@ def run_key(cfg: DictConfig, weights_only: bool = False) -> str:
     trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
     data = OmegaConf.to_container(cfg.data, resolve=True)
     skip = ("num_workers", "cache_dir") + (EVAL_ONLY if weights_only else ())
+    teacher = []  # a student that starts from the teacher's layers: which teacher (a cache entry by its name)
+    if isinstance(cfg.get("student"), DictConfig) and INIT_FROM_TEACHER in cfg.student and cfg.get("teacher"):
+        teacher = [OmegaConf.to_container(cfg.teacher, resolve=True)]
+        weights = Path(str(teacher[0].get("checkpoint") or ""))
+        if weights.parent.parent == Path(str(cfg.paths.cache_dir)):
+            teacher[0]["checkpoint"] = weights.name
     return cache_key(
+        *teacher,
         cfg.get("supervised_recipe"),
         cfg.student,
         cfg.optimizer,
@@ -221,11 +228,10 @@ class Run:
                                  for name, model in self.teacher.items()}
         elif self.teacher is not None:
             self.teacher_info = load_teacher(cfg, self.teacher, self.cache)
-        if cfg.get("student_sft"):
-            load_weights(self.student, student_sft(cfg, self.cache))
-        if cfg.get("student_init"):
-            load_weights(self.student, cfg.student_init)
-        if self.init_scheme is not None:
+        start = student_sft(cfg, self.cache) if cfg.get("student_sft") else cfg.get("student_init")
+        if start:  # whole starting weights (an SFT began from the teacher's layers itself: see student_sft)
+            load_weights(self.student, start)
+        elif self.init_scheme is not None:
             source = self.teacher
             if source is None:  # a recipe without a teacher: the "teacher init, no KD" ablation
                 source = instantiate(cfg.teacher.model)
@@ -594,11 +600,13 @@ def _world_size(trainer: DictConfig) -> int:
 
 def cached_supervised(cache: Cache, kind: str, prefix: str, cfg: DictConfig, **changes: Any) -> Path:
     """The :func:`cached_run` ``<kind>/<prefix>-<hash>`` of the no-teacher recipe trained on
-    ``cfg`` with ``changes`` (:func:`sub_config`), the hash covering what shapes it."""
-    sub = sub_config(cfg, recipe=cfg.supervised_recipe, teacher=None, teachers=None, divergence=None, regime=None,
-                     logger={}, ckpt_path=None, student_sft=None, **changes)
-    with open_dict(sub):  # the student's teacher-init scheme belongs to the distilled run, not to this one
-        if isinstance(sub.student, DictConfig) and INIT_FROM_TEACHER in sub.student:
+    ``cfg`` with ``changes`` (:func:`sub_config`), the hash covering what shapes it. A
+    ``teacher`` among the changes is what a ``student.init_from_teacher`` scheme among them
+    starts from (else the scheme belongs to the distilled run and is dropped here)."""
+    sub = sub_config(cfg, **{"recipe": cfg.supervised_recipe, "teacher": None, "teachers": None, "divergence": None,
+                             "regime": None, "logger": {}, "ckpt_path": None, "student_sft": None, **changes})
+    with open_dict(sub):
+        if sub.get("teacher") is None and isinstance(sub.student, DictConfig) and INIT_FROM_TEACHER in sub.student:
             del sub.student[INIT_FROM_TEACHER]
         world = _world_size(sub.trainer)
         for key in ONE_PROCESS_ONLY:  # cached sub-runs train in the calling process (DDP launches none) ...
@@ -609,14 +617,15 @@ def cached_supervised(cache: Cache, kind: str, prefix: str, cfg: DictConfig, **c
     return cached_run(cache, kind, f"{prefix}-{run_key(sub, weights_only=kind == 'teachers')}", sub)
 
 
-def _fitted(cache: Cache, kind: str, prefix: str, cfg: DictConfig, model: DictConfig, fit: DictConfig) -> Path:
+def _fitted(cache: Cache, kind: str, prefix: str, cfg: DictConfig, model: DictConfig | dict, fit: DictConfig,
+            **changes: Any) -> Path:
     """The cached supervised run of ``model`` described by a ``fit`` section (epochs, seed,
     optimizer, scheduler, ``limit_train_batches`` when given (null: every batch, whatever the
     run's trainer limits its own training to; absent: the run's limit) and, under
-    ``fit.data``, changes to the data config)."""
+    ``fit.data``, changes to the data config); ``changes``: further :func:`sub_config` changes."""
     return cached_supervised(
         cache, kind, prefix, cfg,
-        student=OmegaConf.to_container(model, resolve=True),
+        student=OmegaConf.to_container(model, resolve=True) if isinstance(model, DictConfig) else model,
         optimizer=fit.optimizer,
         scheduler=fit.get("scheduler"),
         seed=fit.get("seed", cfg.seed),
@@ -625,6 +634,7 @@ def _fitted(cache: Cache, kind: str, prefix: str, cfg: DictConfig, model: DictCo
         **({"peft": None} if kind == "teachers" else {}),  # a teacher trains all its weights
         **{"trainer.max_epochs": fit.max_epochs},
         **({"trainer.limit_train_batches": fit.limit_train_batches} if "limit_train_batches" in fit else {}),
+        **changes,
     )
 
 
@@ -648,10 +658,20 @@ def load_teacher(cfg: DictConfig, model: nn.Module, cache: Cache, t: DictConfig 
 def student_sft(cfg: DictConfig, cache: Cache) -> Path:
     """The cache entry (weights) of the supervised fine-tune of ``cfg.student`` that
     ``student_sft`` describes (cached; one per run seed, or one for every seed when the
-    section fixes its own ``seed``)."""
-    factory, _ = student_factory(cfg)
+    section fixes its own ``seed``). A student with ``init_from_teacher`` (a pruned
+    teacher) starts its SFT from the teacher's layers, and the run then starts from the SFT."""
+    factory, scheme = student_factory(cfg)
     seed = cfg.student_sft.get("seed", cfg.seed)
-    return _fitted(cache, "sft", f"{choice('student', 'student')}-seed{seed}", cfg, factory, cfg.student_sft)
+    prefix, changes = f"{choice('student', 'student')}-seed{seed}", {}
+    if scheme is not None:  # the SFT starts from the teacher's layers: the teacher's weights, trained once, are its input
+        teacher = OmegaConf.to_container(cfg.teacher, resolve=True)
+        if teacher.get("fit") and not teacher.get("checkpoint"):
+            teacher["checkpoint"] = str(_fitted(cache, "teachers", choice("teacher", "teacher"), cfg, cfg.teacher.model,
+                                                cfg.teacher.fit))
+        teacher.pop("fit", None)
+        changes = {"teacher": teacher}
+        factory = OmegaConf.create({**OmegaConf.to_container(factory), INIT_FROM_TEACHER: scheme})
+    return _fitted(cache, "sft", prefix, cfg, factory, cfg.student_sft, **changes)
 
 
 def scratch_baseline(cfg: DictConfig, cache: Cache) -> tuple[Path, dict[str, Any]]:

@@ -66,6 +66,30 @@ def test_experiment_b_runs_teacher_sft_student_sft_and_on_policy_gkd_scored_by_r
         assert 0.0 <= row["test/rouge_l"] <= 1.0
 
 
+def test_a_pruned_students_sft_starts_from_the_teachers_layers_and_the_run_from_the_sft(make_cfg, tiny_teacher,
+                                                                                         tmp_path):
+    """student=from_teacher with sft=chat: the SFT begins as the fine-tuned teacher's kept
+    layers (lr 0 here, so it stays them), and every distillation row begins as that SFT,
+    not as a fresh copy of the teacher's layers that would throw the SFT away."""
+    from kd.models import read_state_dict
+
+    cfg = make_cfg("experiment=chat_word_kd", f"teacher.name_or_path={tiny_teacher[0]}", "data.source.categories=[greetings]",
+                   "student.num_layers=2", "teacher.fit.max_epochs=1", "student_sft.max_epochs=1",
+                   "student_sft.optimizer.lr=0", "optimizer.lr=0", "trainer.limit_train_batches=1",
+                   "data.generation_eval_size=2", "data.max_new_tokens=2")
+    run(cfg)
+    (teacher_dir,) = (tmp_path / "cache" / "teachers").iterdir()
+    (sft_dir,) = (tmp_path / "cache" / "sft").iterdir()
+    teacher, sft, student = (read_state_dict(d) for d in (teacher_dir, sft_dir, tmp_path / "run" / "student"))
+    # (the exported student's vocabulary is cut to the tokenizer's 280 of the model's 300 rows)
+    assert sft.keys() == student.keys() and all(torch.equal(sft[k][: len(student[k])], student[k]) for k in sft)
+    for s_layer, t_layer in enumerate([0, 3]):  # "even": the first and the last of 4
+        keys = [k for k in sft if k.startswith(f"model.layers.{s_layer}.")]
+        assert keys and all(torch.equal(sft[k], teacher[k.replace(f"layers.{s_layer}.", f"layers.{t_layer}.")])
+                            for k in keys)
+    assert torch.equal(sft["model.embed_tokens.weight"], teacher["model.embed_tokens.weight"])
+
+
 def test_a_fit_section_may_train_on_every_batch_whatever_the_runs_limit(make_cfg, tiny_teacher, monkeypatch):
     """experiment=chat_* limit their distillation to 24 batches; the teacher's fine-tune and
     the student's SFT say limit_train_batches: null and so train on every batch, while a fit
@@ -102,7 +126,8 @@ def test_an_sft_section_with_its_own_seed_is_one_sft_for_every_run_seed(make_cfg
     names = {}
 
     def capture(cache, kind, name, sub, what=None):
-        names[(sub.seed, name)] = kind
+        if kind == "sft":  # (a pruned student's SFT first asks for the fine-tuned teacher)
+            names[(sub.seed, name)] = kind
         return cache.root
 
     monkeypatch.setattr(build_module, "cached_run", capture)
