@@ -91,7 +91,7 @@ def test_a_pruned_students_sft_starts_from_the_teachers_layers_and_the_run_from_
 
 
 def test_a_fit_section_may_train_on_every_batch_whatever_the_runs_limit(make_cfg, tiny_teacher, monkeypatch):
-    """experiment=chat_* limit their distillation to 24 batches; the teacher's fine-tune and
+    """experiment=chat_* limit their distillation to 16 batches; the teacher's fine-tune and
     the student's SFT say limit_train_batches: null and so train on every batch, while a fit
     section without the key keeps the run's limit."""
     import kd.build as build_module
@@ -107,7 +107,7 @@ def test_a_fit_section_may_train_on_every_batch_whatever_the_runs_limit(make_cfg
 
     monkeypatch.setattr(build_module, "cached_run", capture)
     cfg = make_cfg("experiment=chat_gkd", f"teacher.name_or_path={tiny_teacher[0]}")
-    assert cfg.trainer.limit_train_batches == 24
+    assert cfg.trainer.limit_train_batches == 16
     for kind, fit in (("teachers", cfg.teacher.fit), ("sft", cfg.student_sft)):
         with pytest.raises(Stop):
             build_module._fitted(build_module.Cache(cfg.paths.cache_dir), kind, "x", cfg, cfg.teacher.model, fit)
