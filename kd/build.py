@@ -555,10 +555,10 @@ def build(cfg: DictConfig, *, teacher: bool | None = None, setup: bool = True) -
                           callbacks=instantiate_all(cfg.get("callbacks")), **io)
     if teacher_model is not None and needs.teacher:
         label = f"student, {name}"
-    elif scheme is not None:
-        label = "student, teacher init (no KD)"
     elif cfg.get("student_sft"):
         label = "student, SFT + more supervised"
+    elif scheme is not None:
+        label = "student, teacher init (no KD)"
     else:
         label = "student, from scratch"
     return Run(cfg=cfg, recipe=recipe, datamodule=datamodule, trainer=trainer, student=student, teacher=teacher_model,

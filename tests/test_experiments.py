@@ -88,6 +88,12 @@ def test_a_pruned_students_sft_starts_from_the_teachers_layers_and_the_run_from_
         assert keys and all(torch.equal(sft[k], teacher[k.replace(f"layers.{s_layer}.", f"layers.{t_layer}.")])
                             for k in keys)
     assert torch.equal(sft["model.embed_tokens.weight"], teacher["model.embed_tokens.weight"])
+    # the table's control row, more supervised steps from the same SFT, is labelled as that
+    from kd.build import build
+
+    control = build(make_cfg("experiment=chat_word_kd", "recipe=supervised", f"teacher.name_or_path={tiny_teacher[0]}",
+                             "data.source.categories=[greetings]", "student.num_layers=2"), setup=False)
+    assert control.label == "student, SFT + more supervised"
 
 
 def test_a_fit_section_may_train_on_every_batch_whatever_the_runs_limit(make_cfg, tiny_teacher, monkeypatch):
