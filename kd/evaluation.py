@@ -243,7 +243,7 @@ def summarize(runs: list[dict], metric: str = "test/acc", baseline: str | None =
             raise ConfigError(f"{found} with the setting '{baseline}'; choose one of: "
                               f"{', '.join(matches or groups)}")
         baseline = matches[0]
-    percent = metric.endswith(("acc", "exact_match"))
+    percent = metric.endswith(("acc", "exact_match", "rouge_l"))  # fractions, printed as percentages
     lines = []
     for key, members in groups.items():
         seeds = sorted({r.get("seed") for r in members})

@@ -56,6 +56,15 @@ def test_summary_groups_by_overrides_without_seed():
     assert f"92.00 ± {std:.2f}" in table
 
 
+def test_summary_prints_rouge_l_like_accuracy_as_a_percentage():
+    """Rouge-L is a fraction: 0.5076 and 0.5022 would both print as 0.51 / 0.50 with two
+    decimals; as percentages the table keeps the 0.54-point difference."""
+    runs = [{"seed": s, "overrides": [f"seed={s}"], "results": {"student, x": {"test/rouge_l": v}}}
+            for s, v in [(0, 0.5076), (1, 0.5022)]]
+    table = summarize(runs, metric="test/rouge_l")
+    assert f"50.49 ± {statistics.stdev([50.76, 50.22]):.2f}" in table
+
+
 def test_summary_reports_share_of_the_gap_closed_and_wall_time():
     runs = [
         {"seed": s, "overrides": [f"seed={s}"], "wall_time_s": w,
