@@ -571,7 +571,8 @@ def build(cfg: DictConfig, *, teacher: bool | None = None, setup: bool = True) -
 def cached_run(cache: Cache, kind: str, name: str, sub: DictConfig, what: str | None = None) -> Path:
     """The cache entry ``<kind>/<name>`` holding the student weights (``model.safetensors`` or
     ``save_pretrained`` files, at its top level) that training ``sub`` ends with, and its
-    facts (test metrics, parameters) in :meth:`kd.cache.Cache.meta`; trained when missing
+    facts (test metrics, the last validation's metrics, parameters) in
+    :meth:`kd.cache.Cache.meta`; trained when missing
     or unusable, its checkpoints in a scratch folder, the shared caches reused."""
     from kd.models import count_parameters, read_state_dict
 
@@ -584,7 +585,7 @@ def cached_run(cache: Cache, kind: str, name: str, sub: DictConfig, what: str | 
         metrics = run.fit()
         shutil.rmtree(directory / "run", ignore_errors=True)
         save_model(run.student, directory)
-        return {"metrics": metrics, "params": count_parameters(run.student)}
+        return {"metrics": metrics, "validation": run.validation, "params": count_parameters(run.student)}
 
     return cache.get_or_build(kind, name, train_into, validate=read_state_dict, what=what or kind.rstrip("s"))
 
@@ -617,7 +618,7 @@ def cached_supervised(cache: Cache, kind: str, prefix: str, cfg: DictConfig, **c
     return cached_run(cache, kind, f"{prefix}-{run_key(sub, weights_only=kind == 'teachers')}", sub)
 
 
-def _fitted(cache: Cache, kind: str, prefix: str, cfg: DictConfig, model: DictConfig | dict, fit: DictConfig,
+def _fitted(cache: Cache, kind: str, prefix: str, cfg: DictConfig, model: DictConfig, fit: DictConfig,
             **changes: Any) -> Path:
     """The cached supervised run of ``model`` described by a ``fit`` section (epochs, seed,
     optimizer, scheduler, ``limit_train_batches`` when given (null: every batch, whatever the
@@ -625,7 +626,7 @@ def _fitted(cache: Cache, kind: str, prefix: str, cfg: DictConfig, model: DictCo
     ``fit.data``, changes to the data config); ``changes``: further :func:`sub_config` changes."""
     return cached_supervised(
         cache, kind, prefix, cfg,
-        student=OmegaConf.to_container(model, resolve=True) if isinstance(model, DictConfig) else model,
+        student=OmegaConf.to_container(model, resolve=True),
         optimizer=fit.optimizer,
         scheduler=fit.get("scheduler"),
         seed=fit.get("seed", cfg.seed),

@@ -175,3 +175,5 @@ def test_student_sft_starts_the_student_from_the_cached_fine_tune(make_cfg, tmp_
     # the start point is labelled as what it is, an SFT, never "from scratch"
     assert "student, from scratch" not in summary["results"]
     assert summary["results"]["student, SFT (start point)"]["test/exact_match"] == meta["metrics"]["test/exact_match"]
+    # and its validation metrics, to choose a student (its size, its SFT) without the test split
+    assert 0 <= meta["validation"]["val/exact_match"] <= 1 and meta["validation"]["val/loss"] > 0
