@@ -622,8 +622,16 @@ def _fitted(cache: Cache, kind: str, prefix: str, cfg: DictConfig, model: DictCo
             **changes: Any) -> Path:
     """The cached supervised run of ``model`` described by a ``fit`` section (epochs, seed,
     optimizer, scheduler, ``limit_train_batches`` when given (null: every batch, whatever the
-    run's trainer limits its own training to; absent: the run's limit) and, under
-    ``fit.data``, changes to the data config); ``changes``: further :func:`sub_config` changes."""
+    run's trainer limits its own training to; absent: the run's limit, except a limit of 0,
+    which evaluates the run's start point and so trains what it starts from in full) and,
+    under ``fit.data``, changes to the data config); ``changes``: further :func:`sub_config`
+    changes."""
+    if "limit_train_batches" in fit:
+        limit = {"trainer.limit_train_batches": fit.limit_train_batches}
+    elif cfg.trainer.get("limit_train_batches") == 0:
+        limit = {"trainer.limit_train_batches": None}
+    else:
+        limit = {}
     return cached_supervised(
         cache, kind, prefix, cfg,
         student=OmegaConf.to_container(model, resolve=True),
@@ -634,7 +642,7 @@ def _fitted(cache: Cache, kind: str, prefix: str, cfg: DictConfig, model: DictCo
         student_init=None,
         **({"peft": None} if kind == "teachers" else {}),  # a teacher trains all its weights
         **{"trainer.max_epochs": fit.max_epochs},
-        **({"trainer.limit_train_batches": fit.limit_train_batches} if "limit_train_batches" in fit else {}),
+        **limit,
         **changes,
     )
 

@@ -122,6 +122,13 @@ def test_a_fit_section_may_train_on_every_batch_whatever_the_runs_limit(make_cfg
     with pytest.raises(Stop):
         build_module._fitted(build_module.Cache(task.paths.cache_dir), "sft", "x", task, task.student, task.student_sft)
     assert seen["sft"] == 3
+    # a run that trains on no batch evaluates its start point: the teacher and SFT it
+    # starts from still train in full (an untrained teacher would be cached otherwise)
+    start = make_cfg("experiment=task_gkd", "trainer.limit_train_batches=0")
+    for kind, fit in (("teachers", start.teacher.fit), ("sft", start.student_sft)):
+        with pytest.raises(Stop):
+            build_module._fitted(build_module.Cache(start.paths.cache_dir), kind, "x", start, start.student, fit)
+        assert seen[kind] is None
 
 
 def test_an_sft_section_with_its_own_seed_is_one_sft_for_every_run_seed(make_cfg, tiny_teacher, monkeypatch):
