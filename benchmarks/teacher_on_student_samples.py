@@ -22,10 +22,12 @@ learn from there, and on-policy rows then trail off-policy ones (README, experim
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 
 from kd.build import build, compose_config
+from kd.data import IGNORE_INDEX
 from kd.generation import Sampling
 from kd.regimes import OnPolicy
 
@@ -39,6 +41,12 @@ def top1(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.
     return probs.indices, probs.values
 
 
+def mean(parts: list[torch.Tensor]) -> float:
+    """Mean of the values in ``parts`` (NaN when there are none)."""
+    values = torch.cat(parts)
+    return float(values.mean()) if values.numel() else float("nan")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("overrides", nargs="+", help="the experiment's Hydra overrides, e.g. experiment=task_long_gkd")
@@ -47,33 +55,35 @@ def main() -> None:
 
     torch.manual_seed(0)
     run = build(compose_config(*args.overrides, output_dir="outputs/diagnostics"))
+    if not isinstance(run.teacher, torch.nn.Module):
+        sys.exit("teacher_on_student_samples: this run has no single teacher; choose an experiment with teacher=...")
     run.prepare()
     data = run.datamodule
     data.setup("fit")
     student, teacher = run.student.eval(), run.teacher.eval()
+    loader = iter(data.train_dataloader())
+    batches = [next(loader) for _ in range(args.batches)]
+    on_answers = []
+    for batch in batches:
+        _, p = top1(teacher, batch)
+        on_answers.append(p[batch["labels"][:, 1:] != IGNORE_INDEX])
     for name, sampling in (("T = 1", Sampling(temperature=1.0)), ("greedy", Sampling(temperature=0.0))):
         regime = OnPolicy(sampling)
-        loader = iter(data.train_dataloader())
-        on_answers, before, after, with_mistake, rows = [], [], [], 0, 0
-        for _ in range(args.batches):
-            batch = next(loader)
-            _, p = top1(teacher, batch)
-            on_answers.append(p[batch["labels"][:, 1:] != -100])
+        before, after, with_mistake, rows = [], [], 0, 0
+        for batch in batches:
             sampled = regime.sample(student, batch, data)
             choice, p = top1(teacher, sampled)
             labels = sampled["labels"][:, 1:]
-            counted = labels != -100
+            counted = labels != IGNORE_INDEX
             mistake = (choice != labels) & counted
             past_first = (mistake.long().cumsum(-1) - mistake.long()) > 0  # strictly after the first mistake
             before.append(p[counted & ~past_first])
             after.append(p[counted & past_first])
             with_mistake += int(mistake.any(-1).sum())
             rows += len(labels)
-        mean = lambda parts: float(torch.cat(parts).mean()) if sum(x.numel() for x in parts) else float("nan")  # noqa: E731
         print(f"{name:>7}: teacher's top-1 probability on the dataset's answers {mean(on_answers):.3f}; "
               f"on the student's samples before its first mistake {mean(before):.3f}, after it {mean(after):.3f}; "
               f"samples with a mistake {with_mistake}/{rows}")
-
 
 if __name__ == "__main__":
     main()
