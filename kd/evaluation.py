@@ -3,8 +3,8 @@
 :class:`StageMetrics` accumulates, over a validation or test epoch, the student's
 cross-entropy and accuracy on gold labels (per token for language models, with the
 perplexity exp(CE)) and, when a teacher is present, the forward KL(teacher || student)
-at T=1 and the teacher's own accuracy. Exact match of generated answers is computed by
-the recipe from greedy generations (``kd.recipe``) and scored by the data's task. Every value is a
+at T=1 and the teacher's own accuracy. Exact match of generated answers comes from
+greedy generations (:class:`GeneratedAnswers`), scored by the data's task. Every value is a
 token-weighted mean (torchmetrics ``MeanMetric`` with weights), so it is exact across
 batches of different sizes and across devices.
 
@@ -21,6 +21,7 @@ import statistics
 from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +31,7 @@ from kd.chunked import HeadLogits, Labels, fused_loss, map_rows, scalar_weights
 from kd import ConfigError
 from kd.data import IGNORE_INDEX
 from kd.divergences import compute_dtype, forward_kl, forward_kl_per_position
+from kd.generation import GREEDY, generate
 
 
 def cross_entropy(logits: Tensor | HeadLogits, labels: Tensor, reduction: str = "mean") -> Tensor:
@@ -148,6 +150,48 @@ class StageMetrics(nn.Module):
 
 
 # ----------------------------------------------------------------------------- summaries
+
+
+class GeneratedAnswers:
+    """Greedy answers to held-out prompts, kept by example index for exact-match scoring.
+
+    :meth:`answer` decodes one model's greedy answers to a batch of prompts under a key
+    (the stage for the student, ``"teacher"`` for the teacher at test time, so tables
+    compare both on the same prompts). Under several processes every rank answers its
+    share of the prompts; :meth:`scores` first merges the shares of every rank, so each
+    rank scores the whole split, then asks the data to score them (``datamodule.score``).
+    """
+
+    def __init__(self) -> None:
+        self._answers: dict[str, dict[int, str]] = {}
+
+    def answer(self, key: str, model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, tokenizer: Any,
+               indices: Tensor, max_new_tokens: int) -> None:
+        out = generate(model, prompt_ids, prompt_mask, GREEDY.config(tokenizer, max_new_tokens))
+        for i, tokens, keep in zip(indices.tolist(), out.responses, out.response_mask):
+            self._answers.setdefault(key, {})[i] = tokenizer.decode(tokens[keep].tolist(), skip_special_tokens=True)
+
+    def _merge_ranks(self, world: int) -> None:
+        if world == 1:
+            return
+        shares: list[Any] = [None] * world
+        torch.distributed.all_gather_object(shares, self._answers)
+        self._answers = {}
+        for share in shares:
+            for key, answers in share.items():
+                self._answers.setdefault(key, {}).update(answers)
+
+    def scores(self, stage: str, datamodule: Any, world: int = 1) -> dict[str, float]:
+        """The stage's scores of the student's answers, and at test time the teacher's
+        under ``teacher_<name>``; the answers scored are dropped."""
+        self._merge_ranks(world)
+        values: dict[str, float] = {}
+        if self._answers.get(stage):
+            values.update(datamodule.score(stage, self._answers.pop(stage)))
+        if stage == "test" and self._answers.get("teacher"):
+            scores = datamodule.score(stage, self._answers.pop("teacher"))
+            values.update({f"teacher_{k}": v for k, v in scores.items()})
+        return values
 
 
 def _fmt(values: list[float], percent: bool) -> str:

@@ -44,7 +44,6 @@ else about the recipe. The base class owns everything recipes share:
   seed, the epoch, the batch and the rank, so a resumed run repeats what the uninterrupted
   one did (:mod:`kd.resume`);
 * optimizer and scheduler built from config factories (Hydra ``_partial_``);
-* :meth:`save_student`: the student in its native format.
 
 Adding a recipe: subclass, set ``needs`` when it differs from the default (a teacher,
 nothing else), implement ``compute_loss(batch) -> {"loss": ..., <terms>}``, add one yaml
@@ -59,7 +58,6 @@ import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Any, ClassVar
 
 import lightning as L
@@ -69,8 +67,7 @@ from torch import Tensor, nn
 from kd import ConfigError
 from kd.data import IGNORE_INDEX, batch_targets
 from kd.divergences import Divergence
-from kd.evaluation import StageMetrics
-from kd.generation import GREEDY
+from kd.evaluation import GeneratedAnswers, StageMetrics
 from kd.chunked import HeadLogits
 from kd.models import freeze, head_matches, save_model, split_head
 from kd.regimes import Offline, Regime
@@ -227,7 +224,7 @@ class DistillationRecipe(L.LightningModule):
         self._num_targets = torch.zeros(())
         #: the tokenizer's true vocabulary size; logits are cut to it (see set_vocabulary)
         self.vocab_size: int | None = None
-        self._predictions: dict[str, dict[int, str]] = {}  # generated answers by example index
+        self._answers = GeneratedAnswers()  # greedy answers to held-out prompts
         self._window_items: float | None = None  # items (num_items) of this rank's accumulation window
 
     # ------------------------------------------------------------------ model calls
@@ -489,19 +486,14 @@ class DistillationRecipe(L.LightningModule):
         self.metrics[stage].update(out.logits, out.labels, out.mask, teacher)
 
     def _generation_eval_step(self, stage: str, batch: dict[str, Tensor]) -> None:
-        """Greedy answers to held-out prompts, decoded and kept for exact-match scoring
-        (the teacher's too at test time, so tables compare both on the same prompts)."""
-        from kd.generation import generate
-
+        """Greedy answers to held-out prompts (the teacher's too at test time)."""
         dm = self.trainer.datamodule
-        models = {stage: (self.student, batch["prompt_ids"], batch["prompt_mask"], dm.tokenizer)}
+        self._answers.answer(stage, self.student, batch["prompt_ids"], batch["prompt_mask"], dm.tokenizer,
+                             batch["index"], dm.max_new_tokens)
         if stage == "test" and self.teacher is not None:
-            models["teacher"] = (self.teacher, *self.teacher_prompts(batch, dm.tokenizer))
-        for key, (model, prompt_ids, prompt_mask, tok) in models.items():
-            config = GREEDY.config(tok, dm.max_new_tokens)
-            out = generate(model, prompt_ids, prompt_mask, config)
-            for i, tokens, keep in zip(batch["index"].tolist(), out.responses, out.response_mask):
-                self._predictions.setdefault(key, {})[i] = tok.decode(tokens[keep].tolist(), skip_special_tokens=True)
+            prompt_ids, prompt_mask, tok = self.teacher_prompts(batch, dm.tokenizer)
+            self._answers.answer("teacher", self.teacher, prompt_ids, prompt_mask, tok, batch["index"],
+                                 dm.max_new_tokens)
 
     def teacher_prompts(self, batch: dict[str, Tensor], tokenizer: Any) -> tuple[Tensor, Tensor, Any]:
         """``(prompt_ids, prompt_mask, tokenizer)`` the teacher answers test prompts with:
@@ -510,20 +502,8 @@ class DistillationRecipe(L.LightningModule):
 
     def _eval_epoch_end(self, stage: str) -> None:
         values = self.metrics[stage].compute()  # torchmetrics: merged over the ranks
-        dm = getattr(self.trainer, "datamodule", None)
         world = self.trainer.world_size
-        if world > 1:  # every rank answered its share of the prompts: score the whole split everywhere
-            shares: list[Any] = [None] * world
-            torch.distributed.all_gather_object(shares, self._predictions)
-            self._predictions = {}
-            for share in shares:
-                for key, answers in share.items():
-                    self._predictions.setdefault(key, {}).update(answers)
-        if self._predictions.get(stage):
-            values.update(dm.score(stage, self._predictions.pop(stage)))
-        if stage == "test" and self._predictions.get("teacher"):
-            scores = dm.score(stage, self._predictions.pop("teacher"))
-            values.update({f"teacher_{k}": v for k, v in scores.items()})
+        values.update(self._answers.scores(stage, getattr(self.trainer, "datamodule", None), world))
         for key, value in values.items():
             self.log(f"{stage}/{key}", value, prog_bar=key in ("acc", "loss", "exact_match"), add_dataloader_idx=False,
                      sync_dist=world > 1)  # the same value on every rank
@@ -588,48 +568,6 @@ class DistillationRecipe(L.LightningModule):
         total = int(self.trainer.estimated_stepping_batches) * self.optimizer_steps_per_batch
         scheduler = self.scheduler_factory(optimizer, total_steps=total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    # ------------------------------------------------------------------ export
-
-    def save_student(self, directory: str | Path, tokenizer: Any = None) -> Path:
-        """Write the student in its native format (``save_pretrained`` for transformers
-        models, ``model.safetensors`` otherwise), with its tokenizer when given, so plain
-        transformers loads the directory; return it.
-
-        With a tokenizer, a transformers student is made self-contained first: its
-        vocabulary is cut to the tokenizer's (rows past it were never trained, and plain
-        ``generate()`` could sample them) and its config and generation config get the
-        tokenizer's EOS, BOS and pad ids (so ``generate()`` stops).
-
-        A LoRA student (:mod:`kd.adapters`) is written merged (a plain model, the live
-        student keeps its adapters) or as its adapter alone, as ``peft.export`` says."""
-        from kd.adapters import adapted, merged, save_adapter
-
-        student = self.student
-        settings = adapted(student)
-        if settings is not None and settings.export == "adapter":
-            out = save_adapter(student, directory, base=getattr(student.config, "_name_or_path", None) or None)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(out)
-            return out
-        if settings is not None:
-            student = merged(student)
-        if tokenizer is not None and hasattr(student, "resize_token_embeddings"):
-            size = len(tokenizer)
-            rows = getattr(student.get_input_embeddings(), "num_embeddings", size)
-            if rows > size:
-                student.resize_token_embeddings(size)
-            ids = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
-                   "bos_token_id": tokenizer.bos_token_id}
-            for config in (student.config, getattr(student, "generation_config", None)):
-                if config is not None:
-                    for key, value in ids.items():
-                        if value is not None:
-                            setattr(config, key, value)
-        out = save_model(student, directory)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(out)
-        return out
 
 
 __all__ = ["DistillationRecipe", "Needs", "Outputs", "IGNORE_INDEX", "warmup_cosine"]

@@ -37,6 +37,7 @@ from kd import ConfigError
 from kd.cache import atomic_directory
 from kd.build import build, instantiate, scratch_baseline, student_factory, student_tokenizer
 from kd.evaluation import SCRATCH_ROW, SFT_ROW, headline_metric, summarize
+from kd.export import save_student
 from kd.models import count_parameters, load_weights
 
 log = logging.getLogger("kd")
@@ -128,7 +129,7 @@ def _curves(out: Path) -> Path | None:
 def _export(run: Any, out: Path) -> Path:
     """Write the student to ``out/student``, whole or not at all (:func:`kd.cache.atomic_directory`)."""
     with atomic_directory(out / "student") as partial:
-        run.recipe.save_student(partial, tokenizer=getattr(run.datamodule, "tokenizer", None))
+        save_student(run.recipe.student, partial, tokenizer=getattr(run.datamodule, "tokenizer", None))
         OmegaConf.save(run.cfg.student, partial / "model_config.yaml")
     return out / "student"
 

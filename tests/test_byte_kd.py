@@ -12,6 +12,7 @@ import torch
 from kd import ConfigError
 from kd.bytes import NUM_SYMBOLS, ByteOracle, ByteVocab, SymbolIndex, detours, marginal_byte_targets
 from kd.data import IGNORE_INDEX
+from kd.export import save_student
 from kd.data.lm import LMDataModule, TaskSource
 from kd.models import tiny_causal_lm
 from recipes.byte_kd import ULD, ByteKD
@@ -486,7 +487,7 @@ def test_heads_are_dropped_on_export_and_transformers_loads_the_student(tmp_path
     student = AutoModelForCausalLM.from_pretrained(src)  # the path users take
     recipe = _recipe(ByteKD, student_tok, teacher_tok, student=student)
     assert any(k.startswith("byte_heads.") for k in recipe.state_dict())
-    out = recipe.save_student(tmp_path / "student", tokenizer=student_tok)
+    out = save_student(recipe.student, tmp_path / "student", tokenizer=student_tok)
     loaded, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     assert not info["unexpected_keys"] and not info["missing_keys"]
     from safetensors import safe_open
