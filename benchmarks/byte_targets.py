@@ -25,7 +25,8 @@ import time
 import torch
 
 from kd.bytes import ByteOracle, ByteVocab, detours, marginal_byte_targets
-from kd.data.lm import LMDataModule, TaskSource
+from kd.data.lm import LMDataModule
+from kd.data.sources import TaskSource
 from kd.models import tiny_causal_lm
 
 

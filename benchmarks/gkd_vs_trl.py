@@ -31,7 +31,7 @@ side's fastest run (by that rate) is reported: the least disturbed one.
 
 The setup (built once, in a temporary directory, ``--workdir`` to keep it)
 ---------------------------------------------------------------------------
-* the embedded task (:class:`kd.data.lm.TaskSource`: skills upper, reverse, sort, count;
+* the embedded task (:class:`kd.data.sources.TaskSource`: skills upper, reverse, sort, count;
   ``--train-size`` training examples, seed 0) and its byte-level BPE tokenizer, trained
   with kd's own code (``--vocab`` tokens at most) and saved with ``save_pretrained``: its
   chat template renders a user turn as ``"Q: {prompt}\\nA: "`` and an assistant turn as
@@ -200,7 +200,8 @@ def prepare(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     import torch
     from transformers.utils import logging as hf_logging
 
-    from kd.data.lm import LMDataModule, TaskSource
+    from kd.data.lm import LMDataModule
+    from kd.data.sources import TaskSource
     from kd.models import tiny_causal_lm
 
     hf_logging.disable_progress_bar()

@@ -42,7 +42,7 @@ chunked, not the vocabulary: one row of logits per position must fit.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -50,7 +50,9 @@ from torch import Tensor
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["HeadLogits", "Labels", "fused_loss", "map_rows", "default_chunk_size", "scalar_weights",
+from kd.signals import HeadLogits, Labels, TopK, compute_dtype, topk_bins
+
+__all__ = ["fused_loss", "map_rows", "default_chunk_size", "scalar_weights",
            "seq_mean_weights", "TARGET_BLOCK"]
 
 #: logits per block by device type (rows = TARGET_BLOCK[device] // V, at least 32): small on
@@ -66,76 +68,11 @@ def default_chunk_size(vocab: int, device: torch.device | str = "cpu") -> int:
     return max(32, TARGET_BLOCK.get(kind, TARGET_BLOCK["cuda"]) // max(vocab, 1))
 
 
-@dataclass
-class HeadLogits:
-    """Logits that exist only as hidden states and a linear head.
-
-    ``logits = softcap(scale * (hidden @ weight.T + bias))`` with
-    ``softcap(z) = c * tanh(z / c)`` when ``softcap = c`` is set (Gemma 2/3's
-    ``final_logit_softcapping``). :meth:`materialize` builds them (the plain path).
-
-    Attributes:
-        hidden: ``(..., H)``.
-        weight: ``(V, H)``, the output head (``lm_head.weight``, possibly cut to the
-            tokenizer's vocabulary).
-        bias: ``(V,)`` or None.
-        softcap: ``c > 0`` or None.
-        scale: multiplies the logits before the softcap (1: none).
-    """
-
-    hidden: Tensor
-    weight: Tensor
-    bias: Tensor | None = None
-    softcap: float | None = None
-    scale: float = 1.0
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return (*self.hidden.shape[:-1], self.weight.shape[0])
-
-    def transform(self, z: Tensor) -> Tensor:
-        """Scale and softcap raw head outputs ``z`` (any shape)."""
-        if self.scale != 1.0:
-            z = z * self.scale
-        if self.softcap:
-            z = self.softcap * torch.tanh(z / self.softcap)
-        return z
-
-    def rows_logits(self, hidden_rows: Tensor) -> Tensor:
-        """Logits ``(C, V)`` of hidden rows ``(C, H)``."""
-        return self.transform(F.linear(hidden_rows, self.weight, self.bias))
-
-    def materialize(self) -> Tensor:
-        """The full logits ``(..., V)``."""
-        return self.rows_logits(self.hidden)
-
-    def with_vocab(self, vocab: int) -> HeadLogits:
-        """The logits of the first ``vocab`` tokens only."""
-        if vocab >= self.weight.shape[0]:
-            return self
-        bias = None if self.bias is None else self.bias[:vocab]
-        return replace(self, weight=self.weight[:vocab], bias=bias)
-
-
-@dataclass
-class Labels:
-    """Gold token ids ``(...)`` as the "teacher" of a fused cross-entropy (IGNORE rows
-    must be excluded by the mask)."""
-
-    ids: Tensor
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.ids.shape)
-
-
 # ----------------------------------------------------------------------------- teachers
 
 
 def _teacher_tensors(teacher: Any) -> tuple[str, list[Tensor | None]]:
     """The kind of teacher signal and its tensors (flattened to rows where per position)."""
-    from kd.divergences import TopK
-
     if isinstance(teacher, HeadLogits):
         return "head", [teacher.hidden.reshape(-1, teacher.hidden.shape[-1]), teacher.weight, teacher.bias]
     if isinstance(teacher, TopK):
@@ -165,8 +102,6 @@ class _Spec:
                t1: Tensor | None, t2: Tensor | None, graph: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
         """Per-position values ``(C,)`` of ``rows``, and the logits leaves they came from
         (student, teacher or None) so the caller can differentiate with respect to them."""
-        from kd.divergences import TopK, topk_bins
-
         z_s = F.linear(s_h[rows], s_w, s_b)
         if graph:
             z_s = z_s.detach().requires_grad_(True)
@@ -270,10 +205,8 @@ def map_rows(student: HeadLogits, teacher: Any, fn: Callable[[Tensor, Any], Tens
     over the flattened positions ``rows`` and concatenate (token-selection scores,
     evaluation metrics). ``log_q`` is the student's ``(C, V)`` log-softmax at
     ``temperature``; ``teacher_block`` is the teacher's log-softmax ``(C, V)`` (head or
-    logits teacher), its :class:`kd.divergences.TopK` rows, its :class:`Labels` ids
+    logits teacher), its :class:`kd.signals.TopK` rows, its :class:`kd.signals.Labels` ids
     ``(C,)``, or None without a teacher."""
-    from kd.divergences import TopK, compute_dtype
-
     kind, (t0, t1, _) = _teacher_tensors(teacher) if teacher is not None else ("none", [None, None, None])
     dtype = dtype or compute_dtype(student.hidden, student.weight)
     chunk = chunk_size or default_chunk_size(student.weight.shape[0], student.weight.device)
@@ -304,8 +237,8 @@ def fused_loss(student: HeadLogits, teacher: Any, per_position: Callable[[Tensor
 
     Args:
         student: the student's hidden states and head.
-        teacher: a :class:`HeadLogits`, teacher logits ``(..., V)``, a
-            :class:`kd.divergences.TopK` or :class:`Labels` (cross-entropy; then
+        teacher: a :class:`kd.signals.HeadLogits`, teacher logits ``(..., V)``, a
+            :class:`kd.signals.TopK` or :class:`kd.signals.Labels` (cross-entropy; then
             ``per_position`` is ignored).
         per_position: ``(C, V), (C, V) -> (C,)`` log-probabilities to values.
         rows: positions (into the flattened leading shape) that are computed.
@@ -316,8 +249,6 @@ def fused_loss(student: HeadLogits, teacher: Any, per_position: Callable[[Tensor
         chunk_size: rows per block (default :func:`default_chunk_size`).
         dtype: compute dtype (default: float32, float64 for float64 inputs).
     """
-    from kd.divergences import compute_dtype
-
     kind, (t0, t1, t2) = _teacher_tensors(teacher)
     if dtype is None:
         floats = [student.hidden, student.weight] + [t for t in (t0, t1) if t is not None and t.is_floating_point()]

@@ -73,11 +73,11 @@ vocabulary by the caller (``logits[..., :V]``); logits of different shapes are r
 
 Beyond logits, the modules accept (``Divergence.forward``):
 
-* **hidden states and an output head** (:class:`kd.chunked.HeadLogits`): the chunked
+* **hidden states and an output head** (:class:`kd.signals.HeadLogits`): the chunked
   path of :mod:`kd.chunked` computes the same values a block of positions at a time,
   never building ``(N, V)`` logits; :func:`chunked_divergence` is its functional entry point;
-* **a top-k teacher** (:class:`TopK`, a teacher logit cache): ``k + 1`` bins, the cached
-  ids plus a tail bin (:func:`topk_bins`, RECIPES.md section 8);
+* **a top-k teacher** (:class:`kd.signals.TopK`, a teacher logit cache): ``k + 1`` bins, the cached
+  ids plus a tail bin (:func:`kd.signals.topk_bins`, RECIPES.md section 8);
 * **token selection** (``select``/``keep``, TIP, RECIPES.md section 9): the loss keeps
   the highest-entropy or the confidently wrong tokens (:func:`select_tokens`), chosen
   without gradient, and averages over them only.
@@ -87,17 +87,17 @@ from __future__ import annotations
 
 import abc
 import math
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
 from kd import ConfigError
+from kd.chunked import fused_loss, map_rows, scalar_weights
+from kd.signals import HeadLogits, TopK, compute_dtype, topk_bins
 
 __all__ = [
     "REDUCTIONS",
-    "compute_dtype",
     "to_log_probs",
     "reduce",
     "forward_kl_per_position",
@@ -122,12 +122,9 @@ __all__ = [
     "TVD",
     "ULD",
     "SoftCrossEntropy",
-    "TopK",
-    "topk_bins",
     "SELECTIONS",
     "select_tokens",
     "chunked_divergence",
-    "HeadLogits",
 ]
 
 #: Valid values of the ``reduction`` argument.
@@ -211,24 +208,13 @@ def _check_inputs(
 # --------------------------------------------------------------------------- helpers
 
 
-def compute_dtype(*tensors: Tensor) -> torch.dtype:
-    """The dtype the divergences compute in: float64 if any input is float64, else float32.
-
-    Low-precision inputs (bf16, fp16) are upcast to float32; float64 is never downcast.
-    """
-    dtype = torch.float32
-    for t in tensors:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return dtype if dtype == torch.float64 else torch.float32
-
-
 def to_log_probs(
     logits: Tensor,
     temperature: float = 1.0,
     mask: Tensor | None = None,
     dtype: torch.dtype | None = None,
 ) -> Tensor:
-    """Log-softmax of ``logits / temperature`` in ``dtype`` (default :func:`compute_dtype`).
+    """Log-softmax of ``logits / temperature`` in ``dtype`` (default :func:`kd.signals.compute_dtype`).
 
     Args:
         logits: ``(..., V)``.
@@ -557,70 +543,6 @@ skew_reverse_kl.__doc__ = (
 tvd.__doc__ = "Total variation ``0.5 * sum_v |p_T(v) - p_S(v)|``.\n" + _SIGNATURE_DOC
 
 
-# --------------------------------------------------------------------------- top-k teachers
-
-
-@dataclass
-class TopK:
-    """A teacher distribution known by its top ``k`` tokens (a teacher logit cache).
-
-    Attributes:
-        ids: ``(..., k)`` token ids.
-        logprobs: ``(..., k)`` the teacher's log-probabilities of those tokens, already at
-            the loss temperature (any float dtype; upcast to the compute dtype).
-        tail: compare ``k + 1`` bins, the ``k`` ids and one tail bin holding the remaining
-            mass (teacher: ``1 - sum(top-k)``; student: its mass outside the ``k`` ids), the
-            default; ``False``: renormalise both sides over the ``k`` ids (a weaker loss that
-            ignores the student's mass elsewhere).
-    """
-
-    ids: Tensor
-    logprobs: Tensor
-    tail: bool = True
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.ids.shape)
-
-
-def topk_bins(student_logprobs: Tensor, teacher: TopK) -> tuple[Tensor, Tensor]:
-    """Student and teacher log-probabilities over the top-k bins (RECIPES.md section 8).
-
-    Args:
-        student_logprobs: ``(..., V)`` student log-probabilities (at the loss temperature).
-        teacher: the cached top-k, ``ids``/``logprobs`` ``(..., k)``.
-
-    Returns:
-        ``(student_bins, teacher_bins)``, each ``(..., k + 1)`` with the tail bin last
-        (``(..., k)`` when ``teacher.tail`` is False), in the student's dtype. The
-        student's tail is the log-sum-exp of its log-probabilities outside the ``k`` ids
-        (no cancellation); where it has none (``k = V``) both tails are ``-inf`` (0 mass),
-        so ``k = V`` gives the full-vocabulary divergence exactly.
-    """
-    dtype = student_logprobs.dtype
-    ids = teacher.ids.long()
-    log_p = teacher.logprobs.to(dtype)
-    log_q = student_logprobs.gather(-1, ids)
-    if not teacher.tail:
-        return torch.log_softmax(log_q, dim=-1), torch.log_softmax(log_p, dim=-1)
-    neg_inf = torch.full((), -math.inf, dtype=dtype, device=log_q.device)
-    outside = student_logprobs.scatter(-1, ids, -math.inf)
-    empty = (outside == -math.inf).all(-1, keepdim=True)
-    safe = torch.where(empty, torch.zeros((), dtype=dtype, device=log_q.device), outside)
-    q_tail = torch.where(empty, neg_inf, torch.logsumexp(safe, dim=-1, keepdim=True))
-    # below k = V the teacher's tail is never 0 (a softmax); a sum of fp16 top-k probabilities
-    # can still round to 1 or more, so the tail is floored at TAIL_FLOOR (else reverse KL is inf)
-    p_mass = (1.0 - log_p.exp().sum(-1, keepdim=True)).clamp(min=TAIL_FLOOR)
-    p_tail = torch.where(empty, neg_inf, p_mass.log())
-    return torch.cat([log_q, q_tail], -1), torch.cat([log_p, p_tail], -1)
-
-
-#: the least tail mass a cached top-k teacher is given below k = V (:func:`topk_bins`): its
-#: top-k log-probabilities are stored in fp16, whose sums resolve about 1e-3, so any smaller
-#: tail is unknown; 1e-6 keeps reverse KL finite without claiming a tail that was not seen
-TAIL_FLOOR = 1e-6
-
-
 # --------------------------------------------------------------------------- token selection
 
 #: valid values of ``select`` (token selection, TIP): every token, the highest student
@@ -692,12 +614,12 @@ class Divergence(nn.Module, abc.ABC):
     ``forward(student, teacher, mask=None, temperature=1.0)`` takes, for each side:
 
     * logits ``(..., V)`` (the plain functions of this module);
-    * a :class:`kd.chunked.HeadLogits` (hidden states and the output head): with
+    * a :class:`kd.signals.HeadLogits` (hidden states and the output head): with
       ``chunked`` on, the fused path of :mod:`kd.chunked` computes the same values a
       block of positions at a time without ever building ``(N, V)`` logits; off, the
       logits are built and the plain path runs;
-    * for the teacher, a :class:`TopK` (a teacher logit cache): ``k + 1`` bins
-      (:func:`topk_bins`), the temperature applied to the student only (the cache
+    * for the teacher, a :class:`kd.signals.TopK` (a teacher logit cache): ``k + 1`` bins
+      (:func:`kd.signals.topk_bins`), the temperature applied to the student only (the cache
       stores the teacher at the loss temperature).
 
     Args:
@@ -747,8 +669,6 @@ class Divergence(nn.Module, abc.ABC):
     ) -> Tensor:
         """Loss between ``(..., V)`` logits (or hidden states and head, or a top-k teacher);
         ``mask`` ``(...)``; scalar or ``(...)`` for ``"none"``."""
-        from kd.chunked import HeadLogits
-
         fused = isinstance(student_logits, HeadLogits) and self.chunked and not self.cross_vocabulary
         if not fused:
             if isinstance(student_logits, HeadLogits):
@@ -764,8 +684,6 @@ class Divergence(nn.Module, abc.ABC):
 
     def _by_rows(self, student: Any, teacher: Any, mask: Tensor | None, temperature: float, fused: bool) -> Tensor:
         """The loss over the valid (and selected) positions only, gathered as rows."""
-        from kd.chunked import fused_loss, scalar_weights
-
         _check_temperature(temperature)
         shape = tuple(student.shape[:-1])
         if tuple(teacher.shape[:-1]) != shape or (not isinstance(teacher, TopK) and teacher.shape[-1] != student.shape[-1]):
@@ -803,8 +721,6 @@ class Divergence(nn.Module, abc.ABC):
     def _select(self, student: Any, teacher: Any, rows: Tensor, temperature: float, fused: bool,
                 dtype: torch.dtype) -> Tensor:
         """Indices into ``rows`` of the tokens :attr:`select` keeps (no gradient)."""
-        from kd.chunked import map_rows
-
         def score(log_q: Tensor, t_block: Any) -> Tensor:
             entropy = entropy_of(log_q)
             if self.select in ("overconfident", "both"):
@@ -986,7 +902,7 @@ def chunked_divergence(
         temperature: divides both models' logits (not a cached top-k teacher's).
         chunk_size: positions per block (None: kd.chunked.default_chunk_size, about 2**21 logits on CPU, 2**27 on GPUs).
         student_bias, teacher_bias: ``(V,)`` head biases.
-        teacher_logits: the teacher as logits ``(..., V)`` or a :class:`TopK` cache instead
+        teacher_logits: the teacher as logits ``(..., V)`` or a :class:`kd.signals.TopK` cache instead
             of hidden states and a head.
         softcap, teacher_softcap: Gemma's final logit softcapping ``c * tanh(z / c)``.
         scale, teacher_scale: multiply each model's logits before the softcap.
@@ -994,8 +910,6 @@ def chunked_divergence(
     Returns:
         The reduced loss like the plain functions (``(...)`` for ``reduction="none"``).
     """
-    from kd.chunked import HeadLogits
-
     if isinstance(divergence, str):
         if divergence not in DIVERGENCES:
             raise ConfigError(f"unknown divergence {divergence!r}; choose one of " + ", ".join(DIVERGENCES))
@@ -1023,5 +937,3 @@ def _with_chunking(divergence: Divergence, chunk_size: int | None) -> Divergence
     clone.chunk_size = chunk_size if chunk_size is not None else divergence.chunk_size
     return clone
 
-
-from kd.chunked import HeadLogits  # noqa: E402 - kd.chunked imports this module lazily

@@ -21,7 +21,7 @@ from kd import ConfigError
 
 def topic_examples() -> list[tuple[str, str]]:
     """``(first turn, category)`` of every chatterbot-corpus English conversation."""
-    from kd.data.lm import ChatterbotSource
+    from kd.data.sources import ChatterbotSource
 
     return [(turns[0], category) for category, turns in ChatterbotSource.conversations() if turns and turns[0]]
 

@@ -27,11 +27,12 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from kd.chunked import HeadLogits, Labels, fused_loss, map_rows, scalar_weights
+from kd.chunked import fused_loss, map_rows, scalar_weights
 from kd import ConfigError
 from kd.data import IGNORE_INDEX
-from kd.divergences import compute_dtype, forward_kl, forward_kl_per_position
+from kd.divergences import forward_kl, forward_kl_per_position
 from kd.generation import GREEDY, generate
+from kd.signals import HeadLogits, Labels, compute_dtype
 
 
 def cross_entropy(logits: Tensor | HeadLogits, labels: Tensor, reduction: str = "mean") -> Tensor:
@@ -40,7 +41,7 @@ def cross_entropy(logits: Tensor | HeadLogits, labels: Tensor, reduction: str = 
     Positions labelled :data:`~kd.data.IGNORE_INDEX` are excluded; ``"mean"`` averages over
     the valid positions of the whole batch and returns 0 (not NaN) when there are none;
     ``"sum"`` sums them; ``"none"`` returns per-position values (0 where ignored).
-    ``logits`` may be a :class:`kd.chunked.HeadLogits` (hidden states and head): then the
+    ``logits`` may be a :class:`kd.signals.HeadLogits` (hidden states and head): then the
     loss is computed a block of positions at a time (:func:`kd.chunked.fused_loss`).
     """
     valid = labels != IGNORE_INDEX
@@ -92,7 +93,7 @@ class StageMetrics(nn.Module):
         self, student_logits: Tensor | HeadLogits, labels: Tensor, mask: Tensor,
         teacher_logits: Tensor | HeadLogits | None = None,
     ) -> None:
-        """Either model may come as hidden states and head (:class:`kd.chunked.HeadLogits`):
+        """Either model may come as hidden states and head (:class:`kd.signals.HeadLogits`):
         its metrics are then computed a block of positions at a time."""
         self.tokens = self.tokens or labels.dim() > 1
         gold = labels != IGNORE_INDEX

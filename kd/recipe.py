@@ -68,8 +68,8 @@ from kd import ConfigError
 from kd.data import IGNORE_INDEX, batch_targets
 from kd.divergences import Divergence
 from kd.evaluation import GeneratedAnswers, StageMetrics
-from kd.chunked import HeadLogits
-from kd.models import freeze, head_matches, save_model, split_head
+from kd.signals import HeadLogits
+from kd.models import freeze, head_matches, split_head
 from kd.regimes import Offline, Regime
 from kd.resume import run_seed, step_seed
 
@@ -142,8 +142,8 @@ class Outputs:
 
     Attributes:
         logits: ``(..., V)``; position i of a causal LM predicts token i+1, already shifted.
-            With ``fused`` outputs a :class:`kd.chunked.HeadLogits` (hidden states and head)
-            and for a cached teacher a :class:`kd.divergences.TopK`, which the divergences
+            With ``fused`` outputs a :class:`kd.signals.HeadLogits` (hidden states and head)
+            and for a cached teacher a :class:`kd.signals.TopK`, which the divergences
             accept in place of logits.
         labels: ``(...)`` gold targets aligned with ``logits`` (IGNORE_INDEX where none).
         mask: ``(...)`` bool, the positions where a distribution is compared.
@@ -232,7 +232,7 @@ class DistillationRecipe(L.LightningModule):
     @property
     def fused(self) -> bool:
         """Whether losses take language models' logits as hidden states and output head
-        (:class:`kd.chunked.HeadLogits`): the divergence is chunked (``divergence.chunked``)."""
+        (:class:`kd.signals.HeadLogits`): the divergence is chunked (``divergence.chunked``)."""
         return self.divergence is not None and getattr(self.divergence, "chunked", False)
 
     def outputs(self, model: nn.Module, batch: dict[str, Tensor], hidden: bool | None = None,
@@ -252,7 +252,7 @@ class DistillationRecipe(L.LightningModule):
 
         ``fused``: a causal LM whose logits are a linear head over its last hidden states
         (:func:`kd.models.split_head`, checked once per model) returns ``logits`` as a
-        :class:`kd.chunked.HeadLogits`: the ``(B, L, V)`` logits are never built, and the
+        :class:`kd.signals.HeadLogits`: the ``(B, L, V)`` logits are never built, and the
         divergences, :func:`kd.evaluation.cross_entropy` and the evaluation metrics compute
         from the hidden states a block of positions at a time. Other models return logits.
         """
@@ -308,7 +308,7 @@ class DistillationRecipe(L.LightningModule):
         teachers each runs once on the rows routed to it; rows without a teacher get
         zero logits (exclude them with :meth:`distill_mask`). A batch that carries a
         cached teacher (``teacher_topk``, the ``teacher_logits`` regime) returns it as the
-        logits (a :class:`kd.divergences.TopK`) and runs no teacher. ``fused``: see
+        logits (a :class:`kd.signals.TopK`) and runs no teacher. ``fused``: see
         :meth:`outputs` (a single teacher only)."""
         if "teacher_topk" in batch and not hidden:
             return Outputs(batch["teacher_topk"], *batch_targets(batch))
@@ -354,8 +354,8 @@ class DistillationRecipe(L.LightningModule):
 
     def teacher_logits(self, batch: dict[str, Tensor], fused: bool = False) -> Any:
         """Teacher logits for ``batch`` (no grad, eval mode): a tensor, or with ``fused`` a
-        :class:`kd.chunked.HeadLogits` where the teacher allows; a cached
-        :class:`kd.divergences.TopK` when the batch carries one."""
+        :class:`kd.signals.HeadLogits` where the teacher allows; a cached
+        :class:`kd.signals.TopK` when the batch carries one."""
         return self.teacher_outputs(batch, hidden=False, fused=fused).logits
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:

@@ -24,7 +24,7 @@ references, ``replace_responses``) and sample with one :class:`kd.generation.Sam
   split, in dataset order, before training stores per position the ``k`` most likely ids
   and their log-probabilities at the loss temperature, ``log_softmax(z / T)`` over the
   tokenizer's vocabulary (logits cut to it as the recipes cut them). Each training batch
-  then carries ``teacher_topk``, a :class:`kd.divergences.TopK` with ``(B, L-1, k)`` ids
+  then carries ``teacher_topk``, a :class:`kd.signals.TopK` with ``(B, L-1, k)`` ids
   and log-probabilities aligned with the recipe's shifted positions (filler at positions
   outside the responses, which the mask drops), and the recipe runs no teacher
   (:meth:`kd.recipe.DistillationRecipe.teacher_outputs`); divergences compare ``k + 1``
@@ -683,7 +683,7 @@ class TeacherLogits(Regime):
         return float(self.info["bytes_per_token"])
 
     def batch(self, student: nn.Module, batch: dict[str, Tensor], data: Any) -> dict[str, Tensor]:
-        from kd.divergences import TopK
+        from kd.signals import TopK
 
         if self.ids is None or self.offsets is None or self.logprobs is None:
             raise RuntimeError(f"regime={self.name} gives batches only after prepare() built or found its cache")

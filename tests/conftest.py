@@ -62,8 +62,9 @@ def make_cfg(tmp_path: Path):
 def task_dm():
     """The embedded task at toy size, set up (tokenizer trained): 200 training examples,
     batches of 8 holding both the training view and the left-padded prompts."""
-    from kd.data.lm import LMDataModule, TaskSource
+    from kd.data.lm import LMDataModule
 
+    from kd.data.sources import TaskSource
     module = LMDataModule(TaskSource(train_size=200, val_size=20, test_size=20), vocab_size=300, batch_size=8,
                           max_length=64)
     module.setup()

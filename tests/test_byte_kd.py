@@ -12,8 +12,9 @@ import torch
 from kd import ConfigError
 from kd.bytes import NUM_SYMBOLS, ByteOracle, ByteVocab, SymbolIndex, detours, marginal_byte_targets
 from kd.data import IGNORE_INDEX
+from kd.data.lm import LMDataModule
+from kd.data.sources import TaskSource
 from kd.export import save_student
-from kd.data.lm import LMDataModule, TaskSource
 from kd.models import tiny_causal_lm
 from recipes.byte_kd import ULD, ByteKD
 

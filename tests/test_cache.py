@@ -303,8 +303,9 @@ def test_key_changes_with_the_kd_version(monkeypatch):
 
 def test_the_trained_tokenizer_is_cached_per_data_and_settings(tmp_path, monkeypatch, caplog):
     import kd.data.tokenizer as tokenizer_module
-    from kd.data.lm import TaskSource, _trained_tokenizer
+    from kd.data.lm import _trained_tokenizer
 
+    from kd.data.sources import TaskSource
     trained = []
     real = tokenizer_module.task_tokenizer
 

@@ -13,7 +13,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import kd.divergences as D
-from kd.chunked import HeadLogits
+from kd.signals import TAIL_FLOOR, HeadLogits, TopK
 from kd.evaluation import StageMetrics, cross_entropy
 from kd.models import head_matches, split_head, tiny_causal_lm
 from tests.conftest import SMALL_TASK
@@ -123,12 +123,12 @@ P_S = torch.tensor([[0.4, 0.2, 0.2, 0.1, 0.1]], dtype=torch.float64)
 
 
 def test_topk_with_tail_bin_matches_the_recipes_vectors():
-    top2 = D.TopK(torch.tensor([[0, 1]]), P_T.log()[:, :2])
+    top2 = TopK(torch.tensor([[0, 1]]), P_T.log()[:, :2])
     assert D.ForwardKL()(P_S.log(), top2).item() == pytest.approx(0.094582, abs=1e-6)
     assert D.ReverseKL()(P_S.log(), top2).item() == pytest.approx(0.106908, abs=1e-6)
-    renorm = D.TopK(top2.ids, top2.logprobs, tail=False)
+    renorm = TopK(top2.ids, top2.logprobs, tail=False)
     assert D.ForwardKL()(P_S.log(), renorm).item() == pytest.approx(0.003832, abs=1e-6)
-    full = D.TopK(torch.arange(5)[None], P_T.log())
+    full = TopK(torch.arange(5)[None], P_T.log())
     assert D.ForwardKL()(P_S.log(), full).item() == pytest.approx(0.096595, abs=1e-6)
     assert D.ReverseKL()(P_S.log(), full).item() == pytest.approx(0.110991, abs=1e-6)
 
@@ -138,8 +138,8 @@ def test_a_cached_tail_that_rounds_to_zero_below_the_vocabulary_keeps_reverse_kl
     the tail is floored at 1e-6, so reverse KL over the 5 bins with the student's
     [0.4, 0.2, 0.2, 0.1 | 0.1] is 0.4 ln(0.4/0.5) + 0.2 ln(0.2/0.3) + 0.2 ln(0.2/0.1)
     + 0.1 ln(0.1/0.1) + 0.1 ln(0.1/1e-6) = 1.119572."""
-    cached = D.TopK(torch.tensor([[0, 1, 2, 3]]), torch.tensor([[0.5, 0.3, 0.1, 0.1000001]], dtype=torch.float64).log())
-    assert D.TAIL_FLOOR == 1e-6
+    cached = TopK(torch.tensor([[0, 1, 2, 3]]), torch.tensor([[0.5, 0.3, 0.1, 0.1000001]], dtype=torch.float64).log())
+    assert TAIL_FLOOR == 1e-6
     assert D.ReverseKL()(P_S.log(), cached).item() == pytest.approx(1.119572, abs=1e-5)
     assert math.isfinite(D.JSD()(P_S.log(), cached).item()) and math.isfinite(D.ForwardKL()(P_S.log(), cached).item())
 
@@ -150,7 +150,7 @@ def test_topk_with_k_equal_to_the_vocabulary_is_the_live_teacher(name):
     teacher_logits = ht @ wt.T
     log_p = (teacher_logits / 2.0).log_softmax(-1)
     values, ids = log_p.topk(11, -1)
-    cached = D.TopK(ids, values)
+    cached = TopK(ids, values)
     cls = D.DIVERGENCES[name]
     for student in (hs @ ws.T + bs, HeadLogits(hs, ws, bs)):
         want = cls()(hs @ ws.T + bs, teacher_logits, mask, 2.0)
@@ -164,7 +164,7 @@ def test_chunked_topk_equals_plain_topk():
     hs, ws, bs, ht, wt, mask = _problem(torch.float64, seed=4)
     values, ids = (ht @ wt.T).log_softmax(-1).topk(3, -1)
     for tail in (True, False):
-        cached = D.TopK(ids, values, tail)
+        cached = TopK(ids, values, tail)
         for name, cls in D.DIVERGENCES.items():
             got = cls(chunk_size=2)(HeadLogits(hs, ws, bs), cached, mask)
             want = cls(chunked=False)(HeadLogits(hs, ws, bs), cached, mask)

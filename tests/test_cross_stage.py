@@ -13,7 +13,8 @@ from omegaconf import OmegaConf, open_dict
 
 from kd import ConfigError
 from kd.data import IGNORE_INDEX
-from kd.data.lm import LMDataModule, TaskSource
+from kd.data.lm import LMDataModule
+from kd.data.sources import TaskSource
 from kd.divergences import ForwardKL
 from kd.models import tiny_causal_lm
 from recipes.cross_stage import CrossStage, clipped_surrogate, token_advantages

@@ -24,6 +24,7 @@ from kd.divergences import (
     skew_reverse_kl,
     tvd,
 )
+from kd.signals import compute_dtype
 
 @pytest.fixture(autouse=True, scope="module")
 def _single_thread():
@@ -279,7 +280,7 @@ def test_compute_dtype(dtype, expected):
     s, t = _rand((2, 5), 23, dtype=dtype), _rand((2, 5), 24, dtype=dtype)
     for _, fn, kw, _m in CASES:
         assert fn(s, t, **kw).dtype == expected
-    assert D.compute_dtype(s, t.double()) == torch.float64
+    assert compute_dtype(s, t.double()) == torch.float64
 
 
 @pytest.mark.parametrize("fn,kw", FNS)

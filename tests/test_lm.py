@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from kd import ConfigError
 from kd.runs import evaluate, train as run
 from kd.data import IGNORE_INDEX
-from kd.data.lm import JsonlSource, LMDataModule, TaskSource
+from kd.data.lm import LMDataModule
+from kd.data.sources import JsonlSource, TaskSource
 from kd.data.tokenizer import train_bpe_tokenizer
 from kd.models import check_same_tokenizer, load_weights, save_model, tiny_causal_lm
 from kd.divergences import ForwardKL
@@ -208,7 +209,7 @@ def test_prompts_without_a_chat_template_start_as_the_tokenizer_would():
 
 def test_hf_dataset_source_loads_builder_files_and_names_bad_splits(tmp_path):
     pytest.importorskip("datasets")
-    from kd.data.lm import HFDatasetSource
+    from kd.data.sources import HFDatasetSource
 
     for split, n in (("train", 30), ("test", 5)):
         rows = [{"question": f"{split} q{i}", "answer": f"a{i}", "other": i} for i in range(n)]
@@ -230,7 +231,7 @@ def test_chatterbot_source_pairs_consecutive_turns():
     pytest.importorskip("chatterbot_corpus")
     import yaml
 
-    from kd.data.lm import ChatterbotSource
+    from kd.data.sources import ChatterbotSource
 
     folder = ChatterbotSource.directory()
     conversations = yaml.safe_load((folder / "greetings.yml").read_text())["conversations"]
@@ -245,7 +246,7 @@ def test_chatterbot_source_pairs_consecutive_turns():
 
 
 def test_text_windows_hold_out_whole_documents_and_cover_every_token(tmp_path):
-    from kd.data.lm import TextWindows
+    from kd.data.sources import TextWindows
 
     docs = [" ".join(f"d{d}w{i}" for i in range(50)) for d in range(20)]  # 20 documents of 50 words
     (tmp_path / "text.txt").write_text("\n".join(docs))
@@ -273,7 +274,7 @@ def test_text_windows_hold_out_whole_documents_and_cover_every_token(tmp_path):
 
 def test_wikipedia_slice_is_plain_text():
     pytest.importorskip("gensim")
-    from kd.data.mlm import wikipedia_articles
+    from kd.data.sources import wikipedia_articles
 
     articles = wikipedia_articles()
     assert len(articles) > 50 and all(len(a.split()) >= 50 for a in articles)

@@ -16,7 +16,8 @@ from kd import ConfigError
 from kd.build import build
 from kd.cache import MARKER, file_sha256
 from kd.data import IGNORE_INDEX
-from kd.data.lm import LMDataModule, TaskSource
+from kd.data.lm import LMDataModule
+from kd.data.sources import TaskSource
 from kd.divergences import JSD, ForwardKL
 from kd.models import freeze, tiny_causal_lm
 from kd.recipe import Needs
@@ -347,7 +348,7 @@ def test_plain_text_windows_cache_every_predicted_token(tmp_path):
     """Plain text (empty prompts, no chat template): the first token of a window has no
     position predicting it, so the cache holds len - 1 rows per window, and the cached
     loss at k = V is the live teacher's."""
-    from kd.data.lm import TextWindows
+    from kd.data.sources import TextWindows
 
     text = tmp_path / "text.txt"
     words = [f"w{i % 37}" for i in range(4000)]

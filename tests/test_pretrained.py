@@ -220,7 +220,8 @@ def test_gemma3_distills_across_tokenizers_into_a_student_on_smollm2s_tokenizer(
     UTF-8 bytes, the teacher's view of a batch spells the student's responses exactly, and
     a few steps of ``kd recipe=byte_kd`` (and ``recipe=uld``) run end to end."""
     from kd.bytes import ByteVocab
-    from kd.data.lm import LMDataModule, TaskSource
+    from kd.data.lm import LMDataModule
+    from kd.data.sources import TaskSource
     from recipes.byte_kd import ByteKD
 
     gemma, smol = real_models("gemma3-270m"), real_models("smollm2-135m-instruct")

@@ -13,7 +13,8 @@ import torch
 from kd import ConfigError
 from kd.runs import train as run
 from kd.data import IGNORE_INDEX
-from kd.data.lm import LMDataModule, TaskSource
+from kd.data.lm import LMDataModule
+from kd.data.sources import TaskSource
 from kd.evaluation import cross_entropy
 from kd.generation import GenerationConfig, generate
 from kd.models import freeze, tiny_causal_lm

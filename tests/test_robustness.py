@@ -172,7 +172,8 @@ def test_minillm_runs_as_many_updates_as_the_schedule_assumes(make_cfg):
 
 
 def test_teacher_generated_responses_are_cut_to_max_length(tmp_path):
-    from kd.data.lm import LMDataModule, TaskSource
+    from kd.data.lm import LMDataModule
+    from kd.data.sources import TaskSource
     from kd.models import freeze, tiny_causal_lm
     from kd.regimes import TeacherGenerated
 

@@ -201,7 +201,7 @@ def test_long_skills_answer_12_to_20_letters():
 
 
 def test_degrade_adds_wrong_answers_and_a_transfer_set_to_training_only():
-    from kd.data.lm import TaskSource
+    from kd.data.sources import TaskSource
     from kd.data.tasks import degrade
 
     train = make_split(400, seed=0, skills=["add", "sort"])

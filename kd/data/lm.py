@@ -1,4 +1,4 @@
-"""Prompt/response data for language models: sources, tokenization, collation, datamodule.
+"""Prompt/response data for language models: tokenization, collation, datamodule.
 
 An example is a prompt and a response (:class:`kd.data.tasks.Example`). It is rendered
 with the tokenizer's chat template when it has one (the user turn, then the generation
@@ -17,19 +17,14 @@ Batches (what recipes receive):
   (B, P), ``index`` (B,) the examples' positions in their split, to score the generated
   answers against the references (exact match, per skill).
 
-Sources give ``{"train": [...], "val": [...], "test": [...]}`` lists of examples:
-:class:`TaskSource` (the embedded generative task), :class:`JsonlSource` (local
-``.jsonl``/``.json``/``.parquet`` files with ``prompt``/``response`` fields or chat
-``messages``), :class:`HFDatasetSource`, :class:`ChatterbotSource` (real questions and
-answers) and :class:`TextWindows` (plain text for language modelling: empty prompts, used
-with ``chat_template=False``).
+The examples come from a source of :mod:`kd.data.sources`, which gives
+``{"train": [...], "val": [...], "test": [...]}`` lists of them (the embedded task, local
+files, hub datasets, chatterbot-corpus, plain-text windows).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,298 +38,6 @@ from kd.data import IGNORE_INDEX, ResumableData, eval_sampler, train_sampler
 from kd.data.tasks import Example
 
 log = logging.getLogger(__name__)
-
-# ----------------------------------------------------------------------------- sources
-
-
-class TaskSource:
-    """The embedded generative task of :mod:`kd.data.tasks` (deterministic from ``seed``);
-    ``noise`` and ``gold_fraction`` degrade its training split (:func:`kd.data.tasks.degrade`:
-    wrong answers, a transfer set without labels)."""
-
-    def __init__(self, train_size: int = 20000, val_size: int = 300, test_size: int = 1000, seed: int = 0,
-                 skills: Sequence[str] | None = None, gold_fraction: float = 1.0, noise: float = 0.0) -> None:
-        self.kwargs = dict(train_size=train_size, val_size=val_size, test_size=test_size, seed=seed,
-                           skills=list(skills) if skills else None)
-        self.degraded = dict(gold_fraction=gold_fraction, noise=noise)
-
-    def load(self) -> dict[str, list[Example]]:
-        from kd.data.tasks import degrade, make_task
-
-        splits = make_task(**self.kwargs)
-        if self.degraded != {"gold_fraction": 1.0, "noise": 0.0}:
-            splits["train"] = degrade(splits["train"], **self.degraded, seed=self.kwargs["seed"])
-        return splits
-
-    def fingerprint(self) -> dict:
-        if self.degraded == {"gold_fraction": 1.0, "noise": 0.0}:
-            return {"task": self.kwargs}  # the keys of caches built before these options existed
-        return {"task": self.kwargs, "degraded": self.degraded}
-
-
-def _read_records(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise ConfigError(f"data file '{path}' does not exist; pass an existing .jsonl, .json or .parquet file")
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq  # optional dependency, only for parquet files
-
-        return pq.read_table(path).to_pylist()
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"'{path}' is not valid JSON ({e}); fix the file or convert it to one object per line") from e
-        if not isinstance(records, list):
-            raise ConfigError(f"'{path}' must hold a JSON list of objects")
-        return records
-    records = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"'{path}' line {n} is not valid JSON ({e.msg}); each line must be one JSON object") from e
-    return records
-
-
-def _to_example(record: Any, origin: str, n: int, prompt_key: str, response_key: str) -> Example:
-    if isinstance(record, dict) and "messages" in record:
-        msgs = record["messages"]
-        users = [m.get("content", "") for m in msgs if m.get("role") == "user"]
-        answers = [m.get("content", "") for m in msgs if m.get("role") == "assistant"]
-        if users and answers:
-            return Example(prompt=users[-1], response=answers[-1], skill=str(record.get("skill", "data")))
-    elif isinstance(record, dict) and prompt_key in record and response_key in record:
-        return Example(prompt=str(record[prompt_key]), response=str(record[response_key]),
-                       skill=str(record.get("skill", "data")))
-    raise ConfigError(
-        f"{origin} record {n} has neither '{prompt_key}'/'{response_key}' fields nor chat 'messages' with a "
-        "user and an assistant turn; rename the fields or set data.source.prompt_key/response_key"
-    )
-
-
-def hold_out(train: list[Example], given: dict[str, list[Example] | None], fractions: dict[str, float],
-              seed: int, name: str) -> dict[str, list[Example]]:
-    """Splits ``train``/``val``/``test``: a held-out split not ``given`` takes its fraction of
-    ``train`` (a fixed seeded permutation), the rest stays for training."""
-    splits: dict[str, list[Example]] = {}
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
-    held = 0
-    for split in ("val", "test"):
-        if given.get(split) is not None:
-            splits[split] = given[split]
-        else:
-            k = max(1, int(fractions[split] * len(train)))
-            splits[split] = [train[i] for i in order[held : held + k]]
-            held += k
-    splits["train"] = [train[i] for i in order[held:]]
-    if not splits["train"]:
-        raise ConfigError(f"{name} is too small to hold out val/test; add records or give separate val/test splits")
-    return splits
-
-
-def _examples_from(records: list[Any], origin: Any, prompt_key: str, response_key: str) -> list[Example]:
-    if not records:
-        raise ConfigError(f"{origin} holds no records; give it at least one prompt/response pair")
-    return [_to_example(r, origin, n, prompt_key, response_key) for n, r in enumerate(records, 1)]
-
-
-class JsonlSource:
-    """Local files of prompt/response records (``.jsonl``, ``.json`` list or ``.parquet``).
-
-    Args:
-        train: path of the training file.
-        val, test: paths of held-out files; when missing, ``val_fraction`` / ``test_fraction``
-            of the training records (a fixed seeded split) are held out instead.
-        prompt_key, response_key: field names; records with chat ``messages`` use the
-            last user turn as prompt and the last assistant turn as response.
-    """
-
-    def __init__(self, train: str, val: str | None = None, test: str | None = None, prompt_key: str = "prompt",
-                 response_key: str = "response", val_fraction: float = 0.05, test_fraction: float = 0.05,
-                 seed: int = 0) -> None:
-        self.paths = {"train": train, "val": val, "test": test}
-        self.prompt_key, self.response_key = prompt_key, response_key
-        self.fractions = {"val": val_fraction, "test": test_fraction}
-        self.seed = seed
-
-    def _examples(self, path: str) -> list[Example]:
-        p = Path(path).expanduser()
-        return _examples_from(_read_records(p), f"data file '{p}'", self.prompt_key, self.response_key)
-
-    def load(self) -> dict[str, list[Example]]:
-        given = {s: self._examples(self.paths[s]) if self.paths[s] else None for s in ("val", "test")}
-        return hold_out(self._examples(self.paths["train"]), given, self.fractions, self.seed,
-                         f"'{self.paths['train']}'")
-
-    def fingerprint(self) -> dict:
-        stats = {k: (str(v), os.path.getmtime(v), os.path.getsize(v)) for k, v in self.paths.items() if v}
-        return {"files": stats, "keys": [self.prompt_key, self.response_key], "fractions": self.fractions,
-                "seed": self.seed}
-
-
-def _plain(value: Any) -> Any:
-    """Hydra hands lists and dicts over as OmegaConf containers; libraries want plain ones."""
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
-    return OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value
-
-
-class HFDatasetSource:
-    """Prompt/response records through ``datasets.load_dataset``: a hub dataset by name
-    (downloaded by ``datasets`` into its own cache: the only network access, and only
-    because the user named it), a local dataset directory, or a builder such as ``json`` /
-    ``parquet`` / ``csv`` with ``data_files``.
-
-    Args:
-        path: hub name (``"org/dataset"``), local directory, or builder name.
-        name: the dataset's configuration (subset), if it has several.
-        data_files: files for a builder (a path, list, or ``{split: path}``).
-        train_split, val_split, test_split: split names; a missing held-out split takes
-            ``val_fraction`` / ``test_fraction`` of the training split.
-        prompt_key, response_key: field names (or chat ``messages``), as in :class:`JsonlSource`.
-        max_examples: keep the first N training records (None: all).
-        revision: a hub revision (commit, tag or branch) for reproducible runs.
-    """
-
-    def __init__(self, path: str, name: str | None = None, data_files: Any = None, train_split: str = "train",
-                 val_split: str | None = None, test_split: str | None = None, prompt_key: str = "prompt",
-                 response_key: str = "response", val_fraction: float = 0.05, test_fraction: float = 0.05,
-                 max_examples: int | None = None, revision: str | None = None, seed: int = 0) -> None:
-        self.args = dict(path=path, name=name, data_files=data_files, revision=revision)
-        self.splits = {"train": train_split, "val": val_split, "test": test_split}
-        self.prompt_key, self.response_key = prompt_key, response_key
-        self.fractions = {"val": val_fraction, "test": test_fraction}
-        self.max_examples, self.seed = max_examples, seed
-
-    def _load_split(self, split: str) -> list[Example]:
-        try:
-            import datasets
-        except ImportError as e:
-            raise ConfigError("data.source HFDatasetSource needs the datasets library; pip install 'kd[data]'") from e
-        kwargs = {k: _plain(v) for k, v in self.args.items() if v is not None}
-        try:
-            ds = datasets.load_dataset(**kwargs, split=split)
-        except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as e:
-            raise ConfigError(f"datasets could not load split '{split}' of '{self.args['path']}' ({e}); "
-                              "check data.source.path/name/data_files and the split names") from e
-        if split == self.splits["train"] and self.max_examples:
-            ds = ds.select(range(min(self.max_examples, len(ds))))
-        origin = f"dataset '{self.args['path']}' split '{split}'"
-        return _examples_from(ds.to_list(), origin, self.prompt_key, self.response_key)
-
-    def load(self) -> dict[str, list[Example]]:
-        given = {s: self._load_split(self.splits[s]) if self.splits[s] else None for s in ("val", "test")}
-        return hold_out(self._load_split(self.splits["train"]), given, self.fractions, self.seed,
-                         f"dataset '{self.args['path']}'")
-
-    def fingerprint(self) -> dict:
-        local = Path(str(self.args["path"])).expanduser()
-        stamp = os.path.getmtime(local) if local.exists() else None
-        return {"hf_dataset": {k: str(v) for k, v in self.args.items()}, "stamp": stamp, "splits": self.splits,
-                "keys": [self.prompt_key, self.response_key], "fractions": self.fractions,
-                "max_examples": self.max_examples, "seed": self.seed}
-
-
-class ChatterbotSource:
-    """Real English questions and answers, offline: the ``chatterbot-corpus`` package's YAML
-    conversations (2,026 conversations in 21 categories; each consecutive pair of turns is
-    one prompt/response example, 2,393 in all). ``pip install chatterbot-corpus`` (or
-    ``kd[data]``).
-
-    Args:
-        categories: file names of ``chatterbot_corpus/data/english`` without ``.yml``
-            (e.g. ``[greetings, science]``); None: all.
-        val_fraction, test_fraction, seed: the held-out splits, as in :class:`JsonlSource`.
-    """
-
-    def __init__(self, categories: Sequence[str] | None = None, val_fraction: float = 0.05,
-                 test_fraction: float = 0.05, seed: int = 0) -> None:
-        self.categories = sorted(categories) if categories else None
-        self.fractions = {"val": val_fraction, "test": test_fraction}
-        self.seed = seed
-
-    @staticmethod
-    def directory() -> Path:
-        try:
-            import chatterbot_corpus
-        except ImportError as e:
-            raise ConfigError("data=chatterbot needs the chatterbot-corpus package; pip install chatterbot-corpus") from e
-        return Path(chatterbot_corpus.__file__).parent / "data" / "english"
-
-    @classmethod
-    def conversations(cls, categories: Sequence[str] | None = None) -> list[tuple[str, list[str]]]:
-        """``(category, turns)`` of every English conversation (of ``categories``, or all),
-        turns stripped, in a fixed order."""
-        import yaml
-
-        folder = cls.directory()
-        available = sorted(p.stem for p in folder.glob("*.yml"))
-        unknown = sorted(set(categories or []) - set(available))
-        if unknown:
-            raise ConfigError(f"chatterbot-corpus has no categories {unknown}; choose among {available}")
-        out = []
-        for category in sorted(categories) if categories else available:
-            for turns in yaml.safe_load((folder / f"{category}.yml").read_text(encoding="utf-8"))["conversations"]:
-                out.append((category, [str(t).strip() for t in turns]))
-        return out
-
-    def load(self) -> dict[str, list[Example]]:
-        examples = [Example(prompt=a, response=b, skill=category)
-                    for category, turns in self.conversations(self.categories)
-                    for a, b in zip(turns, turns[1:]) if a and b]
-        return hold_out(examples, {}, self.fractions, self.seed, "chatterbot-corpus")
-
-    def fingerprint(self) -> dict:
-        return {"chatterbot": self.categories, "fractions": self.fractions, "seed": self.seed}
-
-
-class TextWindows:
-    """Plain text for language modelling: each document of a corpus cut into windows of
-    ``words`` whitespace-separated words, each window one example with an empty prompt,
-    so the loss covers every token (use with ``chat_template: false``). Held-out splits
-    are by document, so no test window shares a document with a training window.
-
-    Args:
-        corpus: ``lee``, ``wiki``, ``chatterbot`` or a text file (:class:`kd.data.mlm.TextSource`).
-        words: words per window (about 1.3 tokens per word for English BPEs; windows longer
-            than ``max_length`` tokens are cut).
-        max_windows: keep at most this many training windows (the first ones in the
-            split's fixed order; None: all), so a run's tokens are fixed by config.
-        val_fraction, test_fraction, seed: the held-out documents.
-    """
-
-    def __init__(self, corpus: str = "lee", words: int = 96, max_windows: int | None = None,
-                 val_fraction: float = 0.05, test_fraction: float = 0.1, seed: int = 0) -> None:
-        if words < 1:
-            raise ConfigError(f"data.source.words must be >= 1 (got {words})")
-        self.corpus = corpus
-        self.words = words
-        self.max_windows = max_windows
-        self.fractions = {"val": val_fraction, "test": test_fraction}
-        self.seed = seed
-
-    def load(self) -> dict[str, list[Example]]:
-        from kd.data.mlm import TextSource
-
-        docs = TextSource(self.corpus, self.fractions["val"], self.fractions["test"], self.seed).load()
-        out = {}
-        for split, texts in docs.items():
-            windows = []
-            for text in texts:
-                words = text.split()
-                windows += [" ".join(words[i : i + self.words]) for i in range(0, len(words), self.words)]
-            out[split] = [Example(prompt="", response=w, skill=str(self.corpus)) for w in windows]
-        if self.max_windows is not None:
-            out["train"] = out["train"][: self.max_windows]
-        return out
-
-    def fingerprint(self) -> dict:
-        return {"windows": str(self.corpus), "words": self.words, "max_windows": self.max_windows,
-                "fractions": self.fractions, "seed": self.seed}
-
 
 # ----------------------------------------------------------------------------- tokenization
 
@@ -480,7 +183,8 @@ class LMDataModule(ResumableData, L.LightningDataModule):
     """Prompt/response data for causal LMs.
 
     Args:
-        source: a :class:`TaskSource`, :class:`JsonlSource` or anything with ``load()``
+        source: a source of :mod:`kd.data.sources` (:class:`~kd.data.sources.TaskSource`,
+            :class:`~kd.data.sources.JsonlSource`, ...) or anything with ``load()``
             returning ``{"train", "val", "test"}`` lists of examples and ``fingerprint()``.
         tokenizer: hub name or directory of the tokenizer; null trains a byte-level BPE
             of ``vocab_size`` tokens on the training data (cached under ``cache_dir``).
@@ -507,7 +211,7 @@ class LMDataModule(ResumableData, L.LightningDataModule):
             the held-out splits still come from all of them, so runs on different skills (the
             stages of a pipeline, their teachers) share one tokenizer.
         chat_template: render prompts with the tokenizer's chat template (when it has one);
-            false feeds them as they are, as for plain text (:class:`TextWindows`).
+            false feeds them as they are, as for plain text (:class:`kd.data.sources.TextWindows`).
     """
 
     #: the models this data is for (kd.models.KINDS; checked by kd.build)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -31,7 +30,6 @@ from torch import Tensor
 
 from kd import ConfigError
 from kd.data import IGNORE_INDEX, ResumableData, eval_sampler, train_sampler
-from kd.data.lm import ChatterbotSource, hold_out
 
 
 def token_weights(counts: Tensor, special_ids: Iterable[int], smoothing: float = 0.7) -> Tensor:
@@ -119,75 +117,6 @@ class MLMCollator:
         return {"input_ids": masked, "attention_mask": attention, "labels": labels, "original_ids": ids}
 
 
-# ----------------------------------------------------------------------------- text sources
-
-
-def wikipedia_articles(min_words: int = 50) -> list[str]:
-    """The articles of gensim's Wikipedia test slice as plain text, one string per article
-    (redirects and stubs under ``min_words`` words dropped; wiki markup removed by gensim's
-    ``filter_wiki``, bold/italic quotes and blank runs removed here)."""
-    import bz2
-    import re
-
-    try:
-        from gensim.corpora.wikicorpus import extract_pages, filter_wiki
-        from gensim.test.utils import datapath
-    except ImportError as e:
-        raise ConfigError("the wiki corpus ships with gensim; pip install gensim (or kd[data])") from e
-    articles = []
-    with bz2.BZ2File(datapath("enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2")) as f:
-        for _, text, _ in extract_pages(f):
-            if text.lstrip().lower().startswith("#redirect"):
-                continue
-            plain = re.sub(r"\s+", " ", re.sub(r"'{2,}", "", filter_wiki(text))).strip()
-            if len(plain.split()) >= min_words:
-                articles.append(plain)
-    return articles
-
-
-class TextSource:
-    """Plain-text documents, held-out splits by document (fixed seeded permutation).
-
-    Args:
-        corpus: ``lee`` (gensim's Lee news corpus, 300 + 50 Australian news articles; needs
-            ``gensim``), ``wiki`` (gensim's slice of English Wikipedia: the 106 articles of
-            at least 50 words, about 480,000 words, markup stripped), ``chatterbot`` (every turn of chatterbot-corpus's English
-            conversations, one document per conversation; needs ``chatterbot-corpus``), or
-            a path to a local text file with one document per line.
-        val_fraction, test_fraction, seed: the held-out documents.
-    """
-
-    def __init__(self, corpus: str = "lee", val_fraction: float = 0.05, test_fraction: float = 0.1,
-                 seed: int = 0) -> None:
-        self.corpus = corpus
-        self.fractions = {"val": val_fraction, "test": test_fraction}
-        self.seed = seed
-
-    def documents(self) -> list[str]:
-        if self.corpus == "lee":
-            try:
-                from gensim.test.utils import datapath
-            except ImportError as e:
-                raise ConfigError("the lee corpus ships with gensim; pip install gensim (or kd[data])") from e
-            lines = []
-            for name in ("lee_background.cor", "lee.cor"):
-                lines += Path(datapath(name)).read_text(encoding="latin-1").splitlines()
-            return lines
-        if self.corpus == "wiki":
-            return wikipedia_articles()
-        if self.corpus == "chatterbot":
-            return [" ".join(turns) for _, turns in ChatterbotSource.conversations()]
-        path = Path(self.corpus).expanduser()
-        if not path.is_file():
-            raise ConfigError(f"data.source.corpus '{self.corpus}' is neither lee, wiki, chatterbot nor an existing "
-                              "text file")
-        return path.read_text(encoding="utf-8").splitlines()
-
-    def load(self) -> dict[str, list[str]]:
-        docs = [d.strip() for d in self.documents() if d.strip()]
-        return hold_out(docs, {}, self.fractions, self.seed, f"corpus '{self.corpus}'")
-
-
 # ----------------------------------------------------------------------------- the datamodule
 
 
@@ -220,7 +149,7 @@ class MLMDataModule(ResumableData, L.LightningDataModule):
     the held-out splits.
 
     Args:
-        source: a :class:`TextSource` (or anything with ``load() -> {split: [documents]}``).
+        source: a :class:`kd.data.sources.TextSource` (or anything with ``load() -> {split: [documents]}``).
         tokenizer: hub name or directory of a tokenizer with a ``[MASK]`` token; None
             trains a WordPiece tokenizer of ``vocab_size`` on the training documents.
         max_length: tokens per window, ``[CLS]`` and ``[SEP]`` included.

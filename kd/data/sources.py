@@ -1,0 +1,396 @@
+"""Where examples come from: data sources, independent of tokenizers and datamodules.
+
+A source has ``load()``, returning ``{"train": [...], "val": [...], "test": [...]}``, and
+(for the prompt/response sources) ``fingerprint()``, a small JSON-able value that changes
+whenever the loaded data would (it keys the trained-tokenizer cache). Datamodules take a
+source as their ``source`` argument (``data.source`` in the configs).
+
+Prompt/response sources (lists of :class:`kd.data.tasks.Example`, for
+:class:`kd.data.lm.LMDataModule`):
+
+* :class:`TaskSource`: the embedded generative task of :mod:`kd.data.tasks`;
+* :class:`JsonlSource`: local ``.jsonl`` / ``.json`` / ``.parquet`` files holding
+  ``prompt``/``response`` fields or chat ``messages``;
+* :class:`HFDatasetSource`: anything ``datasets.load_dataset`` reads;
+* :class:`ChatterbotSource`: the questions and answers of ``chatterbot-corpus``;
+* :class:`TextWindows`: plain text cut into windows of words, each an example with an
+  empty prompt (language modelling on text).
+
+Text sources (lists of document strings, for :class:`kd.data.mlm.MLMDataModule`):
+:class:`TextSource` (gensim's Lee or Wikipedia slices, chatterbot conversations, or a local
+file), and :func:`wikipedia_articles`, which it reads the Wikipedia slice with.
+
+Held-out splits that a source does not have are cut from its training split by
+:func:`hold_out` (a fixed seeded permutation).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kd import ConfigError
+from kd.data.tasks import Example
+
+# ----------------------------------------------------------------------------- prompt/response sources
+
+
+class TaskSource:
+    """The embedded generative task of :mod:`kd.data.tasks` (deterministic from ``seed``);
+    ``noise`` and ``gold_fraction`` degrade its training split (:func:`kd.data.tasks.degrade`:
+    wrong answers, a transfer set without labels)."""
+
+    def __init__(self, train_size: int = 20000, val_size: int = 300, test_size: int = 1000, seed: int = 0,
+                 skills: Sequence[str] | None = None, gold_fraction: float = 1.0, noise: float = 0.0) -> None:
+        self.kwargs = dict(train_size=train_size, val_size=val_size, test_size=test_size, seed=seed,
+                           skills=list(skills) if skills else None)
+        self.degraded = dict(gold_fraction=gold_fraction, noise=noise)
+
+    def load(self) -> dict[str, list[Example]]:
+        from kd.data.tasks import degrade, make_task
+
+        splits = make_task(**self.kwargs)
+        if self.degraded != {"gold_fraction": 1.0, "noise": 0.0}:
+            splits["train"] = degrade(splits["train"], **self.degraded, seed=self.kwargs["seed"])
+        return splits
+
+    def fingerprint(self) -> dict:
+        if self.degraded == {"gold_fraction": 1.0, "noise": 0.0}:
+            return {"task": self.kwargs}  # the keys of caches built before these options existed
+        return {"task": self.kwargs, "degraded": self.degraded}
+
+
+def _read_records(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise ConfigError(f"data file '{path}' does not exist; pass an existing .jsonl, .json or .parquet file")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq  # optional dependency, only for parquet files
+
+        return pq.read_table(path).to_pylist()
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"'{path}' is not valid JSON ({e}); fix the file or convert it to one object per line") from e
+        if not isinstance(records, list):
+            raise ConfigError(f"'{path}' must hold a JSON list of objects")
+        return records
+    records = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"'{path}' line {n} is not valid JSON ({e.msg}); each line must be one JSON object") from e
+    return records
+
+
+def _to_example(record: Any, origin: str, n: int, prompt_key: str, response_key: str) -> Example:
+    if isinstance(record, dict) and "messages" in record:
+        msgs = record["messages"]
+        users = [m.get("content", "") for m in msgs if m.get("role") == "user"]
+        answers = [m.get("content", "") for m in msgs if m.get("role") == "assistant"]
+        if users and answers:
+            return Example(prompt=users[-1], response=answers[-1], skill=str(record.get("skill", "data")))
+    elif isinstance(record, dict) and prompt_key in record and response_key in record:
+        return Example(prompt=str(record[prompt_key]), response=str(record[response_key]),
+                       skill=str(record.get("skill", "data")))
+    raise ConfigError(
+        f"{origin} record {n} has neither '{prompt_key}'/'{response_key}' fields nor chat 'messages' with a "
+        "user and an assistant turn; rename the fields or set data.source.prompt_key/response_key"
+    )
+
+
+def hold_out(train: list[Example], given: dict[str, list[Example] | None], fractions: dict[str, float],
+              seed: int, name: str) -> dict[str, list[Example]]:
+    """Splits ``train``/``val``/``test``: a held-out split not ``given`` takes its fraction of
+    ``train`` (a fixed seeded permutation), the rest stays for training."""
+    splits: dict[str, list[Example]] = {}
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
+    held = 0
+    for split in ("val", "test"):
+        if given.get(split) is not None:
+            splits[split] = given[split]
+        else:
+            k = max(1, int(fractions[split] * len(train)))
+            splits[split] = [train[i] for i in order[held : held + k]]
+            held += k
+    splits["train"] = [train[i] for i in order[held:]]
+    if not splits["train"]:
+        raise ConfigError(f"{name} is too small to hold out val/test; add records or give separate val/test splits")
+    return splits
+
+
+def _examples_from(records: list[Any], origin: Any, prompt_key: str, response_key: str) -> list[Example]:
+    if not records:
+        raise ConfigError(f"{origin} holds no records; give it at least one prompt/response pair")
+    return [_to_example(r, origin, n, prompt_key, response_key) for n, r in enumerate(records, 1)]
+
+
+class JsonlSource:
+    """Local files of prompt/response records (``.jsonl``, ``.json`` list or ``.parquet``).
+
+    Args:
+        train: path of the training file.
+        val, test: paths of held-out files; when missing, ``val_fraction`` / ``test_fraction``
+            of the training records (a fixed seeded split) are held out instead.
+        prompt_key, response_key: field names; records with chat ``messages`` use the
+            last user turn as prompt and the last assistant turn as response.
+    """
+
+    def __init__(self, train: str, val: str | None = None, test: str | None = None, prompt_key: str = "prompt",
+                 response_key: str = "response", val_fraction: float = 0.05, test_fraction: float = 0.05,
+                 seed: int = 0) -> None:
+        self.paths = {"train": train, "val": val, "test": test}
+        self.prompt_key, self.response_key = prompt_key, response_key
+        self.fractions = {"val": val_fraction, "test": test_fraction}
+        self.seed = seed
+
+    def _examples(self, path: str) -> list[Example]:
+        p = Path(path).expanduser()
+        return _examples_from(_read_records(p), f"data file '{p}'", self.prompt_key, self.response_key)
+
+    def load(self) -> dict[str, list[Example]]:
+        given = {s: self._examples(self.paths[s]) if self.paths[s] else None for s in ("val", "test")}
+        return hold_out(self._examples(self.paths["train"]), given, self.fractions, self.seed,
+                         f"'{self.paths['train']}'")
+
+    def fingerprint(self) -> dict:
+        stats = {k: (str(v), os.path.getmtime(v), os.path.getsize(v)) for k, v in self.paths.items() if v}
+        return {"files": stats, "keys": [self.prompt_key, self.response_key], "fractions": self.fractions,
+                "seed": self.seed}
+
+
+def _plain(value: Any) -> Any:
+    """Hydra hands lists and dicts over as OmegaConf containers; libraries want plain ones."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    return OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value
+
+
+class HFDatasetSource:
+    """Prompt/response records through ``datasets.load_dataset``: a hub dataset by name
+    (downloaded by ``datasets`` into its own cache: the only network access, and only
+    because the user named it), a local dataset directory, or a builder such as ``json`` /
+    ``parquet`` / ``csv`` with ``data_files``.
+
+    Args:
+        path: hub name (``"org/dataset"``), local directory, or builder name.
+        name: the dataset's configuration (subset), if it has several.
+        data_files: files for a builder (a path, list, or ``{split: path}``).
+        train_split, val_split, test_split: split names; a missing held-out split takes
+            ``val_fraction`` / ``test_fraction`` of the training split.
+        prompt_key, response_key: field names (or chat ``messages``), as in :class:`JsonlSource`.
+        max_examples: keep the first N training records (None: all).
+        revision: a hub revision (commit, tag or branch) for reproducible runs.
+    """
+
+    def __init__(self, path: str, name: str | None = None, data_files: Any = None, train_split: str = "train",
+                 val_split: str | None = None, test_split: str | None = None, prompt_key: str = "prompt",
+                 response_key: str = "response", val_fraction: float = 0.05, test_fraction: float = 0.05,
+                 max_examples: int | None = None, revision: str | None = None, seed: int = 0) -> None:
+        self.args = dict(path=path, name=name, data_files=data_files, revision=revision)
+        self.splits = {"train": train_split, "val": val_split, "test": test_split}
+        self.prompt_key, self.response_key = prompt_key, response_key
+        self.fractions = {"val": val_fraction, "test": test_fraction}
+        self.max_examples, self.seed = max_examples, seed
+
+    def _load_split(self, split: str) -> list[Example]:
+        try:
+            import datasets
+        except ImportError as e:
+            raise ConfigError("data.source HFDatasetSource needs the datasets library; pip install 'kd[data]'") from e
+        kwargs = {k: _plain(v) for k, v in self.args.items() if v is not None}
+        try:
+            ds = datasets.load_dataset(**kwargs, split=split)
+        except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as e:
+            raise ConfigError(f"datasets could not load split '{split}' of '{self.args['path']}' ({e}); "
+                              "check data.source.path/name/data_files and the split names") from e
+        if split == self.splits["train"] and self.max_examples:
+            ds = ds.select(range(min(self.max_examples, len(ds))))
+        origin = f"dataset '{self.args['path']}' split '{split}'"
+        return _examples_from(ds.to_list(), origin, self.prompt_key, self.response_key)
+
+    def load(self) -> dict[str, list[Example]]:
+        given = {s: self._load_split(self.splits[s]) if self.splits[s] else None for s in ("val", "test")}
+        return hold_out(self._load_split(self.splits["train"]), given, self.fractions, self.seed,
+                         f"dataset '{self.args['path']}'")
+
+    def fingerprint(self) -> dict:
+        local = Path(str(self.args["path"])).expanduser()
+        stamp = os.path.getmtime(local) if local.exists() else None
+        return {"hf_dataset": {k: str(v) for k, v in self.args.items()}, "stamp": stamp, "splits": self.splits,
+                "keys": [self.prompt_key, self.response_key], "fractions": self.fractions,
+                "max_examples": self.max_examples, "seed": self.seed}
+
+
+class ChatterbotSource:
+    """Real English questions and answers, offline: the ``chatterbot-corpus`` package's YAML
+    conversations (2,026 conversations in 21 categories; each consecutive pair of turns is
+    one prompt/response example, 2,393 in all). ``pip install chatterbot-corpus`` (or
+    ``kd[data]``).
+
+    Args:
+        categories: file names of ``chatterbot_corpus/data/english`` without ``.yml``
+            (e.g. ``[greetings, science]``); None: all.
+        val_fraction, test_fraction, seed: the held-out splits, as in :class:`JsonlSource`.
+    """
+
+    def __init__(self, categories: Sequence[str] | None = None, val_fraction: float = 0.05,
+                 test_fraction: float = 0.05, seed: int = 0) -> None:
+        self.categories = sorted(categories) if categories else None
+        self.fractions = {"val": val_fraction, "test": test_fraction}
+        self.seed = seed
+
+    @staticmethod
+    def directory() -> Path:
+        try:
+            import chatterbot_corpus
+        except ImportError as e:
+            raise ConfigError("data=chatterbot needs the chatterbot-corpus package; pip install chatterbot-corpus") from e
+        return Path(chatterbot_corpus.__file__).parent / "data" / "english"
+
+    @classmethod
+    def conversations(cls, categories: Sequence[str] | None = None) -> list[tuple[str, list[str]]]:
+        """``(category, turns)`` of every English conversation (of ``categories``, or all),
+        turns stripped, in a fixed order."""
+        import yaml
+
+        folder = cls.directory()
+        available = sorted(p.stem for p in folder.glob("*.yml"))
+        unknown = sorted(set(categories or []) - set(available))
+        if unknown:
+            raise ConfigError(f"chatterbot-corpus has no categories {unknown}; choose among {available}")
+        out = []
+        for category in sorted(categories) if categories else available:
+            for turns in yaml.safe_load((folder / f"{category}.yml").read_text(encoding="utf-8"))["conversations"]:
+                out.append((category, [str(t).strip() for t in turns]))
+        return out
+
+    def load(self) -> dict[str, list[Example]]:
+        examples = [Example(prompt=a, response=b, skill=category)
+                    for category, turns in self.conversations(self.categories)
+                    for a, b in zip(turns, turns[1:]) if a and b]
+        return hold_out(examples, {}, self.fractions, self.seed, "chatterbot-corpus")
+
+    def fingerprint(self) -> dict:
+        return {"chatterbot": self.categories, "fractions": self.fractions, "seed": self.seed}
+
+
+# ----------------------------------------------------------------------------- text sources
+
+
+def wikipedia_articles(min_words: int = 50) -> list[str]:
+    """The articles of gensim's Wikipedia test slice as plain text, one string per article
+    (redirects and stubs under ``min_words`` words dropped; wiki markup removed by gensim's
+    ``filter_wiki``, bold/italic quotes and blank runs removed here)."""
+    import bz2
+    import re
+
+    try:
+        from gensim.corpora.wikicorpus import extract_pages, filter_wiki
+        from gensim.test.utils import datapath
+    except ImportError as e:
+        raise ConfigError("the wiki corpus ships with gensim; pip install gensim (or kd[data])") from e
+    articles = []
+    with bz2.BZ2File(datapath("enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2")) as f:
+        for _, text, _ in extract_pages(f):
+            if text.lstrip().lower().startswith("#redirect"):
+                continue
+            plain = re.sub(r"\s+", " ", re.sub(r"'{2,}", "", filter_wiki(text))).strip()
+            if len(plain.split()) >= min_words:
+                articles.append(plain)
+    return articles
+
+
+class TextSource:
+    """Plain-text documents, held-out splits by document (fixed seeded permutation).
+
+    Args:
+        corpus: ``lee`` (gensim's Lee news corpus, 300 + 50 Australian news articles; needs
+            ``gensim``), ``wiki`` (gensim's slice of English Wikipedia: the 106 articles of
+            at least 50 words, about 480,000 words, markup stripped), ``chatterbot`` (every turn of chatterbot-corpus's English
+            conversations, one document per conversation; needs ``chatterbot-corpus``), or
+            a path to a local text file with one document per line.
+        val_fraction, test_fraction, seed: the held-out documents.
+    """
+
+    def __init__(self, corpus: str = "lee", val_fraction: float = 0.05, test_fraction: float = 0.1,
+                 seed: int = 0) -> None:
+        self.corpus = corpus
+        self.fractions = {"val": val_fraction, "test": test_fraction}
+        self.seed = seed
+
+    def documents(self) -> list[str]:
+        if self.corpus == "lee":
+            try:
+                from gensim.test.utils import datapath
+            except ImportError as e:
+                raise ConfigError("the lee corpus ships with gensim; pip install gensim (or kd[data])") from e
+            lines = []
+            for name in ("lee_background.cor", "lee.cor"):
+                lines += Path(datapath(name)).read_text(encoding="latin-1").splitlines()
+            return lines
+        if self.corpus == "wiki":
+            return wikipedia_articles()
+        if self.corpus == "chatterbot":
+            return [" ".join(turns) for _, turns in ChatterbotSource.conversations()]
+        path = Path(self.corpus).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"data.source.corpus '{self.corpus}' is neither lee, wiki, chatterbot nor an existing "
+                              "text file")
+        return path.read_text(encoding="utf-8").splitlines()
+
+    def load(self) -> dict[str, list[str]]:
+        docs = [d.strip() for d in self.documents() if d.strip()]
+        return hold_out(docs, {}, self.fractions, self.seed, f"corpus '{self.corpus}'")
+
+
+class TextWindows:
+    """Plain text for language modelling: each document of a corpus cut into windows of
+    ``words`` whitespace-separated words, each window one example with an empty prompt,
+    so the loss covers every token (use with ``chat_template: false``). Held-out splits
+    are by document, so no test window shares a document with a training window.
+
+    Args:
+        corpus: ``lee``, ``wiki``, ``chatterbot`` or a text file (:class:`TextSource`).
+        words: words per window (about 1.3 tokens per word for English BPEs; windows longer
+            than ``max_length`` tokens are cut).
+        max_windows: keep at most this many training windows (the first ones in the
+            split's fixed order; None: all), so a run's tokens are fixed by config.
+        val_fraction, test_fraction, seed: the held-out documents.
+    """
+
+    def __init__(self, corpus: str = "lee", words: int = 96, max_windows: int | None = None,
+                 val_fraction: float = 0.05, test_fraction: float = 0.1, seed: int = 0) -> None:
+        if words < 1:
+            raise ConfigError(f"data.source.words must be >= 1 (got {words})")
+        self.corpus = corpus
+        self.words = words
+        self.max_windows = max_windows
+        self.fractions = {"val": val_fraction, "test": test_fraction}
+        self.seed = seed
+
+    def load(self) -> dict[str, list[Example]]:
+        docs = TextSource(self.corpus, self.fractions["val"], self.fractions["test"], self.seed).load()
+        out = {}
+        for split, texts in docs.items():
+            windows = []
+            for text in texts:
+                words = text.split()
+                windows += [" ".join(words[i : i + self.words]) for i in range(0, len(words), self.words)]
+            out[split] = [Example(prompt="", response=w, skill=str(self.corpus)) for w in windows]
+        if self.max_windows is not None:
+            out["train"] = out["train"][: self.max_windows]
+        return out
+
+    def fingerprint(self) -> dict:
+        return {"windows": str(self.corpus), "words": self.words, "max_windows": self.max_windows,
+                "fractions": self.fractions, "seed": self.seed}

@@ -1,0 +1,123 @@
+"""The run's teachers: one model, or several that batches route their rows to.
+
+:class:`Teachers` owns everything that makes a model a teacher:
+
+* it is frozen: ``requires_grad=False`` on every parameter, and in eval mode whatever
+  mode the recipe around it is switched to (no dropout, ever);
+* routing: with several named teachers (``teachers:`` in the config) each row of a batch
+  names its teacher in ``teacher_index`` (its position among the sorted names; -1: none).
+  :meth:`Teachers.outputs` runs each teacher once, on its own rows, and never mixes two
+  teachers' distributions;
+* coverage: the :class:`kd.signals.Outputs` it returns carry a ``mask`` that already
+  leaves out the rows without a teacher, and the divergences, given those outputs as the
+  teacher, compare only the positions in that mask. A recipe therefore cannot pull rows
+  without a teacher toward the placeholder logits they hold;
+* where the signal comes from: a batch that carries the teacher already (the logit cache's
+  top-k, ``teacher_topk``) is answered from the batch and runs no model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from kd import ConfigError
+from kd.batches import IGNORE_INDEX, TEACHER_INDEX, TEACHER_TOPK, batch_targets
+from kd.models import freeze
+from kd.signals import Outputs
+
+#: runs one model on a batch: ``call(model, batch, hidden, fused) -> Outputs``
+ModelCall = Callable[[nn.Module, dict[str, Tensor], bool, bool], Outputs]
+
+SINGLE = "teacher"
+
+
+class Teachers(nn.Module):
+    """One frozen teacher, or several routed ones (a mapping of names to models)."""
+
+    def __init__(self, teachers: nn.Module | Mapping[str, nn.Module]) -> None:
+        super().__init__()
+        self.routed = isinstance(teachers, Mapping)
+        if self.routed and not teachers:
+            raise ConfigError("the run names an empty mapping of teachers; name at least one under teachers:")
+        models = {k: teachers[k] for k in sorted(teachers)} if self.routed else {SINGLE: teachers}
+        self.models = nn.ModuleDict({name: freeze(model) for name, model in models.items()})
+
+    @property
+    def names(self) -> list[str]:
+        """The teachers' names, in the order ``teacher_index`` counts (sorted)."""
+        return list(self.models)
+
+    @property
+    def single(self) -> nn.Module | None:
+        """The teacher of a run with one (None when routed)."""
+        return None if self.routed else self.models[SINGLE]
+
+    def items(self) -> list[tuple[str, nn.Module]]:
+        return list(self.models.items())
+
+    def train(self, mode: bool = True) -> Teachers:
+        """Teachers stay in eval mode whatever the recipe is switched to."""
+        return super().train(False)
+
+    def route(self, batch: dict[str, Tensor]) -> Tensor:
+        """``(B,)`` each row's teacher (its position among :attr:`names`; -1: none)."""
+        if not self.routed:
+            first = next(v for v in batch.values() if torch.is_tensor(v))
+            return torch.zeros(len(first), dtype=torch.long, device=first.device)
+        if TEACHER_INDEX not in batch:
+            raise ConfigError("this run has several teachers but its batches say nothing of which teacher each "
+                              "example belongs to; route them with data.routes={<skill>: <teacher name>, ...}")
+        return batch[TEACHER_INDEX]
+
+    def covered(self, batch: dict[str, Tensor]) -> Tensor:
+        """``(B,)`` bool: the rows that have a teacher."""
+        return self.route(batch) >= 0
+
+    def examples(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Rows of ``batch`` per teacher name (for ``train/<teacher>/examples``)."""
+        route = self.route(batch)
+        return {name: (route == k).sum() for k, name in enumerate(self.names)}
+
+    @torch.no_grad()
+    def outputs(self, batch: dict[str, Tensor], call: ModelCall, hidden: bool = False,
+                fused: bool = False) -> Outputs:
+        """The teachers' :class:`Outputs` on ``batch``, its mask restricted to the rows that
+        have a teacher. ``call`` runs one model (the recipe's model call, so the teacher's
+        logits are aligned and cut exactly as the student's); ``fused`` is honoured for a
+        single teacher (routed teachers' rows are merged into dense logits)."""
+        if TEACHER_TOPK in batch and not hidden:
+            return Outputs(batch[TEACHER_TOPK], *batch_targets(batch))
+        if not self.routed:
+            return call(self.models[SINGLE], batch, hidden, fused)
+        route = self.route(batch)
+        merged: Outputs | None = None
+        for k, model in enumerate(self.models.values()):
+            rows = (route == k).nonzero().squeeze(-1)
+            if len(rows) == 0:
+                continue
+            part = call(model, {key: v[rows] for key, v in batch.items() if torch.is_tensor(v)}, hidden, False)
+            if merged is None:
+                merged = _placeholder(part, len(route))
+            merged.logits[rows], merged.labels[rows], merged.mask[rows] = part.logits, part.labels, part.mask
+            if part.hidden is not None:
+                merged.hidden[rows] = part.hidden
+        if merged is None:  # no row has a teacher: placeholders of the right shape, an empty mask
+            merged = _placeholder(call(next(iter(self.models.values())), batch, hidden, False), len(route))
+            merged.labels = batch_targets(batch)[0]
+        return merged
+
+
+def _placeholder(like: Outputs, rows: int) -> Outputs:
+    """Zero logits (and hidden states), an empty mask and no labels for ``rows`` rows shaped
+    like ``like``: what rows without a teacher hold."""
+    size = (rows, *like.logits.shape[1:])
+    hidden = None if like.hidden is None else like.hidden.new_zeros((rows, *like.hidden.shape[1:]))
+    return Outputs(like.logits.new_zeros(size), like.labels.new_full(size[:-1], IGNORE_INDEX),
+                   like.mask.new_zeros(size[:-1]), hidden)
+
+
+__all__ = ["Teachers", "ModelCall"]
