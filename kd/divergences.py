@@ -94,7 +94,7 @@ from torch import Tensor, nn
 
 from kd import ConfigError
 from kd.chunked import fused_loss, map_rows, scalar_weights
-from kd.signals import HeadLogits, TopK, compute_dtype, topk_bins
+from kd.signals import HeadLogits, Outputs, TopK, compute_dtype, topk_bins
 
 __all__ = [
     "REDUCTIONS",
@@ -668,7 +668,15 @@ class Divergence(nn.Module, abc.ABC):
         temperature: float = 1.0,
     ) -> Tensor:
         """Loss between ``(..., V)`` logits (or hidden states and head, or a top-k teacher);
-        ``mask`` ``(...)``; scalar or ``(...)`` for ``"none"``."""
+        ``mask`` ``(...)``; scalar or ``(...)`` for ``"none"``.
+
+        ``teacher_logits`` may be a teacher's :class:`kd.signals.Outputs`: its signal is
+        compared on ``mask`` restricted to the teacher's own mask (rows that have a
+        teacher), so rows routed to no teacher never count, whichever mask a recipe gives."""
+        if isinstance(teacher_logits, Outputs):
+            covered = teacher_logits.mask
+            mask = covered if mask is None else _as_bool(mask) & _as_bool(covered)
+            teacher_logits = teacher_logits.logits
         fused = isinstance(student_logits, HeadLogits) and self.chunked and not self.cross_vocabulary
         if not fused:
             if isinstance(student_logits, HeadLogits):

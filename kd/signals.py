@@ -16,6 +16,12 @@ of these forms:
 * :class:`Labels`: gold token ids standing in for the teacher, so a cross-entropy runs
   through the same fused path.
 
+:class:`Outputs` is one model call on a batch: its signal (:data:`Signal`, one of the
+forms above), the gold labels, the mask of positions that count and, when asked, the last
+hidden states. A teacher's outputs (:class:`kd.teachers.Teachers`) carry a mask that
+already leaves out rows without a teacher; the divergences accept them as the teacher
+and then compare only those positions.
+
 :func:`compute_dtype` is the one rule for the dtype every loss computes in.
 
 This module imports nothing of kd, so losses, regimes, caches and recipes can all share
@@ -31,7 +37,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-__all__ = ["HeadLogits", "Labels", "TopK", "topk_bins", "TAIL_FLOOR", "compute_dtype"]
+__all__ = ["HeadLogits", "Labels", "TopK", "topk_bins", "TAIL_FLOOR", "compute_dtype", "Signal", "Outputs",
+           "SIGNAL_FORMS"]
 
 
 def compute_dtype(*tensors: Tensor) -> torch.dtype:
@@ -167,3 +174,32 @@ def topk_bins(student_logprobs: Tensor, teacher: TopK) -> tuple[Tensor, Tensor]:
 #: top-k log-probabilities are stored in fp16, whose sums resolve about 1e-3, so any smaller
 #: tail is unknown; 1e-6 keeps reverse KL finite without claiming a tail that was not seen
 TAIL_FLOOR = 1e-6
+
+
+#: a model's signal as a loss takes it: dense logits, hidden states and head, or top-k
+Signal = Tensor | HeadLogits | TopK
+
+#: the names a recipe uses to declare which forms of the teacher's signal its loss takes
+#: (``Needs.teacher_signals``): ``logits`` a dense tensor, ``head`` a :class:`HeadLogits`
+#: (the fused path), ``topk`` a :class:`TopK` (a logit cache or a served teacher)
+SIGNAL_FORMS = ("logits", "head", "topk")
+
+
+@dataclass
+class Outputs:
+    """One model call on a batch.
+
+    Attributes:
+        logits: ``(..., V)`` (:data:`Signal`); position i of a causal LM predicts token i+1,
+            already shifted. A :class:`HeadLogits` on the fused path, a :class:`TopK` for a
+            cached or served teacher.
+        labels: ``(...)`` gold targets aligned with ``logits`` (-100 where none).
+        mask: ``(...)`` bool, the positions where a distribution is compared (for a
+            teacher: only positions of rows that have one).
+        hidden: ``(..., H)`` last hidden states aligned with ``logits`` (None unless asked).
+    """
+
+    logits: Signal
+    labels: Tensor
+    mask: Tensor
+    hidden: Tensor | None = None
