@@ -116,7 +116,7 @@ class LogitCache:
     #: the regime that reads the cache, named in messages
     name = "teacher_logits"
 
-    def __init__(self, cache_dir: str = "~/.cache/kd", top_k: int = 64, temperature: float | None = None,
+    def __init__(self, cache_dir: str | None = None, top_k: int = 64, temperature: float | None = None,
                  tail: bool = True, logprob_dtype: str = "float16", batch_size: int = 64) -> None:
         self.cache = Cache(cache_dir)
         self.top_k, self.tail, self.logprob_dtype, self.batch_size = top_k, bool(tail), logprob_dtype, batch_size

@@ -201,7 +201,7 @@ class TeacherGenerated(Regime):
     generative = True
     uses_teacher = True
 
-    def __init__(self, cache_dir: str = "~/.cache/kd", sampling: Sampling | Any = None, num_candidates: int = 1,
+    def __init__(self, cache_dir: str | None = None, sampling: Sampling | Any = None, num_candidates: int = 1,
                  select: str = "first", batch_size: int = 128, seed: int = 0) -> None:
         if select not in ("first", "closest_to_reference"):
             raise ConfigError(f"regime.select must be 'first' or 'closest_to_reference' (got {select!r})")
@@ -323,7 +323,7 @@ class Mixed(OnPolicy):
 
     name = "mixed"
 
-    def __init__(self, lmbda: float = 0.5, seq_kd: bool = False, seed: int = 0, cache_dir: str = "~/.cache/kd",
+    def __init__(self, lmbda: float = 0.5, seq_kd: bool = False, seed: int = 0, cache_dir: str | None = None,
                  sampling: Sampling | Any = None, teacher_generated: dict[str, Any] | Any = None) -> None:
         if not 0.0 <= lmbda <= 1.0:
             raise ConfigError(f"regime.lmbda must be in [0, 1] (got {lmbda}); it is the share of on-policy batches")
@@ -380,7 +380,7 @@ class TeacherLogits(Regime, LogitCache):
     name = "teacher_logits"
     uses_teacher = True
 
-    def __init__(self, cache_dir: str = "~/.cache/kd", top_k: int = 64, temperature: float | None = None,
+    def __init__(self, cache_dir: str | None = None, top_k: int = 64, temperature: float | None = None,
                  tail: bool = True, logprob_dtype: str = "float16", batch_size: int = 64) -> None:
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise ConfigError(f"regime.top_k must be a positive number of tokens (got {top_k!r})")
