@@ -37,7 +37,8 @@ The logit cache itself (its on-disk format, its key, the teacher pass) is
 
 Token batches carry both the right-padded training view (``input_ids``,
 ``attention_mask``, ``labels``) and the left-padded prompts (``prompt_ids``,
-``prompt_mask``) that generation needs (:mod:`kd.data.lm`).
+``prompt_mask``) that generation needs (:mod:`kd.data.lm`; :mod:`kd.batches` lists every
+key). On-policy batches keep the data batch's per-row keys (:data:`kd.batches.ROW_KEYS`).
 
 Deviations: Kim & Rush generate Seq-KD targets with beam search (K=5); our generator
 samples (LLM-era practice; ``temperature: 0`` gives greedy decoding, beam size 1), and the
