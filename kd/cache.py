@@ -18,7 +18,8 @@ shapes the artifact (:func:`key`). Its life cycle:
 
 Entries are plain directories: delete one to force a rebuild, or the whole root to start
 afresh. ``kd`` keeps the root at ``paths.cache_dir`` (``$KD_CACHE_DIR``, default
-``~/.cache/kd``).
+``~/.cache/kd``); code that builds a :class:`Cache` (or a regime) from Python without a
+root gets the same directory from :func:`default_cache_dir`.
 """
 
 from __future__ import annotations
@@ -81,15 +82,22 @@ def _inventory(directory: Path) -> dict[str, dict[str, Any]]:
     return files
 
 
+def default_cache_dir() -> Path:
+    """``$KD_CACHE_DIR``, else ``~/.cache/kd`` (the same default as ``paths.cache_dir``):
+    the root of every cache kd keeps when none is named."""
+    return Path(os.environ.get("KD_CACHE_DIR") or Path.home() / ".cache" / "kd").expanduser()
+
+
 class Cache:
     """The cache under ``root`` (see the module docstring).
 
     Args:
-        root: the cache directory (created on first use); ``~`` is expanded.
+        root: the cache directory (created on first use); ``~`` is expanded. None:
+            :func:`default_cache_dir` (``$KD_CACHE_DIR``, else ``~/.cache/kd``).
     """
 
-    def __init__(self, root: str | os.PathLike) -> None:
-        self.root = Path(root).expanduser()
+    def __init__(self, root: str | os.PathLike | None = None) -> None:
+        self.root = default_cache_dir() if root is None else Path(root).expanduser()
 
     def path(self, kind: str, name: str) -> Path:
         """Where entry ``name`` of ``kind`` lives (whether or not it exists)."""

@@ -115,7 +115,7 @@ from __future__ import annotations
 import abc
 import inspect
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -138,7 +138,6 @@ __all__ = [
     "filter_log_probs",
     "sample_from_log_probs",
     "position_ids_from_mask",
-    "left_pad",
     "generate",
 ]
 
@@ -357,33 +356,6 @@ MixFn = Callable[[Tensor, Tensor, DecodeState], Tensor]
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def left_pad(
-    sequences: Sequence[Sequence[int]],
-    pad_token_id: int = 0,
-    device: torch.device | str | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Left-pad token-id lists into a batch.
-
-    Args:
-        sequences: ``B`` lists of token ids (of any lengths).
-        pad_token_id: the id written in the padding.
-        device: where to put the tensors.
-
-    Returns:
-        ``(input_ids, attention_mask)``, both ``(B, max_len)`` long, padding on the left.
-    """
-    if len(sequences) == 0:
-        raise ValueError("left_pad needs at least one sequence")
-    length = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), length), int(pad_token_id), dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
-    for i, s in enumerate(sequences):
-        if len(s):
-            input_ids[i, length - len(s):] = torch.as_tensor(list(s), dtype=torch.long)
-            attention_mask[i, length - len(s):] = 1
-    return input_ids.to(device), attention_mask.to(device)
 
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:

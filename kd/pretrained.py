@@ -83,7 +83,7 @@ from typing import Any
 
 import kd
 from kd import ConfigError
-from kd.cache import Cache
+from kd.cache import Cache, default_cache_dir
 
 log = logging.getLogger("kd.pretrained")
 
@@ -165,11 +165,6 @@ MODELS: dict[str, PretrainedModel] = {
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def default_cache_dir() -> Path:
-    """``$KD_CACHE_DIR``, else ``~/.cache/kd`` (the same default as ``paths.cache_dir``)."""
-    return Path(os.environ.get("KD_CACHE_DIR") or Path.home() / ".cache" / "kd").expanduser()
 
 
 def model_dir(name: str, cache_dir: str | os.PathLike | None = None) -> Path:

@@ -64,14 +64,15 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from kd import ConfigError
-from kd.data import IGNORE_INDEX, batch_targets
+from kd import ConfigError, batches
+from kd.batches import batch_targets
+from kd.data import IGNORE_INDEX
 from kd.divergences import Divergence
 from kd.evaluation import GeneratedAnswers, StageMetrics
-from kd.signals import HeadLogits
-from kd.models import freeze, head_matches, split_head
+from kd.models import freeze
 from kd.regimes import Offline, Regime
 from kd.resume import run_seed, step_seed
+from kd.signals import Outputs
 
 # the frozen teacher is in eval mode on purpose
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
@@ -134,26 +135,6 @@ class Needs:
             raise ValueError(f"Needs.teacher must be True, False or 'optional' (got {self.teacher!r})")
         if self.teacher_tokenizer not in ("shared", "own"):
             raise ValueError(f"Needs.teacher_tokenizer must be 'shared' or 'own' (got {self.teacher_tokenizer!r})")
-
-
-@dataclass
-class Outputs:
-    """One model call on a batch (:meth:`DistillationRecipe.outputs`).
-
-    Attributes:
-        logits: ``(..., V)``; position i of a causal LM predicts token i+1, already shifted.
-            With ``fused`` outputs a :class:`kd.signals.HeadLogits` (hidden states and head)
-            and for a cached teacher a :class:`kd.signals.TopK`, which the divergences
-            accept in place of logits.
-        labels: ``(...)`` gold targets aligned with ``logits`` (IGNORE_INDEX where none).
-        mask: ``(...)`` bool, the positions where a distribution is compared.
-        hidden: ``(..., H)`` last hidden states aligned with ``logits`` (None unless asked).
-    """
-
-    logits: Any
-    labels: Tensor
-    mask: Tensor
-    hidden: Tensor | None = None
 
 
 class DistillationRecipe(L.LightningModule):
@@ -241,9 +222,10 @@ class DistillationRecipe(L.LightningModule):
 
         ``labels`` holds gold targets (IGNORE_INDEX where there is none) and ``mask`` the
         positions where a distribution is predicted and compared with the teacher, as
-        :func:`kd.data.batch_targets` aligns them: token batches are shifted (logits and
+        :func:`kd.batches.batch_targets` aligns them: token batches are shifted (logits and
         hidden states drop the last position, labels the first), masked-LM batches are not,
-        classification batches have one position per example.
+        classification batches have one position per example. The call itself is
+        :func:`kd.batches.outputs`, which the logit cache's teacher pass shares.
 
         ``hidden`` (default: ``needs.hidden_states``) also returns the last hidden states of
         a transformers model. Logits are cut to ``self.vocab_size`` (the tokenizer's true
@@ -257,35 +239,10 @@ class DistillationRecipe(L.LightningModule):
         from the hidden states a block of positions at a time. Other models return logits.
         """
         hidden = self.needs.hidden_states if hidden is None else hidden
-        labels, mask = batch_targets(batch)
-        states = None
-        if fused and "input_ids" in batch and "original_ids" not in batch and head_matches(
-                model, batch["input_ids"], batch["attention_mask"]):
-            body, head, softcap, scale = split_head(model)
-            last = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state[:, :-1]
-            logits: Any = HeadLogits(last, head.weight, head.bias, softcap, scale)
-            states = last if hidden else None
-        elif "input_ids" in batch:
-            extra = {"output_hidden_states": True} if hidden else {}
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra)
-            states = out.hidden_states[-1] if hidden else None
-            logits = out.logits
-            if "original_ids" not in batch:  # causal LM: position i predicts token i+1
-                logits = logits[:, :-1]
-                states = states[:, :-1] if states is not None else None
-        else:
-            logits = model(batch["inputs"])
-            logits = getattr(logits, "logits", logits)
-        if self.vocab_size is not None:
-            if logits.shape[-1] < self.vocab_size:
-                raise ConfigError(
-                    f"a model has {logits.shape[-1]} output logits but the tokenizer {self.vocab_size} tokens; "
-                    "give the model a vocabulary at least as large as the tokenizer's"
-                )
-            logits = logits.with_vocab(self.vocab_size) if isinstance(logits, HeadLogits) else logits[..., : self.vocab_size]
+        out = batches.outputs(model, batch, hidden=hidden, fused=fused, vocab_size=self.vocab_size)
         if model is self.student and self.training:
-            self._num_targets = mask.sum()  # for train/targets_per_s
-        return Outputs(logits, labels, mask, states)
+            self._num_targets = out.mask.sum()  # for train/targets_per_s
+        return out
 
     @property
     def datamodule(self) -> Any:
@@ -310,7 +267,7 @@ class DistillationRecipe(L.LightningModule):
         cached teacher (``teacher_topk``, the ``teacher_logits`` regime) returns it as the
         logits (a :class:`kd.signals.TopK`) and runs no teacher. ``fused``: see
         :meth:`outputs` (a single teacher only)."""
-        if "teacher_topk" in batch and not hidden:
+        if batches.TEACHER_TOPK in batch and not hidden:
             return Outputs(batch["teacher_topk"], *batch_targets(batch))
         with torch.no_grad():
             if self.teachers is None:
@@ -340,7 +297,7 @@ class DistillationRecipe(L.LightningModule):
 
     def route(self, batch: dict[str, Tensor]) -> Tensor:
         """``(B,)`` each row's teacher (position among :attr:`teacher_names`, -1: none)."""
-        if "teacher_index" not in batch:
+        if batches.TEACHER_INDEX not in batch:
             raise ConfigError("this run has several teachers but its batches say nothing of which teacher each "
                               "example belongs to; route them with data.routes={<skill>: <teacher name>, ...}")
         return batch["teacher_index"]
@@ -423,7 +380,7 @@ class DistillationRecipe(L.LightningModule):
         n = self._batch_size(batch)
         for key, value in terms.items():
             self.log(f"train/{key}", value.detach(), prog_bar=key == "loss", batch_size=n)
-        if self.teachers is not None and "teacher_index" in batch:
+        if self.teachers is not None and batches.TEACHER_INDEX in batch:
             for k, name in enumerate(self.teacher_names):
                 self.log(f"train/{name}/examples", (batch["teacher_index"] == k).sum().float(), batch_size=n,
                          reduce_fx="sum")
@@ -477,7 +434,7 @@ class DistillationRecipe(L.LightningModule):
     # ------------------------------------------------------------------ evaluation
 
     def _eval_step(self, stage: str, batch: dict[str, Tensor]) -> None:
-        if "prompt_ids" in batch and "input_ids" not in batch:  # prompts only: score generated answers
+        if batches.is_prompts_only(batch):  # prompts only: score generated answers
             self._generation_eval_step(stage, batch)
             return
         out = self.outputs(self.student, batch, hidden=False, fused=self.fused)
@@ -570,4 +527,4 @@ class DistillationRecipe(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-__all__ = ["DistillationRecipe", "Needs", "Outputs", "IGNORE_INDEX", "warmup_cosine"]
+__all__ = ["DistillationRecipe", "Needs", "IGNORE_INDEX", "warmup_cosine"]

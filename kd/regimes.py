@@ -30,31 +30,24 @@ references, ``replace_responses``) and sample with one :class:`kd.generation.Sam
   (:meth:`kd.recipe.DistillationRecipe.teacher_outputs`); divergences compare ``k + 1``
   bins, the last one the mass outside the top k (``tail=False``: renormalised top-k, a
   weaker loss). ``k = V`` is the live teacher exactly (up to the storage dtype).
-  Classifier data works too: its "position" is the example.
+  Classifier data works too: its "position" is the example (:mod:`kd.logit_cache`).
 
-The logit cache's format (version :data:`LOGIT_CACHE_FORMAT`), an entry ``logits/top<k>-<hash>``
-of :mod:`kd.cache`: ``ids.npy`` ``(N, k)`` uint16 when the vocabulary has at most 65,536
-tokens, else uint32; ``logprobs.npy`` ``(N, k)`` float16 (or float32), descending per
-row; ``offsets.npy`` ``(E + 1,)`` int64, example ``i``'s response positions being rows
-``offsets[i]:offsets[i+1]`` in order (N positions, E training examples). The arrays are
-memory-mapped (``numpy.load(mmap_mode="r")``): a batch reads only its own rows. The key
-hashes the teacher's weights (:func:`weights_fingerprint`), the tokenized training split,
-the vocabulary size, ``top_k``, the temperature, the log-prob dtype and the format
-version; bytes per token (ids + log-probs + offsets, at k = 64 about 256) are logged.
+The logit cache itself (its on-disk format, its key, the teacher pass) is
+:mod:`kd.logit_cache`; :class:`TeacherLogits` reads it.
 
 Token batches carry both the right-padded training view (``input_ids``,
 ``attention_mask``, ``labels``) and the left-padded prompts (``prompt_ids``,
-``prompt_mask``) that generation needs (:mod:`kd.data.lm`).
+``prompt_mask``) that generation needs (:mod:`kd.data.lm`; :mod:`kd.batches` lists every
+key). On-policy batches keep the data batch's per-row keys (:data:`kd.batches.ROW_KEYS`).
 
 Deviations: Kim & Rush generate Seq-KD targets with beam search (K=5); our generator
 samples (LLM-era practice; ``temperature: 0`` gives greedy decoding, beam size 1), and the
-K-best list of Seq-Inter is K independent samples rather than a beam. The logit cache is
-computed in the teacher's own dtype outside the trainer's autocast (a live teacher under
-``precision=bf16-mixed`` runs in bf16) and stores fp16 log-probabilities (about 3
-significant digits); DistillKit stores logits, we store log-probabilities at the loss
-temperature so the tail mass needs no normaliser. A classifier's rows are found by a hash
-of their inputs (the teacher's output depends on nothing else), so ``precision=16-true`` /
-``bf16-true``, which cast the inputs, cannot use a classifier's cache.
+K-best list of Seq-Inter is K independent samples rather than a beam. The logit cache's
+deviations are in :mod:`kd.logit_cache`.
+
+Regimes built from Python without a ``cache_dir`` keep their caches under
+:func:`kd.cache.default_cache_dir` (``$KD_CACHE_DIR``, else ``~/.cache/kd``), as ``kd``
+runs do (``paths.cache_dir``).
 """
 
 from __future__ import annotations
@@ -65,47 +58,24 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
-from functools import partial
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
-from kd import ConfigError
+from kd import ConfigError, batches
+from kd.batches import join_prompts_and_responses
 from kd.cache import Cache
 from kd.cache import key as cache_key
-from kd.data import IGNORE_INDEX, batch_targets
 from kd.generation import Sampling, generate
+from kd.logit_cache import LOGPROB_DTYPES, LogitCache, weights_fingerprint
 
 log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def join_prompts_and_responses(
-    prompt_ids: Tensor, prompt_mask: Tensor, responses: Tensor, response_mask: Tensor, pad_token_id: int
-) -> dict[str, Tensor]:
-    """A right-padded training batch from left-padded prompts ``(B, P)`` and generated
-    responses ``(B, N)`` (``response_mask`` marks the tokens that count): ``input_ids``,
-    ``attention_mask``, ``labels`` (IGNORE_INDEX on prompt and padding), plus the prompts."""
-    rows = []
-    for p, pm, r, rm in zip(prompt_ids, prompt_mask.bool(), responses, response_mask.bool()):
-        rows.append((p[pm], r[rm]))
-    length = max(len(p) + len(r) for p, r in rows)
-    ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long, device=prompt_ids.device)
-    labels = torch.full_like(ids, IGNORE_INDEX)
-    mask = torch.zeros_like(ids)
-    for i, (p, r) in enumerate(rows):
-        ids[i, : len(p)] = p
-        ids[i, len(p) : len(p) + len(r)] = r
-        labels[i, len(p) : len(p) + len(r)] = r
-        mask[i, : len(p) + len(r)] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "prompt_ids": prompt_ids,
-            "prompt_mask": prompt_mask}
 
 
 def sentence_bleu(candidate: str, reference: str, max_n: int = 4) -> float:
@@ -135,16 +105,6 @@ def closest_to_reference(candidates: Sequence[str], reference: str) -> int:
     """Index of the candidate with the highest sentence BLEU against ``reference`` (the
     first of equals), Seq-Inter's choice among the teacher's K candidates."""
     return max(range(len(candidates)), key=lambda k: (sentence_bleu(candidates[k], reference), -k))
-
-
-def weights_fingerprint(model: nn.Module) -> str:
-    """sha256 over a model's parameter and buffer names, shapes, dtypes and bytes."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- the data interface
@@ -227,7 +187,8 @@ class TeacherGenerated(Regime):
     """The teacher's responses to every training prompt, generated once and cached.
 
     Args:
-        cache_dir: root of the cache (``paths.cache_dir``; entries under ``generations/``).
+        cache_dir: root of the cache (``paths.cache_dir``; entries under ``generations/``);
+            None: :func:`kd.cache.default_cache_dir`.
         sampling: how the teacher samples (:class:`kd.generation.Sampling`; temperature 0
             is greedy).
         num_candidates: samples per prompt (K).
@@ -241,7 +202,7 @@ class TeacherGenerated(Regime):
     generative = True
     uses_teacher = True
 
-    def __init__(self, cache_dir: str = "~/.cache/kd", sampling: Sampling | Any = None, num_candidates: int = 1,
+    def __init__(self, cache_dir: str | None = None, sampling: Sampling | Any = None, num_candidates: int = 1,
                  select: str = "first", batch_size: int = 128, seed: int = 0) -> None:
         if select not in ("first", "closest_to_reference"):
             raise ConfigError(f"regime.select must be 'first' or 'closest_to_reference' (got {select!r})")
@@ -339,8 +300,7 @@ class OnPolicy(Regime):
         joined = join_prompts_and_responses(batch["prompt_ids"], batch["prompt_mask"], out.responses,
                                             out.response_mask, config.pad_token_id)
         # per-row facts carry over: the prompts in a cross-tokenizer teacher's tokens, the routed teacher
-        joined.update({k: batch[k] for k in ("teacher_prompt_ids", "teacher_prompt_mask", "teacher_index", "index")
-                       if k in batch})
+        joined.update(batches.carried_rows(batch))
         return joined
 
     def batch(self, student: nn.Module, batch: dict[str, Tensor], data: Any) -> dict[str, Tensor]:
@@ -356,7 +316,7 @@ class Mixed(OnPolicy):
         seq_kd: off-policy batches use teacher-generated responses.
         seed: seed of the coin flips (reproducible schedules; the coin's state is saved in
             checkpoints, so a resumed run continues the same schedule).
-        cache_dir: generation cache for ``seq_kd``.
+        cache_dir: generation cache for ``seq_kd`` (None: :func:`kd.cache.default_cache_dir`).
         sampling: how the student (and, with ``seq_kd``, the teacher) samples.
         teacher_generated: further :class:`TeacherGenerated` settings for ``seq_kd``
             (``num_candidates``, ``select``, ``batch_size``, ``seed``).
@@ -364,7 +324,7 @@ class Mixed(OnPolicy):
 
     name = "mixed"
 
-    def __init__(self, lmbda: float = 0.5, seq_kd: bool = False, seed: int = 0, cache_dir: str = "~/.cache/kd",
+    def __init__(self, lmbda: float = 0.5, seq_kd: bool = False, seed: int = 0, cache_dir: str | None = None,
                  sampling: Sampling | Any = None, teacher_generated: dict[str, Any] | Any = None) -> None:
         if not 0.0 <= lmbda <= 1.0:
             raise ConfigError(f"regime.lmbda must be in [0, 1] (got {lmbda}); it is the share of on-policy batches")
@@ -399,25 +359,14 @@ class Mixed(OnPolicy):
 
 # ----------------------------------------------------------------------------- teacher logit cache
 
-#: version of the logit cache's on-disk layout (part of every key)
-LOGIT_CACHE_FORMAT = 1
 
-#: storage dtypes of the cached log-probabilities
-LOGPROB_DTYPES = {"float16": np.float16, "float32": np.float32}
-
-
-def _row_key(row: Tensor) -> bytes:
-    """A classifier input's identity: a hash of its float32 bytes."""
-    return hashlib.blake2b(row.detach().to("cpu", torch.float32).contiguous().numpy().tobytes(),
-                           digest_size=16).digest()
-
-
-class TeacherLogits(Regime):
+class TeacherLogits(Regime, LogitCache):
     """Train on the dataset's data with the teacher's top-k log-probabilities read from a
-    cache built once (see the module docstring for the format and the key).
+    cache built once (:class:`kd.logit_cache.LogitCache`: the format, the key, the pass).
 
     Args:
-        cache_dir: root of the cache (``paths.cache_dir``; entries under ``logits/``).
+        cache_dir: root of the cache (``paths.cache_dir``; entries under ``logits/``); None:
+            :func:`kd.cache.default_cache_dir`.
         top_k: tokens (classes) kept per position; clipped to the vocabulary, and
             ``top_k >= V`` stores the full distribution.
         temperature: the loss temperature the log-probabilities are stored at; None takes
@@ -432,7 +381,7 @@ class TeacherLogits(Regime):
     name = "teacher_logits"
     uses_teacher = True
 
-    def __init__(self, cache_dir: str = "~/.cache/kd", top_k: int = 64, temperature: float | None = None,
+    def __init__(self, cache_dir: str | None = None, top_k: int = 64, temperature: float | None = None,
                  tail: bool = True, logprob_dtype: str = "float16", batch_size: int = 64) -> None:
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise ConfigError(f"regime.top_k must be a positive number of tokens (got {top_k!r})")
@@ -442,24 +391,9 @@ class TeacherLogits(Regime):
             raise ConfigError(f"regime.logprob_dtype must be one of {sorted(LOGPROB_DTYPES)} (got {logprob_dtype!r})")
         if batch_size < 1:
             raise ConfigError(f"regime.batch_size must be >= 1 (got {batch_size})")
-        self.cache = Cache(cache_dir)
-        self.top_k, self.tail, self.logprob_dtype, self.batch_size = top_k, bool(tail), logprob_dtype, batch_size
-        self.temperature = None if temperature is None else float(temperature)
-        self.path: Path | None = None
-        #: the memory-mapped arrays (after :meth:`prepare`)
-        self.ids: np.ndarray | None = None
-        self.logprobs: np.ndarray | None = None
-        self.offsets: np.ndarray | None = None
-        #: a classifier's training rows by their input (:func:`_row_key`)
-        self.rows: dict[bytes, int] | None = None
-        #: cache facts: positions, k, vocabulary, bytes per token, ...
-        self.info: dict[str, Any] = {}
+        LogitCache.__init__(self, cache_dir, top_k, temperature, tail, logprob_dtype, batch_size)
         #: seconds the last :meth:`prepare` took (building the cache, or finding it)
         self.prepare_seconds = 0.0
-        #: whether the last :meth:`prepare` ran the teacher (built the cache)
-        self.built = False
-
-    # -- checks
 
     def validate(self, data: Any) -> None:
         kind = getattr(data, "kd_kind", None)
@@ -490,234 +424,22 @@ class TeacherLogits(Regime):
         if self.temperature is None:
             self.temperature = float(temperature) if temperature is not None else 1.0
 
-    # -- the training split as the cache sees it
-
-    @staticmethod
-    def _split(data: Any) -> tuple[Any, Callable[[list], dict[str, Tensor]], np.ndarray, int | None]:
-        """The training split, its collate function, each example's number of positions,
-        and the vocabulary the teacher's logits are cut to (None: a classifier's)."""
-        data.setup()
-        split = data.splits["train"]
-        if getattr(data, "kd_kind", None) == "causal_lm":
-            from kd.data.lm import collate_train
-
-            # labels are shifted (position i predicts token i+1): with an empty prompt (plain
-            # text) the first response token has no position predicting it
-            counts = np.array([len(response) - (not prompt) for prompt, response in split.encoded], dtype=np.int64)
-            return split, partial(collate_train, pad_token_id=data.pad_token_id), counts, len(data.tokenizer)
-        from torch.utils.data import default_collate
-
-        return split, default_collate, np.ones(len(split), dtype=np.int64), None
-
-    def _loader(self, split: Any, collate: Callable) -> torch.utils.data.DataLoader:
-        return torch.utils.data.DataLoader(split, batch_size=self.batch_size, shuffle=False, collate_fn=collate)
-
-    def _data_fingerprint(self, data: Any, split: Any, collate: Callable) -> str:
-        """Hash of the tokenized training split (a classifier's: its inputs, whose rows
-        :attr:`rows` indexes on the way)."""
-        h = hashlib.sha256()
-        if getattr(data, "kd_kind", None) == "causal_lm":
-            h.update(json.dumps(split.encoded).encode())
-            return h.hexdigest()
-        self.rows = {}
-        position = 0
-        for batch in self._loader(split, collate):
-            inputs = batch["inputs"]
-            h.update(f"{tuple(inputs.shape[1:])}:{inputs.dtype}".encode())
-            for row in inputs:
-                key = _row_key(row)
-                h.update(key)
-                self.rows.setdefault(key, position)  # identical inputs share the first one's row
-                position += 1
-        return h.hexdigest()
-
-    def key(self, teacher: nn.Module, data: Any) -> str:
-        """The cache entry's name: ``top<k>-`` and a hash of the teacher's weights, the
-        tokenized training split, the vocabulary, top_k, the temperature, the log-prob
-        dtype and the format version."""
-        split, collate, _, vocab = self._split(data)
-        return self._key(teacher, data, split, collate, vocab)
-
-    def _key(self, teacher: nn.Module, data: Any, split: Any, collate: Callable, vocab: int | None) -> str:
-        k = self.top_k if vocab is None else min(self.top_k, vocab)  # top_k >= V all store the full teacher
-        digest = cache_key(LOGIT_CACHE_FORMAT, weights_fingerprint(teacher), getattr(data, "kd_kind", None),
-                           self._data_fingerprint(data, split, collate), vocab, k, self._temperature,
-                           self.logprob_dtype, length=20)
-        return f"top{k}-{digest}"
-
-    @property
-    def _temperature(self) -> float:
-        return 1.0 if self.temperature is None else self.temperature
-
-    # -- building and reading the cache
-
-    @staticmethod
-    def _teacher_rows(teacher: nn.Module, batch: dict[str, Tensor], vocab: int | None) -> Tensor:
-        """The teacher's logits ``(n, V)`` at the batch's positions that count, row-major
-        (as :meth:`kd.recipe.DistillationRecipe.outputs` aligns and cuts them)."""
-        _, mask = batch_targets(batch)
-        if "input_ids" in batch:
-            logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-        else:
-            logits = teacher(batch["inputs"])
-            logits = getattr(logits, "logits", logits)
-        if vocab is not None:
-            if logits.shape[-1] < vocab:
-                raise ConfigError(f"the teacher has {logits.shape[-1]} output logits but the tokenizer {vocab} tokens; "
-                                  "give the teacher a vocabulary at least as large as the tokenizer's")
-            logits = logits[..., :vocab]
-        return logits[mask]
-
-    @staticmethod
-    def _ids_dtype(vocab: int) -> type:
-        return np.uint16 if vocab <= 1 << 16 else np.uint32
-
-    def _build(self, teacher: nn.Module, split: Any, collate: Callable, counts: np.ndarray, vocab: int | None,
-               directory: Path) -> dict[str, Any]:
-        """One teacher pass over the training split, in order, into ``directory``."""
-        from rich.console import Console
-        from rich.progress import Progress
-
-        from kd.divergences import to_log_probs
-
-        total = int(counts.sum())
-        offsets = np.zeros(len(counts) + 1, dtype=np.int64)
-        np.cumsum(counts, out=offsets[1:])
-        np.save(directory / "offsets.npy", offsets)
-        device = next(iter(teacher.parameters()), torch.empty(0)).device
-        store = LOGPROB_DTYPES[self.logprob_dtype]
-        floor = float(np.finfo(store).min)  # -inf would turn 0 * log 0 into NaN downstream
-        ids = logprobs = None
-        width = k = 0
-        cursor = 0
-        log.info("building the teacher logit cache: %d training examples, %d positions, top-%d at T=%g",
-                 len(counts), total, self.top_k, self._temperature)
-        mode = teacher.training
-        teacher.eval()
-        try:
-            console = Console(stderr=True)
-            live = console.is_terminal or console.is_jupyter  # no bar in log files
-            with torch.no_grad(), Progress(console=console, transient=True, disable=not live) as bar:
-                task = bar.add_task("teacher logit cache", total=len(counts))
-                for batch in self._loader(split, collate):
-                    batch = {key: v.to(device) if torch.is_tensor(v) else v for key, v in batch.items()}
-                    rows = self._teacher_rows(teacher, batch, vocab)
-                    if ids is None:
-                        width = rows.shape[-1]
-                        k = min(self.top_k, width)
-                        ids = np.lib.format.open_memmap(directory / "ids.npy", mode="w+",
-                                                        dtype=self._ids_dtype(width), shape=(total, k))
-                        logprobs = np.lib.format.open_memmap(directory / "logprobs.npy", mode="w+", dtype=store,
-                                                             shape=(total, k))
-                    values, index = torch.topk(to_log_probs(rows, self._temperature, dtype=torch.float32), k, dim=-1)
-                    n = len(rows)
-                    if cursor + n > total:
-                        raise RuntimeError(f"the teacher pass found more than the {total} response positions the "
-                                           "training split holds")
-                    ids[cursor : cursor + n] = index.cpu().numpy()
-                    logprobs[cursor : cursor + n] = values.clamp(min=floor).cpu().numpy()
-                    cursor += n
-                    bar.advance(task, len(next(iter(batch.values()))))
-        finally:
-            teacher.train(mode)
-        if cursor != total:
-            raise RuntimeError(f"the teacher pass found {cursor} response positions where the training split holds "
-                               f"{total}")
-        ids.flush()
-        logprobs.flush()
-        del ids, logprobs
-        size = sum((directory / f).stat().st_size for f in ("ids.npy", "logprobs.npy", "offsets.npy"))
-        return {"format": LOGIT_CACHE_FORMAT, "examples": len(counts), "positions": total, "k": k, "vocab": width,
-                "temperature": self._temperature, "ids_dtype": np.dtype(self._ids_dtype(width)).name,
-                "logprob_dtype": self.logprob_dtype, "bytes": size, "bytes_per_token": size / total}
-
-    def _open(self, directory: Path, counts: np.ndarray, vocab: int | None) -> None:
-        """Memory-map an entry's arrays, checking that they fit the training split
-        (raises ValueError when they do not: :class:`kd.cache.Cache` then rebuilds it)."""
-        from kd.cache import MARKER
-
-        info = json.loads((directory / MARKER).read_text()).get("info", {})
-        offsets = np.load(directory / "offsets.npy")
-        ids = np.load(directory / "ids.npy", mmap_mode="r")
-        logprobs = np.load(directory / "logprobs.npy", mmap_mode="r")
-        k, width = info.get("k"), info.get("vocab")
-        if info.get("format") != LOGIT_CACHE_FORMAT or not k or not width or (vocab is not None and width != vocab):
-            raise ValueError("its facts do not describe this format and vocabulary")
-        if offsets.shape != (len(counts) + 1,) or offsets[0] != 0 or not np.array_equal(np.diff(offsets), counts):
-            raise ValueError("its offsets do not match the training split")
-        if ids.shape != (offsets[-1], k) or logprobs.shape != ids.shape:
-            raise ValueError(f"its arrays have shapes {ids.shape} and {logprobs.shape}, not ({offsets[-1]}, {k})")
-        if ids.dtype != self._ids_dtype(width) or logprobs.dtype != LOGPROB_DTYPES[self.logprob_dtype]:
-            raise ValueError(f"its arrays are {ids.dtype} and {logprobs.dtype}")
-        for block in (ids[:4096], ids[-4096:]):  # large entries are checked by size only (kd.cache)
-            if block.size and int(block.max()) >= width:
-                raise ValueError("it holds ids outside the vocabulary")
-        self.ids, self.logprobs, self.offsets = ids, logprobs, offsets
-
     def prepare(self, teacher: nn.Module | None, data: Any) -> None:
         self.validate(data)
         if teacher is None:
             raise ConfigError(f"regime={self.name} needs a teacher; choose one with teacher=<config>")
         started = time.perf_counter()
-        self.built = False
-        split, collate, counts, vocab = self._split(data)
-        name = self._key(teacher, data, split, collate, vocab)
-
-        def build(directory: Path) -> dict[str, Any]:
-            self.built = True
-            return self._build(teacher, split, collate, counts, vocab, directory)
-
-        self.path = self.cache.get_or_build("logits", name, build, lambda d: self._open(d, counts, vocab),
-                                            what="teacher logit cache")
-        self._open(self.path, counts, vocab)
-        self.info = self.cache.meta("logits", name)
+        self.load(teacher, data)
         self.prepare_seconds = time.perf_counter() - started
         info = self.info
         log.info("teacher logit cache %s: %d positions of %d examples, top-%d of %d at T=%g, %.1f bytes per token "
                  "(ids %s, log-probs %s, offsets)", self.path, info["positions"], info["examples"], info["k"],
                  info["vocab"], info["temperature"], info["bytes_per_token"], info["ids_dtype"], info["logprob_dtype"])
 
-    @property
-    def bytes_per_token(self) -> float:
-        """The cache's bytes per cached position (after :meth:`prepare`)."""
-        return float(self.info["bytes_per_token"])
-
     def batch(self, student: nn.Module, batch: dict[str, Tensor], data: Any) -> dict[str, Tensor]:
-        from kd.signals import TopK
-
-        if self.ids is None or self.offsets is None or self.logprobs is None:
-            raise RuntimeError(f"regime={self.name} gives batches only after prepare() built or found its cache")
-        _, mask = batch_targets(batch)
-        if "input_ids" in batch:
-            if "index" not in batch:
-                raise ConfigError(f"regime={self.name} looks training rows up by their example index, which these "
-                                  "batches lack; use kd.data.lm.LMDataModule (its batches carry 'index')")
-            index = np.asarray(batch["index"].tolist(), dtype=np.int64)
-            counts = mask.sum(-1).cpu().numpy()
-        else:
-            inputs = batch["inputs"]
-            rows_of = self.rows or {}
-            index = np.asarray([rows_of.get(_row_key(row), -1) for row in inputs.cpu()], dtype=np.int64)
-            counts = np.ones(len(index), dtype=np.int64)
-        if (index < 0).any() or (index >= len(self.offsets) - 1).any():
-            raise RuntimeError(f"a training row is not in the teacher logit cache {self.path} (rows of another "
-                               "split, or classifier inputs cast by precision=16-true/bf16-true)")
-        starts, ends = self.offsets[index], self.offsets[index + 1]
-        if not np.array_equal(ends - starts, counts):
-            raise RuntimeError(f"the teacher logit cache {self.path} holds other response lengths than this batch; "
-                               "delete that directory to rebuild it")
-        rows = np.concatenate([np.arange(a, b) for a, b in zip(starts, ends)])
-        device = mask.device
-        k = self.ids.shape[1]
-        shape = (*mask.shape, k)
-        ids = torch.arange(k, device=device).expand(shape).clone()  # filler outside the mask: uniform over k ids
-        logprobs = torch.full(shape, -math.log(k), device=device)
-        ids[mask] = torch.from_numpy(self.ids[rows].astype(np.int64)).to(device)
-        logprobs[mask] = torch.from_numpy(self.logprobs[rows].astype(np.float32)).to(device)
-        return {**batch, "teacher_topk": TopK(ids, logprobs, self.tail)}
+        return {**batch, batches.TEACHER_TOPK: self.read(batch)}
 
 
 __all__ = ["PromptData", "Regime", "Offline", "TeacherGenerated", "OnPolicy", "Mixed", "TeacherLogits",
-           "join_prompts_and_responses", "sentence_bleu", "closest_to_reference", "weights_fingerprint",
-           "LOGIT_CACHE_FORMAT", "LOGPROB_DTYPES"]
+           "sentence_bleu", "closest_to_reference"]
 

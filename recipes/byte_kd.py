@@ -63,7 +63,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kd import ConfigError
+from kd import ConfigError, batches
+from kd.batches import right_pad
 from kd.bytes import NUM_SYMBOLS, ByteVocab, boundary_byte_probs, detours, marginal_byte_targets
 from kd.data import IGNORE_INDEX
 from kd.divergences import Divergence, forward_kl_per_position, reduce
@@ -142,7 +143,7 @@ class CrossTokenizerRecipe(DistillationRecipe):
         """The batch's rows seen by both tokenizers, and the teacher's logits ``(B, K, V_T)`` on
         its own tokens (cut to its tokenizer's vocabulary) at the K positions that predict
         some row's response tokens; ``row.teacher_pos`` index that second dimension."""
-        if "teacher_prompt_ids" not in batch:
+        if batches.TEACHER_PROMPT_IDS not in batch:
             raise ConfigError("cross-tokenizer batches need the prompts in the teacher's tokens; give the datamodule "
                               "the teacher's tokenizer (data.teacher_tokenizer=..., which kd sets for these recipes)")
         sb, tb = self.student_bytes, self.teacher_bytes
@@ -187,13 +188,8 @@ class CrossTokenizerRecipe(DistillationRecipe):
         that accept transformers' ``logits_to_keep`` compute no others (the output layer of a
         262k-token vocabulary over whole prompts would dominate the step)."""
         tb = self.teacher_bytes
-        width = max(len(s) for s in sequences)
         pad = tb.tokenizer.pad_token_id if tb.tokenizer.pad_token_id is not None else tb.eos
-        ids = torch.full((len(sequences), width), pad, dtype=torch.long, device=device)
-        mask = torch.zeros_like(ids)
-        for r, s in enumerate(sequences):
-            ids[r, : len(s)] = torch.tensor(s, device=device)
-            mask[r, : len(s)] = 1
+        ids, mask = right_pad(sequences, pad, device)
         keep = sorted({p for row in positions for p in row}) or [0]
         extra = {}
         if self._keeps_logits:

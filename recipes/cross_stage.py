@@ -68,14 +68,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kd import ConfigError, policy
+from kd import ConfigError, batches, policy
+from kd.batches import join_prompts_and_responses
 from kd.data import IGNORE_INDEX
 from kd.divergences import reduce, reverse_kl_per_position, to_log_probs
 from kd.evaluation import cross_entropy
 from kd.generation import Sampling, generate
 from kd.policy import sampled_log_probs
 from kd.recipe import DistillationRecipe, Needs
-from kd.regimes import join_prompts_and_responses
 
 ESTIMATORS = ("sampled", "dense")
 STAGE_OBJECTIVES = ("sft", "grpo", "self_distill")
@@ -174,7 +174,7 @@ class CrossStage(DistillationRecipe):
         log-probability under the distribution it was drawn from, and ``responses``, the
         sampled token ids of each row."""
         dm = self.datamodule
-        if dm is None or "prompt_ids" not in batch:
+        if dm is None or batches.PROMPT_IDS not in batch:
             raise ConfigError("recipe cross_stage samples replayed prompts; use a language-model datamodule")
         config = self.sampling.config(dm.tokenizer, dm.max_new_tokens)
         device = batch["prompt_ids"].device
@@ -184,7 +184,7 @@ class CrossStage(DistillationRecipe):
         out = generate(self.student, prompts, prompt_mask, config, generator=self._rng)
         joined = join_prompts_and_responses(prompts, prompt_mask, out.responses, out.response_mask,
                                             config.pad_token_id)
-        if "teacher_index" in batch:
+        if batches.TEACHER_INDEX in batch:
             joined["teacher_index"] = batch["teacher_index"][rows]
         # sampled token logprobs on the joined layout: position p of labels[:, 1:] <- the p-th response token
         logprobs = torch.zeros_like(joined["labels"][:, 1:], dtype=torch.float32)

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kd import ConfigError
+from kd import ConfigError, batches
 from kd.divergences import Divergence, reduce
 from kd.evaluation import cross_entropy
 from kd.recipe import DistillationRecipe, Needs
@@ -73,7 +73,7 @@ class DistilBERT(DistillationRecipe):
         self.restrict_ce_to_mask = restrict_ce_to_mask
 
     def compute_loss(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        if "original_ids" not in batch:
+        if not batches.is_masked_lm(batch):
             raise ConfigError("DistilBERT needs masked-LM batches; use a masked-LM datamodule such as data=text")
         student, teacher = self.outputs(self.student, batch), self.teacher_outputs(batch)
         logits, labels, mask = student.logits, student.labels, student.mask

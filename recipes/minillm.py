@@ -60,14 +60,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kd import ConfigError
+from kd import ConfigError, batches
+from kd.batches import join_prompts_and_responses
 from kd.divergences import forward_kl, reduce, reverse_kl_per_position, to_log_probs
 from kd.evaluation import cross_entropy
 from kd.generation import Sampling, TeacherMix, generate
 from kd.policy import clipped_surrogate as ppo_clipped_loss  # -min(rw A, clip(rw) A), rw = ratio x weight
 from kd.policy import sampled_log_probs
 from kd.recipe import DistillationRecipe, Needs
-from kd.regimes import join_prompts_and_responses
 
 VARIANTS = {
     "paper": {"reward_scale": 1.0, "reward_clip": None, "gamma": 1.0, "include_current": False, "whiten": False,
@@ -180,7 +180,7 @@ class MiniLLM(DistillationRecipe):
         token batch plus, on its ``(B, L)`` target layout, ``mask``, ``old_logprobs``
         (log q_old of each sampled token), ``teacher_logprobs`` ``(B, L, V)``, ``weights``
         w_t, ``rewards`` r_t and ``advantages`` A_t. Nothing here carries a gradient."""
-        if "prompt_ids" not in batch:
+        if batches.PROMPT_IDS not in batch:
             raise ConfigError("MiniLLM needs prompts to sample from; use a language-model datamodule (data=task, ...)")
         dm = self.trainer.datamodule
         tok = dm.tokenizer
@@ -241,7 +241,7 @@ class MiniLLM(DistillationRecipe):
             lm = cross_entropy(d_logits, d.labels)
             share = self.settings["lm_kd_share"]
             if share > 0:
-                teacher = data["teacher_logits"] if "teacher_logits" in data else self.teacher_logits(data)
+                teacher = data["teacher_logits"] if batches.TEACHER_LOGITS in data else self.teacher_logits(data)
                 lm = (1 - share) * lm + share * forward_kl(d_logits, teacher, d_mask)
             terms["lm"] = lm
             loss = loss + self.pt_weight * lm

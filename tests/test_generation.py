@@ -14,13 +14,13 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from kd import ConfigError
+from kd.batches import left_pad
 from kd.generation import (
     Generation,
     GenerationConfig,
     TeacherMix,
     filter_log_probs,
     generate,
-    left_pad,
     position_ids_from_mask,
     sample_from_log_probs,
 )

@@ -16,6 +16,7 @@ from kd.data import IGNORE_INDEX
 from kd.data.lm import LMDataModule
 from kd.data.sources import TaskSource
 from kd.evaluation import cross_entropy
+from kd.batches import join_prompts_and_responses
 from kd.generation import GenerationConfig, generate
 from kd.models import freeze, tiny_causal_lm
 from kd.regimes import (
@@ -23,7 +24,6 @@ from kd.regimes import (
     OnPolicy,
     TeacherGenerated,
     closest_to_reference,
-    join_prompts_and_responses,
     sentence_bleu,
 )
 from recipes.seqkd import SeqKD

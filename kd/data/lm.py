@@ -33,7 +33,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from kd import ConfigError
+from kd import ConfigError, batches
+from kd.batches import join_rows, left_pad
 from kd.data import IGNORE_INDEX, ResumableData, eval_sampler, train_sampler
 from kd.data.tasks import Example
 
@@ -107,45 +108,27 @@ def collate_train(items: list[dict], pad_token_id: int, teacher_pad_id: int | No
     ``teacher_prompt_ids``/``teacher_prompt_mask`` when the items carry the teacher's own
     prompt tokens. When items say whether they are ``labelled`` (a transfer set), the
     unlabelled ones get no ``labels`` and ``target_mask`` (B, L) marks every response token,
-    labelled or not: what soft targets cover (:func:`kd.data.batch_targets`)."""
-    length = max(len(it["prompt_ids"]) + len(it["response_ids"]) for it in items)
-    ids = torch.full((len(items), length), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(items), length), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(items), length), dtype=torch.long)
-    for row, it in enumerate(items):
-        p, r = it["prompt_ids"], it["response_ids"]
-        n = len(p) + len(r)
-        ids[row, :n] = torch.tensor(p + r)
-        labels[row, len(p) : n] = torch.tensor(r)
-        mask[row, :n] = 1
+    labelled or not: what soft targets cover (:func:`kd.batches.batch_targets`)."""
+    joined = join_rows([it["prompt_ids"] for it in items], [it["response_ids"] for it in items], pad_token_id)
+    labels = joined[batches.LABELS]
     prompts = collate_prompts(items, pad_token_id, teacher_pad_id)
-    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels, **prompts}
-    if "labelled" in items[0]:
+    batch = {**joined, **prompts}
+    if batches.LABELLED in items[0]:
         batch["target_mask"] = labels != IGNORE_INDEX
         labels[~torch.tensor([bool(it["labelled"]) for it in items])] = IGNORE_INDEX
     return batch
 
 
-def _left_pad(seqs: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    length = max(len(p) for p in seqs)
-    ids = torch.full((len(seqs), length), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), length), dtype=torch.long)
-    for row, p in enumerate(seqs):
-        ids[row, length - len(p) :] = torch.tensor(p)
-        mask[row, length - len(p) :] = 1
-    return ids, mask
-
-
 def collate_prompts(items: list[dict], pad_token_id: int, teacher_pad_id: int | None = None) -> dict[str, torch.Tensor]:
     """Left-padded ``prompt_ids`` / ``prompt_mask``, the examples' ``index``, and the
     teacher's own left-padded prompts when the items carry them."""
-    ids, mask = _left_pad([it["prompt_ids"] for it in items], pad_token_id)
+    ids, mask = left_pad([it["prompt_ids"] for it in items], pad_token_id)
     out = {"prompt_ids": ids, "prompt_mask": mask, "index": torch.tensor([it.get("index", -1) for it in items])}
-    if "teacher_index" in items[0]:  # each example's teacher among routed teachers (-1: none)
+    if batches.TEACHER_INDEX in items[0]:  # each example's teacher among routed teachers (-1: none)
         out["teacher_index"] = torch.tensor([it["teacher_index"] for it in items])
-    if "teacher_prompt_ids" in items[0]:
+    if batches.TEACHER_PROMPT_IDS in items[0]:
         pad = pad_token_id if teacher_pad_id is None else teacher_pad_id
-        out["teacher_prompt_ids"], out["teacher_prompt_mask"] = _left_pad([it["teacher_prompt_ids"] for it in items], pad)
+        out["teacher_prompt_ids"], out["teacher_prompt_mask"] = left_pad([it["teacher_prompt_ids"] for it in items], pad)
     return out
 
 

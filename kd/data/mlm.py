@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from kd import ConfigError
+from kd.batches import right_pad
 from kd.data import IGNORE_INDEX, ResumableData, eval_sampler, train_sampler
 
 
@@ -103,12 +104,7 @@ class MLMCollator:
         self.vocab_size, self.mlm_probability, self.seed = vocab_size, mlm_probability, seed
 
     def __call__(self, items: list[dict]) -> dict[str, Tensor]:
-        length = max(len(it["input_ids"]) for it in items)
-        ids = torch.full((len(items), length), self.pad_token_id, dtype=torch.long)
-        attention = torch.zeros_like(ids)
-        for i, it in enumerate(items):
-            ids[i, : len(it["input_ids"])] = torch.as_tensor(it["input_ids"])
-            attention[i, : len(it["input_ids"])] = 1
+        ids, attention = right_pad([it["input_ids"] for it in items], self.pad_token_id)
         generator = None
         if self.seed is not None:
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + sum(int(it["index"]) for it in items))
