@@ -19,6 +19,8 @@ regime, no loggers; keyed in :mod:`kd.cache` by a hash of exactly what shapes th
 
 from __future__ import annotations
 
+import inspect
+
 import logging
 import shutil
 from dataclasses import dataclass, field
@@ -470,13 +472,26 @@ def _check_tokenizers(cfg: DictConfig, datamodule: Any, recipe: DistillationReci
         check_same_tokenizer(datamodule.tokenizer, student_tok, "the data's and the student's",
                              hint=f"tokenize the data with the student's: data.tokenizer={cfg.student.name_or_path}")
     shared = recipe.needs.teacher_tokenizer == "shared"
-    if recipe.all_teachers() and shared:
+    if recipe.teachers is not None and shared:
         for label, t in teacher_configs(cfg).items():
             if t.get("tokenizer") or ((t.get("fit") or {}).get("data")):  # it may have its own
                 whose = "the teacher's" if label is None else f"teacher {label}'s"
                 check_same_tokenizer(datamodule.tokenizer, teacher_tokenizer(cfg, t), f"the data's and {whose}")
     if datamodule.tokenizer is not None:
         recipe.set_vocabulary(len(datamodule.tokenizer))
+
+
+def loss_temperature(cls: type[DistillationRecipe], recipe: DictConfig) -> float | None:
+    """The loss temperature recipe ``cls`` runs at under config ``recipe``: the argument its
+    ``Needs.loss_temperature`` names, from the config or else the class's own default; None
+    for a loss without one (T = 1)."""
+    knob = cls.needs.loss_temperature
+    if knob is None:
+        return None
+    if knob in recipe:
+        return float(recipe[knob])
+    default = inspect.signature(cls.__init__).parameters[knob].default
+    return None if default is inspect.Parameter.empty else float(default)
 
 
 def build(cfg: DictConfig, *, teacher: bool | None = None, setup: bool = True) -> Run:
@@ -507,7 +522,7 @@ def build(cfg: DictConfig, *, teacher: bool | None = None, setup: bool = True) -
     if regime is not None:
         regime.validate(datamodule)
         regime.check_recipe(name, needs, teacher=with_teacher, routed=bool(cfg.get("teachers")),
-                            temperature=cfg.recipe.get("temperature"))
+                            temperature=loss_temperature(cls, cfg.recipe))
     if needs.teacher_tokenizer == "own" and with_teacher:
         if not hasattr(datamodule, "teacher_tokenizer"):
             raise ConfigError(f"recipe {name} distils language models across tokenizers; use language-model data "

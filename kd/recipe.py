@@ -9,16 +9,16 @@ else about the recipe. The base class owns everything recipes share:
 * the data regime (:mod:`kd.regimes`): prepared when training starts, applied to every
   training batch (offline, teacher-generated, on-policy, mixed), its state (a mixed
   regime's coin) saved in checkpoints;
-* several named teachers, each example routed to its own (``teacher={name: model}``,
-  batches carrying ``teacher_index``): :meth:`teacher_logits` runs each teacher once on
-  its own rows and never mixes two teachers' distributions; :meth:`distill_mask` keeps the
-  positions of rows that have a teacher; ``train/<teacher>/examples`` is logged;
-* the teacher: frozen (``requires_grad=False``), kept in eval mode even while the
-  student trains, run under ``torch.no_grad``, absent from the optimizer and from saved
-  checkpoints (its entries are dropped on save and restored from the live teacher on
-  load, so checkpoints stay small and loading stays strict);
+* the teachers (:class:`kd.teachers.Teachers`: one, or several named ones that batches
+  route their rows to with ``teacher_index``): frozen (``requires_grad=False``), kept in
+  eval mode even while the student trains, run under ``torch.no_grad``, absent from the
+  optimizer and from saved checkpoints (their entries are dropped on save and restored
+  from the live teachers on load, so checkpoints stay small and loading stays strict).
+  :meth:`teacher_outputs` gives their outputs with the mask already restricted to rows
+  that have a teacher, in the forms the recipe's loss declares it takes
+  (``Needs.teacher_signals``); ``train/<teacher>/examples`` is logged for routed runs;
 * model calls (:meth:`outputs`): one place that knows the batch format and returns an
-  :class:`Outputs`: logits ``(..., V)``, gold labels ``(...)``, the mask of positions that
+  :class:`kd.signals.Outputs`: logits ``(..., V)``, gold labels ``(...)``, the mask of positions that
   count and, when asked, the last hidden states ``(..., H)``;
 * logging: every loss term under ``train/<name>``, targets per second, and per-epoch
   validation/test metrics from :class:`kd.evaluation.StageMetrics`;
@@ -65,14 +65,13 @@ import torch
 from torch import Tensor, nn
 
 from kd import ConfigError, batches
-from kd.batches import batch_targets
 from kd.data import IGNORE_INDEX
 from kd.divergences import Divergence
 from kd.evaluation import GeneratedAnswers, StageMetrics
-from kd.models import freeze
 from kd.regimes import Offline, Regime
 from kd.resume import run_seed, step_seed
-from kd.signals import Outputs
+from kd.signals import SIGNAL_FORMS, Outputs
+from kd.teachers import Teachers
 
 # the frozen teacher is in eval mode on purpose
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
@@ -120,6 +119,17 @@ class Needs:
         regimes: names of the data regimes the recipe accepts (None: any).
         data: the kinds of models and data it distils (:data:`kd.models.KINDS`, e.g.
             ``("causal_lm",)``; None: any).
+        teacher_signals: the forms of the teacher's signal its loss takes
+            (:data:`kd.signals.SIGNAL_FORMS`): ``logits`` (a dense tensor, always given when
+            nothing else is), ``head`` (hidden states and head: the fused path of a chunked
+            divergence), ``topk`` (a cached or served top-k with its tail bin). A loss that
+            only hands the teacher to the divergence takes all three; the default, dense
+            logits only, is safe for a loss that reads the tensor itself. A run whose regime
+            gives a form the loss does not take (``regime=teacher_logits`` gives ``topk``)
+            is refused before training.
+        loss_temperature: the name of the recipe's argument that holds its loss
+            temperature (None: the loss runs at T = 1). A teacher cache is stored at that
+            temperature, so it must be known before the recipe is built.
     """
 
     teacher: bool | str = True
@@ -129,12 +139,18 @@ class Needs:
     own_loop: bool = False
     regimes: tuple[str, ...] | None = None
     data: tuple[str, ...] | None = None
+    teacher_signals: tuple[str, ...] = ("logits",)
+    loss_temperature: str | None = None
 
     def __post_init__(self) -> None:
         if self.teacher not in (True, False, "optional"):
             raise ValueError(f"Needs.teacher must be True, False or 'optional' (got {self.teacher!r})")
         if self.teacher_tokenizer not in ("shared", "own"):
             raise ValueError(f"Needs.teacher_tokenizer must be 'shared' or 'own' (got {self.teacher_tokenizer!r})")
+        unknown = set(self.teacher_signals) - set(SIGNAL_FORMS)
+        if unknown or "logits" not in self.teacher_signals:
+            raise ValueError(f"Needs.teacher_signals must hold 'logits' and only forms among {SIGNAL_FORMS} "
+                             f"(got {self.teacher_signals!r})")
 
 
 class DistillationRecipe(L.LightningModule):
@@ -187,14 +203,8 @@ class DistillationRecipe(L.LightningModule):
             raise ConfigError(f"recipe {name} cannot train with regime={regime.name}; use regime="
                               + " or regime=".join(allowed))
         self.student = student
-        #: named teachers that batches route rows to (None: one teacher, or none)
-        self.teachers: nn.ModuleDict | None = None
-        if isinstance(teacher, Mapping):
-            if not teacher:
-                raise ConfigError(f"recipe {name} was given an empty mapping of teachers; name at least one")
-            self.teachers = nn.ModuleDict({k: freeze(teacher[k]) for k in sorted(teacher)})
-            teacher = None
-        self.teacher = freeze(teacher) if teacher is not None else None
+        #: the run's teachers (one, or routed; frozen, always in eval mode); None without one
+        self.teachers: Teachers | None = Teachers(teacher) if teacher is not None else None
         self.divergence = divergence
         self.optimizer_factory = optimizer or partial(torch.optim.AdamW, lr=1e-3)
         self.scheduler_factory = scheduler
@@ -212,9 +222,11 @@ class DistillationRecipe(L.LightningModule):
 
     @property
     def fused(self) -> bool:
-        """Whether losses take language models' logits as hidden states and output head
-        (:class:`kd.signals.HeadLogits`): the divergence is chunked (``divergence.chunked``)."""
-        return self.divergence is not None and getattr(self.divergence, "chunked", False)
+        """Whether language models' logits come as hidden states and output head
+        (:class:`kd.signals.HeadLogits`): the divergence is chunked (``divergence.chunked``)
+        and the recipe's loss takes that form (``head`` in ``needs.teacher_signals``)."""
+        return (self.divergence is not None and getattr(self.divergence, "chunked", False)
+                and "head" in self.needs.teacher_signals)
 
     def outputs(self, model: nn.Module, batch: dict[str, Tensor], hidden: bool | None = None,
                 fused: bool = False) -> Outputs:
@@ -250,70 +262,28 @@ class DistillationRecipe(L.LightningModule):
         return getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
 
     @property
-    def teacher_names(self) -> list[str]:
-        """Names of the routed teachers, in the order ``teacher_index`` counts (sorted)."""
-        return list(self.teachers) if self.teachers is not None else []
+    def teacher(self) -> nn.Module | None:
+        """The teacher of a run with one (None with routed teachers or without any)."""
+        return self.teachers.single if self.teachers is not None else None
 
-    def all_teachers(self) -> list[tuple[str, nn.Module]]:
-        """Every teacher of the run with its name (``teacher`` for a single one)."""
-        if self.teachers is not None:
-            return list(self.teachers.items())
-        return [("teacher", self.teacher)] if self.teacher is not None else []
+    def teacher_outputs(self, batch: dict[str, Tensor], hidden: bool | None = None,
+                        fused: bool | None = None) -> Outputs:
+        """The teachers' :class:`Outputs` for ``batch`` (no grad, eval mode), their ``mask``
+        restricted to the rows that have a teacher (:class:`kd.teachers.Teachers`).
 
-    def teacher_outputs(self, batch: dict[str, Tensor], hidden: bool | None = None, fused: bool = False) -> Outputs:
-        """The teacher's :class:`Outputs` for ``batch`` (no grad, eval mode). With routed
-        teachers each runs once on the rows routed to it; rows without a teacher get
-        zero logits (exclude them with :meth:`distill_mask`). A batch that carries a
-        cached teacher (``teacher_topk``, the ``teacher_logits`` regime) returns it as the
-        logits (a :class:`kd.signals.TopK`) and runs no teacher. ``fused``: see
-        :meth:`outputs` (a single teacher only)."""
-        if batches.TEACHER_TOPK in batch and not hidden:
-            return Outputs(batch["teacher_topk"], *batch_targets(batch))
-        with torch.no_grad():
-            if self.teachers is None:
-                assert self.teacher is not None, "this recipe has no teacher"
-                return self.outputs(self.teacher, batch, hidden, fused)
-            route = self.route(batch)
-            merged: Outputs | None = None
-            for k, model in enumerate(self.teachers.values()):
-                rows = (route == k).nonzero().squeeze(-1)
-                if len(rows) == 0:
-                    continue
-                part = self.outputs(model, {key: v[rows] for key, v in batch.items() if torch.is_tensor(v)}, hidden)
-                if merged is None:
-                    size = (len(route), *part.logits.shape[1:])
-                    merged = Outputs(part.logits.new_zeros(size), part.labels.new_full(size[:-1], IGNORE_INDEX),
-                                     part.mask.new_zeros(size[:-1]),
-                                     None if part.hidden is None else part.hidden.new_zeros(
-                                         (len(route), *part.hidden.shape[1:])))
-                merged.logits[rows], merged.labels[rows], merged.mask[rows] = part.logits, part.labels, part.mask
-                if part.hidden is not None:
-                    merged.hidden[rows] = part.hidden
-            if merged is None:  # no row has a teacher: zero logits of the right shape, nothing in the mask
-                first = self.outputs(next(iter(self.teachers.values())), batch, hidden)
-                merged = Outputs(torch.zeros_like(first.logits), first.labels, torch.zeros_like(first.mask),
-                                 None if first.hidden is None else torch.zeros_like(first.hidden))
-            return merged
-
-    def route(self, batch: dict[str, Tensor]) -> Tensor:
-        """``(B,)`` each row's teacher (position among :attr:`teacher_names`, -1: none)."""
-        if batches.TEACHER_INDEX not in batch:
-            raise ConfigError("this run has several teachers but its batches say nothing of which teacher each "
-                              "example belongs to; route them with data.routes={<skill>: <teacher name>, ...}")
-        return batch["teacher_index"]
-
-    def distill_mask(self, batch: dict[str, Tensor], mask: Tensor) -> Tensor:
-        """``mask`` restricted to the rows that have a teacher (all rows with one teacher)."""
+        ``logits`` takes only the forms this recipe declares in ``needs.teacher_signals``:
+        hidden states and head (``head``) when the divergence is chunked (``fused``,
+        default :attr:`fused`), a cached top-k (``topk``) when the batch carries one;
+        otherwise dense logits."""
         if self.teachers is None:
-            return mask
-        has = self.route(batch) >= 0
-        return mask & has.view(-1, *([1] * (mask.dim() - 1)))
-
-    def teacher_logits(self, batch: dict[str, Tensor], fused: bool = False) -> Any:
-        """Teacher logits for ``batch`` (no grad, eval mode): a tensor, or with ``fused`` a
-        :class:`kd.signals.HeadLogits` where the teacher allows; a cached
-        :class:`kd.signals.TopK` when the batch carries one."""
-        return self.teacher_outputs(batch, hidden=False, fused=fused).logits
+            raise ConfigError(f"recipe {type(self).__name__} asked for a teacher's outputs but the run has no "
+                              "teacher; choose one with teacher=<config>")
+        if batches.TEACHER_TOPK in batch and "topk" not in self.needs.teacher_signals:
+            raise ConfigError(f"recipe {type(self).__name__}'s loss does not take a cached top-k teacher; use "
+                              "regime=offline (or declare 'topk' in its Needs.teacher_signals)")
+        fused = self.fused if fused is None else fused
+        hidden = self.needs.hidden_states if hidden is None else hidden
+        return self.teachers.outputs(batch, self.outputs, hidden, fused and "head" in self.needs.teacher_signals)
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
         return self.outputs(self.student, batch, hidden=False).logits
@@ -330,7 +300,8 @@ class DistillationRecipe(L.LightningModule):
         embedding table is smaller (their lookups of high ids would fail). A
         cross-tokenizer recipe's teacher is checked against its own tokenizer instead."""
         shared = self.needs.teacher_tokenizer == "shared"
-        models = [("student", self.student)] + (self.all_teachers() if shared else [])
+        teachers = self.teachers.items() if self.teachers is not None and shared else []
+        models = [("student", self.student), *teachers]
         for role, model in models:
             embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
             rows = getattr(embeddings, "num_embeddings", None)
@@ -380,10 +351,9 @@ class DistillationRecipe(L.LightningModule):
         n = self._batch_size(batch)
         for key, value in terms.items():
             self.log(f"train/{key}", value.detach(), prog_bar=key == "loss", batch_size=n)
-        if self.teachers is not None and batches.TEACHER_INDEX in batch:
-            for k, name in enumerate(self.teacher_names):
-                self.log(f"train/{name}/examples", (batch["teacher_index"] == k).sum().float(), batch_size=n,
-                         reduce_fx="sum")
+        if self.teachers is not None and self.teachers.routed and batches.TEACHER_INDEX in batch:
+            for name, rows in self.teachers.examples(batch).items():
+                self.log(f"train/{name}/examples", rows.float(), batch_size=n, reduce_fx="sum")
         if self._trainer is not None and self.trainer.optimizers:
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=n)
         if num_items is not None and self._rescaled():
@@ -439,7 +409,7 @@ class DistillationRecipe(L.LightningModule):
             return
         out = self.outputs(self.student, batch, hidden=False, fused=self.fused)
         same_tokens = self.teacher is not None and self.needs.teacher_tokenizer == "shared"  # one teacher
-        teacher = self.teacher_logits(batch, fused=self.fused) if same_tokens else None
+        teacher = self.teacher_outputs(batch, hidden=False).logits if same_tokens else None
         self.metrics[stage].update(out.logits, out.labels, out.mask, teacher)
 
     def _generation_eval_step(self, stage: str, batch: dict[str, Tensor]) -> None:
@@ -478,14 +448,7 @@ class DistillationRecipe(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")
 
-    # ------------------------------------------------------------------ teacher handling
-
-    def train(self, mode: bool = True) -> DistillationRecipe:
-        """Switch the student's mode; the teacher always stays in eval mode."""
-        super().train(mode)
-        for _, teacher in self.all_teachers():
-            teacher.eval()
-        return self
+    # ------------------------------------------------------------------ checkpoints
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Checkpoints hold what trains: the teacher's entries are dropped, and so are an
@@ -494,7 +457,7 @@ class DistillationRecipe(L.LightningModule):
 
         state = checkpoint.get("state_dict", {})
         frozen = {f"student.{k}" for k in frozen_keys(self.student)}
-        for key in [k for k in state if k.startswith(("teacher.", "teachers.")) or k in frozen]:
+        for key in [k for k in state if k.startswith("teachers.") or k in frozen]:
             del state[key]
         checkpoint["kd_regime"] = self.regime.state_dict()
 
@@ -503,10 +466,9 @@ class DistillationRecipe(L.LightningModule):
 
         self.regime.load_state_dict(checkpoint.get("kd_regime") or {})
         state = checkpoint.setdefault("state_dict", {})
-        for prefix, teacher in (("teacher.", self.teacher), ("teachers.", self.teachers)):
-            if teacher is not None:
-                for key, value in teacher.state_dict().items():
-                    state.setdefault(f"{prefix}{key}", value)
+        if self.teachers is not None:
+            for key, value in self.teachers.state_dict().items():
+                state.setdefault(f"teachers.{key}", value)
         live = self.student.state_dict()
         for key in frozen_keys(self.student):  # an adapted student's frozen weights: the live ones
             state.setdefault(f"student.{key}", live[key])

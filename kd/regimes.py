@@ -416,6 +416,10 @@ class TeacherLogits(Regime, LogitCache):
         if needs.hidden_states:
             raise ConfigError(f"recipe {recipe} also distils the teacher's hidden states, which the logit cache does "
                               "not hold; use regime=offline")
+        if "topk" not in needs.teacher_signals:
+            raise ConfigError(f"regime={self.name} gives the loss a cached top-k teacher (k ids and a tail bin), "
+                              f"which recipe {recipe}'s loss does not take (it takes {', '.join(needs.teacher_signals)}); "
+                              "use regime=offline")
         if temperature is not None and self.temperature is not None and not math.isclose(temperature,
                                                                                          self.temperature):
             raise ConfigError(f"regime.temperature={self.temperature:g} stores the teacher at another temperature "

@@ -162,9 +162,8 @@ class CrossStage(DistillationRecipe):
     def _replayed(self, batch: dict[str, Tensor]) -> Tensor:
         """``(B,)`` rows whose prompts are replayed to a teacher."""
         if self.teachers is None:
-            has = self.teacher is not None
-            return torch.full((len(batch["input_ids"]),), has, dtype=torch.bool, device=batch["input_ids"].device)
-        return self.route(batch) >= 0
+            return torch.zeros(len(batch["input_ids"]), dtype=torch.bool, device=batch["input_ids"].device)
+        return self.teachers.covered(batch)
 
     @torch.no_grad()
     def rollout(self, batch: dict[str, Tensor], rows: Tensor) -> dict[str, Tensor]:
@@ -236,7 +235,7 @@ class CrossStage(DistillationRecipe):
         """``L_distill`` on a sampled batch (:meth:`rollout`) and per-teacher statistics."""
         student = self.outputs(self.student, sampled)
         teacher = self.teacher_outputs(sampled, hidden=False)
-        mask = self.distill_mask(sampled, student.mask)
+        mask = student.mask & teacher.mask  # rows routed to no teacher do not count
         log_q = to_log_probs(student.logits, mask=mask)
         log_p = to_log_probs(teacher.logits, mask=mask)
         new = sampled_log_probs(log_q, student.labels)
@@ -247,10 +246,8 @@ class CrossStage(DistillationRecipe):
             per_token = reverse_kl_per_position(log_q, log_p)
         loss = reduce(per_token, mask)
         stats: dict[str, Tensor] = {}
-        names = self.teacher_names or ["teacher"]
-        route = sampled["teacher_index"] if self.teachers is not None else torch.zeros(len(mask), dtype=torch.long,
-                                                                                       device=mask.device)
-        for k, name in enumerate(names):
+        route = self.teachers.route(sampled)
+        for k, name in enumerate(self.teachers.names):
             own = mask & (route == k).unsqueeze(-1)
             if own.any():
                 stats[f"{name}/advantage"] = advantage[own].mean()

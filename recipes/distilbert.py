@@ -77,7 +77,8 @@ class DistilBERT(DistillationRecipe):
             raise ConfigError("DistilBERT needs masked-LM batches; use a masked-LM datamodule such as data=text")
         student, teacher = self.outputs(self.student, batch), self.teacher_outputs(batch)
         logits, labels, mask = student.logits, student.labels, student.mask
-        rows = self.distill_mask(batch, mask & (labels != -100) if self.restrict_ce_to_mask else mask)
+        mask = mask & teacher.mask  # rows without a teacher do not count
+        rows = mask & (labels != -100) if self.restrict_ce_to_mask else mask
         terms: dict[str, Tensor] = {}
         loss = logits.new_zeros(())
         if self.alpha_ce > 0:
@@ -88,6 +89,6 @@ class DistilBERT(DistillationRecipe):
             terms["mlm"] = cross_entropy(logits, labels)
             loss = loss + self.alpha_mlm * terms["mlm"]
         if self.alpha_cos > 0:
-            terms["cos"] = cosine_loss(student.hidden, teacher.hidden, self.distill_mask(batch, mask))
+            terms["cos"] = cosine_loss(student.hidden, teacher.hidden, mask)
             loss = loss + self.alpha_cos * terms["cos"]
         return {"loss": loss, **terms}

@@ -46,6 +46,7 @@ from torch import Tensor
 from kd import ConfigError
 from kd.divergences import Divergence
 from kd.recipe import DistillationRecipe, Needs
+from kd.signals import SIGNAL_FORMS
 
 
 class GKD(DistillationRecipe):
@@ -60,7 +61,7 @@ class GKD(DistillationRecipe):
         **kwargs: passed to :class:`kd.recipe.DistillationRecipe`.
     """
 
-    needs = Needs(divergence=True, data=("causal_lm",))
+    needs = Needs(divergence=True, data=("causal_lm",), teacher_signals=SIGNAL_FORMS, loss_temperature="temperature")
 
     def __init__(self, *, temperature: float = 1.0, student_dropout: bool = False,
                  divergence: Divergence | None = None, **kwargs: Any) -> None:
@@ -81,9 +82,8 @@ class GKD(DistillationRecipe):
 
     def compute_loss(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         out = self.outputs(self.student, batch, fused=self.fused)
-        mask = self.distill_mask(batch, out.mask)  # rows routed to no teacher do not count
-        teacher = self.teacher_logits(batch, fused=self.fused)
-        loss = self.divergence(out.logits, teacher, mask, temperature=self.temperature)
+        teacher = self.teacher_outputs(batch)  # its mask leaves out rows routed to no teacher
+        loss = self.divergence(out.logits, teacher, out.mask, temperature=self.temperature)
         kept = self.divergence.kept  # the mask after token selection (divergence.select)
         if self.divergence.reduction == "seq_mean":
             items = kept.reshape(-1, kept.shape[-1]).any(-1).sum()

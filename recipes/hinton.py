@@ -29,6 +29,7 @@ from kd import ConfigError
 from kd.divergences import Divergence
 from kd.evaluation import cross_entropy
 from kd.recipe import IGNORE_INDEX, DistillationRecipe, Needs
+from kd.signals import SIGNAL_FORMS
 
 
 class Hinton(DistillationRecipe):
@@ -41,7 +42,7 @@ class Hinton(DistillationRecipe):
         **kwargs: passed to :class:`kd.recipe.DistillationRecipe`.
     """
 
-    needs = Needs(divergence=True)
+    needs = Needs(divergence=True, teacher_signals=SIGNAL_FORMS, loss_temperature="temperature")
 
     def __init__(
         self, *, lam: float = 0.5, temperature: float = 4.0, divergence: Divergence | None = None, **kwargs: Any
@@ -56,11 +57,10 @@ class Hinton(DistillationRecipe):
 
     def compute_loss(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         out = self.outputs(self.student, batch, fused=self.fused)
-        teacher = self.teacher_logits(batch, fused=self.fused)
+        teacher = self.teacher_outputs(batch)  # its mask leaves out rows without a teacher
         hard = cross_entropy(out.logits, out.labels)
-        mask = self.distill_mask(batch, out.mask)
-        soft = self.temperature**2 * self.divergence(out.logits, teacher, mask, temperature=self.temperature)
+        soft = self.temperature**2 * self.divergence(out.logits, teacher, out.mask, temperature=self.temperature)
         loss = (1 - self.lam) * hard + self.lam * soft
         # the items of the main term (the soft one, unless lam = 0); see kd.recipe on mixed counts
-        items = (out.labels != IGNORE_INDEX).sum() if self.lam == 0 else mask.sum()
+        items = (out.labels != IGNORE_INDEX).sum() if self.lam == 0 else self.divergence.kept.sum()
         return {"loss": loss, "hard_ce": hard, "soft_kd": soft, "num_items": items}

@@ -191,8 +191,8 @@ class MiniLLM(DistillationRecipe):
         joined = join_prompts_and_responses(batch["prompt_ids"], batch["prompt_mask"], out.responses,
                                             out.response_mask, tok.pad_token_id)
         student = self.outputs(self.student, joined)
-        teacher_logits = self.teacher_logits(joined)
-        return {**joined, **self.score(student.logits, teacher_logits, student.labels, student.mask,
+        teacher = self.teacher_outputs(joined)  # its mask leaves out rows without a teacher
+        return {**joined, **self.score(student.logits, teacher.logits, student.labels, teacher.mask,
                                        out.importance_weights[out.response_mask])}
 
     def score(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, mask: Tensor,
@@ -241,7 +241,8 @@ class MiniLLM(DistillationRecipe):
             lm = cross_entropy(d_logits, d.labels)
             share = self.settings["lm_kd_share"]
             if share > 0:
-                teacher = data["teacher_logits"] if batches.TEACHER_LOGITS in data else self.teacher_logits(data)
+                teacher = (data[batches.TEACHER_LOGITS] if batches.TEACHER_LOGITS in data
+                           else self.teacher_outputs(data).logits)
                 lm = (1 - share) * lm + share * forward_kl(d_logits, teacher, d_mask)
             terms["lm"] = lm
             loss = loss + self.pt_weight * lm
@@ -254,7 +255,7 @@ class MiniLLM(DistillationRecipe):
         n = len(buffer["input_ids"])
         lm_data = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
         if self.pt_weight > 0 and self.settings["lm_kd_share"] > 0:  # once per buffer, not per update
-            lm_data["teacher_logits"] = self.teacher_logits(lm_data)
+            lm_data[batches.TEACHER_LOGITS] = self.teacher_outputs(lm_data).logits  # one teacher: its mask is d's
         generator = torch.Generator().manual_seed(self.seed * 100003 + self.global_step)
         sums: dict[str, float] = {}
         steps = 0

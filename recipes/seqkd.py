@@ -38,6 +38,7 @@ from kd import ConfigError
 from kd.divergences import SoftCrossEntropy
 from kd.evaluation import cross_entropy
 from kd.recipe import IGNORE_INDEX, DistillationRecipe, Needs
+from kd.signals import SIGNAL_FORMS
 
 
 class SeqKD(DistillationRecipe):
@@ -53,7 +54,7 @@ class SeqKD(DistillationRecipe):
         **kwargs: passed to :class:`kd.recipe.DistillationRecipe`.
     """
 
-    needs = Needs(data=("causal_lm",))
+    needs = Needs(data=("causal_lm",), teacher_signals=SIGNAL_FORMS, loss_temperature="temperature")
 
     def __init__(self, *, alpha: float = 0.0, temperature: float = 1.0, chunked: bool = True, select: str = "all",
                  keep: float = 1.0, **kwargs: Any) -> None:
@@ -78,8 +79,8 @@ class SeqKD(DistillationRecipe):
         terms = {"nll": nll}
         loss = (1 - self.alpha) * nll
         if self.alpha > 0:
-            teacher = self.teacher_logits(batch, fused=self.fused)
-            word = self.temperature**2 * self.soft(logits, teacher, self.distill_mask(batch, mask), self.temperature)
+            teacher = self.teacher_outputs(batch)  # its mask leaves out rows without a teacher
+            word = self.temperature**2 * self.soft(logits, teacher, mask, self.temperature)
             terms["word_kd"] = word
             loss = loss + self.alpha * word
         return {"loss": loss, **terms, "num_items": (out.labels != IGNORE_INDEX).sum()}

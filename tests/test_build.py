@@ -71,7 +71,7 @@ def test_every_shipped_recipe_declares_its_needs():
             assert cls.needs.divergence, option
         code, needs = _code(cls), cls.needs
         assert needs.divergence == ("self.divergence" in code), option
-        assert bool(needs.teacher) == any(t in code for t in ("self.teacher", "teacher_logits(", "teacher_outputs(")), option
+        assert bool(needs.teacher) == any(t in code for t in ("self.teacher", "teacher_outputs(")), option
         assert needs.hidden_states == bool(re.search(r"\.hidden\b", code)), option
         assert (needs.teacher_tokenizer == "own") == ("teacher_prompt_ids" in code), option
         assert needs.own_loop == ("manual_backward(" in code), option

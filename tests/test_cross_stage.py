@@ -91,7 +91,7 @@ def test_each_example_sees_only_its_own_teacher(routed_dm):
     routed = Hinton(student=student, teacher={"stage_a": a, "stage_b": b}, divergence=ForwardKL(), lam=1.0,
                     temperature=1.0)
     routed.set_vocabulary(V)
-    logits = routed.teacher_logits(batch)
+    logits = routed.teacher_outputs(batch).logits
     total, tokens = 0.0, 0
     for k, teacher in enumerate((a, b)):
         rows = (batch["teacher_index"] == k).nonzero().squeeze(-1)
@@ -153,10 +153,10 @@ def test_routed_teachers_are_frozen_and_out_of_the_optimizer_and_checkpoints(rou
     V = len(routed_dm.tokenizer)
     recipe = CrossStage(student=_model(7, V), teacher={"stage_a": _model(8, V), "stage_b": _model(9, V)})
     trainable = {id(p) for p in recipe.trainable_parameters()}
-    for _, teacher in recipe.all_teachers():
+    for _, teacher in recipe.teachers.items():
         assert all(not p.requires_grad and id(p) not in trainable for p in teacher.parameters())
     recipe.train()
-    assert all(not t.training for _, t in recipe.all_teachers())
+    assert all(not t.training for _, t in recipe.teachers.items())
     checkpoint = {"state_dict": recipe.state_dict()}
     recipe.on_save_checkpoint(checkpoint)
     assert not any(k.startswith(("teacher.", "teachers.")) for k in checkpoint["state_dict"])
@@ -302,9 +302,8 @@ def test_a_batch_without_routed_rows_gets_zero_teacher_logits_of_the_right_shape
     recipe = Hinton(student=student, teacher={"stage_a": _model(18, V), "stage_b": _model(19, V)},
                     divergence=ForwardKL(), lam=1.0, temperature=1.0)
     recipe.set_vocabulary(V)
-    logits = recipe.teacher_logits(part)
-    assert logits.shape == recipe.outputs(student, part).logits.shape and not logits.any()
-    assert not recipe.distill_mask(part, torch.ones(logits.shape[:-1], dtype=torch.bool)).any()
+    teacher = recipe.teacher_outputs(part)
+    assert teacher.logits.shape == recipe.outputs(student, part).logits.shape and not teacher.mask.any()
 
 
 def test_routed_teachers_with_a_teacher_generated_regime_are_refused_at_build(make_cfg):

@@ -70,7 +70,7 @@ def test_seq_mean_averages_each_sequence_first(task_dm):
 
 def _student_teacher(recipe, batch):
     out = recipe.outputs(recipe.student, batch)
-    return out.logits, recipe.teacher_logits(batch), out.mask
+    return out.logits, recipe.teacher_outputs(batch).logits, out.mask
 
 
 def test_student_dropout_is_off_unless_asked(task_dm):

@@ -22,6 +22,7 @@ from kd.divergences import JSD, ForwardKL
 from kd.models import freeze, tiny_causal_lm
 from kd.recipe import Needs
 from kd.regimes import TeacherLogits
+from kd.signals import SIGNAL_FORMS
 from recipes.gkd import GKD
 from recipes.hinton import Hinton
 from recipes.seqkd import SeqKD
@@ -325,7 +326,7 @@ def test_masked_lm_data_and_other_needs_are_refused(make_cfg):
         regime.check_recipe("probe", Needs(hidden_states=True), teacher=True, routed=False, temperature=None)
     with pytest.raises(ConfigError, match="caches one teacher's outputs, not those of routed teachers"):
         regime.check_recipe("hinton", Needs(), teacher=True, routed=True, temperature=None)
-    regime.check_recipe("gkd", Needs(), teacher=True, routed=False, temperature=None)
+    regime.check_recipe("gkd", Needs(teacher_signals=SIGNAL_FORMS), teacher=True, routed=False, temperature=None)
     assert regime.temperature == 1.0  # no loss temperature: T = 1
     for bad, match in ((dict(top_k=0), "regime.top_k must be a positive number"),
                        (dict(logprob_dtype="int4"), "regime.logprob_dtype must be one of"),
@@ -365,3 +366,22 @@ def test_plain_text_windows_cache_every_predicted_token(tmp_path):
     recipe.set_vocabulary(len(data.tokenizer))
     live = recipe.compute_loss(batch)["loss"].item()
     assert recipe.compute_loss(regime.batch(student, batch, data))["loss"].item() == pytest.approx(live, rel=1e-5)
+
+
+class TauHinton(Hinton):
+    """Hinton's loss whose temperature argument is called ``tau``: it declares it."""
+
+    needs = Needs(divergence=True, teacher_signals=SIGNAL_FORMS, loss_temperature="tau")
+
+    def __init__(self, *, tau: float = 2.5, **kwargs):
+        super().__init__(temperature=tau, **kwargs)
+
+
+@pytest.mark.parametrize("tau,stored", [(["+recipe.tau=3"], 3.0), ([], 2.5)])
+def test_the_cache_is_stored_at_the_loss_temperature_the_recipe_declares(tau, stored, make_cfg):
+    """A loss temperature whose argument is not called ``temperature`` is found through
+    ``Needs.loss_temperature``: from the config, else from the class's default."""
+    cfg = make_cfg(*SMALL_TASK, "recipe=hinton", f"recipe._target_={__name__}.TauHinton", "~recipe.temperature",
+                   *tau, "regime=teacher_logits")
+    run = build(cfg, setup=False)
+    assert run.recipe.temperature == stored and run.recipe.regime.temperature == stored

@@ -112,7 +112,7 @@ def test_teacher_is_frozen_in_eval_mode_and_outside_the_optimizer():
     in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
     assert in_optimizer == {id(p) for p in recipe.student.parameters()}
     x = torch.randn(5, 64)
-    torch.testing.assert_close(recipe.teacher_logits({"inputs": x, "labels": torch.zeros(5)}), teacher(x))
+    torch.testing.assert_close(recipe.teacher_outputs({"inputs": x, "labels": torch.zeros(5)}).logits, teacher(x))
     recipe.compute_loss({"inputs": x, "labels": torch.zeros(5, dtype=torch.long)})["loss"].backward()
     assert all(p.grad is None for p in teacher.parameters())
 
