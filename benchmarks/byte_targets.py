@@ -4,7 +4,7 @@ BLD needs the teacher's next-byte distribution at every offset where the student
 start, often inside one of the teacher's tokens. :func:`kd.bytes.marginal_byte_targets`
 computes it from the single teacher pass over its own tokens (optionally one more batched
 pass for the detours through a shorter token, :func:`kd.bytes.detours`) and reports the
-probability mass it could not place (the leak); :class:`kd.bytes.ByteOracle` evaluates RECIPES.md
+probability mass it could not place (the leak); :class:`kd.bytes.ByteOracle` evaluates docs/spec.md
 section 7's recursion exactly, calling the teacher again on every history it needs. This
 script runs both on the same batch of the embedded task (teacher tokens merge letter
 pairs, student tokens are single letters, so most student offsets fall inside teacher

@@ -1,7 +1,9 @@
 """kd: knowledge-distillation recipes on PyTorch Lightning, configured with Hydra.
 
-The library (everything under ``kd``) is importable without Hydra; ``kd.cli`` is the
-only module that imports it. Recipes live in the sibling package ``recipes``.
+The building blocks (divergences, models, data, recipes, regimes, evaluation, ...) import
+without Hydra. The config-driven layer needs it: ``kd.cli``, ``kd.build`` and ``kd.runs``
+import Hydra, and ``kd.pipeline`` does through ``kd.build``. Recipes live in the sibling
+package ``recipes``.
 """
 
 __version__ = "0.1.0"

@@ -26,7 +26,7 @@ the bytes the tokens produce.
 Exact next-byte distributions
 -----------------------------
 With ``p(v | h)`` the token LM after token history ``h``, the probability that the next
-symbols start with the string ``s`` is (RECIPES.md section 7)::
+symbols start with the string ``s`` is (docs/spec.md section 7)::
 
     Q_h(s) = sum_{v: kappa(v) starts with s} p(v | h)
            + sum_{v: kappa(v) is a strict non-empty prefix of s} p(v | h) * Q_{h.v}(s[len(kappa(v)):])
@@ -332,7 +332,7 @@ def marginal_byte_targets(token_probs: Tensor, token_ids: Sequence[int], index: 
     """The teacher's distribution of byte ``o + k`` given the bytes before ``o``, for
     every offset ``o`` in ``starts`` (where the student's tokens start) and ``k < num_heads``:
     the targets of parallel byte heads, which see only the state at ``o`` and so must
-    learn the teacher's *marginal* over byte ``k`` (RECIPES.md section 7), not its
+    learn the teacher's *marginal* over byte ``k`` (docs/spec.md section 7), not its
     conditional given the true bytes in between.
 
     One teacher pass gives ``p(. | h_i)`` before each of its canonical response tokens

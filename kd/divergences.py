@@ -77,8 +77,8 @@ Beyond logits, the modules accept (``Divergence.forward``):
   path of :mod:`kd.chunked` computes the same values a block of positions at a time,
   never building ``(N, V)`` logits; :func:`chunked_divergence` is its functional entry point;
 * **a top-k teacher** (:class:`kd.signals.TopK`, a teacher logit cache): ``k + 1`` bins, the cached
-  ids plus a tail bin (:func:`kd.signals.topk_bins`, RECIPES.md section 8);
-* **token selection** (``select``/``keep``, TIP, RECIPES.md section 9): the loss keeps
+  ids plus a tail bin (:func:`kd.signals.topk_bins`, docs/spec.md section 8);
+* **token selection** (``select``/``keep``, TIP, docs/spec.md section 9): the loss keeps
   the highest-entropy or the confidently wrong tokens (:func:`select_tokens`), chosen
   without gradient, and averages over them only.
 """
@@ -565,7 +565,7 @@ def _top(scores: Tensor, n: int) -> Tensor:
 
 
 def select_tokens(entropy: Tensor, divergence: Tensor | None, select: str, keep: float) -> Tensor:
-    """Which of ``n`` candidate tokens a loss keeps (TIP, RECIPES.md section 9).
+    """Which of ``n`` candidate tokens a loss keeps (TIP, docs/spec.md section 9).
 
     Args:
         entropy: ``(n,)`` the student's entropy at each valid token.

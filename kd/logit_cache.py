@@ -1,6 +1,6 @@
 """The teacher logit cache: a teacher's top-k log-probabilities at every position of a
 training split, computed in one pass and kept on disk (DistillKit-style offline signal,
-RECIPES.md section 8). :class:`kd.regimes.TeacherLogits` (``regime=teacher_logits``)
+docs/spec.md section 8). :class:`kd.regimes.TeacherLogits` (``regime=teacher_logits``)
 reads it; this module owns the format, the key and the teacher pass.
 
 **The teacher pass.** One pass over the training split, in dataset order, stores per

@@ -20,7 +20,7 @@ references, ``replace_responses``) and sample with one :class:`kd.generation.Sam
   (dataset responses, or the teacher's with ``seq_kd=True``): GKD's student-data fraction.
 * :class:`TeacherLogits`: the dataset's responses, with the teacher's distribution at
   every response position read from a top-k logit cache (DistillKit-style offline signal,
-  RECIPES.md section 8) instead of a teacher forward: one teacher pass over the training
+  docs/spec.md section 8) instead of a teacher forward: one teacher pass over the training
   split, in dataset order, before training stores per position the ``k`` most likely ids
   and their log-probabilities at the loss temperature, ``log_softmax(z / T)`` over the
   tokenizer's vocabulary (logits cut to it as the recipes cut them). Each training batch

@@ -139,7 +139,7 @@ class TopK:
 
 
 def topk_bins(student_logprobs: Tensor, teacher: TopK) -> tuple[Tensor, Tensor]:
-    """Student and teacher log-probabilities over the top-k bins (RECIPES.md section 8).
+    """Student and teacher log-probabilities over the top-k bins (docs/spec.md section 8).
 
     Args:
         student_logprobs: ``(..., V)`` student log-probabilities (at the loss temperature).

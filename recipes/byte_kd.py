@@ -1,4 +1,4 @@
-"""Cross-tokenizer distillation: byte-level KD (BLD) and ULD (RECIPES.md section 7).
+"""Cross-tokenizer distillation: byte-level KD (BLD) and ULD (docs/spec.md section 7).
 
 Teacher and student tokenize text differently, so their next-token distributions live on
 different sets; over bytes they predict the same thing. Both recipes here do, per batch:
@@ -45,7 +45,7 @@ next-token distributions at positions where both tokenizations start a token at 
 byte offset (the paper aligns by token index; the byte offsets make the pairs predict the
 same text).
 
-Deviations and choices: BLD's weights default to RECIPES.md's (1.0, 0.1; marked unsure
+Deviations and choices: BLD's weights default to docs/spec.md section 7's (1.0, 0.1; marked unsure
 there) and 10 heads; ULD's ``lam`` defaults to 1.0. Non-canonical tokenizations of the
 history are not marginalised (see :mod:`kd.bytes`). Teacher-generated data
 (``regime=teacher_generated``, ``seq_kd``) is refused: its tokens are the teacher's.

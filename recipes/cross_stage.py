@@ -1,4 +1,4 @@
-"""On-policy cross-stage self-distillation (GLM-5; RECIPES.md section 6).
+"""On-policy cross-stage self-distillation (GLM-5; docs/spec.md section 6).
 
 Sequential post-training (SFT -> reasoning RL -> agentic RL -> general RL) erodes what
 earlier stages built. GLM-5's remedy, as secondary sources describe it: the final
@@ -50,7 +50,7 @@ Per-teacher signals are logged: ``train/<teacher>/advantage`` (mean A_t on its t
 ``train/<teacher>/reverse_kl`` (the sampled estimate, mean of -A_t) and
 ``train/<teacher>/tokens``.
 
-Deviations and what is unsure: the GLM-5 report itself was not read (RECIPES.md marks the
+Deviations and what is unsure: the GLM-5 report itself was not read (docs/spec.md section 6 marks the
 section as secondary sources); the clipping range (0.2), the absence of a KL penalty to a
 reference model and the one update per batch (so rho_t is 1 up to the sampling
 temperature and filters: ``pi_sample`` is the distribution the token was drawn from) are

@@ -1,5 +1,5 @@
 """Cross-tokenizer recipes (recipes/byte_kd.py): byte-head targets against the exact
-recursion of RECIPES.md section 7, byte-offset alignment, the two losses, export."""
+recursion of docs/spec.md section 7, byte-offset alignment, the two losses, export."""
 
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ def test_head_targets_are_the_exact_marginals_up_to_the_reported_leak(seed, with
 
 
 def test_head_targets_are_marginals_not_conditionals():
-    """Unigram teacher {a: .1, b: .2, ab: .3, ba: .4} (RECIPES.md vectors) at the start:
+    """Unigram teacher {a: .1, b: .2, ab: .3, ba: .4} (docs/spec.md section 7 vectors) at the start:
     byte 1's exact marginal is P(aa)+P(ba) = .52 for 'a'; the conditional given the true
     first byte 'a' would be .1. Paths leaving the canonical token 'ab' after one symbol
     (tokens a, b: mass .3) are the leak."""

@@ -1,4 +1,4 @@
-"""Token LMs as byte LMs (RECIPES.md section 7): token bytes, exact next-byte
+"""Token LMs as byte LMs (docs/spec.md section 7): token bytes, exact next-byte
 distributions, the bounded computation's leak, ULD."""
 
 from __future__ import annotations

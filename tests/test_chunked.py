@@ -1,6 +1,6 @@
 """Chunked (fused-linear) divergences, the top-k teacher signal and token selection.
 
-Reference values are the independent test vectors of RECIPES.md sections 8 and 9; the
+Reference values are the independent test vectors of docs/spec.md sections 8 and 9; the
 chunked path is checked against the plain functions of kd.divergences on logits built
 from the same hidden states and heads (values and gradients)."""
 

@@ -1,4 +1,4 @@
-"""Cross-stage self-distillation (RECIPES.md section 6) and routed teachers: the test
+"""Cross-stage self-distillation (docs/spec.md section 6) and routed teachers: the test
 vectors, zero signal from a teacher equal to the student, each example seeing only its own
 teacher, teachers frozen and out of the optimizer and checkpoints, and kd runs end to end."""
 

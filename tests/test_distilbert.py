@@ -1,4 +1,4 @@
-"""DistilBERT (RECIPES.md section 2): masking, student init from the teacher, the triple loss."""
+"""DistilBERT (docs/spec.md section 2): masking, student init from the teacher, the triple loss."""
 
 from __future__ import annotations
 

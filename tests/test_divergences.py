@@ -1,4 +1,4 @@
-"""Tests of kd.divergences against independent test vectors (RECIPES.md sections 1 and 5)
+"""Tests of kd.divergences against independent test vectors (docs/spec.md sections 1 and 5)
 and properties that every divergence must have."""
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def _rand_mask(shape, seed):
     return m
 
 
-# --------------------------------------------------------------------------- RECIPES §5
+# --------------------------------------------------------------- docs/spec.md section 5
 
 
 def test_gkd_vectors_float64():
@@ -129,7 +129,7 @@ def test_jsd_disjoint_one_hots(beta):
         assert jsd(s.float(), t.float()).item() == pytest.approx(math.log(2), abs=1e-4)
 
 
-# --------------------------------------------------------------------------- RECIPES §1
+# --------------------------------------------------------------- docs/spec.md section 1
 
 
 def test_hinton_vector_temperature_2():

@@ -40,7 +40,7 @@ def test_stage_metrics_with_teacher():
     t = torch.log(torch.tensor([[0.7, 0.2, 0.1]]))
     m.update(s, torch.tensor([0]), torch.ones(1, dtype=torch.bool), t)
     out = m.compute()
-    assert out["kl_to_teacher"].item() == pytest.approx(0.583815, abs=1e-5)  # RECIPES.md section 5
+    assert out["kl_to_teacher"].item() == pytest.approx(0.583815, abs=1e-5)  # docs/spec.md section 5
     assert out["teacher_acc"].item() == 1.0 and out["acc"].item() == 0.0
 
 

@@ -1,4 +1,4 @@
-"""GKD (RECIPES.md section 5): the recipe's loss on token batches, on-policy batches,
+"""GKD (docs/spec.md section 5): the recipe's loss on token batches, on-policy batches,
 dropout, and exactness under gradient accumulation."""
 
 from __future__ import annotations

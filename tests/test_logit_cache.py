@@ -1,4 +1,4 @@
-"""The teacher logit cache (``regime=teacher_logits``, RECIPES.md section 8): what it
+"""The teacher logit cache (``regime=teacher_logits``, docs/spec.md section 8): what it
 stores, that recipes reading it equal the live teacher at k = V, its key and reuse, broken
 entries, a full run whose training steps never call the teacher, and the refusals."""
 

@@ -1,4 +1,4 @@
-"""MiniLLM (RECIPES.md section 4): the test vectors, the two variants, rollouts without
+"""MiniLLM (docs/spec.md section 4): the test vectors, the two variants, rollouts without
 gradient, and a PPO step through Lightning."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The recipe skeleton (teacher handling, optimizer, checkpoints, NaN guard) and the
-Hinton / supervised recipes, checked against RECIPES.md section 1."""
+Hinton / supervised recipes, checked against docs/spec.md section 1."""
 
 from __future__ import annotations
 

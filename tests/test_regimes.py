@@ -1,5 +1,5 @@
 """Data regimes (offline, teacher-generated with its cache, on-policy, mixed) and the
-sequence-level KD recipe, against RECIPES.md section 3."""
+sequence-level KD recipe, against docs/spec.md section 3."""
 
 from __future__ import annotations
 
