@@ -797,38 +797,39 @@ class JSD(Divergence):
         return f"beta={self.beta}, " + super().extra_repr()
 
 
-class SkewForwardKL(Divergence):
+class _SkewKL(Divergence):
+    """A DistiLLM skew KL: a KL against a mixture weighted by ``alpha`` (subclasses name
+    which one through ``skewed``, the per-position function, and ``label``)."""
+
+    label = "skew KL"
+    skewed: Any = None
+
+    def __init__(self, alpha: float = 0.1, reduction: str = "mean", **options: Any) -> None:
+        _check_alpha(alpha, self.label)
+        super().__init__(reduction, **options)
+        self.alpha = float(alpha)
+
+    def per_position(self, student_logprobs: Tensor, teacher_logprobs: Tensor) -> Tensor:
+        return type(self).skewed(student_logprobs, teacher_logprobs, self.alpha)
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, " + super().extra_repr()
+
+
+class SkewForwardKL(_SkewKL):
     """DistiLLM skew KL ``KL(P || alpha*P + (1-alpha)*Q)``."""
 
     name = "skew_forward_kl"
-
-    def __init__(self, alpha: float = 0.1, reduction: str = "mean", **options: Any) -> None:
-        _check_alpha(alpha, "skew forward KL")
-        super().__init__(reduction, **options)
-        self.alpha = float(alpha)
-
-    def per_position(self, student_logprobs: Tensor, teacher_logprobs: Tensor) -> Tensor:
-        return skew_forward_kl_per_position(student_logprobs, teacher_logprobs, self.alpha)
-
-    def extra_repr(self) -> str:
-        return f"alpha={self.alpha}, " + super().extra_repr()
+    label = "skew forward KL"
+    skewed = staticmethod(skew_forward_kl_per_position)
 
 
-class SkewReverseKL(Divergence):
+class SkewReverseKL(_SkewKL):
     """DistiLLM skew reverse KL ``KL(Q || alpha*Q + (1-alpha)*P)``."""
 
     name = "skew_reverse_kl"
-
-    def __init__(self, alpha: float = 0.1, reduction: str = "mean", **options: Any) -> None:
-        _check_alpha(alpha, "skew reverse KL")
-        super().__init__(reduction, **options)
-        self.alpha = float(alpha)
-
-    def per_position(self, student_logprobs: Tensor, teacher_logprobs: Tensor) -> Tensor:
-        return skew_reverse_kl_per_position(student_logprobs, teacher_logprobs, self.alpha)
-
-    def extra_repr(self) -> str:
-        return f"alpha={self.alpha}, " + super().extra_repr()
+    label = "skew reverse KL"
+    skewed = staticmethod(skew_reverse_kl_per_position)
 
 
 class TVD(Divergence):
