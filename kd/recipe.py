@@ -119,6 +119,10 @@ class Needs:
             is given it and batches carry the prompts in its tokens).
         own_loop: the recipe runs its own optimisation loop (manual optimisation, e.g. PPO
             epochs over a rollout buffer).
+        student_dropout: whether the student trains with its dropout on (train mode). False:
+            the student runs in eval mode during training steps, so its on-policy samples and
+            the loss see the same network. Set on every training batch (Lightning never
+            calls ``train()`` during ``fit``).
         regimes: names of the data regimes the recipe accepts (None: any).
         data: the kinds of models and data it distils (:data:`kd.models.KINDS`, e.g.
             ``("causal_lm",)``; None: any).
@@ -129,6 +133,7 @@ class Needs:
     hidden_states: bool = False
     teacher_tokenizer: str = "shared"
     own_loop: bool = False
+    student_dropout: bool = True
     regimes: tuple[str, ...] | None = None
     data: tuple[str, ...] | None = None
 
@@ -463,8 +468,11 @@ class DistillationRecipe(L.LightningModule):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         """Reseed torch from the run's seed, the epoch, the batch and the rank
         (:func:`kd.resume.step_seed`): a batch's dropout and samples are the same whether
-        or not the run was stopped and resumed before it."""
+        or not the run was stopped and resumed before it. Put the student in the mode its
+        recipe trains in (``needs.student_dropout``): Lightning never calls ``train()`` during
+        ``fit``, and a student loaded with ``from_pretrained`` starts in eval mode."""
         torch.manual_seed(step_seed(run_seed(), self.current_epoch, batch_idx, self.global_rank))
+        self.student.train(self.needs.student_dropout)
         self._step_started = time.perf_counter()
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -544,8 +552,11 @@ class DistillationRecipe(L.LightningModule):
     # ------------------------------------------------------------------ teacher handling
 
     def train(self, mode: bool = True) -> DistillationRecipe:
-        """Switch the student's mode; the teacher always stays in eval mode."""
+        """Switch the student's mode (in training, the one ``needs.student_dropout`` says); the
+        teacher always stays in eval mode."""
         super().train(mode)
+        if mode and not self.needs.student_dropout:
+            self.student.eval()
         for _, teacher in self.all_teachers():
             teacher.eval()
         return self

@@ -128,7 +128,8 @@ class MiniLLM(DistillationRecipe):
         **kwargs: passed to :class:`kd.recipe.DistillationRecipe`.
     """
 
-    needs = Needs(own_loop=True, regimes=("offline",), data=("causal_lm",))  # it samples its own rollouts
+    # it samples its own rollouts; no dropout: rollouts, old log-probs and updates see one network
+    needs = Needs(own_loop=True, regimes=("offline",), data=("causal_lm",), student_dropout=False)
 
     def __init__(self, *, variant: str = "paper", mix_alpha: float = 0.2, clip_eps: float = 0.2,
                  ppo_epochs: int = 4, num_minibatches: int = 4, pt_weight: float = 1.0,
@@ -161,11 +162,6 @@ class MiniLLM(DistillationRecipe):
     @property
     def optimizer_steps_per_batch(self) -> int:
         return self.ppo_epochs * self.num_minibatches
-
-    def train(self, mode: bool = True) -> MiniLLM:
-        super().train(mode)
-        self.student.eval()  # no dropout: rollouts, old log-probs and updates see one network
-        return self
 
     # ------------------------------------------------------------------ rollouts
 
