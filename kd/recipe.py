@@ -118,7 +118,7 @@ class Needs:
             checked before training) or ``"own"`` (the teacher keeps its own: the datamodule
             is given it and batches carry the prompts in its tokens).
         own_loop: the recipe runs its own optimisation loop (manual optimisation, e.g. PPO
-            epochs over a rollout buffer).
+            epochs over a rollout buffer; :func:`kd.policy.buffer_updates`).
         student_dropout: whether the student trains with its dropout on (train mode). False:
             the student runs in eval mode during training steps, so its on-policy samples and
             the loss see the same network. Set on every training batch (Lightning never
@@ -162,6 +162,17 @@ class Outputs:
     labels: Tensor
     mask: Tensor
     hidden: Tensor | None = None
+
+
+def check_finite(terms: Mapping[str, Tensor], step: int, clipping: str = "trainer.gradient_clip_val") -> None:
+    """Stop training with one sentence when ``terms["loss"]`` is NaN or infinite; every term
+    is named in it. ``clipping`` is the setting that clips this loop's gradients."""
+    if not torch.isfinite(terms["loss"]):
+        detail = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
+        raise FloatingPointError(
+            f"the training loss is not finite at step {step} ({detail}); lower optimizer.lr, "
+            f"set {clipping}, or train in precision=32-true (checkpoints so far are kept)"
+        )
 
 
 class DistillationRecipe(L.LightningModule):
@@ -422,12 +433,7 @@ class DistillationRecipe(L.LightningModule):
         terms = self.compute_loss(batch)
         num_items = terms.pop("num_items", None)
         loss = terms["loss"]
-        if not torch.isfinite(loss):
-            detail = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
-            raise FloatingPointError(
-                f"the training loss is not finite at step {self.global_step} ({detail}); lower optimizer.lr, "
-                "set trainer.gradient_clip_val, or train in precision=32-true (checkpoints so far are kept)"
-            )
+        check_finite(terms, self.global_step)
         n = self._batch_size(batch)
         for key, value in terms.items():
             self.log(f"train/{key}", value.detach(), prog_bar=key == "loss", batch_size=n)
@@ -643,4 +649,4 @@ class DistillationRecipe(L.LightningModule):
         return out
 
 
-__all__ = ["DistillationRecipe", "Needs", "Outputs", "IGNORE_INDEX", "warmup_cosine"]
+__all__ = ["DistillationRecipe", "Needs", "Outputs", "IGNORE_INDEX", "check_finite", "warmup_cosine"]

@@ -20,7 +20,8 @@ Rollouts come from **teacher-mixed sampling**: each token is drawn from
 ``p~ = alpha p + (1 - alpha) q_old`` (alpha 0.2), and ``w_t = q_old(y_t) / p~(y_t)`` is
 the per-token importance weight (:class:`kd.generation.TeacherMix`). One training batch's
 prompts make one rollout buffer; the recipe then runs ``ppo_epochs`` passes over it in
-``num_minibatches`` shuffled mini-batches, one optimizer step each (manual optimisation).
+``num_minibatches`` shuffled mini-batches, one optimizer step each (manual optimisation,
+:func:`kd.policy.buffer_updates`).
 Rewards, old log-probs and advantages are computed once per buffer, without gradient;
 no gradient flows through sampling. The student starts from an SFT checkpoint
 (``student_sft``), as in the paper.
@@ -60,7 +61,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kd import ConfigError
+from kd import ConfigError, policy
 from kd.divergences import forward_kl, reduce, reverse_kl_per_position, to_log_probs
 from kd.evaluation import cross_entropy
 from kd.generation import Sampling, TeacherMix, generate
@@ -244,46 +245,22 @@ class MiniLLM(DistillationRecipe):
         return {"loss": loss, **terms}
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        optimizer = self.optimizers()
-        scheduler = self.lr_schedulers()
         buffer = self.rollout(batch)
         n = len(buffer["input_ids"])
         lm_data = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
         if self.pt_weight > 0 and self.settings["lm_kd_share"] > 0:  # once per buffer, not per update
             lm_data["teacher_logits"] = self.teacher_logits(lm_data)
-        generator = torch.Generator().manual_seed(self.seed * 100003 + self.global_step)
-        sums: dict[str, float] = {}
-        steps = 0
-        for _ in range(self.ppo_epochs):
-            # tensor_split, not chunk: exactly num_minibatches parts (chunk(4) of 6 gives 3)
-            for chunk in torch.randperm(n, generator=generator).tensor_split(self.num_minibatches):
-                if len(chunk) == 0:  # a last batch smaller than num_minibatches: keep the schedule in step
-                    if scheduler is not None:
-                        scheduler.step()
-                    continue
-                chunk = chunk.to(buffer["input_ids"].device)
-                part = {k: v[chunk] for k, v in buffer.items()}
-                data = {k: v[chunk] for k, v in lm_data.items()}
-                terms = self.minibatch_loss(part, data)
-                if not torch.isfinite(terms["loss"]):
-                    raise FloatingPointError(
-                        f"the MiniLLM loss is not finite at step {self.global_step}; lower optimizer.lr or "
-                        "recipe.max_grad_norm (checkpoints so far are kept)")
-                optimizer.zero_grad()
-                self.manual_backward(terms["loss"])
-                if self.max_grad_norm is not None:
-                    self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
-                optimizer.step()
-                if scheduler is not None:
-                    scheduler.step()
-                steps += 1
-                for k, v in terms.items():
-                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+
+        def loss(rows: Tensor) -> dict[str, Tensor]:
+            return self.minibatch_loss({k: v[rows] for k, v in buffer.items()},
+                                       {k: v[rows] for k, v in lm_data.items()})
+
+        shuffles = torch.Generator().manual_seed(self.seed * 100003 + self.global_step)
+        logged = policy.buffer_updates(self, n, loss, epochs=self.ppo_epochs, minibatches=self.num_minibatches,
+                                       generator=shuffles, max_grad_norm=self.max_grad_norm)
         mask = buffer["mask"]
-        logged = {k: v / steps for k, v in sums.items()}
         logged["reward"] = float(reduce(buffer["rewards"], mask))
         logged["response_length"] = float(mask.sum(-1).float().mean())
         for key, value in logged.items():
             self.log(f"train/{key}", value, prog_bar=key == "loss", batch_size=n)
-        self.log("train/lr", optimizer.param_groups[0]["lr"], batch_size=n)
         return torch.tensor(logged["loss"])
