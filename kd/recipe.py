@@ -115,7 +115,11 @@ class Needs:
             checked before training) or ``"own"`` (the teacher keeps its own: the datamodule
             is given it and batches carry the prompts in its tokens).
         own_loop: the recipe runs its own optimisation loop (manual optimisation, e.g. PPO
-            epochs over a rollout buffer).
+            epochs over a rollout buffer; :func:`kd.policy.buffer_updates`).
+        student_dropout: whether the student trains with its dropout on (train mode). False:
+            the student runs in eval mode during training steps, so its on-policy samples and
+            the loss see the same network. Set on every training batch (Lightning never
+            calls ``train()`` during ``fit``).
         regimes: names of the data regimes the recipe accepts (None: any).
         data: the kinds of models and data it distils (:data:`kd.models.KINDS`, e.g.
             ``("causal_lm",)``; None: any).
@@ -137,6 +141,7 @@ class Needs:
     hidden_states: bool = False
     teacher_tokenizer: str = "shared"
     own_loop: bool = False
+    student_dropout: bool = True
     regimes: tuple[str, ...] | None = None
     data: tuple[str, ...] | None = None
     teacher_signals: tuple[str, ...] = ("logits",)
@@ -151,6 +156,17 @@ class Needs:
         if unknown or "logits" not in self.teacher_signals:
             raise ValueError(f"Needs.teacher_signals must hold 'logits' and only forms among {SIGNAL_FORMS} "
                              f"(got {self.teacher_signals!r})")
+
+
+def check_finite(terms: Mapping[str, Tensor], step: int, clipping: str = "trainer.gradient_clip_val") -> None:
+    """Stop training with one sentence when ``terms["loss"]`` is NaN or infinite; every term
+    is named in it. ``clipping`` is the setting that clips this loop's gradients."""
+    if not torch.isfinite(terms["loss"]):
+        detail = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
+        raise FloatingPointError(
+            f"the training loss is not finite at step {step} ({detail}); lower optimizer.lr, "
+            f"set {clipping}, or train in precision=32-true (checkpoints so far are kept)"
+        )
 
 
 class DistillationRecipe(L.LightningModule):
@@ -342,12 +358,7 @@ class DistillationRecipe(L.LightningModule):
         terms = self.compute_loss(batch)
         num_items = terms.pop("num_items", None)
         loss = terms["loss"]
-        if not torch.isfinite(loss):
-            detail = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
-            raise FloatingPointError(
-                f"the training loss is not finite at step {self.global_step} ({detail}); lower optimizer.lr, "
-                "set trainer.gradient_clip_val, or train in precision=32-true (checkpoints so far are kept)"
-            )
+        check_finite(terms, self.global_step)
         n = self._batch_size(batch)
         for key, value in terms.items():
             self.log(f"train/{key}", value.detach(), prog_bar=key == "loss", batch_size=n)
@@ -387,8 +398,11 @@ class DistillationRecipe(L.LightningModule):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         """Reseed torch from the run's seed, the epoch, the batch and the rank
         (:func:`kd.resume.step_seed`): a batch's dropout and samples are the same whether
-        or not the run was stopped and resumed before it."""
+        or not the run was stopped and resumed before it. Put the student in the mode its
+        recipe trains in (``needs.student_dropout``): Lightning never calls ``train()`` during
+        ``fit``, and a student loaded with ``from_pretrained`` starts in eval mode."""
         torch.manual_seed(step_seed(run_seed(), self.current_epoch, batch_idx, self.global_rank))
+        self.student.train(self.needs.student_dropout)
         self._step_started = time.perf_counter()
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -448,7 +462,15 @@ class DistillationRecipe(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")
 
-    # ------------------------------------------------------------------ checkpoints
+    # ------------------------------------------------------------------ modes and checkpoints
+
+    def train(self, mode: bool = True) -> DistillationRecipe:
+        """Switch the student's mode (in training, the one ``needs.student_dropout`` says); the
+        teachers always stay in eval mode (:class:`kd.teachers.Teachers`)."""
+        super().train(mode)
+        if mode and not self.needs.student_dropout:
+            self.student.eval()
+        return self
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Checkpoints hold what trains: the teacher's entries are dropped, and so are an
@@ -489,4 +511,4 @@ class DistillationRecipe(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-__all__ = ["DistillationRecipe", "Needs", "IGNORE_INDEX", "warmup_cosine"]
+__all__ = ["DistillationRecipe", "Needs", "IGNORE_INDEX", "check_finite", "warmup_cosine"]

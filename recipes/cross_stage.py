@@ -128,8 +128,9 @@ class CrossStage(DistillationRecipe):
         **kwargs: passed to :class:`kd.recipe.DistillationRecipe`.
     """
 
-    # it samples the replayed prompts itself; without a teacher only the stage objective trains
-    needs = Needs(teacher="optional", regimes=("offline",), data=("causal_lm",))
+    # it samples the replayed prompts itself; without a teacher only the stage objective trains;
+    # no dropout: samples and updates see one network
+    needs = Needs(teacher="optional", regimes=("offline",), data=("causal_lm",), student_dropout=False)
 
     def __init__(self, *, lam: float = 1.0, stage_weight: float = 1.0, estimator: str = "sampled",
                  stage_objective: str = "sft", group_size: int = 4, clip_eps: float = 0.2,
@@ -153,11 +154,6 @@ class CrossStage(DistillationRecipe):
         self.sampling = Sampling.of(sampling)
         self.seed = seed
         self._rng: torch.Generator | None = None
-
-    def train(self, mode: bool = True) -> CrossStage:
-        super().train(mode)
-        self.student.eval()  # no dropout: samples and updates see one network
-        return self
 
     def _replayed(self, batch: dict[str, Tensor]) -> Tensor:
         """``(B,)`` rows whose prompts are replayed to a teacher."""

@@ -21,8 +21,9 @@ recipe's loss is only ``D``; the other parts come from the config groups:
   (TRL), ``seq_mean`` over each sequence's tokens and then over sequences (the paper's
   per-sequence average). Both are exact under gradient accumulation (the recipe reports
   its item count, :mod:`kd.recipe`).
-* Dropout: the student runs without dropout (``student_dropout=false``), as in the
-  paper: on-policy samples and the loss then see the same network.
+* Dropout: the student trains in eval mode, without dropout (``Needs.student_dropout``
+  False), as in the paper and TRL (``disable_dropout``): on-policy samples and the loss
+  then see the same network. ``recipe.student_dropout=true`` keeps its dropout on.
 
 Named configs: ``recipe=gkd`` (JSD(0.5), mixed regime with lmbda 0.5, sampling at T = 1);
 ``experiment=gkd_trl`` TRL's defaults (lmbda 0.5, beta 0.5, sampling temperature 0.9,
@@ -39,6 +40,7 @@ Run: ``kd recipe=gkd data=task teacher=task_llama student=task_llama regime.lmbd
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from torch import Tensor
@@ -54,16 +56,18 @@ class GKD(DistillationRecipe):
 
     Args:
         temperature: divides both models' logits in the loss (> 0; 1 in the paper).
-        student_dropout: keep the student's dropout active during training (off in GKD).
+        student_dropout: replaces the class's ``needs.student_dropout`` (False: the student
+            trains in eval mode); None keeps it. True keeps the student's dropout on.
         divergence: the token-level divergence (``recipe=gkd`` selects ``divergence=jsd``,
             beta 0.5); its ``reduction`` (``mean`` or ``seq_mean``) is the token/sequence
             averaging switch.
         **kwargs: passed to :class:`kd.recipe.DistillationRecipe`.
     """
 
-    needs = Needs(divergence=True, data=("causal_lm",), teacher_signals=SIGNAL_FORMS, loss_temperature="temperature")
+    needs = Needs(divergence=True, data=("causal_lm",), student_dropout=False, teacher_signals=SIGNAL_FORMS,
+                  loss_temperature="temperature")
 
-    def __init__(self, *, temperature: float = 1.0, student_dropout: bool = False,
+    def __init__(self, *, temperature: float = 1.0, student_dropout: bool | None = None,
                  divergence: Divergence | None = None, **kwargs: Any) -> None:
         if not temperature > 0:
             raise ConfigError(f"recipe.temperature must be > 0 (got {temperature}); GKD uses 1")
@@ -72,13 +76,8 @@ class GKD(DistillationRecipe):
                               f"seq_mean (got {divergence.reduction})")
         super().__init__(divergence=divergence, **kwargs)
         self.temperature = temperature
-        self.student_dropout = student_dropout
-
-    def train(self, mode: bool = True) -> GKD:
-        super().train(mode)
-        if not self.student_dropout:
-            self.student.eval()  # no dropout: samples and loss come from the same network
-        return self
+        if student_dropout is not None:
+            self.needs = replace(self.needs, student_dropout=student_dropout)
 
     def compute_loss(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         out = self.outputs(self.student, batch, fused=self.fused)

@@ -20,7 +20,8 @@ Rollouts come from **teacher-mixed sampling**: each token is drawn from
 ``p~ = alpha p + (1 - alpha) q_old`` (alpha 0.2), and ``w_t = q_old(y_t) / p~(y_t)`` is
 the per-token importance weight (:class:`kd.generation.TeacherMix`). One training batch's
 prompts make one rollout buffer; the recipe then runs ``ppo_epochs`` passes over it in
-``num_minibatches`` shuffled mini-batches, one optimizer step each (manual optimisation).
+``num_minibatches`` shuffled mini-batches, one optimizer step each (manual optimisation,
+:func:`kd.policy.buffer_updates`).
 Rewards, old log-probs and advantages are computed once per buffer, without gradient;
 no gradient flows through sampling. The student starts from an SFT checkpoint
 (``student_sft``), as in the paper.
@@ -60,7 +61,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kd import ConfigError, batches
+from kd import ConfigError, batches, policy
 from kd.batches import join_prompts_and_responses
 from kd.divergences import forward_kl, reduce, reverse_kl_per_position, to_log_probs
 from kd.evaluation import cross_entropy
@@ -128,7 +129,8 @@ class MiniLLM(DistillationRecipe):
         **kwargs: passed to :class:`kd.recipe.DistillationRecipe`.
     """
 
-    needs = Needs(own_loop=True, regimes=("offline",), data=("causal_lm",))  # it samples its own rollouts
+    # it samples its own rollouts; no dropout: rollouts, old log-probs and updates see one network
+    needs = Needs(own_loop=True, regimes=("offline",), data=("causal_lm",), student_dropout=False)
 
     def __init__(self, *, variant: str = "paper", mix_alpha: float = 0.2, clip_eps: float = 0.2,
                  ppo_epochs: int = 4, num_minibatches: int = 4, pt_weight: float = 1.0,
@@ -161,11 +163,6 @@ class MiniLLM(DistillationRecipe):
     @property
     def optimizer_steps_per_batch(self) -> int:
         return self.ppo_epochs * self.num_minibatches
-
-    def train(self, mode: bool = True) -> MiniLLM:
-        super().train(mode)
-        self.student.eval()  # no dropout: rollouts, old log-probs and updates see one network
-        return self
 
     # ------------------------------------------------------------------ rollouts
 
@@ -249,46 +246,22 @@ class MiniLLM(DistillationRecipe):
         return {"loss": loss, **terms}
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        optimizer = self.optimizers()
-        scheduler = self.lr_schedulers()
         buffer = self.rollout(batch)
         n = len(buffer["input_ids"])
         lm_data = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
         if self.pt_weight > 0 and self.settings["lm_kd_share"] > 0:  # once per buffer, not per update
             lm_data[batches.TEACHER_LOGITS] = self.teacher_outputs(lm_data).logits  # one teacher: its mask is d's
-        generator = torch.Generator().manual_seed(self.seed * 100003 + self.global_step)
-        sums: dict[str, float] = {}
-        steps = 0
-        for _ in range(self.ppo_epochs):
-            # tensor_split, not chunk: exactly num_minibatches parts (chunk(4) of 6 gives 3)
-            for chunk in torch.randperm(n, generator=generator).tensor_split(self.num_minibatches):
-                if len(chunk) == 0:  # a last batch smaller than num_minibatches: keep the schedule in step
-                    if scheduler is not None:
-                        scheduler.step()
-                    continue
-                chunk = chunk.to(buffer["input_ids"].device)
-                part = {k: v[chunk] for k, v in buffer.items()}
-                data = {k: v[chunk] for k, v in lm_data.items()}
-                terms = self.minibatch_loss(part, data)
-                if not torch.isfinite(terms["loss"]):
-                    raise FloatingPointError(
-                        f"the MiniLLM loss is not finite at step {self.global_step}; lower optimizer.lr or "
-                        "recipe.max_grad_norm (checkpoints so far are kept)")
-                optimizer.zero_grad()
-                self.manual_backward(terms["loss"])
-                if self.max_grad_norm is not None:
-                    self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
-                optimizer.step()
-                if scheduler is not None:
-                    scheduler.step()
-                steps += 1
-                for k, v in terms.items():
-                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+
+        def loss(rows: Tensor) -> dict[str, Tensor]:
+            return self.minibatch_loss({k: v[rows] for k, v in buffer.items()},
+                                       {k: v[rows] for k, v in lm_data.items()})
+
+        shuffles = torch.Generator().manual_seed(self.seed * 100003 + self.global_step)
+        logged = policy.buffer_updates(self, n, loss, epochs=self.ppo_epochs, minibatches=self.num_minibatches,
+                                       generator=shuffles, max_grad_norm=self.max_grad_norm)
         mask = buffer["mask"]
-        logged = {k: v / steps for k, v in sums.items()}
         logged["reward"] = float(reduce(buffer["rewards"], mask))
         logged["response_length"] = float(mask.sum(-1).float().mean())
         for key, value in logged.items():
             self.log(f"train/{key}", value, prog_bar=key == "loss", batch_size=n)
-        self.log("train/lr", optimizer.param_groups[0]["lr"], batch_size=n)
         return torch.tensor(logged["loss"])
