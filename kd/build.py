@@ -55,9 +55,9 @@ KIND_WORDS = {"classifier": "classification", "causal_lm": "prompt/response (cau
               "masked_lm": "masked-LM text"}
 MODEL_WORDS = {"classifier": "classifier", "causal_lm": "causal LM", "masked_lm": "masked LM"}
 
-#: a student config key read here, not by the model factory: copy the trained teacher's
-#: layers into the student (a :func:`kd.models.layer_map` scheme), e.g. student=from_teacher
-INIT_FROM_TEACHER = "init_from_teacher"
+#: a top-level key read here, next to student_init and student_sft: copy the trained teacher's
+#: layers into the student (a :func:`kd.models.layer_map` scheme; student=from_teacher sets it)
+INIT_FROM_TEACHER = "student_init_from_teacher"
 
 #: data settings that change what a run reports but not the weights it trains
 EVAL_ONLY = ("generation_eval_size", "eval_batch_size", "max_new_tokens", "eval_seed")
@@ -165,8 +165,10 @@ def sub_config(cfg: DictConfig, **changes: Any) -> DictConfig:
 def student_factory(cfg: DictConfig) -> tuple[DictConfig, Any]:
     """The student's model factory config (resolved) and its teacher-init scheme (or None)."""
     plain = OmegaConf.to_container(cfg.student, resolve=True)
-    scheme = plain.pop(INIT_FROM_TEACHER, None) if isinstance(plain, dict) else None
-    return OmegaConf.create(plain), scheme
+    if isinstance(plain, dict) and "init_from_teacher" in plain:
+        raise ConfigError(f"student.init_from_teacher is now the top-level {INIT_FROM_TEACHER}; set "
+                          f"{INIT_FROM_TEACHER}={plain['init_from_teacher']} instead")
+    return OmegaConf.create(plain), cfg.get(INIT_FROM_TEACHER)
 
 
 def run_key(cfg: DictConfig, weights_only: bool = False) -> str:
@@ -177,7 +179,9 @@ def run_key(cfg: DictConfig, weights_only: bool = False) -> str:
     data = OmegaConf.to_container(cfg.data, resolve=True)
     skip = ("num_workers", "cache_dir") + (EVAL_ONLY if weights_only else ())
     teacher = []  # a student that starts from the teacher's layers: which teacher (a cache entry by its name)
-    if isinstance(cfg.get("student"), DictConfig) and INIT_FROM_TEACHER in cfg.student and cfg.get("teacher"):
+    student = OmegaConf.to_container(cfg.student, resolve=True)
+    if cfg.get(INIT_FROM_TEACHER) is not None and cfg.get("teacher"):
+        student["init_from_teacher"] = cfg[INIT_FROM_TEACHER]  # hashed where it lived before: the same cache keys
         teacher = [OmegaConf.to_container(cfg.teacher, resolve=True)]
         weights = Path(str(teacher[0].get("checkpoint") or ""))
         if weights.parent.parent == Path(str(cfg.paths.cache_dir)):
@@ -185,7 +189,7 @@ def run_key(cfg: DictConfig, weights_only: bool = False) -> str:
     return cache_key(
         *teacher,
         cfg.get("supervised_recipe"),
-        cfg.student,
+        student,
         cfg.optimizer,
         cfg.get("scheduler"),
         cfg.seed,
@@ -213,7 +217,7 @@ class Run:
     #: the distilled student's row in the result table
     label: str
     cache: Cache
-    #: the teacher-layer scheme of the student (``student.init_from_teacher``), or None
+    #: the teacher-layer scheme of the student (``student_init_from_teacher``), or None
     init_scheme: Any = None
     #: where the teacher's weights came from, plus the cache entry's facts
     teacher_info: dict[str, Any] = field(default_factory=dict)
@@ -329,7 +333,7 @@ def _check_kinds(cfg: DictConfig, cls: type[DistillationRecipe], name: str, with
         fits = [o for k in needs.data for o in options_of_kind("data", k)]
         raise ConfigError(f"recipe {name} distils {' or '.join(KIND_WORDS[k] for k in needs.data)} models, but {data} "
                           f"holds {KIND_WORDS[data_kind]} data; choose {_either('data', fits)}")
-    scheme = cfg.student.get(INIT_FROM_TEACHER) if isinstance(cfg.get("student"), DictConfig) else None
+    scheme = cfg.get(INIT_FROM_TEACHER)
     for label, teacher_cfg in teacher_configs(cfg).items():
         if not ((with_teacher or scheme is not None) and isinstance(teacher_cfg.get("model"), DictConfig)):
             continue
@@ -617,13 +621,13 @@ def _world_size(trainer: DictConfig) -> int:
 def cached_supervised(cache: Cache, kind: str, prefix: str, cfg: DictConfig, **changes: Any) -> Path:
     """The :func:`cached_run` ``<kind>/<prefix>-<hash>`` of the no-teacher recipe trained on
     ``cfg`` with ``changes`` (:func:`sub_config`), the hash covering what shapes it. A
-    ``teacher`` among the changes is what a ``student.init_from_teacher`` scheme among them
+    ``teacher`` among the changes is what a ``student_init_from_teacher`` scheme among them
     starts from (else the scheme belongs to the distilled run and is dropped here)."""
     sub = sub_config(cfg, **{"recipe": cfg.supervised_recipe, "teacher": None, "teachers": None, "divergence": None,
                              "regime": None, "logger": {}, "ckpt_path": None, "student_sft": None, **changes})
     with open_dict(sub):
-        if sub.get("teacher") is None and isinstance(sub.student, DictConfig) and INIT_FROM_TEACHER in sub.student:
-            del sub.student[INIT_FROM_TEACHER]
+        if sub.get("teacher") is None and sub.get(INIT_FROM_TEACHER) is not None:
+            sub[INIT_FROM_TEACHER] = None
         world = _world_size(sub.trainer)
         for key in ONE_PROCESS_ONLY:  # cached sub-runs train in the calling process (DDP launches none) ...
             sub.trainer.pop(key, None)
@@ -682,7 +686,7 @@ def load_teacher(cfg: DictConfig, model: nn.Module, cache: Cache, t: DictConfig 
 def student_sft(cfg: DictConfig, cache: Cache) -> Path:
     """The cache entry (weights) of the supervised fine-tune of ``cfg.student`` that
     ``student_sft`` describes (cached; one per run seed, or one for every seed when the
-    section fixes its own ``seed``). A student with ``init_from_teacher`` (a pruned
+    section fixes its own ``seed``). A student with ``student_init_from_teacher`` (a pruned
     teacher) starts its SFT from the teacher's layers, and the run then starts from the SFT."""
     factory, scheme = student_factory(cfg)
     seed = cfg.student_sft.get("seed", cfg.seed)
@@ -693,8 +697,7 @@ def student_sft(cfg: DictConfig, cache: Cache) -> Path:
             teacher["checkpoint"] = str(_fitted(cache, "teachers", choice("teacher", "teacher"), cfg, cfg.teacher.model,
                                                 cfg.teacher.fit))
         teacher.pop("fit", None)
-        changes = {"teacher": teacher}
-        factory = OmegaConf.create({**OmegaConf.to_container(factory), INIT_FROM_TEACHER: scheme})
+        changes = {"teacher": teacher, INIT_FROM_TEACHER: scheme}
     return _fitted(cache, "sft", prefix, cfg, factory, cfg.student_sft, **changes)
 
 

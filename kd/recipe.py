@@ -179,7 +179,7 @@ class DistillationRecipe(L.LightningModule):
             sorted names; -1: none), or ``None`` for recipes whose ``needs.teacher`` is False.
         divergence: the distribution distance from the ``divergence/`` group (recipes whose
             ``needs.divergence`` is set; others refuse one).
-        optimizer: factory ``params -> Optimizer`` (default AdamW, lr 1e-3).
+        optimizer: factory ``params -> Optimizer`` (default: conf/train.yaml's, AdamW lr 3e-3 without weight decay).
         scheduler: optional factory ``(optimizer, total_steps) -> LRScheduler``, stepped
             every optimizer step.
         regime: whose sequences a step trains on (:mod:`kd.regimes`; default offline).
@@ -222,7 +222,7 @@ class DistillationRecipe(L.LightningModule):
         #: the run's teachers (one, or routed; frozen, always in eval mode); None without one
         self.teachers: Teachers | None = Teachers(teacher) if teacher is not None else None
         self.divergence = divergence
-        self.optimizer_factory = optimizer or partial(torch.optim.AdamW, lr=1e-3)
+        self.optimizer_factory = optimizer or partial(torch.optim.AdamW, lr=3e-3, weight_decay=0.0)
         self.scheduler_factory = scheduler
         self.regime = regime
         self.automatic_optimization = not self.needs.own_loop

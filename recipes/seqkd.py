@@ -44,6 +44,10 @@ from kd.signals import SIGNAL_FORMS
 class SeqKD(DistillationRecipe):
     """Kim & Rush's word- and sequence-level KD (the regime picks the targets).
 
+    ``chunked``, ``select``, ``keep`` and ``chunk_size`` are the divergences' settings
+    (:class:`kd.divergences.Divergence`) with their defaults; the recipe yamls take them from
+    the fragment the divergence yamls share (``conf/token_loss/default.yaml``).
+
     Args:
         alpha: weight in [0, 1] of the word-level soft term; 0 skips the teacher forward.
         temperature: softens both distributions of the soft term (T^2 scaling).
@@ -51,13 +55,15 @@ class SeqKD(DistillationRecipe):
             a block of positions at a time (:mod:`kd.chunked`), never building (B, L, V) logits.
         select, keep: token selection of the soft term (TIP, :mod:`kd.divergences`): ``all``
             or ``entropy`` / ``overconfident`` / ``both`` keeping the fraction ``keep``.
+        chunk_size: positions per block of the soft term's chunked path (None: the default
+            block size of :mod:`kd.chunked`).
         **kwargs: passed to :class:`kd.recipe.DistillationRecipe`.
     """
 
     needs = Needs(data=("causal_lm",), teacher_signals=SIGNAL_FORMS, loss_temperature="temperature")
 
     def __init__(self, *, alpha: float = 0.0, temperature: float = 1.0, chunked: bool = True, select: str = "all",
-                 keep: float = 1.0, **kwargs: Any) -> None:
+                 keep: float = 1.0, chunk_size: int | None = None, **kwargs: Any) -> None:
         if not 0.0 <= alpha <= 1.0:
             raise ConfigError(f"recipe.alpha must be in [0, 1] (got {alpha}); it weights the word-level soft term")
         if not temperature > 0:
@@ -66,7 +72,7 @@ class SeqKD(DistillationRecipe):
         self.alpha = alpha
         self.temperature = temperature
         self.chunked = chunked
-        self.soft = SoftCrossEntropy(select=select, keep=keep, chunked=chunked)
+        self.soft = SoftCrossEntropy(select=select, keep=keep, chunked=chunked, chunk_size=chunk_size)
 
     @property
     def fused(self) -> bool:

@@ -143,19 +143,19 @@ VARIANTS = {("recipe", "word_kd"): {"alpha"}}
 
 
 @pytest.mark.parametrize("group", ["recipe", "divergence", "regime"])
-def test_yaml_values_are_the_classes_defaults(group):
-    """One default per knob: a group yaml lists a class's knobs (so plain overrides work) with
-    the class's own defaults, never a second value; nested sampling settings too."""
+def test_yaml_values_are_the_classes_defaults(group, make_cfg):
+    """One default per knob: a group option, as composed (with the fragments its defaults list
+    merges: conf/sampling/, conf/token_loss/), lists a class's knobs (so plain overrides and
+    sweeps find their key) with the class's own defaults, never a second value."""
     from kd.generation import Sampling
 
     sampling = {k: f.default for k, f in Sampling.__dataclass_fields__.items()}
     for path in sorted((CONF_DIR / group).glob("*.yaml")):
-        node = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-        if "_target_" not in node:
-            continue
+        composed = make_cfg(f"{group}={path.stem}")[group]
+        node = OmegaConf.to_container(composed, resolve=False)
         defaults = _constructor_defaults(node["_target_"])
         for key, value in node.items():
-            if key in ("_target_", "defaults") or (group, path.stem) in VARIANTS and key in VARIANTS[(group, path.stem)]:
+            if key == "_target_" or (group, path.stem) in VARIANTS and key in VARIANTS[(group, path.stem)]:
                 continue
             if isinstance(value, str) and value.startswith("${"):
                 continue
@@ -165,6 +165,56 @@ def test_yaml_values_are_the_classes_defaults(group):
                 continue
             else:
                 assert key in defaults and defaults[key] == value, f"{path.name}: {key}={value} vs {defaults.get(key)}"
+
+
+def test_shared_fragments_are_merged_where_their_knobs_are(make_cfg):
+    """The token-loss and sampling settings are written once (conf/token_loss/, conf/sampling/)
+    and reach every config that has those knobs, where a plain override still changes them."""
+    token_keys = set(OmegaConf.load(CONF_DIR / "token_loss" / "default.yaml"))
+    sampling_keys = set(OmegaConf.load(CONF_DIR / "sampling" / "default.yaml"))
+    assert token_keys == {"select", "keep", "chunked", "chunk_size"}
+    def nodes(node):
+        yield node
+        for value in node.values():
+            if isinstance(value, dict):
+                yield from nodes(value)
+
+    for path in sorted(CONF_DIR.rglob("*.yaml")):
+        if path.parent.name in ("token_loss", "sampling"):
+            continue
+        own = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+        assert not any(set(n) == sampling_keys for n in nodes(own)), f"{path}: a copy of conf/sampling/default.yaml"
+        if path.parent.name in ("divergence", "recipe"):
+            assert not token_keys & set(own), f"{path}: a copy of conf/token_loss/default.yaml"
+    for option in ("forward_kl", "jsd", "tvd"):
+        assert token_keys <= set(make_cfg(f"divergence={option}").divergence)
+    for option in ("seqkd", "word_kd"):
+        assert token_keys <= set(make_cfg(f"recipe={option}").recipe)
+    cfg = make_cfg("recipe=minillm", "regime=on_policy", "recipe.sampling.top_k=5", "regime.sampling.temperature=0.5")
+    assert (cfg.recipe.sampling.top_k, cfg.regime.sampling.temperature, cfg.regime.sampling.top_k) == (5, 0.5, 0)
+    assert make_cfg("recipe=word_kd", "recipe.chunked=false").recipe.chunked is False
+
+
+def test_the_teacher_layer_init_is_a_top_level_knob_and_the_old_key_is_refused(make_cfg):
+    assert make_cfg().student_init_from_teacher is None
+    assert make_cfg("data=text").student_init_from_teacher == "even"  # data=text brings student=from_teacher
+    assert build(make_cfg("data=text", "student_init_from_teacher=block"), setup=False).init_scheme == "block"
+    assert build(make_cfg("data=text", "student_init_from_teacher=null"), setup=False).init_scheme is None
+    with pytest.raises(ConfigError, match=r"^student.init_from_teacher is now the top-level student_init_from_teacher; "
+                                          r"set student_init_from_teacher=block instead$"):
+        build(make_cfg("data=text", "+student.init_from_teacher=block"), setup=False)
+
+
+def test_the_optimizer_a_recipe_falls_back_to_is_the_configs(make_cfg):
+    from functools import partial
+
+    from kd.build import instantiate
+    from recipes.supervised import Supervised
+
+    configured = instantiate(make_cfg().optimizer)
+    fallback = Supervised(student=torch.nn.Linear(2, 2)).optimizer_factory
+    assert isinstance(configured, partial) and isinstance(fallback, partial)
+    assert (fallback.func, fallback.keywords) == (configured.func, configured.keywords)
 
 
 # ----------------------------------------------------------------------------- a new recipe's needs

@@ -15,7 +15,11 @@ from kd.cli import CONF_DIR
 from kd.divergences import Divergence
 from kd.recipe import DistillationRecipe
 
-GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
+#: the groups train.yaml's defaults list chooses from (the command line's groups); the other
+#: folders hold fragments that configs merge through their own defaults lists (conf/sampling/)
+CHOSEN = {next(iter(e)) for e in OmegaConf.load(CONF_DIR / "train.yaml").defaults if not isinstance(e, str)}
+GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name in CHOSEN)
+FRAGMENTS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name not in CHOSEN)
 
 
 def options(group: str) -> list[str]:
@@ -30,6 +34,14 @@ def test_groups_of_the_design_exist():
                 "callbacks", "experiment", "debug", "hydra"}
     assert expected <= set(GROUPS)
     assert all(options(g) for g in expected), "every group ships at least one option"
+
+
+def test_every_fragment_is_merged_somewhere_and_is_no_command_line_group():
+    assert FRAGMENTS == ["sampling", "token_loss"]
+    texts = [p.read_text() for p in CONF_DIR.rglob("*.yaml")]
+    for group in FRAGMENTS:
+        for option in options(group):
+            assert any(f"/{group}@" in text and f": {option}" in text for text in texts), f"{group}/{option}"
 
 
 def _build(cfg):

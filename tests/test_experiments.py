@@ -35,7 +35,7 @@ def test_experiment_a_prunes_the_teacher_and_reports_perplexity_and_kl(make_cfg,
     teacher_dir, text = tiny_teacher
     overrides = ["experiment=smol_prune", f"teacher.name_or_path={teacher_dir}", f"data.source.corpus={text}",
                  "data.source.words=16", "data.source.max_windows=24", "student.num_layers=2",
-                 "student.init_from_teacher=importance", "regime.top_k=8"]
+                 "student_init_from_teacher=importance", "regime.top_k=8"]
     # the student starts as the teacher's layers that the measured map names
     prepared = build(make_cfg(*overrides))
     with caplog.at_level(logging.INFO, logger="kd"):
