@@ -431,8 +431,8 @@ def _shallower_kind(node: Mapping[str, Any]) -> str | None:
 @builds(_shallower_kind)
 def shallower_copy(model: nn.Module, num_layers: int | None = None) -> nn.Module:
     """A randomly initialised transformers model like ``model`` with ``num_layers`` layers
-    (default: half its depth). A student config that sets ``init_from_teacher`` (a
-    :func:`layer_map` scheme, e.g. ``student=from_teacher``) has the run copy the trained
+    (default: half its depth). A run that sets ``student_init_from_teacher`` (a
+    :func:`layer_map` scheme, e.g. ``student=from_teacher``) has it copy the trained
     teacher's embeddings, head and mapped layers into it once the teacher's weights are
     loaded (:meth:`kd.build.Run.prepare`)."""
     import copy

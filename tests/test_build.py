@@ -74,7 +74,7 @@ def test_every_shipped_recipe_declares_its_needs():
         assert bool(needs.teacher) == any(t in code for t in ("self.teacher", "teacher_outputs(")), option
         assert needs.hidden_states == bool(re.search(r"\.hidden\b", code)), option
         assert (needs.teacher_tokenizer == "own") == ("teacher_prompt_ids" in code), option
-        assert needs.own_loop == ("manual_backward(" in code), option
+        assert needs.own_loop == any(t in code for t in ("manual_backward(", "buffer_updates(")), option
         seen.add(cls)
     # the checks above see both sides of every flag
     for flag in ("teacher", "divergence", "hidden_states", "own_loop"):

@@ -83,6 +83,9 @@ def test_command_line_composition_errors_are_one_sentence():
     assert "\n" not in unknown and "search path" not in unknown
     absent = composition_error("train", ["recipe=supervised", "divergence.beta=0.9"])
     assert absent.startswith("Could not override 'divergence.beta': the chosen config groups have no such key")
+    moved = composition_error("train", ["student.init_from_teacher=block"])
+    assert moved == "student.init_from_teacher is now the top-level student_init_from_teacher; set " \
+                    "student_init_from_teacher=<value> instead"
     assert composition_error("train", ["-m", "seed=0,1", "divergence=jsd,tvd"]) is None  # sweeps compose
     assert composition_error("train", ["data=task"]) is None
 
