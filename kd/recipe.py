@@ -67,6 +67,7 @@ import torch
 from torch import Tensor, nn
 
 from kd import ConfigError
+from kd.checks import check_recipe
 from kd.data import IGNORE_INDEX, batch_targets
 from kd.divergences import Divergence
 from kd.evaluation import StageMetrics
@@ -195,19 +196,9 @@ class DistillationRecipe(L.LightningModule):
     ) -> None:
         super().__init__()
         name = type(self).__name__
-        if self.needs.teacher is True and teacher is None:
-            raise ConfigError(f"recipe {name} needs a teacher; choose one with teacher=<config> (see conf/teacher/)")
-        if divergence is not None and not self.needs.divergence:
-            raise ConfigError(f"recipe {name} uses no divergence, so the one given would change nothing; "
-                              "drop the divergence setting or choose a recipe whose loss uses one")
-        if self.needs.divergence and divergence is None:
-            raise ConfigError(f"recipe {name} needs a divergence; choose one with divergence=<config> "
-                              "(see conf/divergence/)")
         regime = regime or Offline()
-        allowed = self.needs.regimes
-        if allowed is not None and regime.name not in allowed:
-            raise ConfigError(f"recipe {name} cannot train with regime={regime.name}; use regime="
-                              + " or regime=".join(allowed))
+        check_recipe(name, self.needs, teacher=teacher is not None, routed=isinstance(teacher, Mapping),
+                     divergence=type(divergence).__name__ if divergence is not None else None, regime=regime)
         self.student = student
         #: named teachers that batches route rows to (None: one teacher, or none)
         self.teachers: nn.ModuleDict | None = None

@@ -202,7 +202,8 @@ class Regime:
         """Refuse a recipe this regime cannot serve (called by :func:`kd.build.build` before
         the recipe is built): its name (for messages), its :class:`kd.recipe.Needs`, whether
         the run has a teacher, whether its teachers are routed (``teachers:``) and the
-        recipe's loss temperature (None when it has none)."""
+        recipe's loss temperature (None when it has none). Rules that are not this regime's own
+        (a recipe's regimes, one teacher where teachers are routed) are :func:`kd.checks.check_recipe`'s."""
 
     def prepare(self, teacher: nn.Module | None, data: Any) -> None:
         """Called once when training starts (the teacher and student are on their device)."""
@@ -473,9 +474,6 @@ class TeacherLogits(Regime):
         if not teacher:
             raise ConfigError(f"regime={self.name} caches a teacher's outputs but recipe {recipe} runs without one; "
                               "choose a teacher with teacher=<config> or use regime=offline")
-        if routed:
-            raise ConfigError(f"regime={self.name} caches one teacher's outputs, not those of routed teachers "
-                              "(teachers:); use regime=offline")
         if needs.teacher_tokenizer == "own":
             raise ConfigError(f"recipe {recipe} distils a teacher with its own tokenizer, whose positions the logit "
                               "cache (kept in the data's tokens) cannot serve; use regime=offline")
