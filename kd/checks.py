@@ -57,6 +57,10 @@ def check_recipe(name: str, needs: Needs, *, teacher: bool, routed: bool = False
     if needs.divergence and divergence is None:
         raise ConfigError(f"recipe {name} needs a divergence; choose one with divergence=<config> "
                           "(see conf/divergence/)")
+    # teacher_generated, or mixed with seq_kd: sequences in the teacher's tokens
+    if needs.teacher_tokenizer == "own" and regime is not None and regime.uses_teacher:
+        raise ConfigError("cross-tokenizer recipes cannot train on teacher-generated tokens (they are the "
+                          "teacher's); use regime=offline, regime=on_policy or regime=mixed with seq_kd=false")
     regime_name = regime.name if regime is not None else Offline.name
     if needs.regimes is not None and regime_name not in needs.regimes:
         raise ConfigError(f"recipe {name} cannot train with regime={regime_name}; use regime="

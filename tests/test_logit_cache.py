@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from kd import ConfigError
+from kd import ConfigError, subruns
 from kd.build import build
 from kd.cache import MARKER, file_sha256
 from kd.checks import check_recipe
@@ -22,7 +22,6 @@ from kd.divergences import JSD, ForwardKL
 from kd.models import freeze, tiny_causal_lm
 from kd.recipe import Needs
 from kd.regimes import TeacherLogits
-from kd.subruns import prepare
 from recipes.gkd import GKD
 from recipes.hinton import Hinton
 from recipes.seqkd import SeqKD
@@ -266,7 +265,7 @@ def test_a_run_trains_from_the_cache_without_calling_the_teacher_in_training_ste
     seen = []
     for attempt in range(2):
         run = build(cfg)
-        prepare(run)
+        subruns.prepare(run)
         regime = run.recipe.regime
         assert isinstance(regime, TeacherLogits) and regime.temperature == cfg.recipe.temperature == 4.0
         calls = Calls(run.teacher)
