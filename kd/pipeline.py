@@ -12,9 +12,10 @@ ended with (``student_init``) with the recipe named by ``pipeline.recipe`` (by d
 
 Every stage's final weights are a cache entry (``stages/``, keyed like every cached run by
 :func:`kd.subruns.run_key`: everything that shapes them, the previous stage's entry
-included), so reruns and sweeps reuse them. With ``pipeline.compare`` the same stages also run without cross-stage distillation (``lam = 0``:
-each stage trains on its own skills only), and the run prints each skill's exact match
-after each stage for both, and writes it to ``pipeline.json``.
+included), so reruns and sweeps reuse them. With ``pipeline.compare`` the same stages also
+run without cross-stage distillation (``lam = 0``: each stage trains on its own skills
+only), and the run prints each skill's exact match after each stage for both, and writes
+it to ``pipeline.json``.
 """
 
 from __future__ import annotations

@@ -22,7 +22,8 @@ from recipes.supervised import Supervised
 from tests.conftest import SMALL_TASK
 
 NO_TEACHER = [o for o in SMALL_TASK if not o.startswith("teacher")]
-TINY_TEACHER = {"model": {"_target_": "kd.models.tiny_causal_lm", "vocab_size": 300, "hidden_size": 32, "num_layers": 1}}
+TINY_TEACHER = {"model": {"_target_": "kd.models.tiny_causal_lm", "vocab_size": 300, "hidden_size": 32,
+                          "num_layers": 1}}
 
 NEEDS_TEACHER = "recipe {recipe} needs a teacher; choose one with teacher=<config> (see conf/teacher/)"
 NO_DIVERGENCE = ("recipe {recipe} uses no divergence, so divergence={divergence} would change nothing; drop the "
@@ -79,7 +80,7 @@ def test_a_rule_refuses_from_the_config_and_from_python_with_one_sentence(senten
         recipe=cls.__name__, divergence="ForwardKL")
 
 
-def test_check_recipe_takes_plain_facts():
+def test_check_recipe_takes_plain_facts(tmp_path):
     """The function itself: no config, no models, only the recipe's needs and the facts."""
     hinton = Needs(divergence=True)
     check_recipe("hinton", hinton, teacher=True, divergence="forward_kl")  # nothing missing, nothing ignored
@@ -91,3 +92,6 @@ def test_check_recipe_takes_plain_facts():
     with pytest.raises(ConfigError, match=r"^recipe probe gives its teacher its own tokenizer, which routed teachers"):
         check_recipe("probe", Needs(teacher_tokenizer="own"), teacher=True, routed=True)
     check_recipe("probe", Needs(teacher_tokenizer="own"), teacher=True, routed=False)
+    own = Needs(teacher_tokenizer="own", regimes=("offline", "on_policy", "mixed"))
+    with pytest.raises(ConfigError, match=r"^cross-tokenizer recipes cannot train on teacher-generated tokens"):
+        check_recipe("probe", own, teacher=True, regime=TeacherGenerated(str(tmp_path)))  # before the regime list
