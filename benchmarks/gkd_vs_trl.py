@@ -7,7 +7,7 @@ the same GKD settings go through
 
 * **kd**: the ``kd`` composition root, exactly as the ``kd`` command builds a run
   (Hydra ``compose("train", overrides=[...])``, :func:`kd.build.build`,
-  :meth:`kd.build.Run.prepare`, :meth:`kd.build.Run.fit`) with ``experiment=gkd_trl``
+  :func:`kd.subruns.prepare`, :meth:`kd.build.Run.fit`) with ``experiment=gkd_trl``
   (TRL's GKD defaults written as kd config), ``teacher=hf`` and ``student=hf`` loading the
   saved models below, ``data=task`` reading the saved tokenizer;
 * **TRL**: ``trl.experimental.gkd.GKDTrainer`` (``trl.GKDTrainer`` in older releases) with
@@ -350,7 +350,9 @@ def run_kd(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
 
-    from kd.build import CONF_DIR, build
+    from kd.build import build
+    from kd.config import CONF_DIR
+    from kd.subruns import prepare
 
     cuda = args.device == "cuda"
     overrides = [
@@ -382,7 +384,7 @@ def run_kd(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     HydraConfig().set_config(cfg)  # as under the kd command (choice() reads the chosen groups)
 
     run = build(cfg)
-    run.prepare()
+    prepare(run)
     clock, memory = StepClock(args.warmup, cuda), Memory(cuda)
     regime = run.recipe.regime
 

@@ -71,12 +71,13 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from kd.build import build
+    from kd.subruns import prepare
 
     torch.set_num_threads(spec["threads"])
     with tempfile.TemporaryDirectory() as out:
         cfg = _compose(spec["overrides"], out, spec["cache_dir"])
         run = build(cfg)
-        run.prepare()  # the teacher's weights (trained once and cached by the warm-up child)
+        prepare(run)  # the teacher's weights (trained once and cached by the warm-up child)
         if spec["variant"] == "teacher":
             return {"variant": "teacher"}
 

@@ -26,10 +26,12 @@ import sys
 
 import torch
 
-from kd.build import build, compose_config
+from kd.build import build
+from kd.config import compose_config
 from kd.data import IGNORE_INDEX
 from kd.generation import Sampling
 from kd.regimes import OnPolicy
+from kd.subruns import prepare
 
 
 def top1(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,7 +59,7 @@ def main() -> None:
     run = build(compose_config(*args.overrides, output_dir="outputs/diagnostics"))
     if not isinstance(run.teacher, torch.nn.Module):
         sys.exit("teacher_on_student_samples: this run has no single teacher; choose an experiment with teacher=...")
-    run.prepare()
+    prepare(run)
     data = run.datamodule
     data.setup("fit")
     student, teacher = run.student.eval(), run.teacher.eval()

@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from kd import config_error
 from kd.evaluation import headline_metric, load_runs, summarize
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"  # also kd.build.CONF_DIR
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"  # also kd.config.CONF_DIR
 
 
 #: the sentences of the sweep jobs that failed in this process: a sweep (``kd -m``) goes on

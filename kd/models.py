@@ -301,7 +301,7 @@ def layer_map(teacher_layers: int, student_layers: int, scheme: str | Sequence[i
                                   f"{student_layers} layers use layer_map=even or a list")
             return list(DISTILBERT_LAYERS)
         if scheme in CALIBRATED:
-            raise ConfigError(f"layer_map={scheme} is measured on data: the run chooses it (kd.build), or call "
+            raise ConfigError(f"layer_map={scheme} is measured on data: the run chooses it (kd.subruns), or call "
                               "calibrated_layer_map with layer_distances")
         if scheme != "even":
             raise ConfigError(f"layer_map must be 'distilbert', 'even', 'block', 'importance' or a list of teacher "
@@ -434,7 +434,7 @@ def shallower_copy(model: nn.Module, num_layers: int | None = None) -> nn.Module
     (default: half its depth). A run that sets ``student_init_from_teacher`` (a
     :func:`layer_map` scheme, e.g. ``student=from_teacher``) has it copy the trained
     teacher's embeddings, head and mapped layers into it once the teacher's weights are
-    loaded (:meth:`kd.build.Run.prepare`)."""
+    loaded (:func:`kd.subruns.prepare`)."""
     import copy
 
     config = copy.deepcopy(model.config)

@@ -10,11 +10,12 @@ ended with (``student_init``) with the recipe named by ``pipeline.recipe`` (by d
   (``data.routes``) to that stage's final checkpoint as a frozen teacher (``teachers:``),
   and distilled on the student's own samples.
 
-Every stage's final weights are a cache entry (``stages/``, keyed by everything that shapes
-them, the previous stage's entry included), so reruns and sweeps reuse them. With
-``pipeline.compare`` the same stages also run without cross-stage distillation (``lam = 0``:
-each stage trains on its own skills only), and the run prints each skill's exact match
-after each stage for both, and writes it to ``pipeline.json``.
+Every stage's final weights are a cache entry (``stages/``, keyed like every cached run by
+:func:`kd.subruns.run_key`: everything that shapes them, the previous stage's entry
+included), so reruns and sweeps reuse them. With ``pipeline.compare`` the same stages also
+run without cross-stage distillation (``lam = 0``: each stage trains on its own skills
+only), and the run prints each skill's exact match after each stage for both, and writes
+it to ``pipeline.json``.
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from kd import ConfigError
-from kd.build import COSMETIC, build, cached_run, student_factory, sub_config
+from kd.build import build
 from kd.cache import Cache
-from kd.cache import key as cache_key
+from kd.config import student_factory, sub_config
+from kd.subruns import cached_run, run_key
 
 #: the two variants a comparing pipeline runs
 WITH, WITHOUT = "with cross-stage distillation", "without (stages in sequence)"
@@ -59,20 +61,9 @@ def _stage_config(cfg: DictConfig, stage: DictConfig, earlier: list[tuple[DictCo
     return sub
 
 
-def _stage_key(sub: DictConfig) -> str:
-    """Hash of a stage's whole resolved config but what cannot change its weights (paths,
-    loggers, callbacks, cosmetic trainer settings, the cache location)."""
-    plain = OmegaConf.to_container(OmegaConf.masked_copy(sub, [k for k in sub if k != "hydra"]), resolve=True)
-    for volatile in ("paths", "logger", "callbacks"):
-        plain.pop(volatile, None)
-    plain["trainer"] = {k: v for k, v in plain["trainer"].items() if k not in COSMETIC}
-    plain["data"].pop("cache_dir", None)
-    return cache_key(plain)
-
-
 def run_stage(cache: Cache, sub: DictConfig, name: str) -> tuple[Path, dict[str, Any]]:
     """Train one stage once (cached under ``stages/``); its weights and test metrics."""
-    entry = cached_run(cache, "stages", f"{name}-{_stage_key(sub)}", sub, what=f"stage {name}")
+    entry = cached_run(cache, "stages", f"{name}-{run_key(sub)}", sub, what=f"stage {name}")
     return entry, cache.meta("stages", entry.name)
 
 

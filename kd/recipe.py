@@ -65,6 +65,7 @@ import torch
 from torch import Tensor, nn
 
 from kd import ConfigError, batches
+from kd.checks import check_recipe
 from kd.data import IGNORE_INDEX
 from kd.divergences import Divergence
 from kd.evaluation import GeneratedAnswers, StageMetrics
@@ -205,19 +206,9 @@ class DistillationRecipe(L.LightningModule):
     ) -> None:
         super().__init__()
         name = type(self).__name__
-        if self.needs.teacher is True and teacher is None:
-            raise ConfigError(f"recipe {name} needs a teacher; choose one with teacher=<config> (see conf/teacher/)")
-        if divergence is not None and not self.needs.divergence:
-            raise ConfigError(f"recipe {name} uses no divergence, so the one given would change nothing; "
-                              "drop the divergence setting or choose a recipe whose loss uses one")
-        if self.needs.divergence and divergence is None:
-            raise ConfigError(f"recipe {name} needs a divergence; choose one with divergence=<config> "
-                              "(see conf/divergence/)")
         regime = regime or Offline()
-        allowed = self.needs.regimes
-        if allowed is not None and regime.name not in allowed:
-            raise ConfigError(f"recipe {name} cannot train with regime={regime.name}; use regime="
-                              + " or regime=".join(allowed))
+        check_recipe(name, self.needs, teacher=teacher is not None, routed=isinstance(teacher, Mapping),
+                     divergence=type(divergence).__name__ if divergence is not None else None, regime=regime)
         self.student = student
         #: the run's teachers (one, or routed; frozen, always in eval mode); None without one
         self.teachers: Teachers | None = Teachers(teacher) if teacher is not None else None

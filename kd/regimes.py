@@ -148,6 +148,9 @@ class Regime:
     #: regimes whose data one teacher makes (generated sequences, cached logits): they need a
     #: single teacher in the data's tokens
     uses_teacher = False
+    #: the form of the teacher's signal its batches carry (:data:`kd.signals.SIGNAL_FORMS`;
+    #: None: the live teacher's), refused for a loss that does not take it (:mod:`kd.checks`)
+    teacher_signal: str | None = None
 
     def validate(self, data: Any) -> None:
         """Refuse a datamodule this regime cannot work with (called before any training)."""
@@ -162,7 +165,8 @@ class Regime:
         """Refuse a recipe this regime cannot serve (called by :func:`kd.build.build` before
         the recipe is built): its name (for messages), its :class:`kd.recipe.Needs`, whether
         the run has a teacher, whether its teachers are routed (``teachers:``) and the
-        recipe's loss temperature (None when it has none)."""
+        recipe's loss temperature (None when it has none). Rules that are not this regime's own
+        (a recipe's regimes, one teacher where teachers are routed) are :func:`kd.checks.check_recipe`'s."""
 
     def prepare(self, teacher: nn.Module | None, data: Any) -> None:
         """Called once when training starts (the teacher and student are on their device)."""
@@ -380,6 +384,7 @@ class TeacherLogits(Regime, LogitCache):
 
     name = "teacher_logits"
     uses_teacher = True
+    teacher_signal = "topk"
 
     def __init__(self, cache_dir: str | None = None, top_k: int = 64, temperature: float | None = None,
                  tail: bool = True, logprob_dtype: str = "float16", batch_size: int = 64) -> None:
@@ -407,19 +412,12 @@ class TeacherLogits(Regime, LogitCache):
         if not teacher:
             raise ConfigError(f"regime={self.name} caches a teacher's outputs but recipe {recipe} runs without one; "
                               "choose a teacher with teacher=<config> or use regime=offline")
-        if routed:
-            raise ConfigError(f"regime={self.name} caches one teacher's outputs, not those of routed teachers "
-                              "(teachers:); use regime=offline")
         if needs.teacher_tokenizer == "own":
             raise ConfigError(f"recipe {recipe} distils a teacher with its own tokenizer, whose positions the logit "
                               "cache (kept in the data's tokens) cannot serve; use regime=offline")
         if needs.hidden_states:
             raise ConfigError(f"recipe {recipe} also distils the teacher's hidden states, which the logit cache does "
                               "not hold; use regime=offline")
-        if "topk" not in needs.teacher_signals:
-            raise ConfigError(f"regime={self.name} gives the loss a cached top-k teacher (k ids and a tail bin), "
-                              f"which recipe {recipe}'s loss does not take (it takes {', '.join(needs.teacher_signals)}); "
-                              "use regime=offline")
         if temperature is not None and self.temperature is not None and not math.isclose(temperature,
                                                                                          self.temperature):
             raise ConfigError(f"regime.temperature={self.temperature:g} stores the teacher at another temperature "

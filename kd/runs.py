@@ -1,10 +1,11 @@
-"""What one ``kd`` or ``kd-eval`` command does, end to end, on top of :mod:`kd.build`.
+"""What one ``kd`` or ``kd-eval`` command does, end to end, on top of :mod:`kd.build` and
+:mod:`kd.subruns`.
 
 :func:`train` (``kd``), in the run's own output directory:
 
 1. builds the run (:func:`kd.build.build`): every part instantiated and every setting
    checked before anything trains;
-2. prepares it (:meth:`kd.build.Run.prepare`): the teacher's weights (trained once and
+2. prepares it (:func:`kd.subruns.prepare`): the teacher's weights (trained once and
    cached when its config has a ``fit`` section), the student's SFT start
    (``student_sft``), the student's teacher-layer initialisation;
 3. trains the recipe, tests the best validation checkpoint, saves the student in its
@@ -35,10 +36,12 @@ from torch import nn
 
 from kd import ConfigError
 from kd.cache import atomic_directory
-from kd.build import build, instantiate, scratch_baseline, student_factory, student_tokenizer
+from kd.build import build
+from kd.config import instantiate, student_factory, student_tokenizer
 from kd.evaluation import SCRATCH_ROW, SFT_ROW, headline_metric, summarize
 from kd.export import save_student
 from kd.models import count_parameters, load_weights
+from kd.subruns import prepare, scratch_baseline
 
 log = logging.getLogger("kd")
 
@@ -61,7 +64,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     run = build(cfg)
-    run.prepare()
+    prepare(run)
     try:
         metrics = run.fit()
     except FloatingPointError as e:  # a non-finite loss: keep the work done so far, then one sentence
@@ -169,7 +172,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     with open_dict(cfg):
         cfg.callbacks = None
     run = build(cfg, teacher=True)
-    run.prepare()
+    prepare(run)
     results = run.trainer.test(run.recipe, datamodule=run.datamodule, verbose=False)
     metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
     (out / "eval.json").write_text(json.dumps(metrics, indent=2))

@@ -100,9 +100,6 @@ class CrossTokenizerRecipe(DistillationRecipe):
     num_heads = 1
 
     def __init__(self, **kwargs: Any) -> None:
-        if getattr(kwargs.get("regime"), "uses_teacher", False):  # teacher_generated, or mixed with seq_kd
-            raise ConfigError("cross-tokenizer recipes cannot train on teacher-generated tokens (they are the "
-                              "teacher's); use regime=offline, regime=on_policy or regime=mixed with seq_kd=false")
         super().__init__(**kwargs)
         self.student_bytes: ByteVocab | None = None
         self.teacher_bytes: ByteVocab | None = None

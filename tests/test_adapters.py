@@ -72,12 +72,13 @@ def test_a_lora_gkd_run_generates_with_the_adapted_student_and_checkpoints_only_
 
     from kd.build import build
     from kd.runs import train as run
+    from kd.subruns import prepare
     from tests.conftest import SMALL_TASK
 
     overrides = [*SMALL_TASK, "recipe=gkd", "regime.lmbda=1", "peft=lora", "peft.r=4", "trainer.max_epochs=1",
                  "trainer.limit_train_batches=2", "scratch_baseline=false", "optimizer.lr=1e-2"]
     prepared = build(make_cfg(*overrides, root=tmp_path / "probe"))
-    prepared.prepare()
+    prepare(prepared)
     start = merged_state_dict(prepared.student)  # B = 0: the student's starting weights, plain names
     summary = run(make_cfg(*overrides))
     assert 0.0 <= summary["results"]["student, gkd"]["test/exact_match"] <= 1.0

@@ -208,7 +208,7 @@ def test_the_teacher_layer_init_is_a_top_level_knob_and_the_old_key_is_refused(m
 def test_the_optimizer_a_recipe_falls_back_to_is_the_configs(make_cfg):
     from functools import partial
 
-    from kd.build import instantiate
+    from kd.config import instantiate
     from recipes.supervised import Supervised
 
     configured = instantiate(make_cfg().optimizer)

@@ -132,7 +132,7 @@ def test_every_option_composes_and_instantiates(group, option, make_cfg, tmp_pat
     if (group, option) == ("trainer", "fsdp") and not torch.cuda.is_available():  # FSDP wants GPUs: its strategy alone
         from lightning.pytorch.strategies import FSDPStrategy
 
-        from kd.build import instantiate
+        from kd.config import instantiate
 
         strategy = instantiate(cfg.trainer.strategy)
         assert isinstance(strategy, FSDPStrategy) and strategy.kwargs["use_orig_params"]
@@ -157,7 +157,7 @@ def test_text_data_takes_the_students_tokenizer_unless_told(make_cfg, tiny_hf):
 
 
 def test_plain_text_data_takes_the_teachers_tokenizer_also_in_sub_runs(make_cfg, tiny_hf):
-    from kd.build import sub_config
+    from kd.config import sub_config
 
     model = str(tiny_hf / "model")
     cfg = make_cfg("experiment=smol_prune", f"teacher.name_or_path={model}")
@@ -193,7 +193,7 @@ def test_every_recipe_module_has_a_yaml_and_a_docstring_with_a_command():
 
 
 def test_cache_keys_ignore_what_cannot_change_the_weights(make_cfg):
-    from kd.build import run_key as _run_key
+    from kd.subruns import run_key as _run_key
 
     base = make_cfg("data=task")
     eval_change = make_cfg("data=task", "data.generation_eval_size=7")

@@ -31,6 +31,7 @@ def tiny_teacher(tmp_path_factory):
 
 def test_experiment_a_prunes_the_teacher_and_reports_perplexity_and_kl(make_cfg, tiny_teacher, caplog):
     from kd.build import build
+    from kd.subruns import prepare
 
     teacher_dir, text = tiny_teacher
     overrides = ["experiment=smol_prune", f"teacher.name_or_path={teacher_dir}", f"data.source.corpus={text}",
@@ -39,7 +40,7 @@ def test_experiment_a_prunes_the_teacher_and_reports_perplexity_and_kl(make_cfg,
     # the student starts as the teacher's layers that the measured map names
     prepared = build(make_cfg(*overrides))
     with caplog.at_level(logging.INFO, logger="kd"):
-        prepared.prepare()
+        prepare(prepared)
     kept = re.search(r"layer_map=importance measured on \d+ training batches: keeps teacher layers \[(\d+), (\d+)\]",
                      caplog.text)
     assert kept, caplog.text
@@ -100,7 +101,7 @@ def test_a_fit_section_may_train_on_every_batch_whatever_the_runs_limit(make_cfg
     """experiment=chat_* limit their distillation to 16 batches; the teacher's fine-tune and
     the student's SFT say limit_train_batches: null and so train on every batch, while a fit
     section without the key keeps the run's limit."""
-    import kd.build as build_module
+    import kd.subruns as subruns
 
     seen = {}
 
@@ -111,30 +112,30 @@ def test_a_fit_section_may_train_on_every_batch_whatever_the_runs_limit(make_cfg
         seen[kind] = sub.trainer.limit_train_batches
         raise Stop
 
-    monkeypatch.setattr(build_module, "cached_run", capture)
+    monkeypatch.setattr(subruns, "cached_run", capture)
     cfg = make_cfg("experiment=chat_gkd", f"teacher.name_or_path={tiny_teacher[0]}")
     assert cfg.trainer.limit_train_batches == 16
     for kind, fit in (("teachers", cfg.teacher.fit), ("sft", cfg.student_sft)):
         with pytest.raises(Stop):
-            build_module._fitted(build_module.Cache(cfg.paths.cache_dir), kind, "x", cfg, cfg.teacher.model, fit)
+            subruns._fitted(subruns.Cache(cfg.paths.cache_dir), kind, "x", cfg, cfg.teacher.model, fit)
         assert seen[kind] is None
     task = make_cfg("experiment=task_gkd", "trainer.limit_train_batches=3")
     with pytest.raises(Stop):
-        build_module._fitted(build_module.Cache(task.paths.cache_dir), "sft", "x", task, task.student, task.student_sft)
+        subruns._fitted(subruns.Cache(task.paths.cache_dir), "sft", "x", task, task.student, task.student_sft)
     assert seen["sft"] == 3
     # a run that trains on no batch evaluates its start point: the teacher and SFT it
     # starts from still train in full (an untrained teacher would be cached otherwise)
     start = make_cfg("experiment=task_gkd", "trainer.limit_train_batches=0")
     for kind, fit in (("teachers", start.teacher.fit), ("sft", start.student_sft)):
         with pytest.raises(Stop):
-            build_module._fitted(build_module.Cache(start.paths.cache_dir), kind, "x", start, start.student, fit)
+            subruns._fitted(subruns.Cache(start.paths.cache_dir), kind, "x", start, start.student, fit)
         assert seen[kind] is None
 
 
 def test_an_sft_section_with_its_own_seed_is_one_sft_for_every_run_seed(make_cfg, tiny_teacher, monkeypatch):
     """sft=chat fixes seed 0: the runs of seeds 0 and 1 start from the same cached SFT (one
     cache entry, trained with seed 0); sft=task has no seed, so each run seed has its own."""
-    import kd.build as build_module
+    import kd.subruns as subruns
 
     names = {}
 
@@ -143,13 +144,13 @@ def test_an_sft_section_with_its_own_seed_is_one_sft_for_every_run_seed(make_cfg
             names[(sub.seed, name)] = kind
         return cache.root
 
-    monkeypatch.setattr(build_module, "cached_run", capture)
+    monkeypatch.setattr(subruns, "cached_run", capture)
     for seed in (0, 1):
         cfg = make_cfg("experiment=chat_gkd", f"teacher.name_or_path={tiny_teacher[0]}", f"seed={seed}")
-        build_module.student_sft(cfg, build_module.Cache(cfg.paths.cache_dir))
+        subruns.student_sft(cfg, subruns.Cache(cfg.paths.cache_dir))
     assert len(names) == 1 and next(iter(names))[0] == 0
     names.clear()
     for seed in (0, 1):
         task = make_cfg("experiment=task_gkd", f"seed={seed}")
-        build_module.student_sft(task, build_module.Cache(task.paths.cache_dir))
+        subruns.student_sft(task, subruns.Cache(task.paths.cache_dir))
     assert sorted(seed for seed, _ in names) == [0, 1] and len({name for _, name in names}) == 2

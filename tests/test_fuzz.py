@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from kd import ConfigError
-from kd.build import CONF_DIR, build
+from kd.build import build
 from kd.cli import composition_error, one_sentence_errors
+from kd.config import CONF_DIR
 from kd.runs import train
 from tests.conftest import QUIET, compose_cfg
 
@@ -84,7 +85,7 @@ def _needs(recipe: str):
 def _combinations(files: Path) -> list[list[str]]:
     """Half fully random choices; half where data, teacher and student are of one kind (what
     a user who read the README picks) with random recipe, divergence, regime and knobs."""
-    from kd.build import option_kind, options_of_kind
+    from kd.config import option_kind, options_of_kind
 
     rng = random.Random(20261129)
     combos = []

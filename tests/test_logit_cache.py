@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from kd import ConfigError
+from kd import ConfigError, subruns
 from kd.build import build
 from kd.cache import MARKER, file_sha256
+from kd.checks import check_recipe
 from kd.data import IGNORE_INDEX
 from kd.data.lm import LMDataModule
 from kd.data.sources import TaskSource
@@ -266,7 +267,7 @@ def test_a_run_trains_from_the_cache_without_calling_the_teacher_in_training_ste
     seen = []
     for attempt in range(2):
         run = build(cfg)
-        run.prepare()
+        subruns.prepare(run)
         regime = run.recipe.regime
         assert isinstance(regime, TeacherLogits) and regime.temperature == cfg.recipe.temperature == 4.0
         calls = Calls(run.teacher)
@@ -305,7 +306,7 @@ def test_a_run_trains_from_the_cache_without_calling_the_teacher_in_training_ste
     (["recipe=uld", "teacher=task_llama_tok512"], "recipe uld distils a teacher with its own tokenizer, whose "
                                                   "positions the logit cache (kept in the data's tokens) cannot "
                                                   "serve; use regime=offline"),
-    (["recipe=minillm"], "recipe MiniLLM cannot train with regime=teacher_logits; use regime=offline"),
+    (["recipe=minillm"], "recipe minillm cannot train with regime=teacher_logits; use regime=offline"),
     (["recipe=hinton", "regime.temperature=2"], "regime.temperature=2 stores the teacher at another temperature than "
                                                 "recipe hinton's loss (T=4); drop the regime.temperature override, "
                                                 "it follows recipe.temperature"),
@@ -324,8 +325,8 @@ def test_masked_lm_data_and_other_needs_are_refused(make_cfg):
     regime = TeacherLogits()
     with pytest.raises(ConfigError, match="also distils the teacher's hidden states, which the logit cache does not"):
         regime.check_recipe("probe", Needs(hidden_states=True), teacher=True, routed=False, temperature=None)
-    with pytest.raises(ConfigError, match="caches one teacher's outputs, not those of routed teachers"):
-        regime.check_recipe("hinton", Needs(), teacher=True, routed=True, temperature=None)
+    with pytest.raises(ConfigError, match="regime=teacher_logits generates data with one teacher, not with routed "):
+        check_recipe("hinton", Needs(), teacher=True, routed=True, regime=regime)
     regime.check_recipe("gkd", Needs(teacher_signals=SIGNAL_FORMS), teacher=True, routed=False, temperature=None)
     assert regime.temperature == 1.0  # no loss temperature: T = 1
     for bad, match in ((dict(top_k=0), "regime.top_k must be a positive number"),

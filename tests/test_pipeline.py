@@ -90,3 +90,22 @@ def test_every_stage_is_checked_before_the_first_one_trains(make_cfg, tmp_path):
     with pytest.raises(ConfigError, match="recipe.stage_objective must be one of"):
         train(make_cfg(*TINY, "pipeline.stages.1.objective=rl"))
     assert not (tmp_path / "cache" / "stages").exists()
+
+
+def test_a_stage_is_keyed_by_what_shapes_its_weights_not_by_where_the_cache_lives(make_cfg, tmp_path):
+    """kd.subruns.run_key, the key of every cached run: a stage's teachers and starting
+    weights (earlier stages' entries) count by their entry, wherever the cache is."""
+    from kd.pipeline import _stage_config
+    from kd.subruns import run_key
+
+    def key(root: Path, lam: float = 1.0, earlier: str = "strings-0") -> str:
+        cfg = make_cfg(*TINY, root=root)
+        first, second = cfg.pipeline.stages
+        entry = Path(cfg.paths.cache_dir) / "stages" / earlier
+        return run_key(_stage_config(cfg, second, [(first, entry)], entry, lam, root / "out"))
+
+    base = key(tmp_path / "a")
+    assert key(tmp_path / "b") == base  # the same entries in another cache
+    assert key(tmp_path / "a", earlier="strings-1") != base  # another first stage to start from and replay
+    assert key(tmp_path / "a", lam=0.5) != base
+    assert key(tmp_path / "a", lam=0.0) != base  # no replay: own skills only, no teachers

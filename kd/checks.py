@@ -1,0 +1,203 @@
+"""Every refusal that needs only the config and a recipe's :class:`kd.recipe.Needs`, written
+once: a combination that cannot work fails here with one sentence (:class:`kd.ConfigError`)
+that names the options, before anything is built or trained.
+
+* :func:`check_recipe`: what a recipe needs from the run (a teacher, a divergence, a regime
+  it accepts, one teacher where its teachers cannot be routed). :func:`kd.build.build` calls
+  it with the facts of the config; :class:`kd.recipe.DistillationRecipe` calls it with the
+  objects it is given, so a recipe built from Python is refused by the same code and the
+  same sentence.
+* :func:`check_config`: settings that do not fit together (groups the recipe would ignore
+  or cannot train with, data, models and regime of different kinds, keys left unset or
+  pointing nowhere).
+
+Rules only one regime knows stay with it (:meth:`kd.regimes.Regime.check_recipe`); rules that
+need the data set up (tokenizers, routes) are checked by :func:`kd.build.build`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import get_class
+from omegaconf import DictConfig, OmegaConf
+
+from kd import ConfigError
+from kd.config import (INIT_FROM_TEACHER, KIND_WORDS, MODEL_WORDS, choice, options_of_kind, student_factory,
+                       teacher_configs, world_size)
+from kd.models import kind_of
+from kd.regimes import Offline
+
+if TYPE_CHECKING:  # annotations only: kd.recipe imports this module
+    from kd.recipe import Needs
+    from kd.regimes import Regime
+
+
+#: each form of a teacher's signal a regime can give, for messages
+SIGNAL_WORDS = {"logits": "the teacher's logits", "head": "the teacher's hidden states and head",
+                "topk": "a cached top-k teacher (k ids and a tail bin)"}
+
+
+def check_recipe(name: str, needs: Needs, *, teacher: bool, routed: bool = False, divergence: str | None = None,
+                 regime: Regime | None = None) -> None:
+    """Refuse a recipe that the run cannot give what it needs, or gives what it would ignore.
+
+    Args:
+        name: the recipe, as messages name it (its config option, or its class name).
+        needs: what it declares it needs.
+        teacher: whether it is given a teacher (one, or routed ones).
+        routed: whether its teachers are routed (``teachers:``, a mapping of names to teachers).
+        divergence: the divergence it is given, as messages name it (the ``divergence/``
+            option, or the class name); None when none is.
+        regime: its data regime (None: the default, offline).
+    """
+    if needs.teacher is True and not teacher:
+        raise ConfigError(f"recipe {name} needs a teacher; choose one with teacher=<config> (see conf/teacher/)")
+    if divergence is not None and not needs.divergence:
+        raise ConfigError(f"recipe {name} uses no divergence, so divergence={divergence} would change nothing; drop "
+                          "the divergence override or choose a recipe whose loss uses one")
+    if needs.divergence and divergence is None:
+        raise ConfigError(f"recipe {name} needs a divergence; choose one with divergence=<config> "
+                          "(see conf/divergence/)")
+    # teacher_generated, or mixed with seq_kd: sequences in the teacher's tokens
+    if needs.teacher_tokenizer == "own" and regime is not None and regime.uses_teacher:
+        raise ConfigError("cross-tokenizer recipes cannot train on teacher-generated tokens (they are the "
+                          "teacher's); use regime=offline, regime=on_policy or regime=mixed with seq_kd=false")
+    regime_name = regime.name if regime is not None else Offline.name
+    if needs.regimes is not None and regime_name not in needs.regimes:
+        raise ConfigError(f"recipe {name} cannot train with regime={regime_name}; use regime="
+                          + " or regime=".join(needs.regimes))
+    signal = regime.teacher_signal if regime is not None else None
+    if teacher and signal is not None and signal not in needs.teacher_signals:
+        raise ConfigError(f"regime={regime_name} gives the loss {SIGNAL_WORDS[signal]}, which recipe {name}'s loss "
+                          f"does not take (it takes {', '.join(needs.teacher_signals)}); use regime=offline")
+    if teacher and routed:
+        if needs.teacher_tokenizer != "shared":
+            raise ConfigError(f"recipe {name} gives its teacher its own tokenizer, which routed teachers (teachers:) "
+                              "cannot have; route examples with a same-tokenizer recipe")
+        if regime is not None and regime.uses_teacher:
+            raise ConfigError(f"regime={regime.name} generates data with one teacher, not with routed teachers "
+                              "(teachers:); use regime=offline or regime=on_policy")
+
+
+def check_config(cfg: DictConfig, needs: Needs, name: str, with_teacher: bool) -> None:
+    """Refuse a composed config whose settings do not fit together (before anything is
+    instantiated): ``name`` is the recipe's option, ``with_teacher`` whether the run
+    builds its teacher."""
+    _check_groups(cfg, needs, name)
+    _check_kinds(cfg, needs, name, with_teacher)
+    _check_resolves(cfg)
+    if student_factory(cfg)[1] is not None and not cfg.get("teacher"):
+        raise ConfigError("this student is initialised from a teacher's layers; choose one with teacher=<config>")
+
+
+def _either(group: str, options: list[str]) -> str:
+    return " or ".join(f"{group}={o}" for o in options) if options else f"a {group} config of that kind"
+
+
+def _check_kinds(cfg: DictConfig, needs: Needs, name: str, with_teacher: bool) -> None:
+    """Data, student, teacher, recipe and regime must be for the same kind of model."""
+    data_kind = kind_of(cfg.data)
+    if data_kind is None:
+        return
+    data = f"data={choice('data', 'given')}"
+    if needs.data is not None and data_kind not in needs.data:
+        fits = [o for k in needs.data for o in options_of_kind("data", k)]
+        raise ConfigError(f"recipe {name} distils {' or '.join(KIND_WORDS[k] for k in needs.data)} models, but {data} "
+                          f"holds {KIND_WORDS[data_kind]} data; choose {_either('data', fits)}")
+    scheme = cfg.get(INIT_FROM_TEACHER)
+    for label, teacher_cfg in teacher_configs(cfg).items():
+        if not ((with_teacher or scheme is not None) and isinstance(teacher_cfg.get("model"), DictConfig)):
+            continue
+        teacher_kind = kind_of(teacher_cfg.model)
+        named = f"teacher={choice('teacher', 'given')}" if label is None else f"teachers.{label}"
+        if teacher_kind is not None and teacher_kind != data_kind:
+            raise ConfigError(f"{named} is a {MODEL_WORDS.get(teacher_kind, teacher_kind)} but {data} holds "
+                              f"{KIND_WORDS[data_kind]} data; choose "
+                              f"{_either('teacher', options_of_kind('teacher', data_kind))}")
+        if scheme is not None and teacher_kind == "classifier":
+            raise ConfigError(f"student={choice('student', 'given')} copies a transformers teacher's layers, but "
+                              f"teacher={choice('teacher', 'given')} is not a transformer; choose "
+                              f"{_either('student', options_of_kind('student', data_kind))}")
+    student_kind = kind_of(cfg.student) if isinstance(cfg.get("student"), DictConfig) else None
+    if student_kind is not None and student_kind != data_kind:
+        raise ConfigError(f"student={choice('student', 'given')} builds a {MODEL_WORDS.get(student_kind, student_kind)} but {data} holds "
+                          f"{KIND_WORDS[data_kind]} data; choose {_either('student', options_of_kind('student', data_kind))}")
+    regime = cfg.get("regime")
+    if regime:
+        regime_cls = get_class(regime._target_)
+        if getattr(regime_cls, "generative", False) and data_kind != "causal_lm":
+            raise ConfigError(f"regime={choice('regime', getattr(regime_cls, 'name', 'given'))} generates text and "
+                              f"needs a language-model datamodule, but {data} holds {KIND_WORDS[data_kind]} data; "
+                              "use regime=offline")
+    divergence = cfg.get("divergence")
+    if divergence and divergence.get("reduction") == "seq_mean" and data_kind == "classifier":
+        raise ConfigError(f"divergence.reduction=seq_mean averages over each sequence's tokens, but {data} has one "
+                          "position per example; use divergence.reduction=mean")
+
+
+def _check_resolves(cfg: DictConfig) -> None:
+    """Mandatory values (``???``) the command line must set, and interpolations that point
+    at keys this combination of groups lacks, as one sentence each."""
+    from omegaconf.errors import InterpolationResolutionError
+
+    plain = OmegaConf.to_container(cfg, resolve=False, throw_on_missing=False)
+    plain.pop("hydra", None)
+    missing: list[str] = []
+
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{path}.{k}" if path else str(k))
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{path}[{i}]")
+        elif node == "???":
+            missing.append(path)
+
+    walk(plain, "")
+    if missing:
+        raise ConfigError(f"{', '.join(missing)} must be set for this run: add {missing[0]}=<value> on the command line")
+    for key in plain:
+        try:
+            OmegaConf.to_container(cfg[key], resolve=True) if isinstance(cfg[key], DictConfig) else cfg[key]
+        except InterpolationResolutionError as e:
+            where = getattr(e, "full_key", None) or key
+            reason = str(e).splitlines()[0]
+            raise ConfigError(f"{where} cannot be resolved ({reason}); the chosen config groups do not fit together: "
+                              f"choose {key}=<an option made for this data>") from None
+
+
+def _check_groups(cfg: DictConfig, needs: Needs, name: str) -> None:
+    """Refuse settings the recipe would silently ignore or cannot train with."""
+    if world_size(cfg.trainer) > 1 and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        launcher = str(HydraConfig.get().launcher.get("_target_", ""))
+        if "submitit" not in launcher:  # SLURM starts every rank itself; elsewhere Lightning relaunches the command
+            raise ConfigError("a run on several processes cannot be a job of kd -m with this launcher (Lightning "
+                              "relaunches the whole command line in each process); run each setting as its own kd "
+                              "command, or sweep with hydra/launcher=submitit_slurm")
+    if cfg.get("teachers") and cfg.get("teacher"):
+        raise ConfigError("teacher= and teachers: both name teachers; with examples routed to named teachers "
+                          "set teacher=none")
+    if needs.own_loop:
+        trainer = cfg.trainer
+        if (trainer.get("accumulate_grad_batches") or 1) > 1 or trainer.get("gradient_clip_val"):
+            raise ConfigError(f"recipe {name} runs its own optimisation loop, which Lightning cannot accumulate or "
+                              "clip; set trainer.accumulate_grad_batches=1 and trainer.gradient_clip_val=null (the "
+                              "recipe has its own clipping knob)")
+    if isinstance(cfg.get("seed"), bool) or not isinstance(cfg.get("seed"), int):
+        raise ConfigError(f"seed must be an integer (got {cfg.get('seed')!r}); e.g. seed=0, or -m seed=0,1,2")
+    if cfg.get("student_init") and cfg.get("student_sft"):
+        raise ConfigError("student_init and student_sft both choose the student's starting weights; set one of them")
+    if cfg.get("student_init") and not Path(str(cfg.student_init)).expanduser().exists():
+        raise ConfigError(f"student_init '{cfg.student_init}' does not exist; pass a run's student/ directory, a "
+                          "weights file or a checkpoint")
+    resume = cfg.get("ckpt_path")
+    if resume and not Path(resume).is_file():
+        raise ConfigError(f"ckpt_path '{resume}' does not exist; pass a run's checkpoints/last.ckpt or set ckpt_path=null")
+
+
+__all__ = ["check_recipe", "check_config"]
