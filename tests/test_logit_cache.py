@@ -326,7 +326,7 @@ def test_masked_lm_data_and_other_needs_are_refused(make_cfg):
     with pytest.raises(ConfigError, match="also distils the teacher's hidden states, which the logit cache does not"):
         regime.check_recipe("probe", Needs(hidden_states=True), teacher=True, routed=False, temperature=None)
     with pytest.raises(ConfigError, match="regime=teacher_logits generates data with one teacher, not with routed "):
-        check_recipe("hinton", Needs(), teacher=True, routed=True, regime=regime)
+        check_recipe("hinton", Needs(teacher_signals=SIGNAL_FORMS), teacher=True, routed=True, regime=regime)
     regime.check_recipe("gkd", Needs(teacher_signals=SIGNAL_FORMS), teacher=True, routed=False, temperature=None)
     assert regime.temperature == 1.0  # no loss temperature: T = 1
     for bad, match in ((dict(top_k=0), "regime.top_k must be a positive number"),
