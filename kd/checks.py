@@ -70,7 +70,7 @@ def check_recipe(name: str, needs: Needs, *, teacher: bool, routed: bool = False
     if needs.regimes is not None and regime_name not in needs.regimes:
         raise ConfigError(f"recipe {name} cannot train with regime={regime_name}; use regime="
                           + " or regime=".join(needs.regimes))
-    signal = regime.teacher_signal if regime is not None else None
+    signal = getattr(regime, "teacher_signal", None)  # duck-typed regimes give none
     if teacher and signal is not None and signal not in needs.teacher_signals:
         raise ConfigError(f"regime={regime_name} gives the loss {SIGNAL_WORDS[signal]}, which recipe {name}'s loss "
                           f"does not take (it takes {', '.join(needs.teacher_signals)}); use regime=offline")

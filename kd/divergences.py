@@ -87,6 +87,7 @@ from __future__ import annotations
 
 import abc
 import math
+from functools import partial
 from typing import Any, Callable
 
 import torch
@@ -484,14 +485,8 @@ def skew_forward_kl(
     alpha: float = 0.1,
 ) -> Tensor:
     _check_alpha(alpha, "skew forward KL")
-    return _divergence(
-        lambda q, p: skew_forward_kl_per_position(q, p, alpha),
-        student_logits,
-        teacher_logits,
-        mask,
-        temperature,
-        reduction,
-    )
+    per_position = partial(skew_forward_kl_per_position, alpha=alpha)
+    return _divergence(per_position, student_logits, teacher_logits, mask, temperature, reduction)
 
 
 def skew_reverse_kl(
@@ -504,14 +499,8 @@ def skew_reverse_kl(
     alpha: float = 0.1,
 ) -> Tensor:
     _check_alpha(alpha, "skew reverse KL")
-    return _divergence(
-        lambda q, p: skew_reverse_kl_per_position(q, p, alpha),
-        student_logits,
-        teacher_logits,
-        mask,
-        temperature,
-        reduction,
-    )
+    per_position = partial(skew_reverse_kl_per_position, alpha=alpha)
+    return _divergence(per_position, student_logits, teacher_logits, mask, temperature, reduction)
 
 
 def tvd(
