@@ -24,11 +24,53 @@ from tests.conftest import SMALL_TASK
 NO_TEACHER = [o for o in SMALL_TASK if not o.startswith("teacher")]
 
 
+class _FixedPolicy(torch.nn.Module):
+    """A "language model" whose next-token distribution is softmax(logits) at every
+    position, whatever the input: the RECIPES section 6 vectors as a model kd can call."""
+
+    def __init__(self, probs):
+        super().__init__()
+        self.logits = torch.nn.Parameter(torch.tensor(probs, dtype=torch.float64).log())
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(logits=self.logits.expand(*input_ids.shape, -1))
+
+
+def _sampled(action, sample_logprob):
+    """One replayed row: a prompt token, then the sampled token ``action``."""
+    return {"input_ids": torch.tensor([[0, action]]), "attention_mask": torch.ones(1, 2, dtype=torch.long),
+            "labels": torch.tensor([[IGNORE_INDEX, action]]),
+            "sample_logprobs": torch.tensor([[sample_logprob]], dtype=torch.float64)}
+
+
 def test_advantages_and_reverse_kl_test_vectors():
-    student, teacher = torch.tensor([0.5, 0.5], dtype=torch.float64), torch.tensor([0.9, 0.1], dtype=torch.float64)
-    advantage = token_advantages(student.log(), teacher.log())
-    torch.testing.assert_close(advantage, torch.tensor([0.587787, -1.609438], dtype=torch.float64), atol=1e-6, rtol=0)
-    assert (student * (student / teacher).log()).sum().item() == pytest.approx(0.510826, abs=1e-6)
+    """RECIPES section 6 through CrossStage.distill_loss: pi_theta = [.5, .5], pi_T = [.9, .1]
+    give A = [0.587787, -1.609438] on the two tokens, the dense estimator's loss is
+    RKL = 0.510826, and the sampled estimator's expected gradient
+    sum_a pi(a) (-A_a) grad log pi(a) is [-0.549306, 0.549306] (= grad RKL)."""
+    hand_a = [0.587787, -1.609438]
+    student = _FixedPolicy([0.5, 0.5])
+    sampled = CrossStage(student=student, teacher=_FixedPolicy([0.9, 0.1]), estimator="sampled")
+    dense = CrossStage(student=student, teacher=_FixedPolicy([0.9, 0.1]), estimator="dense")
+    expected_grad = torch.zeros(2, dtype=torch.float64)
+    for action in (0, 1):
+        loss, stats = sampled.distill_loss(_sampled(action, float(torch.tensor(0.5).log())))
+        assert stats["teacher/advantage"].item() == pytest.approx(hand_a[action], abs=1e-6)
+        assert stats["teacher/reverse_kl"].item() == pytest.approx(-hand_a[action], abs=1e-6)
+        assert loss.item() == pytest.approx(-hand_a[action], abs=1e-6)  # rho = 1: -A
+        (grad,) = torch.autograd.grad(loss, student.logits)
+        expected_grad += 0.5 * grad
+        rkl, _ = dense.distill_loss(_sampled(action, 0.0))
+        assert rkl.item() == pytest.approx(0.510826, abs=1e-6)  # the same for either sampled token
+        (dense_grad,) = torch.autograd.grad(rkl, student.logits)
+        torch.testing.assert_close(dense_grad, torch.tensor([-0.549306, 0.549306], dtype=torch.float64),
+                                   atol=1e-6, rtol=0)
+    torch.testing.assert_close(expected_grad, torch.tensor([-0.549306, 0.549306], dtype=torch.float64),
+                               atol=1e-6, rtol=0)
+    # the average of -A over the two tokens under pi_theta is the reverse KL too
+    assert 0.5 * (-hand_a[0] - hand_a[1]) == pytest.approx(0.510826, abs=1e-6)
 
 
 def test_the_surrogates_expected_gradient_is_the_reverse_kl_gradient():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -61,10 +62,20 @@ def test_experiment_b_runs_teacher_sft_student_sft_and_on_policy_gkd_scored_by_r
     cfg = make_cfg("experiment=chat_gkd", f"teacher.name_or_path={teacher_dir}", "data.source.categories=[greetings]",
                    "student.num_layers=2", "teacher.fit.max_epochs=1", "student_sft.max_epochs=1",
                    "trainer.limit_train_batches=2", "data.generation_eval_size=6", "data.max_new_tokens=8")
-    results = run(cfg)["results"]
+    summary = run(cfg)
+    results = summary["results"]
     assert set(results) == {"teacher", "student, SFT (start point)", "student, gkd"}
     for row in results.values():
         assert 0.0 <= row["test/rouge_l"] <= 1.0
+    # the SFT start point and the distilled student are one 2-layer model; the teacher has 4 layers
+    assert results["student, SFT (start point)"]["params"] == results["student, gkd"]["params"]
+    assert results["teacher"]["params"] > results["student, gkd"]["params"]
+    # the exported student loads, with the 2 layers it was given
+    from kd.models import read_state_dict
+
+    state = read_state_dict(Path(summary["output_dir"]) / "student")
+    layers = {k.split(".")[2] for k in state if k.startswith("model.layers.")}
+    assert layers == {"0", "1"}
 
 
 def test_a_pruned_students_sft_starts_from_the_teachers_layers_and_the_run_from_the_sft(make_cfg, tiny_teacher,

@@ -154,3 +154,121 @@ def test_random_combinations_build_or_are_refused_in_one_sentence(files, tmp_pat
         assert summary["results"], overrides
         completed += 1
     assert completed >= END_TO_END // 2, completed
+
+
+# ----------------------------------------------------------------------------- combinations that must be refused
+
+#: the embedded task at toy size with its Llamas (build(setup=False) never trains a tokenizer)
+TASK_DATA = ["data=task", "data.source.train_size=120", "data.source.val_size=12", "data.source.test_size=12",
+             "data.vocab_size=300", "data.min_frequency=20"]
+TASK = [*TASK_DATA, "teacher=task_llama", "student=task_llama", "student.hidden_size=32",
+        "teacher.model.hidden_size=32", "teacher.model.num_layers=1"]
+ROUTED = [*TASK_DATA, "teacher=none", "student=task_llama", "student.hidden_size=32"]
+DIGITS = ["data=digits", "teacher=digits_cnn", "student=digits_mlp"]
+ONE_TEACHER = "teachers={a: {model: {_target_: kd.models.tiny_causal_lm, vocab_size: 300, hidden_size: 32, num_layers: 1}}}"
+TWO_TEACHERS = ("teachers={a: {model: {_target_: kd.models.tiny_causal_lm, vocab_size: 300, hidden_size: 32, "
+                "num_layers: 1}}, b: {model: {_target_: kd.models.tiny_causal_lm, vocab_size: 300, hidden_size: 32, "
+                "num_layers: 1}}}")
+
+#: (overrides, a piece of the one sentence that refuses them, whether build sets up the data):
+#: at least one per refusal rule of kd/build.py, kd/recipe.py, kd/regimes.py and the recipes
+REFUSALS: list[tuple[list[str], str, bool]] = [
+    # composition (kd.cli.composition_error)
+    (["recipe=no_such_recipe"], "no_such_recipe", False),
+    # build._check_kinds
+    ([*DIGITS, "recipe=gkd"], "recipe gkd distils", False),
+    ([*TASK_DATA, "teacher=digits_cnn", "student=task_llama"], "teacher=digits_cnn is a", False),
+    ([*TASK_DATA, "teacher=task_llama", "student=digits_mlp"], "student=digits_mlp builds a", False),
+    ([*DIGITS, "student=from_teacher"], "copies a transformers teacher's layers", False),
+    ([*DIGITS, "regime=on_policy"], "regime=on_policy generates text and needs a language-model datamodule", False),
+    ([*DIGITS, "divergence.reduction=seq_mean"], "divergence.reduction=seq_mean averages over each sequence", False),
+    # build._check_resolves
+    (["data=jsonl", "teacher=task_llama", "student=task_llama"], "data.source.train must be set for this run", False),
+    ([*DIGITS, "+student.width=${data.no_such_key}"], "cannot be resolved", False),
+    # build._check_groups
+    ([*DIGITS, "recipe=supervised", "divergence=forward_kl"], "recipe supervised uses no divergence", False),
+    ([*TASK, ONE_TEACHER, "data.routes={upper: a}"], "teacher= and teachers: both name teachers", False),
+    ([*DIGITS, "teacher=none"], "recipe hinton needs a teacher", False),
+    ([*TASK, "recipe=minillm", "trainer.accumulate_grad_batches=2"], "runs its own optimisation loop", False),
+    ([*TASK, "recipe=minillm", "trainer.gradient_clip_val=1.0"], "runs its own optimisation loop", False),
+    ([*DIGITS, "seed=abc"], "seed must be an integer", False),
+    ([*DIGITS, "student_init=/tmp", "student_sft={max_epochs: 1}"], "student_init and student_sft both", False),
+    ([*DIGITS, "student_init=/no/such/student"], "student_init '/no/such/student' does not exist", False),
+    ([*DIGITS, "ckpt_path=/no/such/last.ckpt"], "ckpt_path '/no/such/last.ckpt' does not exist", False),
+    # build.build: routed teachers, students copied from a teacher
+    ([*ROUTED, ONE_TEACHER], "nothing routes examples to them", False),
+    ([*ROUTED, ONE_TEACHER, "data.routes={upper: b}"], "which teachers: does not name", False),
+    ([*ROUTED, ONE_TEACHER, "data.routes={upper: a}", "regime=teacher_generated"],
+     "generates data with one teacher, not with routed teachers", False),
+    # (build's "gives its teacher its own tokenizer" rule comes after this one, which refuses first)
+    ([*ROUTED, ONE_TEACHER, "data.routes={upper: a}", "recipe=byte_kd"],
+     "this recipe needs the teacher's own tokenizer", False),
+    # kd.recipe.DistillationRecipe
+    ([*DIGITS, "~divergence"], "recipe Hinton needs a divergence", False),
+    ([*TASK, "recipe=minillm", "regime=on_policy"], "recipe MiniLLM cannot train with regime=on_policy; use regime=offline", False),
+    ([*TASK, "recipe=cross_stage", "regime=mixed"], "recipe CrossStage cannot train with regime=mixed; use regime=offline", False),
+    # kd.regimes: the logit cache's rules
+    ([*TASK, "recipe=supervised", "regime=teacher_logits"],
+     "regime=teacher_logits caches a teacher's outputs but recipe supervised runs without one", False),
+    ([*ROUTED, ONE_TEACHER, "data.routes={upper: a}", "regime=teacher_logits"],
+     "caches one teacher's outputs, not those of routed teachers", False),
+    ([*TASK, "recipe=uld", "regime=teacher_logits"], "whose positions the logit cache", False),
+    ([*TASK, "recipe=byte_kd", "regime=teacher_logits"], "whose positions the logit cache", False),
+    (["data=text", "teacher=text_bert", "student=from_teacher", "recipe=distilbert", "regime=teacher_logits"],
+     "masked-LM data draws new masks", False),
+    ([*TASK, "recipe.temperature=2.0", "regime=teacher_logits", "regime.temperature=3.0"],
+     "stores the teacher at another temperature", False),
+    ([*TASK, "regime=teacher_logits", "regime.top_k=0"], "regime.top_k must be a positive number", False),
+    ([*TASK, "regime=teacher_logits", "regime.logprob_dtype=int8"], "regime.logprob_dtype must be one of", False),
+    # kd.regimes: generated data and mixtures
+    ([*TASK, "regime=mixed", "regime.lmbda=1.5"], "regime.lmbda must be in [0, 1]", False),
+    ([*TASK, "regime=teacher_generated", "regime.select=best"], "regime.select must be", False),
+    ([*TASK, "regime=teacher_generated", "regime.num_candidates=0"], "regime.num_candidates must be >= 1", False),
+    ([*TASK, "regime=on_policy", "regime.sampling.top_p=0"], "top_p must be in (0, 1]", False),
+    # the recipes' own settings
+    ([*DIGITS, "recipe.lam=1.5"], "recipe.lam must be in [0, 1]", False),
+    ([*DIGITS, "recipe.temperature=0"], "recipe.temperature must be > 0", False),
+    ([*TASK, "recipe=gkd", "divergence.reduction=sum"], "GKD averages over tokens or sequences", False),
+    ([*TASK, "recipe=minillm", "recipe.variant=blog"], "recipe.variant must be one of", False),
+    ([*TASK, "recipe=minillm", "recipe.mix_alpha=1.5"], "recipe.mix_alpha must be in [0, 1]", False),
+    ([*TASK, "recipe=minillm", "recipe.num_minibatches=64", "data.batch_size=8"],
+     "splits each batch of 8 rollouts into more mini-batches than rollouts", False),
+    ([*TASK, "recipe=cross_stage", "recipe.estimator=grpo"], "recipe.estimator must be one of", False),
+    ([*TASK, "recipe=cross_stage", "recipe.stage_objective=grpo", "recipe.group_size=1"],
+     "recipe.group_size must be >= 2", False),
+    ([*TASK, "recipe=cross_stage", "recipe.lam=0", "recipe.stage_weight=0"], "not both 0", False),
+    ([*TASK, "recipe=seqkd", "recipe.alpha=2"], "recipe.alpha must be in [0, 1]", False),
+    ([*TASK, "recipe=byte_kd", "regime=mixed", "regime.seq_kd=true"],
+     "cross-tokenizer recipes cannot train on teacher-generated tokens", False),
+    ([*TASK, "recipe=uld", "divergence=forward_kl"], "recipe uld compares distributions over two vocabularies", False),
+    ([*TASK, "recipe=byte_kd", "recipe.num_heads=0"], "recipe.num_heads must be >= 1", False),
+    (["data=text", "teacher=text_bert", "student=from_teacher", "recipe=distilbert", "recipe.temperature=0"],
+     "recipe.temperature must be > 0", False),
+    # data and tokenizers (these set the data up)
+    ([*TASK, "data.source.skills=[juggle]"], "unknown skill(s) 'juggle'", True),
+    ([*TASK, "teacher=task_llama_tok512", "teacher.model.hidden_size=32", "teacher.model.num_layers=1"],
+     "the data's and the teacher's tokenizers differ", True),
+]
+
+
+def _refusal(overrides: list[str], root: Path, setup: bool) -> str:
+    """The sentence refusing ``overrides`` before anything trains, or 'built'."""
+    problem = composition_error("train", overrides)
+    if problem is not None:
+        return problem
+    cfg = compose_cfg([*QUIET, *overrides], root)
+    try:
+        build(cfg, setup=setup)
+    except ConfigError as e:
+        return str(e)
+    return "built"
+
+
+@pytest.mark.parametrize("overrides,sentence,setup", REFUSALS, ids=[s for _, s, _ in REFUSALS])
+def test_combinations_that_must_be_refused_are(overrides, sentence, setup, tmp_path):
+    """Each combination a rule forbids is refused before anything trains, by that rule's
+    sentence (one line), never built; nothing is trained or cached on the way."""
+    got = _refusal(overrides, tmp_path, setup)
+    assert got != "built", f"kd {' '.join(overrides)} built; expected a refusal with {sentence!r}"
+    assert sentence in got and "\n" not in got, (overrides, got)
+    assert not (tmp_path / "cache" / "teachers").exists() and not (tmp_path / "run" / "checkpoints").exists()

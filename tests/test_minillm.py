@@ -7,25 +7,115 @@ import copy
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 
 from kd import ConfigError
-from kd.divergences import reverse_kl
+from kd.data import IGNORE_INDEX
 from kd.generation import GenerationConfig, TeacherMix, generate, mix_log_probs
 from kd.models import tiny_causal_lm
 from kd.regimes import OnPolicy
 from recipes.minillm import MiniLLM, advantages, normalized_returns, ppo_clipped_loss
 
 
+class _FixedPolicy(torch.nn.Module):
+    """A "language model" whose next-token logits are the same parameter at every position."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = torch.nn.Parameter(torch.tensor(logits, dtype=torch.float64))
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(logits=self.logits.expand(*input_ids.shape, -1))
+
+
+Q_LOGITS = [0.3, -0.2, 0.5]  # q = softmax -> [0.332225, 0.201504, 0.466271]
+P = [0.6, 0.3, 0.1]
+
+
+def _one_token_rollout(token, *, old_logprob, weight=1.0, advantage=0.0):
+    """A rollout buffer of one response token ``token`` after a prompt token."""
+    return {"input_ids": torch.tensor([[0, token]]), "attention_mask": torch.ones(1, 2, dtype=torch.long),
+            "labels": torch.tensor([[IGNORE_INDEX, token]]), "mask": torch.tensor([[True]]),
+            "old_logprobs": torch.tensor([[old_logprob]], dtype=torch.float64),
+            "weights": torch.tensor([[weight]], dtype=torch.float64),
+            "advantages": torch.tensor([[advantage]], dtype=torch.float64),
+            "teacher_logprobs": torch.tensor([[P]], dtype=torch.float64).log()}
+
+
+def _hand_q():
+    z = np.array(Q_LOGITS)
+    return np.exp(z) / np.exp(z).sum()
+
+
 def test_single_step_term_is_the_exact_reverse_kl_with_its_gradient():
-    logits = torch.tensor([[0.3, -0.2, 0.5]], dtype=torch.float64, requires_grad=True)
-    p = torch.tensor([[0.6, 0.3, 0.1]], dtype=torch.float64)
-    kl = reverse_kl(logits, p.log())
-    assert kl.item() == pytest.approx(0.372959, abs=1e-6)
-    kl.backward()
-    torch.testing.assert_close(logits.grad, torch.tensor([[-0.318848, -0.151965, 0.470813]], dtype=torch.float64),
-                               atol=1e-6, rtol=0)
+    """MiniLLM.minibatch_loss's single-step term on RECIPES section 4's vectors:
+    q = softmax([0.3, -0.2, 0.5]), p = [0.6, 0.3, 0.1] -> KL(q||p) = 0.372959 with gradient
+    [-0.318848, -0.151965, 0.470813] wrt the logits, whichever token was sampled; the
+    paper weights it by w_t, the official code does not."""
+    hand_grad = torch.tensor([-0.318848, -0.151965, 0.470813], dtype=torch.float64)
+    for variant, weight, factor in (("paper", 1.0, 1.0), ("paper", 2.0, 2.0), ("code", 2.0, 1.0)):
+        student = _FixedPolicy(Q_LOGITS)
+        recipe = MiniLLM(student=student, teacher=_FixedPolicy([0.0, 0.0, 0.0]), variant=variant)
+        for token in (0, 2):
+            old = float(np.log(_hand_q()[token]))
+            terms = recipe.minibatch_loss(_one_token_rollout(token, old_logprob=old, weight=weight), None)
+            assert terms["single_step"].item() == pytest.approx(factor * 0.372959, abs=1e-6), (variant, weight)
+            assert terms["reverse_kl"].item() == pytest.approx(0.372959, abs=1e-6)
+            (grad,) = torch.autograd.grad(terms["single_step"], student.logits)
+            torch.testing.assert_close(grad, factor * hand_grad, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("how", ["weight", "ratio"])
+@pytest.mark.parametrize("advantage,loss", [(1.0, -1.2), (-1.0, 1.5)])
+def test_the_ppo_term_at_nonzero_advantages(how, advantage, loss):
+    """RECIPES section 4: ratio x w = 1.5, eps 0.2: A = +1 gives token loss -1.2 and no
+    gradient (clipped branch), A = -1 gives +1.5 with gradient -A * 1.5 * (e_y - q) wrt the
+    logits. The 1.5 comes from the importance weight (ratio 1) or from the ratio (w = 1)."""
+    token = 1
+    q = _hand_q()
+    student = _FixedPolicy(Q_LOGITS)
+    recipe = MiniLLM(student=student, teacher=_FixedPolicy([0.0, 0.0, 0.0]))
+    old = float(np.log(q[token])) - (0.0 if how == "weight" else float(np.log(1.5)))
+    weight = 1.5 if how == "weight" else 1.0
+    terms = recipe.minibatch_loss(_one_token_rollout(token, old_logprob=old, weight=weight, advantage=advantage),
+                                  None)
+    assert terms["ppo"].item() == pytest.approx(loss, abs=1e-9)
+    assert terms["clip_fraction"].item() == 1.0
+    (grad,) = torch.autograd.grad(terms["ppo"], student.logits)
+    expected = np.zeros(3) if advantage > 0 else -advantage * 1.5 * (np.eye(3)[token] - q)
+    np.testing.assert_allclose(grad.numpy(), expected, atol=1e-9)
+    # the total is ppo + the single-step term, weighted by w in the paper (no data: no LM term)
+    assert terms["loss"].item() == pytest.approx(loss + weight * 0.372959, abs=1e-6)
+
+
+@pytest.mark.parametrize("variant,share", [("paper", 0.0), ("code", 0.5)])
+def test_the_lm_term_mixes_nll_and_forward_kd_by_lm_kd_share(variant, share):
+    """The LM term on the data's responses: NLL (paper) or 0.5 NLL + 0.5 KL(p || q) (code,
+    lm_kd_share 0.5), by hand for q = softmax([0.3, -0.2, 0.5]) and p = [0.6, 0.3, 0.1] on
+    two labelled tokens (ids 0 and 2); the loss adds it times pt_weight."""
+    q, p = _hand_q(), np.array(P)
+    nll = -(np.log(q[0]) + np.log(q[2])) / 2
+    forward = (p * np.log(p / q)).sum()
+    hand = (1 - share) * nll + share * forward
+    assert MiniLLM(student=_FixedPolicy(Q_LOGITS), teacher=_FixedPolicy(P), variant=variant).settings[
+        "lm_kd_share"] == share
+    for cached in (True, False):
+        # the teacher's logits come from the data (cached once per buffer) or from the teacher
+        recipe = MiniLLM(student=_FixedPolicy(Q_LOGITS), teacher=_FixedPolicy(np.log(P).tolist()), variant=variant,
+                         pt_weight=0.25)
+        data = {"input_ids": torch.tensor([[5, 0, 2]]), "attention_mask": torch.ones(1, 3, dtype=torch.long),
+                "labels": torch.tensor([[IGNORE_INDEX, 0, 2]])}
+        if cached:
+            data["teacher_logits"] = torch.tensor([[P, P]], dtype=torch.float64).log()
+        rollout = _one_token_rollout(0, old_logprob=float(np.log(q[0])))
+        terms = recipe.minibatch_loss(rollout, data)
+        assert terms["lm"].item() == pytest.approx(hand, abs=1e-9), (variant, cached)
+        assert terms["loss"].item() == pytest.approx(
+            terms["ppo"].item() + terms["single_step"].item() + 0.25 * hand, abs=1e-9)
 
 
 def test_teacher_mixed_sampling_weight():
@@ -101,6 +191,63 @@ def test_teacher_equal_to_student_gives_zero_rewards_and_advantages(task_dm, var
     assert buffer["advantages"].abs().max().item() < 1e-5
     terms = recipe.minibatch_loss(buffer, None)
     assert abs(terms["single_step"].item()) < 1e-5 and abs(terms["ppo"].item()) < 1e-5
+
+
+def _hand_rewards_and_advantages(log_p, log_q, labels, mask, variant):
+    """MiniLLM's rewards and advantages in float64 numpy, written from RECIPES section 4:
+    paper r = log p - log q, A_t = sum_{t'>t} r_t' / (T - t - 1) (0 at the last token);
+    code r = clip((log p - log q) / 0.5, +-100), A_t = sum_{t'>=t} 0.95^(t'-t) r_t' / (T - t),
+    whitened over the batch's response tokens ((A - mean) / (unbiased std + 1e-8))."""
+    B, L = labels.shape
+    lp = np.take_along_axis(log_p, labels[..., None].clip(min=0), -1)[..., 0]
+    lq = np.take_along_axis(log_q, labels[..., None].clip(min=0), -1)[..., 0]
+    if variant == "code":
+        rewards = np.clip((lp - lq) / 0.5, -100, 100)
+    else:
+        rewards = lp - lq
+    rewards = np.where(mask, rewards, 0.0)
+    adv = np.zeros((B, L))
+    for b in range(B):
+        positions = [t for t in range(L) if mask[b, t]]
+        for i, t in enumerate(positions):
+            later = positions[i:] if variant == "code" else positions[i + 1:]
+            gamma = 0.95 if variant == "code" else 1.0
+            adv[b, t] = sum(gamma ** (u - later[0]) * rewards[b, u] for u in later) / len(later) if later else 0.0
+    if variant == "code":
+        valid = adv[mask]
+        adv = np.where(mask, (adv - valid.mean()) / (valid.std(ddof=1) + 1e-8), 0.0)
+    return rewards, adv
+
+
+@pytest.mark.parametrize("variant", ["paper", "code"])
+def test_rewards_and_advantages_of_a_rollout_by_hand(task_dm, variant):
+    """A teacher that differs from the student (and is sharp, so some code-variant rewards
+    pass the +-100 clip): the rollout's rewards and advantages equal the hand values from
+    both models' log-probabilities of the sampled tokens."""
+    student, teacher = _models()
+    with torch.no_grad():
+        teacher.lm_head.weight.mul_(300)
+    recipe = _attached(MiniLLM(student=student, teacher=teacher, variant=variant), task_dm)
+    buffer = recipe.rollout(next(iter(task_dm.train_dataloader())))
+    V = len(task_dm.tokenizer)
+    with torch.no_grad():
+        logits = {name: model(input_ids=buffer["input_ids"], attention_mask=buffer["attention_mask"]).logits[
+            :, :-1, :V].double().numpy() for name, model in (("q", student), ("p", teacher))}
+
+    def log_softmax(z):
+        z = z - z.max(-1, keepdims=True)
+        return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+    labels, mask = buffer["input_ids"][:, 1:].numpy(), buffer["mask"].numpy()
+    assert (mask.sum(-1) >= 2).sum() >= 2  # several answers of several tokens
+    rewards, adv = _hand_rewards_and_advantages(log_softmax(logits["p"]), log_softmax(logits["q"]), labels, mask,
+                                                variant)
+    if variant == "code":
+        raw = np.abs(rewards[mask])
+        assert (raw == 100).any() and (raw < 100).any()  # the clip is exercised, and not everywhere
+        assert abs(adv[mask].mean()) < 1e-9 and adv[mask].std(ddof=1) == pytest.approx(1.0)
+    np.testing.assert_allclose(buffer["rewards"].double().numpy(), rewards, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(buffer["advantages"].double().numpy(), adv, rtol=1e-4, atol=1e-4)
 
 
 def test_rollouts_carry_no_gradient_and_the_first_ratio_is_one(task_dm):

@@ -57,6 +57,11 @@ def test_corrupt_teacher_cache_is_rebuilt(make_cfg, tmp_path):
     second = run(make_cfg(*TINY, "scratch_baseline=false"))
     assert second["teacher"] == first["teacher"]
     assert weights.stat().st_size > 1000  # rewritten with real weights
+    # retrained from the same config and seed: the same teacher, so the same test metrics, and
+    # the student distilled from it scores the same as the first run's
+    assert second["results"]["teacher"] == first["results"]["teacher"]
+    assert second["results"]["student, hinton"]["test/acc"] == first["results"]["student, hinton"]["test/acc"]
+    assert 0.0 < first["results"]["student, hinton"]["test/acc"] <= 1.0
 
 
 def _kd(*args: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -296,3 +296,41 @@ def test_bad_alpha_is_refused():
 def test_lm_recipes_and_regimes_run_inside_lightning(overrides, make_cfg):
     summary = run(make_cfg(*SMALL_TASK, *overrides, "debug=fast_dev_run"))
     assert "teacher" in summary["results"] and len(summary["results"]) == 3
+
+
+def test_mixed_with_seq_kd_trains_off_policy_batches_on_the_teachers_responses(dm, tmp_path):
+    """Mixed(seq_kd=True) with lmbda 0: every batch is off-policy, and its response tokens are
+    the teacher's greedy answer to that row's prompt (decoded here by hand, one prompt at a
+    time), not the dataset's."""
+    data = fresh_dm(dm)
+    teacher = model(11)
+    regime = Mixed(lmbda=0.0, seq_kd=True, cache_dir=str(tmp_path), sampling={"temperature": 0.0},
+                   teacher_generated={"batch_size": 16})
+    regime.prepare(teacher, data)
+    tok, V = data.tokenizer, len(data.tokenizer)
+
+    @torch.no_grad()
+    def greedy(prompt):
+        ids = list(prompt)
+        for _ in range(data.max_new_tokens):
+            nxt = int(teacher(input_ids=torch.tensor([ids])).logits[0, -1, :V].argmax())
+            ids.append(nxt)
+            if nxt == tok.eos_token_id:
+                break
+        return ids[len(prompt):]
+
+    prompts, references = data.prompts("train"), data.references("train")
+    rows = differ = 0
+    for batch in data.train_dataloader():
+        out = regime.batch(model(12), batch, data)
+        assert out is batch  # lmbda 0: never the student's samples
+        for r, i in enumerate(batch["index"].tolist()):
+            labels = batch["labels"][r]
+            response = labels[labels != IGNORE_INDEX].tolist()
+            expected = greedy(prompts[i])[: data.max_length - len(prompts[i])]
+            assert response == expected, i
+            dataset = tok(references[i], add_special_tokens=False)["input_ids"]
+            differ += response[: len(dataset)] != dataset
+            rows += 1
+    assert rows == len(prompts) and regime.on_policy_batches == 0
+    assert differ >= rows // 2  # the teacher's answers are not the dataset's

@@ -21,7 +21,14 @@ def test_a_joblib_sweep_runs_jobs_in_parallel_processes_and_summarises_them(tmp_
     assert "Joblib" in done.stdout + done.stderr  # the launcher, not the basic one, ran the jobs
     assert "Sweep summary (mean ± std over seeds)" in done.stdout and "[2 seeds: [0, 1]" in done.stdout
     sweep = next((tmp_path / "outputs" / "sweeps").glob("*/*"))
-    assert {json.loads((sweep / j / "metrics.json").read_text())["seed"] for j in ("0", "1")} == {0, 1}
+    jobs = [json.loads((sweep / j / "metrics.json").read_text()) for j in ("0", "1")]
+    assert {m["seed"] for m in jobs} == {0, 1}
+    # both seeds distil the one cached teacher (same weights, same scores); the students differ by seed
+    assert jobs[0]["teacher"] == jobs[1]["teacher"]
+    assert jobs[0]["results"]["teacher"]["test/acc"] == jobs[1]["results"]["teacher"]["test/acc"]
+    students = [m["results"]["student, hinton"] for m in jobs]
+    assert all(0.0 < s["test/acc"] <= 1.0 for s in students)
+    assert students[0] != students[1]
 
 
 def test_an_optuna_search_optimises_the_validation_metric_kd_returns(tmp_path):
