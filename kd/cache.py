@@ -6,15 +6,21 @@ An entry is a directory ``<root>/<kind>/<name>`` whose name carries a hash of ex
 shapes the artifact (:func:`key`). Its life cycle:
 
 1. **lookup**: the entry is complete when its ``entry.json`` (the completeness marker,
-   written last) names this entry and every file it lists still has its recorded size
-   (and, for files up to ``CHECKSUM_LIMIT`` bytes, its sha256), and the caller's own
-   ``validate`` accepts it. Anything else (stale, foreign, truncated, a directory without
-   its marker) is removed, with a log line saying why, and rebuilt.
+   written last) names this entry and every file it lists still has its recorded size and
+   sha256, and the caller's own ``validate`` accepts it. Anything else (stale, foreign,
+   truncated, corrupted, a directory without its marker, a plain file where the entry's
+   directory should be) is removed, with a log line saying why, and rebuilt. Sizes are
+   checked on every lookup; the checksums once per process and entry (an entry whose
+   files keep their inode, size and mtime since it was verified is not read again: hashing
+   SmolLM2's 540 MB of weights costs about a second).
 2. **build**: under an exclusive file lock (``<root>/.locks/<kind>-<name>.lock``), so concurrent
-   sweep jobs build an entry once and the others wait and reuse it; the builder writes into
-   a private temporary directory, the marker goes in last, and the directory is renamed
-   into place (atomic on one filesystem): a crash never leaves a half-written entry that
-   passes the lookup.
+   sweep jobs build an entry once and the others wait (saying so) and reuse it; temporary
+   directories that a killed build of the same entry left behind are removed first; the
+   builder writes into a private temporary directory, the marker goes in last, files are
+   made readable by everyone who can read the cache (``rw-r--r--``, directories
+   ``rwxr-xr-x``, whatever the umask, so a cache shared by a group works), and the
+   directory is renamed into place (atomic on one filesystem): a crash never leaves a
+   half-written entry that passes the lookup.
 
 Entries are plain directories: delete one to force a rebuild, or the whole root to start
 afresh. ``kd`` keeps the root at ``paths.cache_dir`` (``$KD_CACHE_DIR``, default
@@ -43,8 +49,12 @@ log = logging.getLogger(__name__)
 #: the name of the completeness marker inside every entry
 MARKER = "entry.json"
 
-#: files up to this size are checksummed (sha256) on every lookup; larger ones by size only
-CHECKSUM_LIMIT = 64 << 20
+#: the modes of a published entry's files and directories (set explicitly: the umask does not apply)
+FILE_MODE, DIR_MODE = 0o644, 0o755
+
+#: entry directory -> the signature (marker text, each file's inode, size and mtime) it had when
+#: this process last checked its checksums: unchanged entries are not hashed again
+_verified: dict[str, tuple] = {}
 
 
 def _plain(value: Any) -> Any:
@@ -72,14 +82,25 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def _inventory(directory: Path) -> dict[str, dict[str, Any]]:
-    files = {}
-    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MARKER):
-        size = path.stat().st_size
-        record: dict[str, Any] = {"size": size}
-        if size <= CHECKSUM_LIMIT:
-            record["sha256"] = file_sha256(path)
-        files[str(path.relative_to(directory))] = record
-    return files
+    return {str(path.relative_to(directory)): {"size": path.stat().st_size, "sha256": file_sha256(path)}
+            for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MARKER)}
+
+
+def _set_modes(directory: Path) -> None:
+    """Give ``directory`` and everything in it :data:`FILE_MODE` / :data:`DIR_MODE`."""
+    directory.chmod(DIR_MODE)
+    for path in directory.rglob("*"):
+        if not path.is_symlink():
+            path.chmod(DIR_MODE if path.is_dir() else FILE_MODE)
+
+
+def _remove(path: Path) -> None:
+    """Remove whatever is at ``path``: a directory tree, or a plain file or link."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
 
 def default_cache_dir() -> Path:
@@ -108,10 +129,13 @@ class Cache:
     def _problem(self, directory: Path, name: str, validate: Callable[[Path], None] | None) -> str | None:
         """Why ``directory`` is not a usable entry ``name`` (None: it is)."""
         marker = directory / MARKER
+        if not directory.is_dir():
+            return "it is not a directory"
         if not marker.is_file():
             return "it has no completeness marker (interrupted?)"
         try:
-            meta = json.loads(marker.read_text())
+            text = marker.read_text()
+            meta = json.loads(text)
         except (OSError, ValueError) as e:
             return f"its marker is unreadable ({e})"
         if not isinstance(meta, dict) or meta.get("name") != name:
@@ -119,14 +143,23 @@ class Cache:
         files = meta.get("files")
         if not isinstance(files, dict) or not all(isinstance(r, dict) for r in files.values()):
             return "its marker lists no files"
+        signature: list[Any] = [text]
         for rel, record in files.items():
             path = directory / rel
             if not path.is_file():
                 return f"its file {rel} is missing"
-            if path.stat().st_size != record.get("size"):
+            stat = path.stat()
+            if stat.st_size != record.get("size"):
                 return f"its file {rel} is truncated or changed"
-            if "sha256" in record and file_sha256(path) != record["sha256"]:
-                return f"its file {rel} does not match its checksum"
+            if not isinstance(record.get("sha256"), str):
+                return f"its marker has no checksum for {rel} (written by an older kd)"
+            signature.append((rel, stat.st_ino, stat.st_size, stat.st_mtime_ns))
+        if _verified.get(str(directory)) != tuple(signature):  # once per process, unless files changed
+            for rel, record in files.items():
+                if file_sha256(directory / rel) != record["sha256"]:
+                    _verified.pop(str(directory), None)
+                    return f"its file {rel} does not match its checksum (corrupted or changed)"
+            _verified[str(directory)] = tuple(signature)
         if validate is not None:
             try:
                 validate(directory)
@@ -137,13 +170,14 @@ class Cache:
     def lookup(self, kind: str, name: str, validate: Callable[[Path], None] | None = None) -> Path | None:
         """The complete entry, or None (an unusable directory is removed, with a log line)."""
         directory = self.path(kind, name)
-        if not directory.exists():
+        if not directory.exists() and not directory.is_symlink():
             return None
         problem = self._problem(directory, name, validate)
         if problem is None:
             return directory
         log.warning("cache entry %s is unusable: %s; rebuilding it", directory, problem)
-        shutil.rmtree(directory, ignore_errors=True)
+        _verified.pop(str(directory), None)
+        _remove(directory)
         return None
 
     def meta(self, kind: str, name: str) -> dict[str, Any]:
@@ -153,20 +187,51 @@ class Cache:
     # ------------------------------------------------------------------ build
 
     @contextlib.contextmanager
-    def _lock(self, kind: str, name: str) -> Iterator[None]:
+    def _lock(self, kind: str, name: str, what: str) -> Iterator[bool]:
+        """Hold the entry's lock; yields whether it is a real (POSIX) lock."""
         folder = self.root / ".locks"
         folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / f"{kind}-{name}.lock", "a+") as handle:
+        path = folder / f"{kind}-{name}.lock"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o664)
+            with contextlib.suppress(OSError):  # group-writable whatever the umask (NFS locks need a writable file)
+                os.fchmod(fd, 0o664)
+        except PermissionError:  # another user's lock file in a shared cache: locally, flock needs only reading
+            fd = os.open(path, os.O_RDONLY)
+        try:
             try:
                 import fcntl
             except ImportError:  # no POSIX locks (Windows): publish-once still keeps entries whole
-                yield
+                yield False
                 return
-            fcntl.flock(handle, fcntl.LOCK_EX)
             try:
-                yield
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.warning("waiting for the lock %s: another process is building the %s %s", path, what,
+                            self.path(kind, name))
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                yield True
             finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+    def _clear_leftovers(self, kind: str, name: str) -> None:
+        """Under the entry's lock: remove the temporary directories of builds of this entry
+        that died (a live build of it would hold the lock), and a plain file where the
+        kind's folder should be."""
+        folder = self.root / kind
+        if folder.is_symlink() or folder.exists() and not folder.is_dir():
+            log.warning("%s is not a directory; removing it", folder)
+            _remove(folder)
+        if not folder.is_dir():
+            return
+        prefix = f".{name}.tmp-"
+        for path in folder.iterdir():
+            if path.name.startswith(prefix):
+                log.warning("removing %s, left by an interrupted build of the %s", path, kind)
+                _remove(path)
 
     def get_or_build(
         self,
@@ -188,11 +253,13 @@ class Cache:
         if found is not None:
             log.info("reusing cached %s %s", what, found)
             return found
-        with self._lock(kind, name):
+        with self._lock(kind, name, what) as locked:
             found = self.lookup(kind, name, validate)  # another job may have built it meanwhile
             if found is not None:
                 log.info("reusing cached %s %s (built by another job)", what, found)
                 return found
+            if locked:
+                self._clear_leftovers(kind, name)
             final = self.path(kind, name)
             log.info("building the %s once (cached afterwards in %s)", what, final)
             with atomic_directory(final) as tmp:  # replaces whatever unusable directory is left there
@@ -201,6 +268,7 @@ class Cache:
                 marker = {"name": name, "kind": kind, "kd_version": kd.__version__, "info": info,
                           "build_s": round(time.perf_counter() - started, 2), "files": _inventory(tmp)}
                 (tmp / MARKER).write_text(json.dumps(marker, indent=2, default=str))  # last: the entry is complete
+                _set_modes(tmp)
         return final
 
 
@@ -221,10 +289,10 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     partial.mkdir(parents=True)
     try:
         yield partial
-        shutil.rmtree(target, ignore_errors=True)
+        _remove(target)  # a directory, or a plain file or link in its place
         os.replace(partial, target)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
 
 
-__all__ = ["Cache", "MARKER", "key", "file_sha256", "partial_path", "atomic_directory"]
+__all__ = ["Cache", "MARKER", "FILE_MODE", "DIR_MODE", "key", "file_sha256", "partial_path", "atomic_directory"]

