@@ -25,11 +25,26 @@ What a checkpoint carries, so that the resumed run continues exactly:
 Nothing half-written is ever read: checkpoints are written to a temporary file and renamed
 into place (:class:`AtomicCheckpointIO`); the exported student and cache entries are written
 to a temporary directory renamed into place (:func:`kd.cache.atomic_directory`).
+
+How a stopped ``kd`` ends (:func:`install_stop_handlers`, called by ``kd`` and ``kd-eval``):
+never with exit code 0. A SIGTERM exits with 143 and Ctrl-C with 130 (:data:`EXIT_CODES`:
+128 + the signal's number, what a shell reports for a process a signal ended and what
+schedulers read as "terminated", never as success; distinct from 1, a crash, and 2, a
+configuration error), after one sentence naming the checkpoint to resume from and the
+``ckpt_path=`` command that does it (:func:`stop_message`), wherever the signal arrived:
+in the run's fit (Lightning finishes the batch, ``interrupted.ckpt`` is written), in a cached
+teacher's or baseline's fit, in a test, between stages. Under ``kd -m`` the sweep stops with
+the same code: its later jobs do not run, and are not reported as a success.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import shlex
+import signal
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +52,11 @@ import numpy as np
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from omegaconf import DictConfig
 
 from kd.cache import partial_path
+
+log = logging.getLogger("kd")
 
 
 def run_seed() -> int:
@@ -68,6 +86,12 @@ class CheckpointOnSigterm(Callback):
         if isinstance(exception, (SIGTERMException, KeyboardInterrupt)) and trainer.state.fn == "fit":
             trainer.save_checkpoint(self.path)
 
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        raise_if_stopped()  # a signal a finished stage let pass (see raise_if_stopped): train nothing more
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        raise_if_stopped()
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's ``torch.save`` checkpoints, written to a temporary file beside the target
@@ -85,4 +109,116 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             partial.unlink(missing_ok=True)
 
 
-__all__ = ["run_seed", "step_seed", "CheckpointOnSigterm", "AtomicCheckpointIO"]
+# ----------------------------------------------------------------------------- stopping on a signal
+
+#: the exit code of a ``kd`` run stopped by each signal: 128 + the signal's number, as a shell
+#: reports a process a signal ended (SIGTERM 143, SIGINT 130)
+EXIT_CODES = {"SIGTERM": 128 + int(signal.SIGTERM), "SIGINT": 128 + int(signal.SIGINT)}
+
+#: the stop signals this process received, in order (:func:`install_stop_handlers`)
+_received: list[str] = []
+#: while Ctrl-C is handed to Lightning's SIGTERM handlers, which call ours again
+_forwarding = threading.local()
+#: when this process started: a checkpoint older than this was not written by this run
+_STARTED_NS = time.time_ns()
+
+
+class Stopped(BaseException):
+    """A stop signal that arrived while no Lightning fit was there to finish its batch first
+    (composing, building, preparing, exporting, between stages). A ``BaseException``, like
+    ``KeyboardInterrupt``, so that no ``except Exception`` on the way swallows it."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"stopped by {name}")
+        self.name = name
+
+
+def received() -> str | None:
+    """The first stop signal this process received (``"SIGTERM"``, ``"SIGINT"``), or None."""
+    return _received[0] if _received else None
+
+
+def raise_if_stopped() -> None:
+    """Raise :class:`Stopped` when a stop signal arrived: Lightning lets one pass when it
+    comes in the last batch of a test or after a fit's last epoch, and the run then goes on
+    to its next stage, where this is called (:class:`CheckpointOnSigterm`)."""
+    if _received:
+        raise Stopped(_received[0])
+
+
+def _lightning_handler() -> Any:
+    """Lightning's SIGTERM handler while a trainer runs a stage (it finishes the batch in
+    progress, then raises ``SIGTERMException``), else None."""
+    from lightning.pytorch.trainer.connectors.signal_connector import _HandlersCompose
+
+    handler = signal.getsignal(signal.SIGTERM)
+    return handler if isinstance(handler, _HandlersCompose) else None
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    if getattr(_forwarding, "active", False):  # Lightning's handlers calling this one back for a Ctrl-C
+        return
+    name = signal.Signals(signum).name
+    first = not _received
+    _received.append(name)
+    if not first:  # already stopping: a second SIGTERM changes nothing, a second Ctrl-C stops now
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        return
+    lightning = _lightning_handler()
+    if lightning is None:
+        raise Stopped(name)
+    if signum != signal.SIGTERM:  # Ctrl-C in a fit: Lightning's graceful stop, as for SIGTERM
+        _forwarding.active = True
+        try:
+            lightning(signal.SIGTERM, frame)
+        finally:
+            _forwarding.active = False
+    # SIGTERM in a fit: Lightning's handler, which called this one, stops it after the batch
+
+
+def install_stop_handlers() -> None:
+    """Handle SIGTERM and SIGINT for the rest of this process (``kd`` calls this first):
+    in a Lightning stage, the stage stops gracefully after its batch (Lightning's own
+    SIGTERM handling, which calls this one too); anywhere else :class:`Stopped` is raised.
+    The console script turns either into :func:`stop_message` and :data:`EXIT_CODES`."""
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, _on_signal)
+
+
+def resume_checkpoint(cfg: DictConfig) -> Path | None:
+    """The checkpoint that resumes ``cfg``'s run after it stopped: the newest this process
+    wrote into the run's output directory (``interrupted.ckpt`` after a stopped fit, else the
+    last epoch's), else the checkpoint the run itself resumed from, else None."""
+    out = Path(str(cfg.paths.output_dir))
+    written = [p for p in (out.rglob("*.ckpt") if out.is_dir() else []) if not p.name.startswith(".")
+               and p.is_file() and p.stat().st_mtime_ns >= _STARTED_NS]
+    if written:
+        newest = max(written, key=lambda p: (p.stat().st_mtime_ns, p.name == "interrupted.ckpt", p.name == "last.ckpt"))
+        return newest.resolve()
+    resumed = cfg.get("ckpt_path")
+    return Path(str(resumed)).resolve() if resumed and Path(str(resumed)).is_file() else None
+
+
+def resume_command(overrides: list[str], checkpoint: Path) -> str:
+    """``kd <overrides> ckpt_path=<checkpoint>``, quoted for a POSIX shell."""
+    kept = [o for o in overrides if not o.lstrip("+~").startswith("ckpt_path=")]
+    return " ".join(["kd", *map(shlex.quote, kept), shlex.quote(f"ckpt_path={checkpoint}")])
+
+
+def stop_message(name: str, cfg: DictConfig, overrides: list[str], job: str | None = None) -> str:
+    """The one sentence ``kd`` prints when ``name`` (a signal) stopped the run of ``cfg``
+    (started with ``overrides``; ``job``: its sweep job)."""
+    what = f"sweep job {job} was stopped by {name}, so the sweep stops and its later jobs do not run" if job else (
+        f"stopped by {name}")
+    checkpoint = None if cfg.get("pipeline") else resume_checkpoint(cfg)  # a pipeline's stages do not resume
+    if checkpoint is None:
+        again = " ".join(["kd", *map(shlex.quote, overrides)])
+        return (f"{what} before the run wrote a checkpoint (cached teachers and baselines that finished are kept); "
+                f"start it again with: {again}")
+    return f"{what}; resume it from {checkpoint} with: {resume_command(overrides, checkpoint)}"
+
+
+__all__ = ["run_seed", "step_seed", "CheckpointOnSigterm", "AtomicCheckpointIO", "EXIT_CODES", "Stopped",
+           "received", "raise_if_stopped", "install_stop_handlers", "resume_checkpoint", "stop_message"]

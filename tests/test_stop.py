@@ -1,0 +1,166 @@
+"""A stopped ``kd`` never exits with 0 (kd/resume.py, kd/cli.py): SIGTERM (a scheduler's
+pre-emption) and Ctrl-C, sent to real ``kd`` processes while a fit runs (the run's own, a
+cached teacher's, the scratch baseline's, a sweep job's), exit with 143 and 130 after one
+sentence naming the checkpoint and the ``ckpt_path=`` command that resumes; that command
+finishes the run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: the quickstart at toy size: 4 epochs of 3 batches (teacher and baseline: the same trainer limits)
+TINY = ["trainer.max_epochs=4", "teacher.fit.max_epochs=2", "trainer.limit_train_batches=3",
+        "trainer.limit_val_batches=2", "trainer.limit_test_batches=2", "trainer.enable_progress_bar=false",
+        "logger=none"]
+
+
+class Pace(L.Callback):
+    """Slows the fits of one kind of run (``run``: the run itself or a sweep job; ``teachers``,
+    ``baselines``: cached sub-runs) from ``step`` optimizer steps on: ``marker`` is touched and
+    every batch then takes ``delay`` seconds more, so a test can signal the process while that
+    fit runs."""
+
+    def __init__(self, marker: str, where: str = "run", step: int = 2, delay: float = 0.3) -> None:
+        self.marker, self.where, self.step, self.delay = Path(marker), where, step, delay
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        kind = Path(trainer.default_root_dir).parent.parent.name
+        kind = kind if kind in ("teachers", "baselines", "sft") else "run"
+        if kind == self.where and trainer.global_step >= self.step:
+            self.marker.touch()
+            time.sleep(self.delay)
+
+
+def _env(tmp: Path) -> dict[str, str]:
+    return {**os.environ, "KD_CACHE_DIR": str(tmp / "cache"), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+
+
+def _paced(tmp: Path, where: str) -> list[str]:
+    return [f"+callbacks.pace._target_={__name__}.Pace", f"+callbacks.pace.marker={tmp / 'fitting'}",
+            f"+callbacks.pace.where={where}"]
+
+
+def _stop(args: list[str], tmp: Path, signum: int = signal.SIGTERM, timeout: float = 300) -> tuple[int, str]:
+    """Start ``kd <args>`` in ``tmp``, send ``signum`` once the paced fit runs, and return
+    its exit code and stderr; the process is killed on every other way out."""
+    marker = tmp / "fitting"
+    marker.unlink(missing_ok=True)
+    with open(tmp / "stderr.txt", "w+") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "kd.cli", *args], cwd=tmp, env=_env(tmp),
+                                stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            deadline = time.monotonic() + timeout
+            while not marker.exists():
+                assert proc.poll() is None, f"kd ended before the fit ran: {(tmp / 'stderr.txt').read_text()[-3000:]}"
+                assert time.monotonic() < deadline, "the fit never started"
+                time.sleep(0.05)
+            proc.send_signal(signum)
+            code = proc.wait(timeout=timeout)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        err.seek(0)
+        return code, err.read()
+
+
+def _kd(command: list[str], tmp: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kd.cli", *command], cwd=tmp, env=_env(tmp), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _last_line(stderr: str) -> str:
+    return stderr.strip().splitlines()[-1]
+
+
+def _resume_command(sentence: str) -> tuple[Path, list[str]]:
+    """The checkpoint a stop sentence names and the arguments of the ``kd`` command it gives."""
+    checkpoint = Path(sentence.split(" resume it from ", 1)[1].split(" with: ", 1)[0])
+    command = shlex.split(sentence.split(" with: ", 1)[1])
+    assert command[0] == "kd" and command[-1] == f"ckpt_path={checkpoint}"
+    return checkpoint, command[1:]
+
+
+def test_sigterm_mid_fit_exits_143_naming_the_checkpoint_whose_command_resumes(tmp_path):
+    code, stderr = _stop([*TINY, *_paced(tmp_path, "run")], tmp_path)
+    assert code == 143, stderr[-3000:]
+    assert "Traceback" not in stderr
+    sentence = _last_line(stderr)
+    assert sentence.startswith("kd: stopped by SIGTERM; resume it from ")
+    checkpoint, command = _resume_command(sentence)
+    assert checkpoint.name == "interrupted.ckpt" and checkpoint.is_file()
+    assert not (checkpoint.parent.parent / "metrics.json").exists()
+    done = _kd(command, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed = [p for p in (tmp_path / "outputs" / "runs").glob("*/*") if (p / "metrics.json").is_file()]
+    assert len(resumed) == 1 and resumed[0] != checkpoint.parent.parent
+
+
+def test_ctrl_c_mid_fit_exits_130_naming_the_checkpoint_of_the_finished_batch(tmp_path):
+    code, stderr = _stop([*TINY, *_paced(tmp_path, "run")], tmp_path, signal.SIGINT)
+    assert code == 130, stderr[-3000:]
+    assert "Traceback" not in stderr
+    sentence = _last_line(stderr)
+    assert sentence.startswith("kd: stopped by SIGINT; resume it from ")
+    checkpoint, _ = _resume_command(sentence)
+    assert checkpoint.name == "interrupted.ckpt" and checkpoint.is_file()
+    state = torch.load(checkpoint, weights_only=True)
+    assert 2 <= state["global_step"] < 12  # stopped between whole batches, mid-fit
+    assert state["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["completed"] == state["global_step"] % 3
+
+
+def test_sigterm_in_a_cached_teachers_fit_exits_143_and_publishes_no_teacher(tmp_path):
+    args = [*TINY, "scratch_baseline=false", *_paced(tmp_path, "teachers")]
+    code, stderr = _stop(args, tmp_path)
+    assert code == 143, stderr[-3000:]
+    assert "Traceback" not in stderr
+    sentence = _last_line(stderr)
+    assert sentence.startswith("kd: stopped by SIGTERM before the run wrote a checkpoint")
+    again = shlex.split(sentence.split("start it again with: ", 1)[1])
+    assert again == ["kd", *args]
+    assert not [p for p in (tmp_path / "cache" / "teachers").iterdir()]  # no teacher entry, not even a partial one
+    assert not list((tmp_path / "outputs" / "runs").glob("*/*/checkpoints"))
+    done = _kd(again[1:], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_sigterm_in_the_scratch_baseline_exits_143_and_the_named_checkpoint_finishes_the_run(tmp_path):
+    code, stderr = _stop([*TINY, *_paced(tmp_path, "baselines")], tmp_path)
+    assert code == 143, stderr[-3000:]
+    assert "Traceback" not in stderr
+    checkpoint, command = _resume_command(_last_line(stderr))
+    assert checkpoint.name == "last.ckpt" and checkpoint.is_file()  # the run's own fit had finished
+    assert not (checkpoint.parent.parent / "metrics.json").exists()
+    done = _kd(command, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = [json.loads((p / "metrics.json").read_text()) for p in (tmp_path / "outputs" / "runs").glob("*/*")
+            if (p / "metrics.json").is_file()]
+    assert len(runs) == 1 and {"student, from scratch", "student, hinton"} <= set(runs[0]["results"])
+
+
+def test_sigterm_in_a_sweep_job_stops_the_sweep_with_143(tmp_path):
+    code, stderr = _stop(["-m", "seed=0,1", *TINY, "scratch_baseline=false", *_paced(tmp_path, "run")], tmp_path)
+    assert code == 143, stderr[-3000:]
+    assert "Traceback" not in stderr
+    sentence = _last_line(stderr)
+    assert sentence.startswith("kd: sweep job 0 (seed=0 ") and "stopped by SIGTERM" in sentence
+    assert "its later jobs do not run" in sentence
+    checkpoint, command = _resume_command(sentence)
+    assert checkpoint.is_file() and "seed=0" in command and "-m" not in command
+    sweep = checkpoint.parent.parent.parent
+    assert not (sweep / "1").exists() and not list(sweep.glob("*/metrics.json"))
