@@ -35,12 +35,21 @@ configuration error), after one sentence naming the checkpoint to resume from an
 in the run's fit (Lightning finishes the batch, ``interrupted.ckpt`` is written), in a cached
 teacher's or baseline's fit, in a test, between stages. Under ``kd -m`` the sweep stops with
 the same code: its later jobs do not run, and are not reported as a success.
+
+What a resume may change (:func:`check_resume`): every checkpoint ``kd`` writes records the
+settings that shaped its training (:func:`training_settings`: the whole config but for
+:data:`MAY_CHANGE_ON_RESUME`), and ``ckpt_path=`` with other settings (another ``seed``,
+``recipe.lam``, recipe, student...) is refused in one sentence naming the keys that differ,
+as are a checkpoint of another architecture and a file that is not a readable checkpoint:
+before anything trains.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import pickle
 import shlex
 import signal
 import threading
@@ -52,8 +61,10 @@ import numpy as np
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from kd import ConfigError
+from kd.cache import key as cache_key
 from kd.cache import partial_path
 
 log = logging.getLogger("kd")
@@ -220,5 +231,183 @@ def stop_message(name: str, cfg: DictConfig, overrides: list[str], job: str | No
     return f"{what}; resume it from {checkpoint} with: {resume_command(overrides, checkpoint)}"
 
 
+# ----------------------------------------------------------------------------- what a resume may change
+
+#: settings a resumed run (``ckpt_path=``) may change: how long it trains, where it writes,
+#: what it logs, shows and evaluates, on what hardware. An entry covers the key and
+#: everything under it. Every other setting shaped the training the checkpoint holds, and a
+#: resume that changes it is refused (:func:`check_resume`). (A longer run with a scheduler
+#: continues its schedule stretched to the new length.)
+MAY_CHANGE_ON_RESUME = (
+    "ckpt_path", "paths", "hydra", "logger", "callbacks", "threads", "optimized_metric", "scratch_baseline",
+    "downstream",
+    "trainer.max_epochs", "trainer.max_steps", "trainer.max_time", "trainer.min_epochs", "trainer.min_steps",
+    "trainer.default_root_dir", "trainer.enable_progress_bar", "trainer.enable_model_summary",
+    "trainer.log_every_n_steps", "trainer.profiler", "trainer.accelerator", "trainer.limit_val_batches",
+    "trainer.limit_test_batches", "trainer.check_val_every_n_epoch", "trainer.val_check_interval",
+    "trainer.num_sanity_val_steps",
+    "data.num_workers", "data.cache_dir", "data.eval_batch_size", "data.generation_eval_size",
+    "data.max_new_tokens", "data.eval_seed", "regime.cache_dir",
+)
+
+#: where a checkpoint keeps :func:`training_settings` (:class:`RecordSettings`)
+RECORD = "kd_settings"
+
+
+def _may_change(key: str) -> bool:
+    return any(key == k or key.startswith(f"{k}.") or key.startswith(f"{k}[") for k in MAY_CHANGE_ON_RESUME)
+
+
+def training_settings(cfg: DictConfig) -> dict[str, Any]:
+    """The settings that shaped a run's training: every key of the resolved config (dotted,
+    lists whole) but :data:`MAY_CHANGE_ON_RESUME`, with ``paths`` left unresolved (a value
+    under the cache or output directory stays the same when the run moves)."""
+    plain = OmegaConf.to_container(cfg, resolve=False)
+    plain.pop("hydra", None)
+    plain["paths"] = {k: f"<paths.{k}>" for k in (plain.get("paths") or {})}
+    node = OmegaConf.create(plain)
+    flat: dict[str, Any] = {}
+
+    def walk(value: Any, key: str) -> None:
+        if _may_change(key):
+            return
+        if isinstance(value, dict) and value:
+            for k, v in value.items():
+                walk(v, f"{key}.{k}" if key else str(k))
+        else:
+            flat[key] = json.loads(json.dumps(value, default=str))  # plain values: a weights_only load reads them
+
+    for top in node:
+        if not _may_change(str(top)):
+            value = node[top]
+            walk(OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value, str(top))
+    return flat
+
+
+class RecordSettings(Callback):
+    """Write :func:`training_settings` of the run (and their hash, ``run_key``) into every
+    checkpoint it saves, for :func:`check_resume`."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        settings = training_settings(cfg)
+        self.record = {"run_key": cache_key(settings), "settings": settings}
+
+    def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        checkpoint[RECORD] = self.record
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read the checkpoint ``path`` (``torch.load(weights_only=True)``: tensors and plain
+    values only, as Lightning reads a local checkpoint), or say in one sentence why not."""
+    import zipfile
+
+    import torch
+
+    try:  # mapped, not read, where the format allows (torch.save's zip files): a large checkpoint costs little
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" in str(e):  # a whole pickle, of objects a weights_only load refuses
+            raise ConfigError(f"ckpt_path {path} holds Python objects besides tensors and plain values, which kd does "
+                              "not load (weights_only=True); pass a checkpoint kd wrote (a run's checkpoints/*.ckpt)") from None
+        raise ConfigError(f"ckpt_path {path} cannot be read as a checkpoint (it is truncated or not a checkpoint: "
+                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}); pass a run's "
+                          "checkpoints/last.ckpt or interrupted.ckpt") from None
+    except Exception as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"ckpt_path {path} cannot be read as a checkpoint (it is truncated or not a checkpoint: "
+                          f"{reason}); pass a run's checkpoints/last.ckpt or interrupted.ckpt") from None
+    if not isinstance(state, dict) or not isinstance(state.get("state_dict"), dict):
+        raise ConfigError(f"ckpt_path {path} is not a Lightning checkpoint (it has no state_dict); pass a run's "
+                          "checkpoints/last.ckpt or interrupted.ckpt")
+    return state
+
+
+def _differences(then: dict[str, Any], now: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """``(key, value now, value then)`` of every setting that differs, a swapped section
+    once: by its ``_target_`` (another recipe, model...) or as a whole (a section set on one
+    side only, e.g. ``teacher=null``); other classes first."""
+    unset = object()
+    differ = {k for k in set(then) | set(now) if then.get(k, unset) != now.get(k, unset)}
+
+    def value(side: dict[str, Any], key: str) -> str:
+        if key in side:
+            return _shown(side[key])
+        return "{...}" if any(k.startswith(f"{key}.") for k in side) else "<unset>"
+
+    heads: list[str] = []
+    for key in sorted(differ):
+        parts = key.split(".")
+        head = key
+        for i in range(1, len(parts)):
+            prefix = ".".join(parts[:i])
+            if prefix in differ:
+                head = prefix
+                break
+            if f"{prefix}._target_" in differ:
+                head = f"{prefix}._target_"
+                break
+        if head not in heads:
+            heads.append(head)
+    heads.sort(key=lambda k: (not k.endswith("_target_"), k))
+    return [(k, value(now, k), value(then, k)) for k in heads]
+
+
+def _check_settings(path: Any, state: dict[str, Any], cfg: DictConfig) -> None:
+    record = state.get(RECORD)
+    if not isinstance(record, dict) or not isinstance(record.get("settings"), dict):
+        log.warning("ckpt_path %s does not record the settings it was trained with (written by an older kd or "
+                    "another program); resuming without checking them", path)
+        return
+    then = {k: v for k, v in record["settings"].items() if not _may_change(k)}
+    differ = _differences(then, training_settings(cfg))
+    if not differ:
+        return
+    shown = [f"{k}={now} (trained with {before})" for k, now, before in differ[:6]]
+    more = f" and {len(differ) - 6} more" if len(differ) > 6 else ""
+    raise ConfigError(f"ckpt_path {path} was trained with other settings than this run's: {', '.join(shown)}{more}; "
+                      "resume with the settings it was trained with (only those in kd.resume.MAY_CHANGE_ON_RESUME, "
+                      "e.g. trainer.max_epochs, may change) or start a new run with ckpt_path=null")
+
+
+def _check_architecture(path: Any, state: dict[str, Any], recipe: Any, adapted: bool) -> None:
+    """The checkpoint's weights must be the student's (and the recipe's other trained
+    modules'): the same names and shapes. With adapters (``peft``, injected later, when the
+    run is prepared) only the shapes of the names both have are compared."""
+    mine = {k: tuple(v.shape) for k, v in recipe.state_dict().items()
+            if not k.startswith(("teacher.", "teachers.")) and hasattr(v, "shape")}
+    theirs = {k: tuple(v.shape) for k, v in state["state_dict"].items() if hasattr(v, "shape")}
+    problems = [f"{k} has shape {list(theirs[k])} there, {list(mine[k])} here" for k in sorted(set(mine) & set(theirs))
+                if mine[k] != theirs[k]]
+    if not adapted:
+        missing = sorted(k for k in mine if k.startswith("student.") and k not in theirs)
+        extra = sorted(k for k in theirs if k.startswith("student.") and k not in mine)
+        problems += [f"it lacks {k}" for k in missing[:2]] + [f"it has {k}, which this student lacks" for k in extra[:2]]
+        problems += [f"{len(missing) + len(extra) - min(len(missing), 2) - min(len(extra), 2)} more names differ"] if (
+            len(missing) + len(extra) > min(len(missing), 2) + min(len(extra), 2)) else []
+    if problems:
+        raise ConfigError(f"ckpt_path {path} holds the weights of another architecture than this run's student "
+                          f"({'; '.join(problems[:4])}); resume a checkpoint of this student, or choose the student it "
+                          "was trained with")
+
+
+def check_resume(cfg: DictConfig, recipe: Any) -> None:
+    """Refuse, in one sentence, a ``ckpt_path`` that cannot continue this run: a file that is
+    not a readable checkpoint, one trained with other settings (:func:`training_settings`,
+    but :data:`MAY_CHANGE_ON_RESUME`), one of another architecture than ``recipe``'s student.
+    Called on the built run before anything trains (no teacher, SFT or baseline first)."""
+    path = cfg.get("ckpt_path")
+    if not path:
+        return
+    state = load_checkpoint(path)
+    _check_settings(path, state, cfg)
+    _check_architecture(path, state, recipe, adapted=bool(cfg.get("peft")))
+
+
 __all__ = ["run_seed", "step_seed", "CheckpointOnSigterm", "AtomicCheckpointIO", "EXIT_CODES", "Stopped",
-           "received", "raise_if_stopped", "install_stop_handlers", "resume_checkpoint", "stop_message"]
+           "received", "raise_if_stopped", "install_stop_handlers", "resume_checkpoint", "stop_message",
+           "MAY_CHANGE_ON_RESUME", "training_settings", "RecordSettings", "load_checkpoint", "check_resume"]

@@ -3,7 +3,7 @@
 :func:`train` (``kd``), in the run's own output directory:
 
 1. builds the run (:func:`kd.build.build`): every part instantiated and every setting
-   checked before anything trains;
+   checked before anything trains, ``ckpt_path`` included (:func:`kd.resume.check_resume`);
 2. prepares it (:meth:`kd.build.Run.prepare`): the teacher's weights (trained once and
    cached when its config has a ``fit`` section), the student's SFT start
    (``student_sft``), the student's teacher-layer initialisation;
@@ -39,6 +39,7 @@ from kd.build import build, instantiate, scratch_baseline, student_factory, stud
 from kd.evaluation import SCRATCH_ROW, SFT_ROW, headline_metric, summarize
 from kd.export import save_student
 from kd.models import count_parameters, load_weights
+from kd.resume import RecordSettings, check_resume
 
 log = logging.getLogger("kd")
 
@@ -61,6 +62,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     run = build(cfg)
+    check_resume(cfg, run.recipe)  # a ckpt_path this run cannot continue is refused before any teacher trains
+    run.trainer.callbacks.append(RecordSettings(cfg))  # its checkpoints say what a resume may not change
     run.prepare()
     try:
         metrics = run.fit()

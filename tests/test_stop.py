@@ -2,7 +2,8 @@
 pre-emption) and Ctrl-C, sent to real ``kd`` processes while a fit runs (the run's own, a
 cached teacher's, the scratch baseline's, a sweep job's), exit with 143 and 130 after one
 sentence naming the checkpoint and the ``ckpt_path=`` command that resumes; that command
-finishes the run."""
+finishes the run. A resume with other settings, of another architecture or of a file that
+is not a checkpoint is refused in one sentence before anything trains."""
 
 from __future__ import annotations
 
@@ -19,6 +20,9 @@ import lightning as L
 import pytest
 import torch
 
+from kd import ConfigError
+from kd.resume import RECORD
+from kd.runs import train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -164,3 +168,79 @@ def test_sigterm_in_a_sweep_job_stops_the_sweep_with_143(tmp_path):
     assert checkpoint.is_file() and "seed=0" in command and "-m" not in command
     sweep = checkpoint.parent.parent.parent
     assert not (sweep / "1").exists() and not list(sweep.glob("*/metrics.json"))
+
+
+# ----------------------------------------------------------------------------- what a resume may change
+
+BASE = [*TINY, "trainer.max_epochs=1", "scratch_baseline=false"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A finished toy run's last.ckpt (1 epoch of 3 batches)."""
+    from tests.conftest import compose_cfg
+
+    root = tmp_path_factory.mktemp("trained")
+    train(compose_cfg(BASE, root))
+    return root / "run" / "checkpoints" / "last.ckpt"
+
+
+def _resume(make_cfg, tmp_path, checkpoint, *overrides):
+    """Resume ``checkpoint`` with ``overrides`` in a fresh output and cache directory."""
+    base = [o for o in BASE if not ("recipe=supervised" in overrides and o.startswith("teacher."))]  # no teacher
+    return train(make_cfg(*base, *overrides, f"ckpt_path={checkpoint}", root=tmp_path / "resumed"))
+
+
+def _refused(make_cfg, tmp_path, checkpoint, *overrides) -> str:
+    with pytest.raises(ConfigError) as refused:
+        _resume(make_cfg, tmp_path, checkpoint, *overrides)
+    assert not (tmp_path / "resumed" / "cache" / "teachers").exists(), "a teacher trained before the refusal"
+    assert not (tmp_path / "resumed" / "run" / "checkpoints").exists()
+    return str(refused.value)
+
+
+@pytest.mark.parametrize("override,named", [
+    ("recipe.lam=0.9", "recipe.lam=0.9 (trained with 0.5)"),
+    ("seed=1", "seed=1 (trained with 0)"),
+    ("recipe=supervised", "recipe._target_=recipes.supervised.Supervised (trained with recipes.hinton.Hinton)"),
+])
+def test_a_resume_with_other_settings_is_refused_naming_them(make_cfg, tmp_path, trained, override, named):
+    message = _refused(make_cfg, tmp_path, trained, override)
+    assert message.startswith(f"ckpt_path {trained} was trained with other settings than this run's: ")
+    assert named in message and "\n" not in message
+
+
+def test_a_checkpoint_of_another_architecture_is_refused(make_cfg, tmp_path, trained):
+    state = torch.load(trained, weights_only=True)
+    del state[RECORD]  # no settings to compare (an older kd, another program): the weights still must fit
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save(state, foreign)
+    message = _refused(make_cfg, tmp_path, foreign, "student.hidden=[48]")
+    assert message.startswith(f"ckpt_path {foreign} holds the weights of another architecture than this run's student")
+    assert "student.net.1.weight has shape [32, 64] there, [48, 64] here" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_a_file_that_is_not_a_whole_checkpoint_is_refused(make_cfg, tmp_path, trained, damage):
+    data = trained.read_bytes()
+    broken = tmp_path / f"{damage}.ckpt"
+    broken.write_bytes(data[: len(data) // 2] if damage == "truncated" else os.urandom(4096))
+    message = _refused(make_cfg, tmp_path, broken)
+    assert message.startswith(f"ckpt_path {broken} cannot be read as a checkpoint (it is truncated or not a checkpoint")
+    assert "\n" not in message
+
+
+def test_a_longer_resume_is_allowed_and_trains_on(make_cfg, tmp_path, trained):
+    summary = _resume(make_cfg, tmp_path, trained, "trainer.max_epochs=2", "trainer.limit_val_batches=1",
+                      "logger=csv")
+    state = torch.load(tmp_path / "resumed" / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert state["epoch"] == 1 and state["global_step"] == 6
+    assert state[RECORD]["settings"] == torch.load(trained, weights_only=True)[RECORD]["settings"]
+    assert summary["results"]["student, hinton"]["test/acc"] >= 0
+
+
+def test_a_refusal_is_one_sentence_and_exit_code_2_on_the_command_line(tmp_path, trained):
+    done = _kd([*BASE, "recipe.lam=0.9", f"ckpt_path={trained}"], tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert _last_line(done.stderr).startswith(f"kd: error: ckpt_path {trained} was trained with other settings")
+    assert not (tmp_path / "cache").exists()
