@@ -4,7 +4,8 @@ trained student) and ``kd-report`` (summarize finished runs).
 A thin shell: Hydra parses the command line and composes the config, :mod:`kd.runs` does
 the work (through the composition root, :mod:`kd.build`), and a configuration error
 (:class:`kd.ConfigError`, wherever it is raised) is printed as its one sentence with exit
-code 2 instead of a traceback.
+code 2 instead of a traceback. A run stopped by SIGTERM or Ctrl-C prints the sentence that
+resumes it and exits with 143 or 130 (:mod:`kd.resume`), a sweep included.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from omegaconf import DictConfig
 
 from kd import config_error
 from kd.evaluation import headline_metric, load_runs, summarize
+from kd.resume import EXIT_CODES, Stopped, install_stop_handlers, received, stop_message
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"  # also kd.config.CONF_DIR
 
@@ -39,12 +41,32 @@ def _sweep_job() -> str | None:
     return f"{job.num} ({' '.join(HydraConfig.get().overrides.task)})"
 
 
+def _stopped(prog: str, name: str, cfg: DictConfig) -> None:
+    """Exit after a stop signal: the sentence that resumes the run, and the signal's code
+    (:data:`kd.resume.EXIT_CODES`); in a sweep this stops the sweep too."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if prog == "kd":
+        overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+        message = stop_message(name, cfg, overrides, job=_sweep_job())
+    else:
+        message = f"stopped by {name}; run the same command again"
+    print(f"{prog}: {message}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_CODES[name])
+
+
 def one_sentence_errors(prog: str, fn: Any, cfg: DictConfig) -> Any:
     """Run ``fn(cfg)``; a configuration error exits with its sentence (code 2), no traceback.
-    In a sweep the failed job is reported the same way and the sweep goes on."""
+    In a sweep the failed job is reported the same way and the sweep goes on. A stop signal
+    (SIGTERM, Ctrl-C), whatever it raised on its way out, exits with its sentence and code."""
     try:
         return fn(cfg)
-    except Exception as e:
+    except BaseException as e:
+        name = received()
+        if name is not None:
+            _stopped(prog, name, cfg)
+        if not isinstance(e, Exception):
+            raise
         cause = config_error(e)
         if cause is None:
             raise
@@ -134,11 +156,20 @@ def _one_sentence(e: Exception) -> str:
 
 
 def _checked(prog: str, config_name: str, entry: Any) -> None:
-    problem = composition_error(config_name, sys.argv[1:])
-    if problem is not None:
-        print(f"{prog}: error: {problem}", file=sys.stderr)
-        sys.exit(2)
-    entry()
+    install_stop_handlers()
+    try:
+        problem = composition_error(config_name, sys.argv[1:])
+        if problem is not None:
+            print(f"{prog}: error: {problem}", file=sys.stderr)
+            sys.exit(2)
+        entry()
+    except (Stopped, KeyboardInterrupt):  # a stop signal outside any run (a run's own ends in _stopped)
+        name = received()
+        if name is None:
+            raise
+        print(f"{prog}: stopped by {name} while no run was training; start it again with the same command",
+              file=sys.stderr, flush=True)
+        sys.exit(EXIT_CODES[name])
 
 
 def main() -> None:

@@ -4,7 +4,7 @@
 :func:`train` (``kd``), in the run's own output directory:
 
 1. builds the run (:func:`kd.build.build`): every part instantiated and every setting
-   checked before anything trains;
+   checked before anything trains, ``ckpt_path`` included (:func:`kd.resume.check_resume`);
 2. prepares it (:func:`kd.subruns.prepare`): the teacher's weights (trained once and
    cached when its config has a ``fit`` section), the student's SFT start
    (``student_sft``), the student's teacher-layer initialisation;
@@ -41,6 +41,7 @@ from kd.config import instantiate, student_factory, student_tokenizer
 from kd.evaluation import SCRATCH_ROW, SFT_ROW, headline_metric, summarize
 from kd.export import save_student
 from kd.models import count_parameters, load_weights
+from kd.resume import RecordSettings, check_resume
 from kd.subruns import prepare, scratch_baseline
 
 log = logging.getLogger("kd")
@@ -64,6 +65,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     run = build(cfg)
+    check_resume(cfg, run.recipe)  # a ckpt_path this run cannot continue is refused before any teacher trains
+    run.trainer.callbacks.append(RecordSettings(cfg))  # its checkpoints say what a resume may not change
     prepare(run)
     try:
         metrics = run.fit()
