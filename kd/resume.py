@@ -133,13 +133,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         try:
             return super().load_checkpoint(path, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as e:
-            found = re.search(r"GLOBAL ([\w.]+)", str(e))
-            what = f"a pickled {found.group(1)}" if found else "pickled Python objects"
-            raise ConfigError(
-                f"checkpoint {path} holds {what}, not only tensors and plain values, so kd refuses to load it "
-                f"(checkpoints load with weights_only=True: unpickling can run arbitrary code); resume only from "
-                f"checkpoints kd wrote"
-            ) from None
+            raise pickled_objects(path, e) from None
+
+
+def pickled_objects(path: str | os.PathLike, e: pickle.UnpicklingError) -> ConfigError:
+    """The one sentence for a checkpoint that a ``weights_only`` load refused: it holds
+    pickled Python objects (named when torch names one), whose unpickling could run code."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(e))
+    what = f"a pickled {found.group(1)}" if found else "pickled Python objects"
+    return ConfigError(f"checkpoint {path} holds {what}, not only tensors and plain values, so kd refuses to load it "
+                       "(checkpoints load with weights_only=True: unpickling can run arbitrary code); resume only "
+                       "from checkpoints kd wrote")
 
 
 # ----------------------------------------------------------------------------- stopping on a signal
@@ -333,9 +337,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:  # mapped, not read, where the format allows (torch.save's zip files): a large checkpoint costs little
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
-        if "Unsupported global" in str(e):  # a whole pickle, of objects a weights_only load refuses
-            raise ConfigError(f"ckpt_path {path} holds Python objects besides tensors and plain values, which kd does "
-                              "not load (weights_only=True); pass a checkpoint kd wrote (a run's checkpoints/*.ckpt)") from None
+        if "Unsupported global" in str(e) or "GLOBAL " in str(e):  # objects a weights_only load refuses
+            raise pickled_objects(path, e) from None
         raise ConfigError(f"ckpt_path {path} cannot be read as a checkpoint (it is truncated or not a checkpoint: "
                           f"{str(e).splitlines()[0] if str(e) else type(e).__name__}); pass a run's "
                           "checkpoints/last.ckpt or interrupted.ckpt") from None
