@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -59,8 +60,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
         torch.set_num_threads(int(cfg.threads))
     out = Path(cfg.paths.output_dir)
+    overwrite = _refuse_finished(out, cfg)
     out.mkdir(parents=True, exist_ok=True)
     run = build(cfg)
+    if overwrite:
+        _clear_finished(out)
     run.prepare()
     try:
         metrics = run.fit()
@@ -107,11 +111,61 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "validation": run.validation,
         "wall_time_s": round(time.perf_counter() - started, 2),
     }
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2))
+    write_json(out / "metrics.json", summary)
     curves = _curves(out)
     print("\n" + summarize([summary], metric=headline_metric([summary])) + f"\n\noutputs: {out}"
           + (f"\ntraining curves: {curves}" if curves else "") + "\n", flush=True)
     return summary
+
+
+#: what a finished run leaves in its output directory and ``overwrite=true`` removes before
+#: the new run trains (logs and Hydra's ``.hydra/`` are left to accumulate or be rewritten)
+FINISHED_OUTPUTS = ("metrics.json", "checkpoints", "student", "curves.png")
+
+
+def _refuse_finished(out: Path, cfg: DictConfig) -> bool:
+    """Refuse an output directory that already holds a finished run (its ``metrics.json``),
+    e.g. an explicit ``hydra.run.dir`` given twice, unless ``overwrite=true``: its
+    checkpoints would mix with the new run's. Resuming from a checkpoint of that directory
+    (``ckpt_path``) continues the same run and is not refused. Returns whether the old run
+    is to be replaced."""
+    if not (out / "metrics.json").is_file():
+        return False
+    resume = cfg.get("ckpt_path")
+    if resume and (out / "checkpoints").resolve() in Path(str(resume)).expanduser().resolve().parents:
+        return False  # the same run, resumed from its own checkpoint (e.g. to train more epochs)
+    if not cfg.get("overwrite"):
+        raise ConfigError(f"the output directory {out} already holds a finished run (its metrics.json); choose "
+                          "another hydra.run.dir, or pass overwrite=true to replace that run's checkpoints, "
+                          "student and metrics.json")
+    return True
+
+
+def _clear_finished(out: Path) -> None:
+    """Remove the outputs of the finished run ``out`` held (``overwrite=true``)."""
+    import shutil
+
+    for name in FINISHED_OUTPUTS:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+    log.warning("overwrite=true: removed the earlier run's %s in %s", ", ".join(FINISHED_OUTPUTS), out)
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Write ``value`` as JSON at ``path`` whole or not at all: into a temporary file next
+    to it, then renamed over it (a run killed mid-write leaves the old file or none)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps(value, indent=2))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _curves(out: Path) -> Path | None:
@@ -152,7 +206,7 @@ def _keep_work(run: Any, out: Path, reason: str, started: float) -> str:
     summary = {"recipe": run.name, "seed": int(run.cfg.seed), "overrides": _overrides(), "output_dir": str(out),
                "error": reason, "student_from": str(source) if source is not None else "last weights",
                "results": {}, "wall_time_s": round(time.perf_counter() - started, 2)}
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2))
+    write_json(out / "metrics.json", summary)
     kept = f"the student of {source.name} is exported to {exported}" if exported and source else (
         f"the last weights are exported to {exported}" if exported else "no finite weights to export")
     return f"{reason.rstrip('.')}; {kept}"
