@@ -77,6 +77,22 @@ from kd.resume import run_seed, step_seed
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
+def non_finite_advice(precision: str | None) -> str:
+    """What to try after a non-finite training loss, for the run's ``trainer.precision``:
+    fp16 overflows past 65504, bf16 keeps float32's range (so float32 rarely helps it)."""
+    p = str(precision or "")
+    if p.startswith("16"):
+        return ("lower optimizer.lr, set trainer.gradient_clip_val, or train in precision=bf16-mixed (fp16 overflows "
+                "past 65504) or 32-true")
+    if p == "bf16-true":
+        return ("lower optimizer.lr, set trainer.gradient_clip_val, or train in precision=bf16-mixed (float32 weights "
+                "and optimizer state)")
+    if p.startswith("bf16"):
+        return ("lower optimizer.lr or set trainer.gradient_clip_val (bf16 has float32's range, so precision=32-true "
+                "rarely helps)")
+    return "lower optimizer.lr or set trainer.gradient_clip_val"
+
+
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
 
 
@@ -416,9 +432,10 @@ class DistillationRecipe(L.LightningModule):
         loss = terms["loss"]
         if not torch.isfinite(loss):
             detail = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
+            advice = non_finite_advice(getattr(self._trainer, "precision", None))
             raise FloatingPointError(
-                f"the training loss is not finite at step {self.global_step} ({detail}); lower optimizer.lr, "
-                "set trainer.gradient_clip_val, or train in precision=32-true (checkpoints so far are kept)"
+                f"the training loss is not finite at step {self.global_step} ({detail}); {advice} "
+                "(checkpoints so far are kept)"
             )
         n = self._batch_size(batch)
         for key, value in terms.items():

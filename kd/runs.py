@@ -188,27 +188,54 @@ def _export(run: Any, out: Path) -> Path:
     return out / "student"
 
 
-def _keep_work(run: Any, out: Path, reason: str, started: float) -> str:
-    """After training stopped on a non-finite loss: export the student of the best (else
-    the last) checkpoint written so far, or the live weights when they are still finite,
-    write ``metrics.json`` saying what happened, and return the sentence to print."""
+def _finite_checkpoint(path: Path) -> dict | None:
+    """The state dict of checkpoint ``path`` when it is finite: every student weight finite,
+    and the validation loss it records (a checkpoint callback's ``current_score``), if any,
+    finite too (huge weights that still fit a float validate to NaN); else None."""
+    import math
+
     import torch
 
-    checkpoints = sorted((out / "checkpoints").glob("*.ckpt")) if (out / "checkpoints").is_dir() else []
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        state = ckpt["state_dict"]
+    except Exception:  # noqa: BLE001 - an unreadable checkpoint is simply not a candidate
+        return None
+    if not all(torch.isfinite(v).all() for k, v in state.items() if k.startswith("student.") and v.is_floating_point()):
+        return None
+    for callback in (ckpt.get("callbacks") or {}).values():
+        score = callback.get("current_score") if isinstance(callback, dict) else None
+        if score is not None and not math.isfinite(float(score)):
+            return None
+    return state
+
+
+def _keep_work(run: Any, out: Path, reason: str, started: float) -> str:
+    """After training stopped on a non-finite loss: export the student of the best
+    checkpoint when it is finite (:func:`_finite_checkpoint`), else of the most recent
+    finite one, write ``metrics.json`` saying what happened, and return the sentence to
+    print. The live weights are never exported: the loss diverged on them."""
+    folder = out / "checkpoints"
+    checkpoints = sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True) if folder.is_dir() else []
     callback = run.trainer.checkpoint_callback
     best = Path(getattr(callback, "best_model_path", "") or "") if callback is not None else None
-    source = best if best is not None and best.is_file() else (checkpoints[-1] if checkpoints else None)
-    if source is not None:
-        state = torch.load(source, map_location="cpu", weights_only=False)["state_dict"]
-        run.recipe.load_state_dict(state, strict=False)
-    finite = all(torch.isfinite(p).all() for p in run.student.parameters())
-    exported = _export(run, out) if finite else None
+    if best is not None and best in checkpoints:
+        checkpoints.remove(best)
+        checkpoints.insert(0, best)
+    source = None
+    for path in checkpoints:
+        state = _finite_checkpoint(path)
+        if state is not None:
+            run.recipe.load_state_dict(state, strict=False)
+            source = path
+            break
+    exported = _export(run, out) if source is not None else None
     summary = {"recipe": run.name, "seed": int(run.cfg.seed), "overrides": _overrides(), "output_dir": str(out),
-               "error": reason, "student_from": str(source) if source is not None else "last weights",
+               "error": reason, "student_from": str(source) if source is not None else None,
                "results": {}, "wall_time_s": round(time.perf_counter() - started, 2)}
     write_json(out / "metrics.json", summary)
-    kept = f"the student of {source.name} is exported to {exported}" if exported and source else (
-        f"the last weights are exported to {exported}" if exported else "no finite weights to export")
+    kept = (f"the student of {source.name} is exported to {exported}" if exported is not None else
+            "no checkpoint with finite weights and validation loss was written before, so no student is exported")
     return f"{reason.rstrip('.')}; {kept}"
 
 

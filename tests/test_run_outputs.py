@@ -73,3 +73,67 @@ def test_resuming_a_finished_run_from_its_own_checkpoint_is_not_refused(make_cfg
     assert summary["results"]["student, hinton"]["test/acc"] >= 0
     with pytest.raises(ConfigError, match="already holds a finished run"):
         train(make_cfg(*QUICK, "overwrite=false"))
+
+
+# ----------------------------------------------------------------------------- a non-finite loss
+
+
+def _explode_after_the_first_step(optimizer, total_steps):
+    """The configured lr for step 0, then 1e30 times it: the weights blow up, the loss follows."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 if step < 1 else 1e30)
+
+
+def _diverging(make_cfg, *overrides):
+    cfg = make_cfg("recipe=supervised", "trainer.max_epochs=4", "trainer.limit_train_batches=1",
+                   "trainer.limit_val_batches=2", *overrides)
+    with pytest.raises(ConfigError) as stopped:
+        train(cfg)
+    return str(stopped.value), Path(cfg.paths.output_dir)
+
+
+def _student(state):
+    return {k[len("student."):]: v for k, v in state.items() if k.startswith("student.")}
+
+
+def test_a_diverging_run_exports_the_last_finite_checkpoint_and_advice_fitting_its_precision(make_cfg):
+    from kd.models import read_state_dict
+
+    cfg_scheduler = {"_target_": f"{__name__}._explode_after_the_first_step", "_partial_": True}
+    sentence, run_dir = _diverging(make_cfg, f"+scheduler={json.dumps(cfg_scheduler)}".replace('"', ""))
+    assert sentence.startswith("the training loss is not finite at step 2")
+    assert "lower optimizer.lr or set trainer.gradient_clip_val" in sentence
+    assert "precision=" not in sentence  # the run is in 32-true already
+    epoch0 = run_dir / "checkpoints" / "epoch000.ckpt"
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["epoch"] == 1 and max(v.abs().max() for v in _student(last["state_dict"]).values()) > 1e20
+    assert sentence.endswith(f"the student of epoch000.ckpt is exported to {run_dir / 'student'}")
+    exported = read_state_dict(run_dir / "student")
+    saved = _student(torch.load(epoch0, weights_only=False)["state_dict"])
+    assert exported.keys() == saved.keys()
+    assert all(torch.isfinite(v).all() and torch.equal(v, saved[k]) for k, v in exported.items())
+    assert json.loads((run_dir / "metrics.json").read_text())["student_from"] == str(epoch0)
+
+
+def test_a_run_diverging_before_any_finite_checkpoint_exports_no_huge_weights(make_cfg):
+    sentence, run_dir = _diverging(make_cfg, "optimizer.lr=1e30")  # step 0's update already makes them 1e30
+    assert sentence.startswith("the training loss is not finite at step 1")
+    assert sentence.endswith("no checkpoint with finite weights and validation loss was written before, so no "
+                             "student is exported")
+    assert not (run_dir / "student").exists()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert "not finite" in metrics["error"] and metrics["student_from"] is None
+
+
+@pytest.mark.parametrize("precision,advised,not_advised", [
+    ("32-true", None, "precision="),
+    ("16-mixed", "precision=bf16-mixed", None),
+    ("bf16-mixed", "rarely helps", "or train in precision=32-true"),
+    ("bf16-true", "precision=bf16-mixed", "32-true"),
+])
+def test_the_advice_after_a_non_finite_loss_fits_the_precision(precision, advised, not_advised):
+    from kd.recipe import non_finite_advice
+
+    advice = non_finite_advice(precision)
+    assert advice.startswith("lower optimizer.lr")
+    assert advised is None or advised in advice
+    assert not_advised is None or not_advised not in advice
