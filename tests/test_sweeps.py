@@ -51,3 +51,15 @@ def test_a_sweep_job_failing_with_any_exception_is_one_sentence_and_the_sweep_st
     sweep = next((tmp_path / "outputs" / "sweeps").glob("*/*"))
     assert "ValueError" in (sweep / "0" / "traceback.txt").read_text()
     assert json.loads((sweep / "1" / "metrics.json").read_text())["results"]["student, hinton"]["test/acc"] > 0
+
+
+def test_a_failed_job_of_a_joblib_sweep_is_named_at_its_end(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    done = _kd("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "threads=1",
+               "+optimizer.betas=[2.0,0.999],[0.9,0.999]", "scratch_baseline=false", *QUIET, *TINY, cwd=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("kd: error: 1 sweep job(s) failed, the others finished: job 0 (threads=1 "
+                           "+optimizer.betas=[2.0")
+    assert "ValueError: Invalid beta parameter at index 0: 2.0" in last
+    assert "Sweep summary" in done.stdout
