@@ -55,10 +55,52 @@ def _stopped(prog: str, name: str, cfg: DictConfig) -> None:
     sys.exit(EXIT_CODES[name])
 
 
+def _job_failure(e: Exception) -> str:
+    """A sweep job's failure that is not a configuration error, as one sentence: the
+    exception's type and first line, and where the job's traceback was written."""
+    import traceback
+
+    from hydra.core.hydra_config import HydraConfig
+
+    lines = str(e).strip().splitlines()
+    sentence = f"{type(e).__name__}: {lines[0].rstrip('.')}" if lines else type(e).__name__
+    try:
+        path = Path(HydraConfig.get().runtime.output_dir) / "traceback.txt"
+        path.write_text("".join(traceback.format_exception(e)), encoding="utf-8")
+    except Exception:  # noqa: BLE001 - the sentence is what matters
+        return sentence
+    return f"{sentence} (traceback in {path})"
+
+
+#: a failed sweep job's sentence, in its output directory: a launcher that runs jobs in other
+#: processes (joblib) reports them at the sweep's end from these files
+FAILED_FILE = "failed.json"
+
+
+def _note_failure(sentence: str) -> None:
+    import json
+
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        out = Path(HydraConfig.get().runtime.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / FAILED_FILE).write_text(json.dumps({"error": sentence}), encoding="utf-8")
+    except Exception:  # noqa: BLE001 - in this process FAILED_JOBS has it already
+        pass
+
+
 def one_sentence_errors(prog: str, fn: Any, cfg: DictConfig) -> Any:
     """Run ``fn(cfg)``; a configuration error exits with its sentence (code 2), no traceback.
-    In a sweep the failed job is reported the same way and the sweep goes on. A stop signal
-    (SIGTERM, Ctrl-C), whatever it raised on its way out, exits with its sentence and code."""
+    In a sweep any failed job (a configuration error or any other exception) is reported in
+    one sentence and the sweep goes on; it exits with code 2 at its end (:class:`SweepSummary`).
+    A stop signal (SIGTERM, Ctrl-C), whatever it raised on its way out, exits with its
+    sentence and code."""
+    job = _sweep_job()
+    if job is not None:  # a sweep re-run into the same directory: its earlier failure is not this one's
+        from hydra.core.hydra_config import HydraConfig
+
+        (Path(HydraConfig.get().runtime.output_dir) / FAILED_FILE).unlink(missing_ok=True)
     try:
         return fn(cfg)
     except BaseException as e:
@@ -68,13 +110,14 @@ def one_sentence_errors(prog: str, fn: Any, cfg: DictConfig) -> Any:
         if not isinstance(e, Exception):
             raise
         cause = config_error(e)
+        if job is not None:
+            reason = str(cause) if cause is not None else _job_failure(e)
+            print(f"{prog}: error in sweep job {job}: {reason}", file=sys.stderr, flush=True)
+            FAILED_JOBS.append(f"job {job}: {reason}")
+            _note_failure(f"job {job}: {reason}")
+            return {"error": reason}
         if cause is None:
             raise
-        job = _sweep_job()
-        if job is not None:
-            print(f"{prog}: error in sweep job {job}: {cause}", file=sys.stderr, flush=True)
-            FAILED_JOBS.append(f"job {job}: {cause}")
-            return {"error": cause}
         print(f"{prog}: error: {cause}", file=sys.stderr)
         sys.exit(2)
 
@@ -206,11 +249,25 @@ class SweepSummary(Callback):
             from kd.pipeline import summarize_pipelines
 
             print("\n" + summarize_pipelines(pipelines), flush=True)
-        failed = FAILED_JOBS or [f"{r.get('output_dir')}: {r['error']}" for r in runs if r.get("error")]
+        failed = FAILED_JOBS or _failures_in(Path(config.hydra.sweep.dir)) or [
+            f"{r.get('output_dir')}: {r['error']}" for r in runs if r.get("error")]
         if failed:
             print(f"kd: error: {len(failed)} sweep job(s) failed, the others finished: " + "; ".join(failed),
                   file=sys.stderr, flush=True)
             sys.exit(2)
+
+
+def _failures_in(sweep_dir: Path) -> list[str]:
+    """The sentences of the failed jobs a sweep's jobs left in their :data:`FAILED_FILE`."""
+    import json
+
+    found = []
+    for f in sorted(sweep_dir.rglob(FAILED_FILE)) if sweep_dir.is_dir() else []:
+        try:
+            found.append(str(json.loads(f.read_text(encoding="utf-8"))["error"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            found.append(f"{f.parent}: failed")
+    return found
 
 
 def report_main(argv: list[str] | None = None) -> None:

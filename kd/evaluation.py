@@ -203,14 +203,41 @@ def _fmt(values: list[float], percent: bool) -> str:
     return f"{mean:.2f} ± {statistics.stdev(values) * scale:.2f}"
 
 
-def load_runs(paths: Iterable[str | Path]) -> list[dict]:
-    """Every ``metrics.json`` at or below the given paths, parsed."""
+def _unreadable(run: Any) -> str | None:
+    """Why a parsed ``metrics.json`` cannot be tabulated, or None when it can."""
+    if not isinstance(run, dict):
+        return "not a JSON object"
+    if not isinstance(run.get("results"), dict):
+        return "no 'results' object"
+    if not all(isinstance(res, dict) for res in run["results"].values()):
+        return "a 'results' entry is not an object"
+    if not isinstance(run.get("overrides", []), list):
+        return "'overrides' is not a list"
+    return None
+
+
+def load_runs(paths: Iterable[str | Path], skipped: list[str] | None = None) -> list[dict]:
+    """Every ``metrics.json`` at or below the given paths, parsed. A file that cannot be
+    read (bad JSON, missing keys: e.g. a run killed while writing it) is left out and named
+    in ``skipped`` (``"<path> (<why>)"``), or in a logged warning when ``skipped`` is None."""
+    import logging
+
     runs = []
     for p in paths:
         p = Path(p)
         files = [p] if p.is_file() else sorted(p.rglob("metrics.json"))
         for f in files:
-            runs.append(json.loads(f.read_text()))
+            try:
+                run = json.loads(f.read_text(encoding="utf-8"))
+                why = _unreadable(run)
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                run, why = None, f"{type(e).__name__}: {e}"
+            if why is None:
+                runs.append(run)
+            elif skipped is not None:
+                skipped.append(f"{f} ({why})")
+            else:
+                logging.getLogger("kd").warning("skipped the unreadable run %s (%s)", f, why)
     return runs
 
 

@@ -58,7 +58,8 @@ def buffer_updates(recipe: DistillationRecipe, size: int, loss: Callable[[Tensor
                     scheduler.step()
                 continue
             terms = loss(part.to(recipe.device))
-            check_finite(terms, recipe.global_step, clipping="recipe.max_grad_norm")
+            check_finite(terms, recipe.global_step, getattr(getattr(recipe, "_trainer", None), "precision", None),
+                         clipping="recipe.max_grad_norm")
             optimizer.zero_grad()
             recipe.manual_backward(terms["loss"])
             if max_grad_norm is not None:

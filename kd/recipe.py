@@ -78,6 +78,22 @@ from kd.teachers import Teachers
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
+def non_finite_advice(precision: str | None) -> str:
+    """What to try after a non-finite training loss, for the run's ``trainer.precision``:
+    fp16 overflows past 65504, bf16 keeps float32's range (so float32 rarely helps it)."""
+    p = str(precision or "")
+    if p.startswith("16"):
+        return ("lower optimizer.lr, set trainer.gradient_clip_val, or train in precision=bf16-mixed (fp16 overflows "
+                "past 65504) or 32-true")
+    if p == "bf16-true":
+        return ("lower optimizer.lr, set trainer.gradient_clip_val, or train in precision=bf16-mixed (float32 weights "
+                "and optimizer state)")
+    if p.startswith("bf16"):
+        return ("lower optimizer.lr or set trainer.gradient_clip_val (bf16 has float32's range, so precision=32-true "
+                "rarely helps)")
+    return "lower optimizer.lr or set trainer.gradient_clip_val"
+
+
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
 
 
@@ -159,15 +175,16 @@ class Needs:
                              f"(got {self.teacher_signals!r})")
 
 
-def check_finite(terms: Mapping[str, Tensor], step: int, clipping: str = "trainer.gradient_clip_val") -> None:
+def check_finite(terms: Mapping[str, Tensor], step: int, precision: str | None = None,
+                 clipping: str = "trainer.gradient_clip_val") -> None:
     """Stop training with one sentence when ``terms["loss"]`` is NaN or infinite; every term
-    is named in it. ``clipping`` is the setting that clips this loop's gradients."""
+    is named in it, and the advice fits the run's ``precision`` (:func:`non_finite_advice`).
+    ``clipping`` is the setting that clips this loop's gradients."""
     if not torch.isfinite(terms["loss"]):
         detail = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
-        raise FloatingPointError(
-            f"the training loss is not finite at step {step} ({detail}); lower optimizer.lr, "
-            f"set {clipping}, or train in precision=32-true (checkpoints so far are kept)"
-        )
+        advice = non_finite_advice(precision).replace("trainer.gradient_clip_val", clipping)
+        raise FloatingPointError(f"the training loss is not finite at step {step} ({detail}); {advice} "
+                                 "(checkpoints so far are kept)")
 
 
 class DistillationRecipe(L.LightningModule):
@@ -349,7 +366,7 @@ class DistillationRecipe(L.LightningModule):
         terms = self.compute_loss(batch)
         num_items = terms.pop("num_items", None)
         loss = terms["loss"]
-        check_finite(terms, self.global_step)
+        check_finite(terms, self.global_step, getattr(self._trainer, "precision", None))
         n = self._batch_size(batch)
         for key, value in terms.items():
             self.log(f"train/{key}", value.detach(), prog_bar=key == "loss", batch_size=n)

@@ -203,7 +203,15 @@ def main(argv: list[str] | None = None) -> None:
                         help="a setting (its overrides without seed=, as the table heads print it): every other "
                              "setting also gets its per-seed paired differences against it")
     args = parser.parse_args(argv)
-    runs = load_runs(args.paths)
+    missing = [p for p in args.paths if not Path(p).exists()]
+    if missing:
+        print(f"kd-report: error: {', '.join(missing)} does not exist; pass run or sweep directories "
+              "(or metrics.json files)", file=sys.stderr)
+        sys.exit(2)
+    skipped: list[str] = []
+    runs = load_runs(args.paths, skipped)
+    for entry in skipped:
+        print(f"kd-report: skipped the unreadable run {entry}", file=sys.stderr)
     from kd.pipeline import load_pipelines, summarize_pipelines
 
     pipelines = load_pipelines(args.paths)

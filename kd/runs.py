@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -63,10 +64,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
         torch.set_num_threads(int(cfg.threads))
     out = Path(cfg.paths.output_dir)
+    overwrite = _refuse_finished(out, cfg)
     out.mkdir(parents=True, exist_ok=True)
     run = build(cfg)
     check_resume(cfg, run.recipe)  # a ckpt_path this run cannot continue is refused before any teacher trains
     run.trainer.callbacks.append(RecordSettings(cfg))  # its checkpoints say what a resume may not change
+    if overwrite:
+        _clear_finished(out)
     prepare(run)
     try:
         metrics = run.fit()
@@ -113,11 +117,61 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "validation": run.validation,
         "wall_time_s": round(time.perf_counter() - started, 2),
     }
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2))
+    write_json(out / "metrics.json", summary)
     curves = _curves(out)
     print("\n" + summarize([summary], metric=headline_metric([summary])) + f"\n\noutputs: {out}"
           + (f"\ntraining curves: {curves}" if curves else "") + "\n", flush=True)
     return summary
+
+
+#: what a finished run leaves in its output directory and ``overwrite=true`` removes before
+#: the new run trains (logs and Hydra's ``.hydra/`` are left to accumulate or be rewritten)
+FINISHED_OUTPUTS = ("metrics.json", "checkpoints", "student", "curves.png")
+
+
+def _refuse_finished(out: Path, cfg: DictConfig) -> bool:
+    """Refuse an output directory that already holds a finished run (its ``metrics.json``),
+    e.g. an explicit ``hydra.run.dir`` given twice, unless ``overwrite=true``: its
+    checkpoints would mix with the new run's. Resuming from a checkpoint of that directory
+    (``ckpt_path``) continues the same run and is not refused. Returns whether the old run
+    is to be replaced."""
+    if not (out / "metrics.json").is_file():
+        return False
+    resume = cfg.get("ckpt_path")
+    if resume and (out / "checkpoints").resolve() in Path(str(resume)).expanduser().resolve().parents:
+        return False  # the same run, resumed from its own checkpoint (e.g. to train more epochs)
+    if not cfg.get("overwrite"):
+        raise ConfigError(f"the output directory {out} already holds a finished run (its metrics.json); choose "
+                          "another hydra.run.dir, or pass overwrite=true to replace that run's checkpoints, "
+                          "student and metrics.json")
+    return True
+
+
+def _clear_finished(out: Path) -> None:
+    """Remove the outputs of the finished run ``out`` held (``overwrite=true``)."""
+    import shutil
+
+    for name in FINISHED_OUTPUTS:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+    log.warning("overwrite=true: removed the earlier run's %s in %s", ", ".join(FINISHED_OUTPUTS), out)
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Write ``value`` as JSON at ``path`` whole or not at all: into a temporary file next
+    to it, then renamed over it (a run killed mid-write leaves the old file or none)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps(value, indent=2))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _curves(out: Path) -> Path | None:
@@ -140,27 +194,54 @@ def _export(run: Any, out: Path) -> Path:
     return out / "student"
 
 
-def _keep_work(run: Any, out: Path, reason: str, started: float) -> str:
-    """After training stopped on a non-finite loss: export the student of the best (else
-    the last) checkpoint written so far, or the live weights when they are still finite,
-    write ``metrics.json`` saying what happened, and return the sentence to print."""
+def _finite_checkpoint(path: Path) -> dict | None:
+    """The state dict of checkpoint ``path`` when it is finite: every student weight finite,
+    and the validation loss it records (a checkpoint callback's ``current_score``), if any,
+    finite too (huge weights that still fit a float validate to NaN); else None."""
+    import math
+
     import torch
 
-    checkpoints = sorted((out / "checkpoints").glob("*.ckpt")) if (out / "checkpoints").is_dir() else []
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        state = ckpt["state_dict"]
+    except Exception:  # noqa: BLE001 - an unreadable checkpoint is simply not a candidate
+        return None
+    if not all(torch.isfinite(v).all() for k, v in state.items() if k.startswith("student.") and v.is_floating_point()):
+        return None
+    for callback in (ckpt.get("callbacks") or {}).values():
+        score = callback.get("current_score") if isinstance(callback, dict) else None
+        if score is not None and not math.isfinite(float(score)):
+            return None
+    return state
+
+
+def _keep_work(run: Any, out: Path, reason: str, started: float) -> str:
+    """After training stopped on a non-finite loss: export the student of the best
+    checkpoint when it is finite (:func:`_finite_checkpoint`), else of the most recent
+    finite one, write ``metrics.json`` saying what happened, and return the sentence to
+    print. The live weights are never exported: the loss diverged on them."""
+    folder = out / "checkpoints"
+    checkpoints = sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True) if folder.is_dir() else []
     callback = run.trainer.checkpoint_callback
     best = Path(getattr(callback, "best_model_path", "") or "") if callback is not None else None
-    source = best if best is not None and best.is_file() else (checkpoints[-1] if checkpoints else None)
-    if source is not None:
-        state = torch.load(source, map_location="cpu", weights_only=True)["state_dict"]
-        run.recipe.load_state_dict(state, strict=False)
-    finite = all(torch.isfinite(p).all() for p in run.student.parameters())
-    exported = _export(run, out) if finite else None
+    if best is not None and best in checkpoints:
+        checkpoints.remove(best)
+        checkpoints.insert(0, best)
+    source = None
+    for path in checkpoints:
+        state = _finite_checkpoint(path)
+        if state is not None:
+            run.recipe.load_state_dict(state, strict=False)
+            source = path
+            break
+    exported = _export(run, out) if source is not None else None
     summary = {"recipe": run.name, "seed": int(run.cfg.seed), "overrides": _overrides(), "output_dir": str(out),
-               "error": reason, "student_from": str(source) if source is not None else "last weights",
+               "error": reason, "student_from": str(source) if source is not None else None,
                "results": {}, "wall_time_s": round(time.perf_counter() - started, 2)}
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2))
-    kept = f"the student of {source.name} is exported to {exported}" if exported and source else (
-        f"the last weights are exported to {exported}" if exported else "no finite weights to export")
+    write_json(out / "metrics.json", summary)
+    kept = (f"the student of {source.name} is exported to {exported}" if exported is not None else
+            "no checkpoint with finite weights and validation loss was written before, so no student is exported")
     return f"{reason.rstrip('.')}; {kept}"
 
 

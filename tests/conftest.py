@@ -46,6 +46,8 @@ def compose_cfg(overrides: list[str], root: Path, config_name: str = "train") ->
     HydraConfig().set_config(cfg)
     with open_dict(cfg):
         cfg.paths.output_dir = str(root / "run")
+        if "overwrite" in cfg and not any(o.startswith("overwrite=") for o in overrides):
+            cfg.overwrite = True  # tests train into root/run again and again on purpose
         cfg.paths.cache_dir = str(root / "cache")
     return cfg
 

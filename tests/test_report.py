@@ -81,3 +81,31 @@ def test_kd_report_prints_where_the_plots_are(tmp_path, capsys):
     assert f"plot: {tmp_path / 'report_test_ppl.png'}" in out
     report_main([str(tmp_path), "--metric", "test/ppl", "--no-plots"])
     assert "plot:" not in capsys.readouterr().out
+
+
+def test_kd_report_skips_an_unreadable_run_names_it_and_reports_the_rest(tmp_path, capsys):
+    from kd.cli import report_main
+
+    for i, d in enumerate(("jsd", "tvd")):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "metrics.json").write_text(json.dumps(_run(0, 5.0 + i, divergence=d)))
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "metrics.json").write_text('{"seed": 0, "results": {"stud')  # killed mid-write
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "metrics.json").write_text(json.dumps({"seed": 0, "overrides": []}))  # no results
+    report_main([str(tmp_path), "--metric", "test/ppl", "--no-plots"])
+    out, err = capsys.readouterr()
+    assert "divergence=jsd" in out and "divergence=tvd" in out
+    assert f"kd-report: skipped the unreadable run {tmp_path / 'cut' / 'metrics.json'} (JSONDecodeError" in err
+    assert f"kd-report: skipped the unreadable run {tmp_path / 'odd' / 'metrics.json'} (no 'results' object)" in err
+
+
+def test_kd_report_on_a_missing_path_exits_2_with_one_sentence(tmp_path, capsys):
+    from kd.cli import report_main
+
+    with pytest.raises(SystemExit) as exit_:
+        report_main([str(tmp_path / "nope")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"kd-report: error: {tmp_path / 'nope'} does not exist; pass run or sweep directories "
+                   "(or metrics.json files)")

@@ -22,11 +22,24 @@ file), and :func:`wikipedia_articles`, which it reads the Wikipedia slice with.
 
 Held-out splits that a source does not have are cut from its training split by
 :func:`hold_out` (a fixed seeded permutation).
+
+Junk records (:class:`JsonlSource`, :class:`HFDatasetSource`, in every format: prompt/response
+fields and chat ``messages``): a record whose prompt is missing or null, or whose response is
+missing, null or only whitespace (a chat record: no user or no assistant turn, or such a turn
+without content), would train on nothing or on the text ``"None"`` and score 100% exact match
+on an empty answer. Such records are dropped and their count is logged as a warning, naming
+the file or split and the first one; a file or split is refused instead (one sentence) when
+more than :data:`JUNK_SHARE` of its records are junk (a broken export or the wrong field
+names) or when none is left. An empty prompt is kept (an unconditioned response, as in
+:class:`TextWindows`); numbers are kept as their text. A record that has neither the
+prompt/response fields nor ``messages`` at all is refused, as a sign of wrong field names.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,6 +49,12 @@ import torch
 
 from kd import ConfigError
 from kd.data.tasks import Example
+
+log = logging.getLogger("kd")
+
+#: the largest share of junk records (see the module docstring) a file or split may hold:
+#: they are dropped with a logged count; more is refused
+JUNK_SHARE = 0.1
 
 # ----------------------------------------------------------------------------- prompt/response sources
 
@@ -92,20 +111,40 @@ def _read_records(path: Path) -> list[dict]:
     return records
 
 
-def _to_example(record: Any, origin: str, n: int, prompt_key: str, response_key: str) -> Example:
+def _text(value: Any) -> str | None:
+    """A field's text: a string as it is, a number as its text, chat content parts
+    (``[{"type": "text", "text": ...}, ...]``) joined; None for null or anything else."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return None if isinstance(value, float) and not math.isfinite(value) else str(value)
+    if isinstance(value, list) and value and all(isinstance(p, dict) and isinstance(p.get("text"), str)
+                                                 for p in value):
+        return "".join(p["text"] for p in value)
+    return None
+
+
+def _to_example(record: Any, origin: str, n: int, prompt_key: str, response_key: str) -> Example | None:
+    """The record's example; None for a junk record (module docstring); a record of
+    neither format is refused."""
+    skill = str(record.get("skill", "data")) if isinstance(record, dict) else "data"
     if isinstance(record, dict) and "messages" in record:
         msgs = record["messages"]
-        users = [m.get("content", "") for m in msgs if m.get("role") == "user"]
-        answers = [m.get("content", "") for m in msgs if m.get("role") == "assistant"]
-        if users and answers:
-            return Example(prompt=users[-1], response=answers[-1], skill=str(record.get("skill", "data")))
+        if not isinstance(msgs, list) or not all(isinstance(m, dict) for m in msgs):
+            return None
+        users = [m.get("content") for m in msgs if m.get("role") == "user"]
+        answers = [m.get("content") for m in msgs if m.get("role") == "assistant"]
+        prompt, response = (_text(users[-1]) if users else None), (_text(answers[-1]) if answers else None)
     elif isinstance(record, dict) and prompt_key in record and response_key in record:
-        return Example(prompt=str(record[prompt_key]), response=str(record[response_key]),
-                       skill=str(record.get("skill", "data")))
-    raise ConfigError(
-        f"{origin} record {n} has neither '{prompt_key}'/'{response_key}' fields nor chat 'messages' with a "
-        "user and an assistant turn; rename the fields or set data.source.prompt_key/response_key"
-    )
+        prompt, response = _text(record[prompt_key]), _text(record[response_key])
+    else:
+        raise ConfigError(
+            f"{origin} record {n} has neither '{prompt_key}'/'{response_key}' fields nor chat 'messages' with a "
+            "user and an assistant turn; rename the fields or set data.source.prompt_key/response_key"
+        )
+    if prompt is None or response is None or not response.strip():
+        return None
+    return Example(prompt=prompt, response=response, skill=skill)
 
 
 def hold_out(train: list[Example], given: dict[str, list[Example] | None], fractions: dict[str, float],
@@ -129,9 +168,23 @@ def hold_out(train: list[Example], given: dict[str, list[Example] | None], fract
 
 
 def _examples_from(records: list[Any], origin: Any, prompt_key: str, response_key: str) -> list[Example]:
+    """The examples of ``records``, junk dropped with a logged count, or refused when more
+    than :data:`JUNK_SHARE` of them (or all) are junk (module docstring)."""
     if not records:
         raise ConfigError(f"{origin} holds no records; give it at least one prompt/response pair")
-    return [_to_example(r, origin, n, prompt_key, response_key) for n, r in enumerate(records, 1)]
+    examples = [_to_example(r, origin, n, prompt_key, response_key) for n, r in enumerate(records, 1)]
+    kept = [e for e in examples if e is not None]
+    junk = len(examples) - len(kept)
+    if junk:
+        first = next(n for n, e in enumerate(examples, 1) if e is None)
+        if not kept or junk > JUNK_SHARE * len(examples):
+            raise ConfigError(
+                f"{junk} of the {len(examples)} records of {origin} (first: record {first}) have a null or missing "
+                f"prompt or a null, missing or empty response, more than the {JUNK_SHARE:.0%} kd drops; fix the "
+                "data or point data.source.prompt_key/response_key at the right fields")
+        log.warning("dropped %d of the %d records of %s (first: record %d): null or missing prompt, or null, "
+                    "missing or empty response", junk, len(examples), origin, first)
+    return kept
 
 
 class JsonlSource:
