@@ -15,30 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from kd import config_error
-from kd.evaluation import headline_metric, load_runs, summarize
 from kd.resume import EXIT_CODES, Stopped, install_stop_handlers, received, stop_message
+from kd.sweeps import FAILED_FILE, FAILED_JOBS, job_failure, note_failure, sweep_job
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"  # also kd.config.CONF_DIR
-
-
-#: the sentences of the sweep jobs that failed in this process: a sweep (``kd -m``) goes on
-#: with its other jobs and exits with code 2 at its end (:class:`SweepSummary`)
-FAILED_JOBS: list[str] = []
-
-
-def _sweep_job() -> str | None:
-    """``"<job number> (<overrides>)"`` inside a Hydra multirun job, else None."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
-        return None
-    job = HydraConfig.get().job
-    return f"{job.num} ({' '.join(HydraConfig.get().overrides.task)})"
 
 
 def _stopped(prog: str, name: str, cfg: DictConfig) -> None:
@@ -48,46 +31,11 @@ def _stopped(prog: str, name: str, cfg: DictConfig) -> None:
 
     if prog == "kd":
         overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-        message = stop_message(name, cfg, overrides, job=_sweep_job())
+        message = stop_message(name, cfg, overrides, job=sweep_job())
     else:
         message = f"stopped by {name}; run the same command again"
     print(f"{prog}: {message}", file=sys.stderr, flush=True)
     sys.exit(EXIT_CODES[name])
-
-
-def _job_failure(e: Exception) -> str:
-    """A sweep job's failure that is not a configuration error, as one sentence: the
-    exception's type and first line, and where the job's traceback was written."""
-    import traceback
-
-    from hydra.core.hydra_config import HydraConfig
-
-    lines = str(e).strip().splitlines()
-    sentence = f"{type(e).__name__}: {lines[0].rstrip('.')}" if lines else type(e).__name__
-    try:
-        path = Path(HydraConfig.get().runtime.output_dir) / "traceback.txt"
-        path.write_text("".join(traceback.format_exception(e)), encoding="utf-8")
-    except Exception:  # noqa: BLE001 - the sentence is what matters
-        return sentence
-    return f"{sentence} (traceback in {path})"
-
-
-#: a failed sweep job's sentence, in its output directory: a launcher that runs jobs in other
-#: processes (joblib) reports them at the sweep's end from these files
-FAILED_FILE = "failed.json"
-
-
-def _note_failure(sentence: str) -> None:
-    import json
-
-    from hydra.core.hydra_config import HydraConfig
-
-    try:
-        out = Path(HydraConfig.get().runtime.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / FAILED_FILE).write_text(json.dumps({"error": sentence}), encoding="utf-8")
-    except Exception:  # noqa: BLE001 - in this process FAILED_JOBS has it already
-        pass
 
 
 def one_sentence_errors(prog: str, fn: Any, cfg: DictConfig) -> Any:
@@ -96,7 +44,7 @@ def one_sentence_errors(prog: str, fn: Any, cfg: DictConfig) -> Any:
     one sentence and the sweep goes on; it exits with code 2 at its end (:class:`SweepSummary`).
     A stop signal (SIGTERM, Ctrl-C), whatever it raised on its way out, exits with its
     sentence and code."""
-    job = _sweep_job()
+    job = sweep_job()
     if job is not None:  # a sweep re-run into the same directory: its earlier failure is not this one's
         from hydra.core.hydra_config import HydraConfig
 
@@ -111,10 +59,10 @@ def one_sentence_errors(prog: str, fn: Any, cfg: DictConfig) -> Any:
             raise
         cause = config_error(e)
         if job is not None:
-            reason = str(cause) if cause is not None else _job_failure(e)
+            reason = str(cause) if cause is not None else job_failure(e)
             print(f"{prog}: error in sweep job {job}: {reason}", file=sys.stderr, flush=True)
             FAILED_JOBS.append(f"job {job}: {reason}")
-            _note_failure(f"job {job}: {reason}")
+            note_failure(f"job {job}: {reason}")
             return {"error": reason}
         if cause is None:
             raise
@@ -225,49 +173,6 @@ def main() -> None:
 def eval_main() -> None:
     """Console script ``kd-eval``."""
     _checked("kd-eval", "eval", _hydra_eval)
-
-
-class SweepSummary(Callback):
-    """Hydra callback: after a multirun, print the table of every job (mean ± std over seeds)."""
-
-    def __init__(self) -> None:
-        self.runs: list[dict] = []
-
-    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
-        value = getattr(job_return, "_return_value", None)
-        if isinstance(value, dict) and ("results" in value or "table" in value):
-            self.runs.append(value)
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        # jobs of a launcher that runs them in other processes (joblib, SLURM) report here
-        # only through their metrics.json files
-        runs = [r for r in self.runs if "results" in r] or load_runs([config.hydra.sweep.dir])
-        if runs:
-            print("\nSweep summary (mean ± std over seeds)\n" + summarize(runs, metric=headline_metric(runs)), flush=True)
-        pipelines = [r for r in self.runs if "table" in r]
-        if pipelines:
-            from kd.pipeline import summarize_pipelines
-
-            print("\n" + summarize_pipelines(pipelines), flush=True)
-        failed = FAILED_JOBS or _failures_in(Path(config.hydra.sweep.dir)) or [
-            f"{r.get('output_dir')}: {r['error']}" for r in runs if r.get("error")]
-        if failed:
-            print(f"kd: error: {len(failed)} sweep job(s) failed, the others finished: " + "; ".join(failed),
-                  file=sys.stderr, flush=True)
-            sys.exit(2)
-
-
-def _failures_in(sweep_dir: Path) -> list[str]:
-    """The sentences of the failed jobs a sweep's jobs left in their :data:`FAILED_FILE`."""
-    import json
-
-    found = []
-    for f in sorted(sweep_dir.rglob(FAILED_FILE)) if sweep_dir.is_dir() else []:
-        try:
-            found.append(str(json.loads(f.read_text(encoding="utf-8"))["error"]))
-        except (OSError, ValueError, KeyError, TypeError):
-            found.append(f"{f.parent}: failed")
-    return found
 
 
 def report_main(argv: list[str] | None = None) -> None:
