@@ -81,6 +81,65 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+#: data files up to this size are fingerprinted by the sha256 of all their bytes (about 0.1 s
+#: for 64 MiB); larger ones by their size, modification time and the sha256 of
+#: :data:`SAMPLE` bytes at their start, middle and end (:func:`file_fingerprint`)
+FULL_HASH_MAX = 64 << 20
+SAMPLE = 1 << 20
+
+#: (path, device, inode, size, mtime_ns, ctime_ns) -> fingerprint: each data file is hashed
+#: once per process while it stays as it was (any write, even one that restores the size and
+#: modification time, changes its ctime)
+_fingerprints: dict[tuple, dict[str, Any]] = {}
+
+
+def file_fingerprint(path: str | os.PathLike) -> dict[str, Any] | None:
+    """What a data file holds, for cache keys: ``{"sha256": ...}`` of all its bytes when it
+    has at most :data:`FULL_HASH_MAX` bytes (content alone: a copy or a ``touch`` keeps it);
+    above that, its size, modification time and the sha256 of its first, middle and last
+    :data:`SAMPLE` bytes (a full hash of a multi-gigabyte dump would cost seconds at every
+    run; the sample catches a rewrite that keeps the time, the time an edit elsewhere).
+    None for a path that is not a file (loading it will say so). Computed once per process
+    and file state (:data:`_fingerprints`)."""
+    path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    if not os.path.isfile(path):
+        return None
+    memo = (path, stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+    if memo not in _fingerprints:
+        if stat.st_size <= FULL_HASH_MAX:
+            _fingerprints[memo] = {"sha256": file_sha256(path)}
+        else:
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                for start in (0, (stat.st_size - SAMPLE) // 2, stat.st_size - SAMPLE):
+                    f.seek(start)
+                    h.update(f.read(SAMPLE))
+            _fingerprints[memo] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sampled_sha256": h.hexdigest()}
+    return _fingerprints[memo]
+
+
+def files_fingerprint(paths: Any) -> dict[str, dict[str, Any] | None]:
+    """:func:`file_fingerprint` of each of ``paths`` (one path or several; a directory
+    stands for every file under it, hidden ones excluded), by path."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    out: dict[str, dict[str, Any] | None] = {}
+    for path in paths:
+        path = Path(path).expanduser()
+        if path.is_dir():
+            for file in sorted(path.rglob("*")):
+                rel = file.relative_to(path).parts
+                if file.is_file() and not any(part.startswith(".") for part in rel):
+                    out[str(file)] = file_fingerprint(file)
+        else:
+            out[str(path)] = file_fingerprint(path)
+    return out
+
+
 def _inventory(directory: Path) -> dict[str, dict[str, Any]]:
     return {str(path.relative_to(directory)): {"size": path.stat().st_size, "sha256": file_sha256(path)}
             for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MARKER)}
@@ -295,4 +354,5 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(partial, ignore_errors=True)
 
 
-__all__ = ["Cache", "MARKER", "FILE_MODE", "DIR_MODE", "key", "file_sha256", "partial_path", "atomic_directory"]
+__all__ = ["Cache", "MARKER", "FILE_MODE", "DIR_MODE", "key", "file_sha256", "file_fingerprint", "files_fingerprint",
+           "partial_path", "atomic_directory"]

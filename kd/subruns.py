@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from kd.build import Run, build
-from kd.cache import Cache
+from kd.cache import Cache, files_fingerprint
 from kd.cache import key as cache_key
 from kd.config import INIT_FROM_TEACHER, choice, instantiate, student_factory, sub_config, world_size
 from kd.data import TrainOrder
@@ -63,10 +63,25 @@ def _in_cache(value: Any, root: Path) -> Any:
     return value
 
 
+def data_files(data: DictConfig | None) -> list[str]:
+    """The local files the data config's source reads (its ``files()``; none for a source
+    without that method), found without loading anything."""
+    source = data.get("source") if isinstance(data, DictConfig) else None
+    if not isinstance(source, DictConfig) or "_target_" not in source:
+        return []
+    from hydra.utils import get_class
+
+    if not callable(getattr(get_class(source._target_), "files", None)):
+        return []
+    return list(instantiate(source).files())
+
+
 def run_key(cfg: DictConfig, weights_only: bool = False) -> str:
     """Hash of everything that shapes what training ``cfg`` produces (a teacher's fit, an
     SFT, a scratch baseline, a pipeline stage: every cached run): its recipe, student,
-    optimizer, scheduler, seed, trainer and data settings, the teacher whose layers the
+    optimizer, scheduler, seed, trainer and data settings, the contents of the data files
+    its source reads (:func:`data_files`, :func:`kd.cache.files_fingerprint`: an edited
+    file gives a new key, even with its old size and time), the teacher whose layers the
     student starts from, and whichever of :data:`SOMETIMES` it sets. Loggers, callbacks,
     paths, cosmetic trainer settings and where data is cached are left out; with
     ``weights_only``, also the evaluation-only data settings (a teacher's metrics are not
@@ -86,6 +101,7 @@ def run_key(cfg: DictConfig, weights_only: bool = False) -> str:
     sometimes = {k: _in_cache(OmegaConf.to_container(cfg[k], resolve=True) if isinstance(cfg[k], DictConfig)
                               else cfg[k], root)
                  for k in SOMETIMES if cfg.get(k)}
+    files = data_files(cfg.data)  # none for sources without files: their keys are as before
     return cache_key(
         *teacher,
         cfg.recipe,  # a supervised sub-run's recipe is its supervised_recipe
@@ -96,6 +112,7 @@ def run_key(cfg: DictConfig, weights_only: bool = False) -> str:
         {k: v for k, v in trainer.items() if k not in COSMETIC},
         {k: v for k, v in data.items() if k not in skip},
         *([sometimes] if sometimes else []),
+        *([{"data_files": files_fingerprint(files)}] if files else []),
     )
 
 
@@ -265,4 +282,5 @@ def scratch_baseline(cfg: DictConfig, cache: Cache) -> tuple[Path, dict[str, Any
     return entry, cache.meta("baselines", entry.name)
 
 
-__all__ = ["run_key", "prepare", "cached_run", "cached_supervised", "load_teacher", "student_sft", "scratch_baseline"]
+__all__ = ["run_key", "data_files", "prepare", "cached_run", "cached_supervised", "load_teacher", "student_sft",
+           "scratch_baseline"]

@@ -2,8 +2,12 @@
 
 A source has ``load()``, returning ``{"train": [...], "val": [...], "test": [...]}``, and
 (for the prompt/response sources) ``fingerprint()``, a small JSON-able value that changes
-whenever the loaded data would (it keys the trained-tokenizer cache). Datamodules take a
-source as their ``source`` argument (``data.source`` in the configs).
+whenever the loaded data would (it keys the trained-tokenizer cache). A source that reads
+local files lists them in ``files()`` (cheap: nothing is loaded); their contents
+(:func:`kd.cache.files_fingerprint`) enter its ``fingerprint()`` and the key of every cached
+run trained on it (:func:`kd.subruns.run_key`), so an edited file is never mistaken for the
+one a cache entry was built from. Datamodules take a source as their ``source`` argument
+(``data.source`` in the configs).
 
 Prompt/response sources (lists of :class:`kd.data.tasks.Example`, for
 :class:`kd.data.lm.LMDataModule`):
@@ -37,6 +41,7 @@ prompt/response fields nor ``messages`` at all is refused, as a sign of wrong fi
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import math
@@ -48,6 +53,7 @@ from typing import Any
 import torch
 
 from kd import ConfigError
+from kd.cache import file_fingerprint, files_fingerprint
 from kd.data.tasks import Example
 
 log = logging.getLogger("kd")
@@ -215,9 +221,12 @@ class JsonlSource:
         return hold_out(self._examples(self.paths["train"]), given, self.fractions, self.seed,
                          f"'{self.paths['train']}'")
 
+    def files(self) -> list[str]:
+        return [str(v) for v in self.paths.values() if v]
+
     def fingerprint(self) -> dict:
-        stats = {k: (str(v), os.path.getmtime(v), os.path.getsize(v)) for k, v in self.paths.items() if v}
-        return {"files": stats, "keys": [self.prompt_key, self.response_key], "fractions": self.fractions,
+        contents = {k: (str(v), file_fingerprint(v)) for k, v in self.paths.items() if v}
+        return {"files": contents, "keys": [self.prompt_key, self.response_key], "fractions": self.fractions,
                 "seed": self.seed}
 
 
@@ -276,10 +285,31 @@ class HFDatasetSource:
         return hold_out(self._load_split(self.splits["train"]), given, self.fractions, self.seed,
                          f"dataset '{self.args['path']}'")
 
-    def fingerprint(self) -> dict:
+    def files(self) -> list[str]:
+        """The local files it reads: ``path`` when it is a local directory or file, and
+        ``data_files`` (glob patterns expanded; relative ones are relative to a local
+        ``path`` directory, as ``datasets`` reads them); hub files are keyed by ``revision``."""
         local = Path(str(self.args["path"])).expanduser()
-        stamp = os.path.getmtime(local) if local.exists() else None
-        return {"hf_dataset": {k: str(v) for k, v in self.args.items()}, "stamp": stamp, "splits": self.splits,
+        out = [str(local)] if local.exists() else []
+        data_files = _plain(self.args["data_files"]) or []
+        if isinstance(data_files, dict):
+            data_files = list(data_files.values())
+        if not isinstance(data_files, list):
+            data_files = [data_files]
+        for pattern in data_files:
+            for item in pattern if isinstance(pattern, list) else [pattern]:
+                item = str(item)
+                if "://" in item:
+                    continue
+                path = Path(item).expanduser()
+                if local.is_dir() and not path.is_absolute():
+                    path = local / path
+                out += sorted(glob.glob(str(path), recursive=True)) if glob.has_magic(str(path)) else [str(path)]
+        return out
+
+    def fingerprint(self) -> dict:
+        return {"hf_dataset": {k: str(v) for k, v in self.args.items()}, "contents": files_fingerprint(self.files()),
+                "splits": self.splits,
                 "keys": [self.prompt_key, self.response_key], "fractions": self.fractions,
                 "max_examples": self.max_examples, "seed": self.seed}
 
@@ -401,6 +431,9 @@ class TextSource:
                               "text file")
         return path.read_text(encoding="utf-8").splitlines()
 
+    def files(self) -> list[str]:
+        return [] if self.corpus in ("lee", "wiki", "chatterbot") else [str(self.corpus)]
+
     def load(self) -> dict[str, list[str]]:
         docs = [d.strip() for d in self.documents() if d.strip()]
         return hold_out(docs, {}, self.fractions, self.seed, f"corpus '{self.corpus}'")
@@ -444,6 +477,11 @@ class TextWindows:
             out["train"] = out["train"][: self.max_windows]
         return out
 
+    def files(self) -> list[str]:
+        return TextSource(self.corpus).files()
+
     def fingerprint(self) -> dict:
+        files = self.files()
         return {"windows": str(self.corpus), "words": self.words, "max_windows": self.max_windows,
-                "fractions": self.fractions, "seed": self.seed}
+                "fractions": self.fractions, "seed": self.seed,
+                **({"contents": files_fingerprint(files)} if files else {})}
