@@ -34,6 +34,7 @@ checkpoint holding other Python objects than tensors and plain containers in one
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import re
@@ -47,7 +48,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from kd import ConfigError
-from kd.cache import partial_path
+from kd.cache import disk_full, partial_path
 
 
 def run_seed() -> int:
@@ -92,6 +93,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         try:
             super().save_checkpoint(checkpoint, partial, storage_options)
             os.replace(partial, target)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):  # one sentence naming the checkpoint, no partial file
+                raise ConfigError(disk_full(target)) from None
+            raise
         finally:
             partial.unlink(missing_ok=True)
 

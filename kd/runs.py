@@ -35,8 +35,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from kd import ConfigError
-from kd.cache import atomic_directory
+from kd.cache import atomic_directory, atomic_write_text
 from kd.build import build
+from kd.checks import check_threads
 from kd.config import instantiate, student_factory, student_tokenizer
 from kd.evaluation import SCRATCH_ROW, SFT_ROW, headline_metric, summarize
 from kd.export import save_student
@@ -57,13 +58,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
         return run_pipeline(cfg)
     started = time.perf_counter()
-    if cfg.get("threads"):  # e.g. 1 per job when a launcher runs several jobs on a small machine
+    if check_threads(cfg):  # e.g. 1 per job when a launcher runs several jobs on a small machine
         import torch
 
         torch.set_num_threads(int(cfg.threads))
     out = Path(cfg.paths.output_dir)
+    run = build(cfg)  # checks first: an output directory that cannot be written is refused in one sentence
     out.mkdir(parents=True, exist_ok=True)
-    run = build(cfg)
     prepare(run)
     try:
         metrics = run.fit()
@@ -110,7 +111,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "validation": run.validation,
         "wall_time_s": round(time.perf_counter() - started, 2),
     }
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_text(out / "metrics.json", json.dumps(summary, indent=2))
     curves = _curves(out)
     print("\n" + summarize([summary], metric=headline_metric([summary])) + f"\n\noutputs: {out}"
           + (f"\ntraining curves: {curves}" if curves else "") + "\n", flush=True)
@@ -155,7 +156,7 @@ def _keep_work(run: Any, out: Path, reason: str, started: float) -> str:
     summary = {"recipe": run.name, "seed": int(run.cfg.seed), "overrides": _overrides(), "output_dir": str(out),
                "error": reason, "student_from": str(source) if source is not None else "last weights",
                "results": {}, "wall_time_s": round(time.perf_counter() - started, 2)}
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_text(out / "metrics.json", json.dumps(summary, indent=2))
     kept = f"the student of {source.name} is exported to {exported}" if exported and source else (
         f"the last weights are exported to {exported}" if exported else "no finite weights to export")
     return f"{reason.rstrip('.')}; {kept}"
@@ -175,7 +176,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     prepare(run)
     results = run.trainer.test(run.recipe, datamodule=run.datamodule, verbose=False)
     metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
-    (out / "eval.json").write_text(json.dumps(metrics, indent=2))
+    atomic_write_text(out / "eval.json", json.dumps(metrics, indent=2))
     width = max(len(k) for k in metrics) if metrics else 0
     print("\n".join(f"{k:<{width}}  {v:.4f}" for k, v in sorted(metrics.items())), flush=True)
     return metrics
