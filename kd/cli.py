@@ -39,28 +39,13 @@ def _sweep_job() -> str | None:
     return f"{job.num} ({' '.join(HydraConfig.get().overrides.task)})"
 
 
-def _disk_full(e: BaseException | None) -> str | None:
-    """The one sentence for a write that found the disk full (errno ENOSPC) anywhere in ``e``'s chain."""
-    import errno
-
-    from kd.cache import disk_full
-
-    seen = set()
-    while e is not None and id(e) not in seen:
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return disk_full(e.filename or "the run's outputs or the cache")
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    return None
-
-
 def one_sentence_errors(prog: str, fn: Any, cfg: DictConfig) -> Any:
     """Run ``fn(cfg)``; a configuration error exits with its sentence (code 2), no traceback.
     In a sweep the failed job is reported the same way and the sweep goes on."""
     try:
         return fn(cfg)
     except Exception as e:
-        cause = config_error(e) or _disk_full(e)
+        cause = config_error(e)
         if cause is None:
             raise
         job = _sweep_job()
