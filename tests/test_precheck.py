@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -33,13 +34,14 @@ def run_kd(tmp_path: Path, monkeypatch, capsys, *overrides: str) -> tuple[int, s
     return code, capsys.readouterr().err
 
 
-def refused(tmp_path: Path, monkeypatch, capsys, *overrides: str) -> str:
+def refused(tmp_path: Path, monkeypatch, capsys, *overrides: str, kept: tuple = ()) -> str:
     code, err = run_kd(tmp_path, monkeypatch, capsys, *overrides)
     lines = [line for line in err.strip().splitlines() if line.startswith("kd: error: ")]
     assert code == 2, err[-2000:]
     assert "Traceback" not in err and len(lines) == 1, err[-2000:]
     cache = tmp_path / "cache"
-    built = [p for p in cache.rglob("*") if p.is_dir() and p.parent.parent == cache] if cache.exists() else []
+    built = [p for p in cache.rglob("*") if p.is_dir() and p.parent.parent == cache and p not in kept] \
+        if cache.exists() else []
     assert not built, built  # no teacher, SFT or baseline was trained
     assert not list((tmp_path / "run").rglob("*.ckpt"))
     return lines[0]
@@ -99,7 +101,7 @@ def test_unwritable_cache_and_output_directories_are_refused(tmp_path, monkeypat
     locked.chmod(0o500)
     try:
         line = refused(tmp_path, monkeypatch, capsys, f"paths.cache_dir={locked / 'cache'}")
-        assert f"the cache directory {locked / 'cache'} cannot be written ({locked} is not a writable" in line
+        assert f"the cache directory {locked / 'cache'} is not writable and cannot be created ({locked} is" in line
         line = refused(tmp_path, monkeypatch, capsys, f"paths.output_dir={locked / 'out'}")
         assert f"the output directory {locked / 'out'} cannot be written" in line
     finally:
@@ -109,10 +111,34 @@ def test_unwritable_cache_and_output_directories_are_refused(tmp_path, monkeypat
 def test_cache_and_output_directories_under_a_file_are_refused(files, tmp_path, monkeypatch, capsys):
     blocked = files / "notes.txt"
     line = refused(tmp_path, monkeypatch, capsys, f"paths.cache_dir={blocked / 'cache'}")
-    assert f"the cache directory {blocked / 'cache'} cannot be written ({blocked} is not a writable directory)" in line
+    assert f"the cache directory {blocked / 'cache'} is not writable and cannot be created ({blocked} is not a " \
+           "writable directory)" in line
     assert "paths.cache_dir=<a writable directory>" in line
     line = refused(tmp_path, monkeypatch, capsys, f"paths.output_dir={blocked / 'out'}")
     assert f"the output directory {blocked / 'out'} cannot be written" in line
+
+
+def test_a_read_only_cache_names_the_missing_entry_and_serves_a_complete_one(tmp_path, monkeypatch, capsys):
+    """A shared cache that the run cannot write: refused when it lacks the teacher (named),
+    used as it is when it holds every entry the run needs."""
+    from kd import checks
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    monkeypatch.setattr(checks, "_writable", lambda path: path if path == cache else None)  # root writes anywhere
+    line = refused(tmp_path, monkeypatch, capsys, "scratch_baseline=false")
+    assert f"the cache directory {cache} is not writable and lacks the teacher {cache / 'teachers'}/digits_cnn-" in line
+    monkeypatch.setattr(checks, "_writable", lambda path: None)
+    code, err = run_kd(tmp_path, monkeypatch, capsys, "scratch_baseline=false")  # a writable run fills the cache
+    assert code == 0, err[-2000:]
+    monkeypatch.setattr(checks, "_writable", lambda path: path if path == cache else None)
+    (tmp_path / "run").rename(tmp_path / "first")
+    code, err = run_kd(tmp_path, monkeypatch, capsys, "scratch_baseline=false")
+    assert code == 0, err[-2000:]
+    shutil.rmtree(tmp_path / "run")
+    teachers = tuple((cache / "teachers").iterdir())
+    line = refused(tmp_path, monkeypatch, capsys, "scratch_baseline=true", kept=teachers)  # the baseline is missing
+    assert f"lacks the baseline {cache / 'baselines'}/digits_mlp-seed0-" in line
 
 
 @pytest.mark.parametrize("name,sentence", [
