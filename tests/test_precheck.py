@@ -189,3 +189,20 @@ def test_a_full_disk_while_writing_metrics_leaves_no_partial_file(tmp_path, monk
     with pytest.raises(ConfigError, match=f"no space left on the device while writing {target}"):
         atomic_write_text(target, "{}" * 10)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_while_checkpointing_names_the_checkpoint_and_leaves_no_partial_file(tmp_path, monkeypatch):
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    from kd import ConfigError
+    from kd.resume import AtomicCheckpointIO
+
+    def full(self, checkpoint, path, storage_options=None):
+        Path(path).write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(TorchCheckpointIO, "save_checkpoint", full)
+    target = tmp_path / "checkpoints" / "last.ckpt"
+    with pytest.raises(ConfigError, match=f"no space left on the device while writing {target}"):
+        AtomicCheckpointIO().save_checkpoint({"state_dict": {}}, target)
+    assert list((tmp_path / "checkpoints").iterdir()) == []
