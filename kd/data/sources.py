@@ -218,14 +218,15 @@ class HFDatasetSource:
         kwargs = {k: _plain(v) for k, v in self.args.items() if v is not None}
         try:
             ds = datasets.load_dataset(**kwargs, split=split)
-        except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError, ConnectionError, OSError) as e:
-            where = Path(str(self.args["path"])).expanduser()
-            if not where.exists() and not self.args.get("data_files") and (isinstance(e, (ConnectionError, datasets.exceptions.DatasetNotFoundError))
-                                                                         or not isinstance(e, (FileNotFoundError, ValueError))):
+        except (ValueError, OSError) as e:  # OSError: ConnectionError, FileNotFoundError, DatasetNotFoundError
+            offline = isinstance(e, (ConnectionError, datasets.exceptions.DatasetNotFoundError)) or not isinstance(
+                e, (FileNotFoundError, ValueError))
+            if offline and not Path(str(self.args["path"])).expanduser().exists() and not self.args.get("data_files"):
+                reason = str(e).splitlines()[0] if str(e) else type(e).__name__
                 raise ConfigError(f"data.source.path '{self.args['path']}' is not a local directory, and as a hub "
-                                  f"dataset it could not be loaded ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
-                                  "a hub name needs the network (and HF_DATASETS_OFFLINE unset): connect, or pass a "
-                                  "local dataset directory or data_files") from None
+                                  f"dataset it could not be loaded ({reason}); a hub name needs the network (and "
+                                  "HF_DATASETS_OFFLINE unset): connect, or pass a local dataset directory or "
+                                  "data_files") from None
             raise ConfigError(f"datasets could not load split '{split}' of '{self.args['path']}' ({e}); "
                               "check data.source.path/name/data_files and the split names") from e
         if split == self.splits["train"] and self.max_examples:
