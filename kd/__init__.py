@@ -19,11 +19,17 @@ class ConfigError(ValueError):
 
 def config_error(e: BaseException | None) -> ConfigError | None:
     """The :class:`ConfigError` behind ``e``, if any (Hydra's ``instantiate`` wraps what
-    constructors raise; so may other libraries)."""
+    constructors raise; so may other libraries); a write that found the disk full is one too."""
+    import errno
+
     seen = set()
     while e is not None and id(e) not in seen:
         if isinstance(e, ConfigError):
             return e
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):  # a full disk: one sentence too
+            from kd.cache import disk_full
+
+            return ConfigError(disk_full(e.filename or "the run's outputs or the cache"))
         seen.add(id(e))
         e = e.__cause__ or e.__context__
     return None

@@ -21,6 +21,7 @@ from typing import Any
 
 import lightning as L
 from hydra.utils import get_class
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -182,8 +183,15 @@ def build(cfg: DictConfig, *, teacher: bool | None = None, setup: bool = True) -
     if setup:
         _check_tokenizers(cfg, datamodule, recipe)
     io = {} if cfg.trainer.get("plugins") else {"plugins": [AtomicCheckpointIO()]}  # never a half-written checkpoint
-    trainer = instantiate(cfg.trainer, logger=instantiate_all(cfg.get("logger")) or False,
-                          callbacks=instantiate_all(cfg.get("callbacks")), **io)
+    try:
+        trainer = instantiate(cfg.trainer, logger=instantiate_all(cfg.get("logger")) or False,
+                              callbacks=instantiate_all(cfg.get("callbacks")), **io)
+    except (MisconfigurationException, ValueError) as e:  # what kd.checks does not foresee, still one sentence
+        if isinstance(e, ConfigError):
+            raise
+        inner = e.__cause__ or e
+        raise ConfigError(f"Lightning refuses the trainer settings ({str(inner).splitlines()[0]}); change the "
+                          "trainer.<key> override it names") from None
     if teacher_model is not None and needs.teacher:
         label = f"student, {name}"
     elif cfg.get("student_sft"):

@@ -31,6 +31,7 @@ root gets the same directory from :func:`default_cache_dir`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -345,14 +346,42 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     killed while writing never leaves a half-written ``target``."""
     target = Path(target)
     partial = partial_path(target)
-    partial.mkdir(parents=True)
     try:
+        partial.mkdir(parents=True)
         yield partial
         _remove(target)  # a directory, or a plain file or link in its place
         os.replace(partial, target)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):  # a full disk: say which target, keep nothing half-written
+            raise kd.ConfigError(disk_full(target)) from None
+        raise
     finally:
         shutil.rmtree(partial, ignore_errors=True)
 
 
+def disk_full(path: str | os.PathLike) -> str:
+    """The sentence for a write to ``path`` that found its disk (or quota) full."""
+    return (f"no space left on the device while writing {path} (nothing half-written is kept); free space there, "
+            "or point paths.output_dir / paths.cache_dir at another disk")
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file renamed over it: whole or not at all."""
+    path = Path(path)
+    partial = partial_path(path)
+    try:
+        with open(partial, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, path)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise kd.ConfigError(disk_full(path)) from None
+        raise
+    finally:
+        partial.unlink(missing_ok=True)
+
+
 __all__ = ["Cache", "MARKER", "FILE_MODE", "DIR_MODE", "key", "file_sha256", "file_fingerprint", "files_fingerprint",
-           "partial_path", "atomic_directory"]
+           "partial_path", "atomic_directory", "atomic_write_text", "disk_full"]

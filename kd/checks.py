@@ -90,6 +90,7 @@ def check_config(cfg: DictConfig, needs: Needs, name: str, with_teacher: bool) -
     _check_groups(cfg, needs, name)
     _check_kinds(cfg, needs, name, with_teacher)
     _check_resolves(cfg)
+    _check_values(cfg)
     if student_factory(cfg)[1] is not None and not cfg.get("teacher"):
         raise ConfigError("this student is initialised from a teacher's layers; choose one with teacher=<config>")
 
@@ -195,9 +196,199 @@ def _check_groups(cfg: DictConfig, needs: Needs, name: str) -> None:
     if cfg.get("student_init") and not Path(str(cfg.student_init)).expanduser().exists():
         raise ConfigError(f"student_init '{cfg.student_init}' does not exist; pass a run's student/ directory, a "
                           "weights file or a checkpoint")
+    if cfg.get("student_init") and Path(str(cfg.student_init)).expanduser().is_file():
+        from kd.models import read_state_dict
+
+        try:  # the reader the run would use (a pipeline's stage directory is written by the stage before)
+            read_state_dict(Path(str(cfg.student_init)).expanduser())
+        except ConfigError as e:
+            raise ConfigError(f"student_init: {e}") from None
     resume = cfg.get("ckpt_path")
     if resume and not Path(resume).is_file():
         raise ConfigError(f"ckpt_path '{resume}' does not exist; pass a run's checkpoints/last.ckpt or set ckpt_path=null")
 
 
-__all__ = ["check_recipe", "check_config"]
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_threads(cfg: DictConfig) -> int | None:
+    """``threads`` as the integer torch takes (None: torch's default); refused when negative."""
+    threads = cfg.get("threads")
+    if threads is None or threads == 0:
+        return None
+    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 0:
+        raise ConfigError(f"threads must be a positive integer or null (got {threads!r}); e.g. threads=1, or "
+                          "threads=null for torch's default")
+    return threads
+
+
+def _check_optimizer(node: Any, where: str) -> None:
+    """An optimizer config's usual values: lr a number >= 0, weight_decay >= 0, betas in [0, 1)."""
+    if not isinstance(node, DictConfig):
+        return
+    lr = node.get("lr")
+    if "lr" in node and (not _number(lr) or lr < 0):
+        raise ConfigError(f"{where}.lr must be a number >= 0 (got {lr!r}); e.g. {where}.lr=1e-3")
+    decay = node.get("weight_decay")
+    if decay is not None and (not _number(decay) or decay < 0):
+        raise ConfigError(f"{where}.weight_decay must be a number >= 0 (got {decay!r}); e.g. {where}.weight_decay=0.01")
+    betas = node.get("betas")
+    if betas is not None and (OmegaConf.is_list(betas) or isinstance(betas, (list, tuple))):
+        if len(betas) != 2 or not all(_number(b) and 0 <= b < 1 for b in betas):
+            raise ConfigError(f"{where}.betas must be two numbers in [0, 1) (got {list(betas)!r}); e.g. "
+                              f"{where}.betas=[0.9,0.999]")
+
+
+def _check_numbers(cls_path: str, node: DictConfig, where: str) -> None:
+    """Arguments the constructor annotates as numbers, given as text (``recipe.lam=high``)."""
+    import inspect
+    import typing
+
+    try:
+        hints = typing.get_type_hints(get_class(cls_path).__init__)
+    except Exception:  # noqa: BLE001 - unresolvable annotations: the constructor checks for itself
+        return
+    for key, value in node.items():
+        hint = hints.get(str(key))
+        numeric = hint in (float, int) or set(typing.get_args(hint)) - {type(None)} in ({float}, {int}, {float, int})
+        if numeric and isinstance(value, str):
+            default = inspect.signature(get_class(cls_path).__init__).parameters.get(str(key))
+            example = default.default if default is not None and _number(default.default) else 1
+            raise ConfigError(f"{where}.{key} must be a number (got {value!r}); e.g. {where}.{key}={example}")
+
+
+def _writable(path: Path) -> Path | None:
+    """The directory that would have to be written to create ``path`` (``path`` itself or
+    its nearest existing parent) when it is not writable, else None."""
+    here = path.expanduser()
+    while not here.exists() and here != here.parent:
+        here = here.parent
+    if not here.is_dir():
+        return here
+    import tempfile
+
+    try:
+        with tempfile.NamedTemporaryFile(dir=here, prefix=".kd-writable-"):
+            pass
+    except OSError:
+        return here
+    return None
+
+
+#: the precisions Lightning accepts (lightning.fabric.connector._PRECISION_INPUT)
+def _precisions() -> tuple:
+    import typing
+
+    from lightning.fabric.connector import _PRECISION_INPUT
+
+    return tuple(a for arg in typing.get_args(_PRECISION_INPUT) for a in typing.get_args(arg))
+
+
+def _check_trainer(trainer: DictConfig) -> None:
+    """Trainer values Lightning would refuse deep inside, said as the option to change."""
+    for key in ("max_epochs", "max_steps"):
+        value = trainer.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < -1):
+            raise ConfigError(f"trainer.{key} must be a whole number >= 0, or -1 for no limit (got {value!r}); e.g. "
+                              f"trainer.{key}=10")
+    precision = trainer.get("precision")
+    if precision is not None:
+        allowed = _precisions()
+        if precision not in allowed and str(precision) not in allowed:
+            raise ConfigError(f"trainer.precision={precision} is not a precision Lightning knows; use one of "
+                              f"{', '.join(str(a) for a in allowed if isinstance(a, str) and '-' in a)}")
+    accelerator = str(trainer.get("accelerator") or "auto")
+    if accelerator in ("gpu", "cuda", "mps"):
+        import torch
+
+        cuda = torch.cuda.is_available()
+        mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+        if not (cuda if accelerator == "cuda" else mps if accelerator == "mps" else cuda or mps):
+            raise ConfigError(f"trainer.accelerator={accelerator} but this machine has no such device (torch sees "
+                              "none); use trainer.accelerator=cpu, or trainer.accelerator=auto")
+
+
+def _check_values(cfg: DictConfig) -> None:
+    """Single values that are out of range, the wrong type or point at nothing usable."""
+    check_threads(cfg)
+    _check_optimizer(cfg.get("optimizer"), "optimizer")
+    for label, t in teacher_configs(cfg).items():
+        fit = t.get("fit")
+        if isinstance(fit, DictConfig):
+            _check_optimizer(fit.get("optimizer"), "teacher.fit.optimizer" if label is None else
+                             f"teachers.{label}.fit.optimizer")
+    if isinstance(cfg.get("student_sft"), DictConfig):
+        _check_optimizer(cfg.student_sft.get("optimizer"), "student_sft.optimizer")
+    data = cfg.get("data")
+    if isinstance(data, DictConfig):
+        for key in ("batch_size", "eval_batch_size"):
+            value = data.get(key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ConfigError(f"data.{key} must be a whole number >= 1 (got {value!r}); e.g. data.{key}=16")
+    for group in ("recipe", "divergence"):
+        node = cfg.get(group)
+        if isinstance(node, DictConfig) and "_target_" in node:
+            _check_numbers(str(node._target_), node, group)
+    if isinstance(cfg.get("trainer"), DictConfig):
+        _check_trainer(cfg.trainer)
+    student = cfg.get("student")
+    name = student.get("name_or_path") if isinstance(student, DictConfig) else None
+    if isinstance(name, str) and name != "???":
+        path = Path(name).expanduser()
+        if path.is_file():
+            raise ConfigError(f"student.name_or_path '{name}' is a file; pass the directory that holds the model's "
+                              "config.json and weights, or a hub name")
+        if path.is_dir() and not any(path.iterdir()):
+            raise ConfigError(f"student.name_or_path '{name}' is an empty directory; pass a directory holding a "
+                              "saved model (config.json and weights), or a hub name")
+    paths = cfg.get("paths")
+    if isinstance(paths, DictConfig):
+        output = paths.get("output_dir")
+        if isinstance(output, str) and (blocked := _writable(Path(output))) is not None:
+            raise ConfigError(f"the output directory {output} cannot be written ({blocked} is not a writable "
+                              "directory); choose another with hydra.run.dir=<a writable directory>")
+        cache = paths.get("cache_dir")
+        if isinstance(cache, str) and (blocked := _writable(Path(cache))) is not None:
+            exists = Path(cache).expanduser().is_dir()
+            missing = _missing_entry(cfg, Path(cache)) if exists else None
+            if missing is not None or not exists:  # a read-only cache holding every entry the run needs serves it
+                lacks = f"lacks the {missing[0]} {missing[1]} this run would have to build" if missing else \
+                    f"cannot be created ({blocked} is not a writable directory)"
+                raise ConfigError(f"the cache directory {cache} is not writable and {lacks}; make it writable or "
+                                  "set paths.cache_dir=<a writable directory> (or KD_CACHE_DIR)")
+
+
+class _Missing(Exception):
+    """An entry a :class:`_Probe` looked up and did not find."""
+
+
+def _missing_entry(cfg: DictConfig, root: Path) -> tuple[str, Path] | None:
+    """The first cached teacher, SFT or scratch baseline the run would train that the cache
+    under ``root`` lacks, as (what, entry path): the keys computed as :mod:`kd.subruns` does,
+    nothing built, removed or locked. None: every one is there."""
+    from kd.cache import Cache
+    from kd import subruns
+
+    class _Probe(Cache):
+        def get_or_build(self, kind: str, name: str, build: Any, validate: Any = None, what: str | None = None) -> Path:
+            path = self.path(kind, name)
+            if path.is_dir() and self._problem(path, name, None) is None:
+                return path
+            raise _Missing(what or kind.rstrip("s"), path)
+
+    probe = _Probe(root)
+    try:
+        for label, t in teacher_configs(cfg).items():
+            if t.get("fit") and not t.get("checkpoint"):
+                subruns._fitted(probe, "teachers", label or choice("teacher", "teacher"), cfg, t.model, t.fit)
+        if cfg.get("student_sft"):
+            subruns.student_sft(cfg, probe)
+        elif teacher_configs(cfg) and cfg.get("scratch_baseline"):
+            subruns.scratch_baseline(cfg, probe)
+    except _Missing as e:
+        return e.args[0], e.args[1]
+    return None
+
+
+__all__ = ["check_recipe", "check_config", "check_threads"]

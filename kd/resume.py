@@ -51,6 +51,7 @@ before anything trains.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -71,8 +72,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from kd import ConfigError
+from kd.cache import disk_full, partial_path
 from kd.cache import key as cache_key
-from kd.cache import partial_path
 
 log = logging.getLogger("kd")
 
@@ -125,6 +126,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         try:
             super().save_checkpoint(checkpoint, partial, storage_options)
             os.replace(partial, target)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):  # one sentence naming the checkpoint, no partial file
+                raise ConfigError(disk_full(target)) from None
+            raise
         finally:
             partial.unlink(missing_ok=True)
 

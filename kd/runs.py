@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -36,8 +35,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from kd import ConfigError
-from kd.cache import atomic_directory
+from kd.cache import atomic_directory, atomic_write_text
 from kd.build import build
+from kd.checks import check_threads
 from kd.config import instantiate, student_factory, student_tokenizer
 from kd.evaluation import SCRATCH_ROW, SFT_ROW, headline_metric, summarize
 from kd.export import save_student
@@ -59,14 +59,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
         return run_pipeline(cfg)
     started = time.perf_counter()
-    if cfg.get("threads"):  # e.g. 1 per job when a launcher runs several jobs on a small machine
+    if check_threads(cfg):  # e.g. 1 per job when a launcher runs several jobs on a small machine
         import torch
 
         torch.set_num_threads(int(cfg.threads))
     out = Path(cfg.paths.output_dir)
     overwrite = _refuse_finished(out, cfg)
+    run = build(cfg)  # checks first: an output directory that cannot be written is refused in one sentence
     out.mkdir(parents=True, exist_ok=True)
-    run = build(cfg)
     check_resume(cfg, run.recipe)  # a ckpt_path this run cannot continue is refused before any teacher trains
     run.trainer.callbacks.append(RecordSettings(cfg))  # its checkpoints say what a resume may not change
     if overwrite:
@@ -161,17 +161,9 @@ def _clear_finished(out: Path) -> None:
 
 
 def write_json(path: Path, value: Any) -> None:
-    """Write ``value`` as JSON at ``path`` whole or not at all: into a temporary file next
-    to it, then renamed over it (a run killed mid-write leaves the old file or none)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(json.dumps(value, indent=2))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write ``value`` as JSON at ``path`` whole or not at all (:func:`kd.cache.atomic_write_text`:
+    a run killed mid-write leaves the old file or none; a full disk is one sentence)."""
+    atomic_write_text(path, json.dumps(value, indent=2))
 
 
 def _curves(out: Path) -> Path | None:
@@ -259,7 +251,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     prepare(run)
     results = run.trainer.test(run.recipe, datamodule=run.datamodule, verbose=False)
     metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
-    (out / "eval.json").write_text(json.dumps(metrics, indent=2))
+    write_json(out / "eval.json", metrics)
     width = max(len(k) for k in metrics) if metrics else 0
     print("\n".join(f"{k:<{width}}  {v:.4f}" for k, v in sorted(metrics.items())), flush=True)
     return metrics

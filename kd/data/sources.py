@@ -96,7 +96,11 @@ def _read_records(path: Path) -> list[dict]:
         import pyarrow.parquet as pq  # optional dependency, only for parquet files
 
         return pq.read_table(path).to_pylist()
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"data file '{path}' is not UTF-8 text (byte {e.start} cannot be decoded); re-save it as "
+                          "UTF-8") from None
     if path.suffix == ".json":
         try:
             records = json.loads(text)
@@ -136,7 +140,9 @@ def _to_example(record: Any, origin: str, n: int, prompt_key: str, response_key:
     if isinstance(record, dict) and "messages" in record:
         msgs = record["messages"]
         if not isinstance(msgs, list) or not all(isinstance(m, dict) for m in msgs):
-            return None
+            raise ConfigError(f"{origin} record {n}: 'messages' must be a list of {{\"role\": ..., \"content\": ...}} "
+                              "objects (chat format), not plain strings; write each turn as an object with a role "
+                              "(user or assistant) and its content")
         users = [m.get("content") for m in msgs if m.get("role") == "user"]
         answers = [m.get("content") for m in msgs if m.get("role") == "assistant"]
         prompt, response = (_text(users[-1]) if users else None), (_text(answers[-1]) if answers else None)
@@ -271,7 +277,15 @@ class HFDatasetSource:
         kwargs = {k: _plain(v) for k, v in self.args.items() if v is not None}
         try:
             ds = datasets.load_dataset(**kwargs, split=split)
-        except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as e:
+        except (ValueError, OSError) as e:  # OSError: ConnectionError, FileNotFoundError, DatasetNotFoundError
+            offline = isinstance(e, (ConnectionError, datasets.exceptions.DatasetNotFoundError)) or not isinstance(
+                e, (FileNotFoundError, ValueError))
+            if offline and not Path(str(self.args["path"])).expanduser().exists() and not self.args.get("data_files"):
+                reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise ConfigError(f"data.source.path '{self.args['path']}' is not a local directory, and as a hub "
+                                  f"dataset it could not be loaded ({reason}); a hub name needs the network (and "
+                                  "HF_DATASETS_OFFLINE unset): connect, or pass a local dataset directory or "
+                                  "data_files") from None
             raise ConfigError(f"datasets could not load split '{split}' of '{self.args['path']}' ({e}); "
                               "check data.source.path/name/data_files and the split names") from e
         if split == self.splits["train"] and self.max_examples:
