@@ -313,6 +313,14 @@ class Cache:
         if found is not None:
             log.info("reusing cached %s %s", what, found)
             return found
+        try:
+            (self.root / ".locks").mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            raise kd.ConfigError(f"the cache {self.root} is read-only and lacks the {what} {self.path(kind, name)}; "
+                                 "build it once with a writable paths.cache_dir (KD_CACHE_DIR), or use a cache "
+                                 "that holds it") from None
         with self._lock(kind, name, what) as locked:
             found = self.lookup(kind, name, validate)  # another job may have built it meanwhile
             if found is not None:

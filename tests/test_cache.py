@@ -463,3 +463,32 @@ def test_the_trained_tokenizer_is_cached_per_data_and_settings(tmp_path, monkeyp
 
     _trained_tokenizer(train, 300, 2, None, source.fingerprint())  # no cache directory: trained every time
     assert len(trained) == 4
+
+
+def test_a_read_only_cache_lacking_an_entry_is_one_sentence_naming_it(tmp_path, monkeypatch):
+    """Any kind of entry (a tokenizer, teacher generations, a logit cache...) that a read-only
+    cache lacks is refused in one sentence naming it, not a PermissionError from deep inside;
+    an entry it holds is still served. (Root ignores permission bits, so the refusal of the
+    filesystem is simulated where the cache first writes.)"""
+    import errno
+    from pathlib import Path
+
+    from kd import ConfigError
+    from kd.cache import Cache
+
+    cache = Cache(tmp_path / "cache")
+    held = cache.get_or_build("tokenizers", "held", lambda d: (d / "vocab.txt").write_text("a b"))
+    real_mkdir = Path.mkdir
+
+    def read_only(self, *args, **kwargs):
+        if self.name == ".locks" or str(self).startswith(str(tmp_path / "cache")):
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    assert cache.get_or_build("tokenizers", "held", lambda d: None) == held
+    with pytest.raises(ConfigError) as err:
+        cache.get_or_build("generations", "missing", lambda d: None, what="teacher generations")
+    assert str(err.value) == (f"the cache {tmp_path / 'cache'} is read-only and lacks the teacher generations "
+                              f"{tmp_path / 'cache' / 'generations' / 'missing'}; build it once with a writable "
+                              "paths.cache_dir (KD_CACHE_DIR), or use a cache that holds it")
