@@ -17,6 +17,12 @@ class ConfigError(ValueError):
     """
 
 
+def disk_full(path: object) -> str:
+    """The sentence for a write to ``path`` that found its disk (or quota) full."""
+    return (f"no space left on the device while writing {path} (nothing half-written is kept); free space there, "
+            "or point paths.output_dir / paths.cache_dir at another disk")
+
+
 def config_error(e: BaseException | None) -> ConfigError | None:
     """The :class:`ConfigError` behind ``e``, if any (Hydra's ``instantiate`` wraps what
     constructors raise; so may other libraries); a write that found the disk full is one too."""
@@ -27,8 +33,6 @@ def config_error(e: BaseException | None) -> ConfigError | None:
         if isinstance(e, ConfigError):
             return e
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):  # a full disk: one sentence too
-            from kd.cache import disk_full
-
             return ConfigError(disk_full(e.filename or "the run's outputs or the cache"))
         seen.add(id(e))
         e = e.__cause__ or e.__context__

@@ -361,16 +361,10 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
         os.replace(partial, target)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):  # a full disk: say which target, keep nothing half-written
-            raise kd.ConfigError(disk_full(target)) from None
+            raise kd.ConfigError(kd.disk_full(target)) from None
         raise
     finally:
         shutil.rmtree(partial, ignore_errors=True)
-
-
-def disk_full(path: str | os.PathLike) -> str:
-    """The sentence for a write to ``path`` that found its disk (or quota) full."""
-    return (f"no space left on the device while writing {path} (nothing half-written is kept); free space there, "
-            "or point paths.output_dir / paths.cache_dir at another disk")
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -385,11 +379,11 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         os.replace(partial, path)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise kd.ConfigError(disk_full(path)) from None
+            raise kd.ConfigError(kd.disk_full(path)) from None
         raise
     finally:
         partial.unlink(missing_ok=True)
 
 
 __all__ = ["Cache", "MARKER", "FILE_MODE", "DIR_MODE", "key", "file_sha256", "file_fingerprint", "files_fingerprint",
-           "partial_path", "atomic_directory", "atomic_write_text", "disk_full"]
+           "partial_path", "atomic_directory", "atomic_write_text"]

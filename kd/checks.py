@@ -258,7 +258,7 @@ def _check_numbers(cls_path: str, node: DictConfig, where: str) -> None:
             raise ConfigError(f"{where}.{key} must be a number (got {value!r}); e.g. {where}.{key}={example}")
 
 
-def _writable(path: Path) -> Path | None:
+def writable(path: Path) -> Path | None:
     """The directory that would have to be written to create ``path`` (``path`` itself or
     its nearest existing parent) when it is not writable, else None."""
     here = path.expanduser()
@@ -345,50 +345,16 @@ def _check_values(cfg: DictConfig) -> None:
     paths = cfg.get("paths")
     if isinstance(paths, DictConfig):
         output = paths.get("output_dir")
-        if isinstance(output, str) and (blocked := _writable(Path(output))) is not None:
+        if isinstance(output, str) and (blocked := writable(Path(output))) is not None:
             raise ConfigError(f"the output directory {output} cannot be written ({blocked} is not a writable "
                               "directory); choose another with hydra.run.dir=<a writable directory>")
         cache = paths.get("cache_dir")
-        if isinstance(cache, str) and (blocked := _writable(Path(cache))) is not None:
-            exists = Path(cache).expanduser().is_dir()
-            missing = _missing_entry(cfg, Path(cache)) if exists else None
-            if missing is not None or not exists:  # a read-only cache holding every entry the run needs serves it
-                lacks = f"lacks the {missing[0]} {missing[1]} this run would have to build" if missing else \
-                    f"cannot be created ({blocked} is not a writable directory)"
-                raise ConfigError(f"the cache directory {cache} is not writable and {lacks}; make it writable or "
-                                  "set paths.cache_dir=<a writable directory> (or KD_CACHE_DIR)")
+        # a read-only cache holding every entry the run needs serves it (kd.subruns.check_cache says which it lacks)
+        if isinstance(cache, str) and not Path(cache).expanduser().is_dir() and \
+                (blocked := writable(Path(cache))) is not None:
+            raise ConfigError(f"the cache directory {cache} is not writable and cannot be created ({blocked} is not a "
+                              "writable directory); make it writable or set paths.cache_dir=<a writable directory> "
+                              "(or KD_CACHE_DIR)")
 
 
-class _Missing(Exception):
-    """An entry a :class:`_Probe` looked up and did not find."""
-
-
-def _missing_entry(cfg: DictConfig, root: Path) -> tuple[str, Path] | None:
-    """The first cached teacher, SFT or scratch baseline the run would train that the cache
-    under ``root`` lacks, as (what, entry path): the keys computed as :mod:`kd.subruns` does,
-    nothing built, removed or locked. None: every one is there."""
-    from kd.cache import Cache
-    from kd import subruns
-
-    class _Probe(Cache):
-        def get_or_build(self, kind: str, name: str, build: Any, validate: Any = None, what: str | None = None) -> Path:
-            path = self.path(kind, name)
-            if path.is_dir() and self._problem(path, name, None) is None:
-                return path
-            raise _Missing(what or kind.rstrip("s"), path)
-
-    probe = _Probe(root)
-    try:
-        for label, t in teacher_configs(cfg).items():
-            if t.get("fit") and not t.get("checkpoint"):
-                subruns._fitted(probe, "teachers", label or choice("teacher", "teacher"), cfg, t.model, t.fit)
-        if cfg.get("student_sft"):
-            subruns.student_sft(cfg, probe)
-        elif teacher_configs(cfg) and cfg.get("scratch_baseline"):
-            subruns.scratch_baseline(cfg, probe)
-    except _Missing as e:
-        return e.args[0], e.args[1]
-    return None
-
-
-__all__ = ["check_recipe", "check_config", "check_threads"]
+__all__ = ["check_recipe", "check_config", "check_threads", "writable"]

@@ -18,7 +18,7 @@ import hydra
 from omegaconf import DictConfig
 
 from kd import config_error
-from kd.resume import EXIT_CODES, Stopped, install_stop_handlers, received, stop_message
+from kd.resume import EXIT_CODES, Stopped, received, stop_handlers, stop_message
 from kd.sweeps import FAILED_FILE, FAILED_JOBS, job_failure, note_failure, sweep_job
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"  # also kd.config.CONF_DIR
@@ -147,20 +147,20 @@ def _one_sentence(e: Exception) -> str:
 
 
 def _checked(prog: str, config_name: str, entry: Any) -> None:
-    install_stop_handlers()
-    try:
-        problem = composition_error(config_name, sys.argv[1:])
-        if problem is not None:
-            print(f"{prog}: error: {problem}", file=sys.stderr)
-            sys.exit(2)
-        entry()
-    except (Stopped, KeyboardInterrupt):  # a stop signal outside any run (a run's own ends in _stopped)
-        name = received()
-        if name is None:
-            raise
-        print(f"{prog}: stopped by {name} while no run was training; start it again with the same command",
-              file=sys.stderr, flush=True)
-        sys.exit(EXIT_CODES[name])
+    with stop_handlers():
+        try:
+            problem = composition_error(config_name, sys.argv[1:])
+            if problem is not None:
+                print(f"{prog}: error: {problem}", file=sys.stderr)
+                sys.exit(2)
+            entry()
+        except (Stopped, KeyboardInterrupt):  # a stop signal outside any run (a run's own ends in _stopped)
+            name = received()
+            if name is None:
+                raise
+            print(f"{prog}: stopped by {name} while no run was training; start it again with the same command",
+                  file=sys.stderr, flush=True)
+            sys.exit(EXIT_CODES[name])
 
 
 def main() -> None:

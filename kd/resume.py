@@ -31,7 +31,7 @@ weights_only=True)`` on every supported torch (Lightning passes ``weights_only=N
 torch before 2.6 reads as ``False``: unpickling, which can run any code), and refuses a
 checkpoint holding other Python objects than tensors and plain containers in one sentence.
 
-How a stopped ``kd`` ends (:func:`install_stop_handlers`, called by ``kd`` and ``kd-eval``):
+How a stopped ``kd`` ends (:func:`stop_handlers`, around ``kd`` and ``kd-eval``):
 never with exit code 0. A SIGTERM exits with 143 and Ctrl-C with 130 (:data:`EXIT_CODES`:
 128 + the signal's number, what a shell reports for a process a signal ended and what
 schedulers read as "terminated", never as success; distinct from 1, a crash, and 2, a
@@ -51,6 +51,7 @@ before anything trains.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -61,7 +62,7 @@ import shlex
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -71,8 +72,8 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from kd import ConfigError
-from kd.cache import disk_full, partial_path
+from kd import ConfigError, disk_full
+from kd.cache import partial_path
 from kd.cache import key as cache_key
 
 log = logging.getLogger("kd")
@@ -157,7 +158,7 @@ def pickled_objects(path: str | os.PathLike, e: pickle.UnpicklingError) -> Confi
 #: reports a process a signal ended (SIGTERM 143, SIGINT 130)
 EXIT_CODES = {"SIGTERM": 128 + int(signal.SIGTERM), "SIGINT": 128 + int(signal.SIGINT)}
 
-#: the stop signals this process received, in order (:func:`install_stop_handlers`)
+#: the stop signals this process received, in order (:func:`stop_handlers`)
 _received: list[str] = []
 #: while Ctrl-C is handed to Lightning's SIGTERM handlers, which call ours again
 _forwarding = threading.local()
@@ -219,14 +220,24 @@ def _on_signal(signum: int, frame: Any) -> None:
     # SIGTERM in a fit: Lightning's handler, which called this one, stops it after the batch
 
 
-def install_stop_handlers() -> None:
-    """Handle SIGTERM and SIGINT for the rest of this process (``kd`` calls this first):
-    in a Lightning stage, the stage stops gracefully after its batch (Lightning's own
-    SIGTERM handling, which calls this one too); anywhere else :class:`Stopped` is raised.
-    The console script turns either into :func:`stop_message` and :data:`EXIT_CODES`."""
-    if threading.current_thread() is threading.main_thread():
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, _on_signal)
+@contextlib.contextmanager
+def stop_handlers() -> Iterator[None]:
+    """Handle SIGTERM and SIGINT while the block runs (``kd`` runs in one): in a Lightning
+    stage, the stage stops gracefully after its batch (Lightning's own SIGTERM handling,
+    which calls this one too); anywhere else :class:`Stopped` is raised. The console script
+    turns either into :func:`stop_message` and :data:`EXIT_CODES`. On the way out the
+    previous handlers are back and the signals received are forgotten, so a process that
+    calls ``kd``'s entry point more than once (a test session) starts each call afresh."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)} if main else {}
+    for signum in previous:
+        signal.signal(signum, _on_signal)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        _received.clear()
 
 
 def resume_checkpoint(cfg: DictConfig) -> Path | None:
@@ -439,5 +450,5 @@ def check_resume(cfg: DictConfig, recipe: Any) -> None:
 
 
 __all__ = ["run_seed", "step_seed", "CheckpointOnSigterm", "AtomicCheckpointIO", "EXIT_CODES", "Stopped",
-           "received", "raise_if_stopped", "install_stop_handlers", "resume_checkpoint", "stop_message",
+           "received", "raise_if_stopped", "stop_handlers", "resume_checkpoint", "stop_message",
            "MAY_CHANGE_ON_RESUME", "training_settings", "RecordSettings", "load_checkpoint", "check_resume"]

@@ -43,7 +43,7 @@ from kd.evaluation import SCRATCH_ROW, SFT_ROW, headline_metric, summarize
 from kd.export import save_student
 from kd.models import count_parameters, load_weights
 from kd.resume import RecordSettings, check_resume
-from kd.subruns import prepare, scratch_baseline
+from kd.subruns import check_cache, prepare, scratch_baseline
 
 log = logging.getLogger("kd")
 
@@ -69,6 +69,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     check_resume(cfg, run.recipe)  # a ckpt_path this run cannot continue is refused before any teacher trains
     run.trainer.callbacks.append(RecordSettings(cfg))  # its checkpoints say what a resume may not change
+    check_cache(cfg)  # a read-only cache lacking a teacher, SFT or baseline is refused before any trains
     if overwrite:
         _clear_finished(out)
     prepare(run)

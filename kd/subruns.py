@@ -23,10 +23,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
+from kd import ConfigError
 from kd.build import Run, build
 from kd.cache import Cache, files_fingerprint
 from kd.cache import key as cache_key
-from kd.config import INIT_FROM_TEACHER, choice, instantiate, student_factory, sub_config, world_size
+from kd.checks import writable
+from kd.config import (INIT_FROM_TEACHER, choice, instantiate, student_factory, sub_config, teacher_configs,
+                       world_size)
 from kd.data import TrainOrder
 from kd.models import (CALIBRATED, calibrated_layer_map, count_parameters, init_from_teacher, layer_distances,
                        layer_list, load_weights, read_state_dict, save_model)
@@ -282,5 +285,48 @@ def scratch_baseline(cfg: DictConfig, cache: Cache) -> tuple[Path, dict[str, Any
     return entry, cache.meta("baselines", entry.name)
 
 
-__all__ = ["run_key", "data_files", "prepare", "cached_run", "cached_supervised", "load_teacher", "student_sft",
+class _Missing(Exception):
+    """An entry a :class:`_Probe` looked up and did not find."""
+
+
+def _missing_entry(cfg: DictConfig, root: Path) -> tuple[str, Path] | None:
+    """The first cached teacher, SFT or scratch baseline the run would train that the cache
+    under ``root`` lacks, as (what, entry path): the keys computed as :mod:`kd.subruns` does,
+    nothing built, removed or locked. None: every one is there."""
+    class _Probe(Cache):
+        def get_or_build(self, kind: str, name: str, build: Any, validate: Any = None, what: str | None = None) -> Path:
+            path = self.path(kind, name)
+            if path.is_dir() and self._problem(path, name, None) is None:
+                return path
+            raise _Missing(what or kind.rstrip("s"), path)
+
+    probe = _Probe(root)
+    try:
+        for label, t in teacher_configs(cfg).items():
+            if t.get("fit") and not t.get("checkpoint"):
+                _fitted(probe, "teachers", label or choice("teacher", "teacher"), cfg, t.model, t.fit)
+        if cfg.get("student_sft"):
+            student_sft(cfg, probe)
+        elif teacher_configs(cfg) and cfg.get("scratch_baseline"):
+            scratch_baseline(cfg, probe)
+    except _Missing as e:
+        return e.args[0], e.args[1]
+    return None
+
+
+def check_cache(cfg: DictConfig) -> None:
+    """Before anything trains: a cache directory this run cannot write to must hold every
+    cached teacher, SFT and baseline the run would otherwise build; refuse, naming the first
+    it lacks (:func:`_missing_entry`). A writable cache, or a complete read-only one, passes."""
+    cache = cfg.get("paths", {}).get("cache_dir") if isinstance(cfg.get("paths"), DictConfig) else None
+    if not isinstance(cache, str) or not Path(cache).expanduser().is_dir() or writable(Path(cache)) is None:
+        return
+    missing = _missing_entry(cfg, Path(cache))
+    if missing is not None:
+        raise ConfigError(f"the cache directory {cache} is not writable and lacks the {missing[0]} {missing[1]} this "
+                          "run would have to build; make it writable or set paths.cache_dir=<a writable directory> "
+                          "(or KD_CACHE_DIR)")
+
+
+__all__ = ["run_key", "data_files", "check_cache", "prepare", "cached_run", "cached_supervised", "load_teacher", "student_sft",
            "scratch_baseline"]

@@ -119,17 +119,21 @@ def test_cache_and_output_directories_under_a_file_are_refused(files, tmp_path, 
 def test_a_read_only_cache_names_the_missing_entry_and_serves_a_complete_one(tmp_path, monkeypatch, capsys):
     """A shared cache that the run cannot write: refused when it lacks the teacher (named),
     used as it is when it holds every entry the run needs."""
-    from kd import checks
+    from kd import checks, subruns
+
+    def unwritable(rule):  # root writes anywhere: the checks' test of a directory says what this one wants
+        for module in (checks, subruns):
+            monkeypatch.setattr(module, "writable", rule)
 
     cache = tmp_path / "cache"
     cache.mkdir()
-    monkeypatch.setattr(checks, "_writable", lambda path: path if path == cache else None)  # root writes anywhere
+    unwritable(lambda path: path if path == cache else None)
     line = refused(tmp_path, monkeypatch, capsys, "scratch_baseline=false")
     assert f"the cache directory {cache} is not writable and lacks the teacher {cache / 'teachers'}/digits_cnn-" in line
-    monkeypatch.setattr(checks, "_writable", lambda path: None)
+    unwritable(lambda path: None)
     code, err = run_kd(tmp_path, monkeypatch, capsys, "scratch_baseline=false")  # a writable run fills the cache
     assert code == 0, err[-2000:]
-    monkeypatch.setattr(checks, "_writable", lambda path: path if path == cache else None)
+    unwritable(lambda path: path if path == cache else None)
     (tmp_path / "run").rename(tmp_path / "first")
     code, err = run_kd(tmp_path, monkeypatch, capsys, "scratch_baseline=false")
     assert code == 0, err[-2000:]
@@ -176,14 +180,14 @@ def test_a_full_disk_names_the_path_and_leaves_no_partial_file(tmp_path, monkeyp
 def test_a_full_disk_while_writing_metrics_leaves_no_partial_file(tmp_path, monkeypatch, capsys):
     from kd.cache import atomic_write_text
 
-    target = tmp_path / "metrics.json"
-    real = Path.write_text
+    import os
 
-    def full(self, text, *args, **kwargs):
-        real(self, text[:3])
+    target = tmp_path / "metrics.json"
+
+    def full(fd):  # the bytes went to the page cache, the disk then refused them
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(Path, "write_text", full)
+    monkeypatch.setattr(os, "fsync", full)
     from kd import ConfigError
 
     with pytest.raises(ConfigError, match=f"no space left on the device while writing {target}"):

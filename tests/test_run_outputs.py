@@ -29,7 +29,7 @@ def test_metrics_json_is_renamed_into_place_whole(make_cfg, tmp_path, monkeypatc
             assert not Path(dst).exists()
         real_replace(src, dst, **kwargs)
 
-    monkeypatch.setattr(kd.runs.os, "replace", spy)
+    monkeypatch.setattr(os, "replace", spy)
     summary = train(make_cfg(*QUICK))
     assert [name for name, _ in seen] == ["metrics.json"] and seen[0][1] == summary
     assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.endswith(".tmp")) == []

@@ -46,14 +46,14 @@ def test_an_optuna_search_optimises_the_validation_metric_kd_returns(tmp_path):
 
 
 def test_a_sweep_job_failing_with_any_exception_is_one_sentence_and_the_sweep_still_summarises(tmp_path):
-    # AdamW itself rejects beta 2 with a ValueError (not a kd.ConfigError) when training starts
-    done = _kd("-m", "+optimizer.betas=[2.0,0.999],[0.9,0.999]", "scratch_baseline=false", *QUIET, *TINY,
+    # AdamW itself rejects a negative eps with a ValueError (not a kd.ConfigError) when training starts
+    done = _kd("-m", "+optimizer.eps=-1.0,1e-8", "scratch_baseline=false", *QUIET, *TINY,
                cwd=tmp_path)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
-    line = next(x for x in done.stderr.splitlines() if x.startswith("kd: error in sweep job 0 (+optimizer.betas=[2.0"))
-    assert "): ValueError: Invalid beta parameter at index 0: 2.0 (traceback in " in line
+    line = next(x for x in done.stderr.splitlines() if x.startswith("kd: error in sweep job 0 (+optimizer.eps=-1.0"))
+    assert "): ValueError: Invalid epsilon value: -1.0 (traceback in " in line
     last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith("kd: error: 1 sweep job(s) failed, the others finished: job 0 (+optimizer.betas=[2.0")
+    assert last.startswith("kd: error: 1 sweep job(s) failed, the others finished: job 0 (+optimizer.eps=-1.0")
     assert "Sweep summary" in done.stdout and "student, hinton" in done.stdout
     sweep = next((tmp_path / "outputs" / "sweeps").glob("*/*"))
     assert "ValueError" in (sweep / "0" / "traceback.txt").read_text()
@@ -63,10 +63,10 @@ def test_a_sweep_job_failing_with_any_exception_is_one_sentence_and_the_sweep_st
 def test_a_failed_job_of_a_joblib_sweep_is_named_at_its_end(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
     done = _kd("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "threads=1",
-               "+optimizer.betas=[2.0,0.999],[0.9,0.999]", "scratch_baseline=false", *QUIET, *TINY, cwd=tmp_path)
+               "+optimizer.eps=-1.0,1e-8", "scratch_baseline=false", *QUIET, *TINY, cwd=tmp_path)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("kd: error: 1 sweep job(s) failed, the others finished: job 0 (threads=1 "
-                           "+optimizer.betas=[2.0")
-    assert "ValueError: Invalid beta parameter at index 0: 2.0" in last
+                           "+optimizer.eps=-1.0")
+    assert "ValueError: Invalid epsilon value: -1.0" in last
     assert "Sweep summary" in done.stdout
