@@ -28,6 +28,22 @@ def _seeded():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _logging_as_it_was():
+    """Every test leaves logging as it found it: kd's entry point run in-process configures
+    Hydra's job logging (a stderr handler on the root logger), which would otherwise print
+    later tests' log records among the one-sentence errors they check."""
+    import logging
+
+    loggers = [logging.getLogger()] + [logging.getLogger(n) for n in ("kd", "kd.pretrained", "hydra")]
+    saved = [(lg, list(lg.handlers), lg.level, lg.propagate) for lg in loggers]
+    yield
+    for lg, handlers, level, propagate in saved:
+        lg.handlers[:] = handlers
+        lg.setLevel(level)
+        lg.propagate = propagate
+
+
 # Quiet, quick defaults for runs made by tests (each test adds its own overrides).
 QUIET = ["trainer.enable_progress_bar=false", "logger=none"]
 
