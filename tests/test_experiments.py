@@ -4,6 +4,7 @@ same configs and code path; only the teacher's directory and the sizes are overr
 from __future__ import annotations
 
 import logging
+import math
 import re
 from pathlib import Path
 
@@ -55,6 +56,8 @@ def test_experiment_a_prunes_the_teacher_and_reports_perplexity_and_kl(make_cfg,
     results = run(make_cfg(*overrides))["results"]
     row = results["student, hinton"]
     assert row["test/ppl"] > 1 and row["test/kl_to_teacher"] > 0 and results["teacher"]["test/ppl"] > 1
+    for name in ("student, hinton", "teacher"):  # perplexity is exp of the same token cross-entropy
+        assert results[name]["test/ppl"] == pytest.approx(math.exp(results[name]["test/loss"]), rel=1e-4)
 
 
 def test_experiment_b_runs_teacher_sft_student_sft_and_on_policy_gkd_scored_by_rouge_l(make_cfg, tiny_teacher):

@@ -33,6 +33,8 @@ def test_a_pipeline_runs_its_stages_caches_them_and_prints_the_table(make_cfg, t
     assert json.loads((tmp_path / "run" / "pipeline.json").read_text())["table"] == table
     entries = sorted(p.name.split("-")[0] for p in (tmp_path / "cache" / "stages").iterdir())
     assert entries == ["sorting", "sorting", "strings"]  # stage 1 is the same with and without distillation
+    with_kd, without = table.values()
+    assert with_kd["strings"] == without["strings"]  # ... so its scores are too
 
     # a second run reuses every stage: nothing is trained
     from kd.build import Run
