@@ -276,6 +276,21 @@ def writable(path: Path) -> Path | None:
     return None
 
 
+def output_dir_error(cfg: DictConfig, multirun: bool) -> str | None:
+    """Hydra creates the run's (or sweep's) directory before kd runs: one that cannot be
+    created is said here, as the option to change, instead of Hydra's traceback."""
+    key = "sweep.dir" if multirun else "run.dir"
+    try:
+        directory = Path(str(cfg.hydra.sweep.dir if multirun else cfg.hydra.run.dir))
+    except Exception:  # an interpolation only Hydra's runtime resolves: Hydra's business
+        return None
+    blocked = writable(directory)
+    if blocked is None:
+        return None
+    return (f"the {'sweep' if multirun else 'run'} directory {directory} cannot be created ({blocked} is not a writable "
+            f"directory); set hydra.{key}=<a writable directory>")
+
+
 #: the precisions Lightning accepts (lightning.fabric.connector._PRECISION_INPUT)
 def _precisions() -> tuple:
     import typing

@@ -117,11 +117,16 @@ def composition_error(config_name: str, argv: list[str]) -> str | None:
         GlobalHydra.instance().clear()
         with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
             compose(config_name, overrides=first)
+            from kd.checks import output_dir_error
+
+            hydra_overrides = [a for a in argv if not a.startswith("-") and a.lstrip("+~").startswith("hydra")]
+            return output_dir_error(compose(config_name, overrides=first + hydra_overrides, return_hydra_config=True),
+                                     multirun=any(a in ("-m", "--multirun") for a in argv))
     except Exception as e:
         return _one_sentence(e)
     finally:
         GlobalHydra.instance().clear()
-    return None
+
 
 
 #: settings that moved: the old key on the command line is answered with the new one

@@ -116,6 +116,19 @@ def test_cache_and_output_directories_under_a_file_are_refused(files, tmp_path, 
     assert f"the output directory {blocked / 'out'} cannot be written" in line
 
 
+@pytest.mark.parametrize("multirun", [False, True])
+def test_a_run_or_sweep_directory_that_cannot_be_created_is_one_sentence(multirun, files, tmp_path, monkeypatch, capsys):
+    """Hydra makes the run's directory before kd runs; under a file it used to end in
+    Hydra's error block (exit 1). The sweep's directory likewise."""
+    blocked = files / "notes.txt"
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    args = ["-m", "seed=0,1"] if multirun else []
+    line = refused(tmp_path, monkeypatch, capsys, *args, f"{key}={blocked / 'out'}")
+    assert f"directory {blocked / 'out'} cannot be created ({blocked} is not a writable directory)" in line
+    assert f"set {key}=<a writable directory>" in line
+    assert blocked.read_text() == "not weights\n"
+
+
 def test_a_read_only_cache_names_the_missing_entry_and_serves_a_complete_one(tmp_path, monkeypatch, capsys):
     """A shared cache that the run cannot write: refused when it lacks the teacher (named),
     used as it is when it holds every entry the run needs."""
