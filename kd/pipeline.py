@@ -123,12 +123,25 @@ def format_table(table: dict[str, dict[str, dict[str, float]]], skills: list[str
     return "\n".join(lines).rstrip()
 
 
-def load_pipelines(paths: list[str | Path]) -> list[dict[str, Any]]:
-    """Every ``pipeline.json`` at or below the given paths, parsed."""
+def load_pipelines(paths: list[str | Path], skipped: list[str] | None = None) -> list[dict[str, Any]]:
+    """Every ``pipeline.json`` at or below the given paths, parsed. One that cannot be read
+    (bad JSON, no ``table`` of stages: e.g. a run killed while writing it) is left out and
+    named in ``skipped`` (``"<path> (<why>)"``), as :func:`kd.evaluation.load_runs` does."""
     found = []
     for p in map(Path, paths):
-        for f in [p] if p.is_file() else sorted(p.rglob("pipeline.json")):
-            found.append(json.loads(f.read_text()))
+        for f in [p] if p.is_file() and p.name == "pipeline.json" else sorted(p.rglob("pipeline.json")):
+            try:
+                summary = json.loads(f.read_text(encoding="utf-8"))
+                table = summary.get("table") if isinstance(summary, dict) else None
+                ok = isinstance(table, dict) and all(isinstance(v, dict) and all(isinstance(sc, dict) for sc in v.values())
+                                                     for v in table.values())
+                why = None if ok else "no table of stages and skills"
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                why = f"{type(e).__name__}: {e}"
+            if why is None:
+                found.append(summary)
+            elif skipped is not None:
+                skipped.append(f"{f} ({why})")
     return found
 
 

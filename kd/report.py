@@ -208,13 +208,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"kd-report: error: {', '.join(missing)} does not exist; pass run or sweep directories "
               "(or metrics.json files)", file=sys.stderr)
         sys.exit(2)
-    skipped: list[str] = []
-    runs = load_runs(args.paths, skipped)
-    for entry in skipped:
-        print(f"kd-report: skipped the unreadable run {entry}", file=sys.stderr)
     from kd.pipeline import load_pipelines, summarize_pipelines
 
-    pipelines = load_pipelines(args.paths)
+    skipped: list[str] = []
+    runs = load_runs(args.paths, skipped)
+    pipelines = load_pipelines(args.paths, skipped)
+    for entry in skipped:
+        print(f"kd-report: skipped the unreadable run {entry}", file=sys.stderr)
     if pipelines and not runs:
         print(summarize_pipelines(pipelines))
         return

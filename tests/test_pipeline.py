@@ -88,6 +88,25 @@ def test_pipeline_summaries_average_over_seeds(tmp_path):
     assert "75.0 ± 35.4" in row and "0.0 ± 0.0" in row  # mean and sample std of 50 and 100
 
 
+def test_kd_report_skips_an_unreadable_pipeline_json_and_names_it(tmp_path, capsys):
+    """A pipeline.json cut short (a run killed while writing it) or without its table is
+    named and left out; the others are summarised (it used to raise a JSONDecodeError)."""
+    from kd.pipeline import WITH
+    from kd.report import main as report
+
+    good = tmp_path / "0"
+    good.mkdir()
+    (good / "pipeline.json").write_text(json.dumps({"seed": 0, "table": {WITH: {"strings": {"upper": 0.25}}}}))
+    for name, text in (("cut", '{"seed": 1, "table": {"with'), ("tableless", '{"seed": 2}'), ("list", "[1, 2]")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "pipeline.json").write_text(text)
+    report([str(tmp_path), "--no-plots"])
+    out, err = capsys.readouterr()
+    assert "over 1 run(s), seeds [0]" in out and "25.0" in out
+    for name in ("cut", "tableless", "list"):
+        assert f"skipped the unreadable run {tmp_path / name / 'pipeline.json'} (" in err
+
+
 def test_every_stage_is_checked_before_the_first_one_trains(make_cfg, tmp_path):
     with pytest.raises(ConfigError, match="recipe.stage_objective must be one of"):
         train(make_cfg(*TINY, "pipeline.stages.1.objective=rl"))
