@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 
 from kd import config_error
 from kd.resume import EXIT_CODES, Stopped, received, stop_handlers, stop_message
-from kd.sweeps import FAILED_FILE, FAILED_JOBS, job_failure, note_failure, sweep_job
+from kd.sweeps import FAILED_FILE, FAILED_JOBS, failed_trial_value, job_failure, note_failure, sweep_job
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"  # also kd.config.CONF_DIR
 
@@ -77,12 +77,13 @@ def _hydra_train(cfg: DictConfig) -> Any:
     summary = one_sentence_errors("kd", train, cfg)
     metric = cfg.get("optimized_metric")
     if metric and isinstance(summary, dict) and "error" in summary:
-        return float("nan")  # a failed trial, to the sweeper
+        return failed_trial_value()  # a failed trial, to the sweeper: its worst value
     if metric and isinstance(summary, dict) and "validation" in summary:  # a sweeper (Optuna) optimises it
         validation = summary["validation"]
-        if metric not in validation:
-            print(f"kd: error: optimized_metric={metric} is not a validation metric of this run; choose one of "
-                  f"{sorted(validation)}", file=sys.stderr)
+        if metric not in validation:  # every job would fail alike: the sweep stops at its first
+            print(f"kd: error: optimized_metric={metric} is not a validation metric of this run"
+                  f"{'' if sweep_job() is None else ' (sweep job ' + sweep_job() + '; the sweep stops)'}; choose one "
+                  f"of {sorted(validation)}", file=sys.stderr)
             sys.exit(2)
         return validation[metric]
     return summary

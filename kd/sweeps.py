@@ -52,6 +52,16 @@ def job_failure(e: Exception) -> str:
     return f"{sentence} (traceback in {path})"
 
 
+def failed_trial_value() -> float:
+    """What a failed job returns to a sweeper that optimises ``optimized_metric``: the worst
+    value for the sweeper's direction (Optuna's sweeper cannot take a NaN: it records the
+    trial as failed and then raises), so the search goes on and never picks it."""
+    from hydra.core.hydra_config import HydraConfig
+
+    direction = HydraConfig.get().sweeper.get("direction", "minimize") if HydraConfig.initialized() else "minimize"
+    return float("-inf") if str(direction).lower().endswith("maximize") else float("inf")
+
+
 #: a failed sweep job's sentence, in its output directory: a launcher that runs jobs in other
 #: processes (joblib) reports them at the sweep's end from these files
 FAILED_FILE = "failed.json"

@@ -70,3 +70,27 @@ def test_a_failed_job_of_a_joblib_sweep_is_named_at_its_end(tmp_path):
                            "+optimizer.eps=-1.0")
     assert "ValueError: Invalid epsilon value: -1.0" in last
     assert "Sweep summary" in done.stdout
+
+
+def test_a_failed_trial_of_an_optuna_search_is_its_worst_value_and_the_search_goes_on(tmp_path):
+    """A failed job used to return NaN, which Optuna's sweeper records as a failed trial and
+    then raises on (a traceback, exit 1). Now it is -inf for a maximising search: every
+    trial runs, the results are written, and the sweep exits 2 naming the failed jobs."""
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    done = _kd("-m", "hparams_search=digits_optuna", "hydra.sweeper.n_trials=2",
+               "hydra.sweeper.sampler.n_startup_trials=2", "+optimizer.eps=-1.0", "scratch_baseline=false",
+               *QUIET, *TINY, cwd=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1].startswith("kd: error: 2 sweep job(s) failed")
+    sweep = next((tmp_path / "outputs" / "sweeps").glob("*/*"))
+    assert yaml.safe_load((sweep / "optimization_results.yaml").read_text())["best_value"] == float("-inf")
+
+
+def test_an_optimized_metric_no_run_reports_stops_the_sweep_in_one_sentence(tmp_path):
+    done = _kd("-m", "seed=0,1", "optimized_metric=val/nope", "scratch_baseline=false", *QUIET, *TINY, cwd=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    line = done.stderr.strip().splitlines()[-1]
+    assert line.startswith("kd: error: optimized_metric=val/nope is not a validation metric of this run (sweep job 0 ")
+    assert "the sweep stops); choose one of ['val/" in line
+    sweep = next((tmp_path / "outputs" / "sweeps").glob("*/*"))
+    assert not (sweep / "1").exists()  # the second job did not train
