@@ -196,10 +196,10 @@ def _check_groups(cfg: DictConfig, needs: Needs, name: str) -> None:
     if cfg.get("student_init") and not Path(str(cfg.student_init)).expanduser().exists():
         raise ConfigError(f"student_init '{cfg.student_init}' does not exist; pass a run's student/ directory, a "
                           "weights file or a checkpoint")
-    if cfg.get("student_init") and Path(str(cfg.student_init)).expanduser().is_file():
+    if cfg.get("student_init"):
         from kd.models import read_state_dict
 
-        try:  # the reader the run would use (a pipeline's stage directory is written by the stage before)
+        try:  # the reader the run would use: a file, or a directory holding the weights file
             read_state_dict(Path(str(cfg.student_init)).expanduser())
         except ConfigError as e:
             raise ConfigError(f"student_init: {e}") from None

@@ -80,9 +80,11 @@ def test_a_gpu_accelerator_without_a_gpu_is_refused(tmp_path, monkeypatch, capsy
     assert "trainer.accelerator=gpu but this machine has no such device" in line
 
 
-def test_student_init_that_is_not_weights_is_refused_before_the_teacher_trains(files, tmp_path, monkeypatch, capsys):
-    line = refused(tmp_path, monkeypatch, capsys, f"student_init={files / 'notes.txt'}")
-    assert line.startswith("kd: error: student_init: ") and "notes.txt" in line
+@pytest.mark.parametrize("what", ["notes.txt", "empty"])
+def test_student_init_that_is_not_weights_is_refused_before_the_teacher_trains(what, files, tmp_path, monkeypatch,
+                                                                               capsys):
+    line = refused(tmp_path, monkeypatch, capsys, f"student_init={files / what}")
+    assert line.startswith("kd: error: student_init: ") and str(files / what) in line
 
 
 @pytest.mark.parametrize("what", ["notes.txt", "empty"])
