@@ -415,10 +415,30 @@ def _check_settings(path: Any, state: dict[str, Any], cfg: DictConfig) -> None:
                       "e.g. trainer.max_epochs, may change) or start a new run with ckpt_path=null")
 
 
+def _adapter_problems(theirs: dict[str, tuple], mine: dict[str, tuple]) -> list[str]:
+    """A LoRA checkpoint's adapters against this student's layers: ``<layer>.lora_A.*`` is
+    (r, inputs) and ``<layer>.lora_B.*`` is (outputs, r) of the linear ``<layer>.weight``."""
+    adapters = {k: s for k, s in theirs.items() if k.startswith("student.") and ".lora_" in k}
+    if not adapters:
+        return ["it holds no LoRA adapters, which this run (peft) trains"]
+    problems = []
+    for k, shape in sorted(adapters.items()):
+        layer, _, rest = k.partition(".lora_")
+        base = mine.get(f"{layer}.weight")
+        if base is None:
+            problems.append(f"it adapts {layer}, which this student lacks")
+        elif rest.startswith("A.") and len(base) == 2 and shape[-1] != base[1]:
+            problems.append(f"{k} has shape {list(shape)} there, but {layer} takes {base[1]} inputs here")
+        elif rest.startswith("B.") and len(base) == 2 and shape[0] != base[0]:
+            problems.append(f"{k} has shape {list(shape)} there, but {layer} gives {base[0]} outputs here")
+    return problems
+
+
 def _check_architecture(path: Any, state: dict[str, Any], recipe: Any, adapted: bool) -> None:
     """The checkpoint's weights must be the student's (and the recipe's other trained
     modules'): the same names and shapes. With adapters (``peft``, injected later, when the
-    run is prepared) only the shapes of the names both have are compared."""
+    run is prepared) the checkpoint holds only the adapters, and each must fit the layer it
+    adapts (:func:`_adapter_problems`)."""
     mine = {k: tuple(v.shape) for k, v in recipe.state_dict().items()
             if not k.startswith(("teacher.", "teachers.")) and hasattr(v, "shape")}
     theirs = {k: tuple(v.shape) for k, v in state["state_dict"].items() if hasattr(v, "shape")}
@@ -430,6 +450,8 @@ def _check_architecture(path: Any, state: dict[str, Any], recipe: Any, adapted: 
         problems += [f"it lacks {k}" for k in missing[:2]] + [f"it has {k}, which this student lacks" for k in extra[:2]]
         problems += [f"{len(missing) + len(extra) - min(len(missing), 2) - min(len(extra), 2)} more names differ"] if (
             len(missing) + len(extra) > min(len(missing), 2) + min(len(extra), 2)) else []
+    if adapted:  # a LoRA checkpoint holds the adapters only: each must fit the layer it adapts here
+        problems += _adapter_problems(theirs, mine)
     if problems:
         raise ConfigError(f"ckpt_path {path} holds the weights of another architecture than this run's student "
                           f"({'; '.join(problems[:4])}); resume a checkpoint of this student, or choose the student it "

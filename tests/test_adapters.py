@@ -92,6 +92,10 @@ def test_a_lora_gkd_run_generates_with_the_adapted_student_and_checkpoints_only_
     changed = [k for k in same_shape if not torch.equal(exported.state_dict()[k], start[k])]
     assert len(same_shape) > 10 and changed
     assert all(k.endswith("proj.weight") for k in changed)  # only the adapted layers moved
+    # its adapters-only checkpoint resumes (the architecture check fits each adapter to its layer)
+    resumed = run(make_cfg(*overrides, "trainer.max_epochs=2", f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}",
+                           root=tmp_path / "resumed"))
+    assert 0.0 <= resumed["results"]["student, gkd"]["test/exact_match"] <= 1.0
 
 
 def test_the_adapter_export_holds_peft_files(make_cfg, tmp_path):
@@ -102,3 +106,25 @@ def test_the_adapter_export_holds_peft_files(make_cfg, tmp_path):
                  "trainer.limit_train_batches=1", "scratch_baseline=false"))
     files = {p.name for p in Path(tmp_path / "run" / "student").iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors"} <= files and "model.safetensors" not in files
+
+
+@pytest.mark.parametrize("here_width,here_layers,refused", [(32, 2, None), (48, 2, "takes 48 inputs here"),
+                                                            (32, 1, "which this student lacks")])
+def test_a_lora_resume_checks_each_adapter_against_the_layer_it_adapts(here_width, here_layers, refused):
+    """A LoRA checkpoint holds only the adapters; the resume check used to compare only the
+    names both sides share (none), so any architecture passed."""
+    from kd.resume import _check_architecture
+
+    model, _ = _adapted()
+    saved = {"state_dict": {f"student.{k}": v for k, v in model.state_dict().items() if "lora_" in k}}
+    recipe = torch.nn.Module()
+    recipe.student = tiny_causal_lm(vocab_size=64, hidden_size=here_width, num_layers=here_layers)
+    if refused is None:
+        _check_architecture("run.ckpt", saved, recipe, adapted=True)
+        return
+    with pytest.raises(ConfigError, match="holds the weights of another architecture") as e:
+        _check_architecture("run.ckpt", saved, recipe, adapted=True)
+    assert refused in str(e.value)
+    with pytest.raises(ConfigError, match="holds no LoRA adapters"):
+        _check_architecture("run.ckpt", {"state_dict": {f"student.{k}": v for k, v in
+                                                        recipe.student.state_dict().items()}}, recipe, adapted=True)
