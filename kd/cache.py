@@ -37,6 +37,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -186,8 +187,10 @@ class Cache:
 
     # ------------------------------------------------------------------ lookup
 
-    def _problem(self, directory: Path, name: str, validate: Callable[[Path], None] | None) -> str | None:
-        """Why ``directory`` is not a usable entry ``name`` (None: it is)."""
+    def _problem(self, directory: Path, name: str, validate: Callable[[Path], None] | None,
+                 checksums: bool = True) -> str | None:
+        """Why ``directory`` is not a usable entry ``name`` (None: it is); ``checksums=False``
+        checks the files' presence and sizes only."""
         marker = directory / MARKER
         if not directory.is_dir():
             return "it is not a directory"
@@ -214,7 +217,7 @@ class Cache:
             if not isinstance(record.get("sha256"), str):
                 return f"its marker has no checksum for {rel} (written by an older kd)"
             signature.append((rel, stat.st_ino, stat.st_size, stat.st_mtime_ns))
-        if _verified.get(str(directory)) != tuple(signature):  # once per process, unless files changed
+        if checksums and _verified.get(str(directory)) != tuple(signature):  # once per process, unless files changed
             for rel, record in files.items():
                 if file_sha256(directory / rel) != record["sha256"]:
                     _verified.pop(str(directory), None)
@@ -333,7 +336,8 @@ class Cache:
             with atomic_directory(final) as tmp:  # replaces whatever unusable directory is left there
                 started = time.perf_counter()
                 info = build(tmp) or {}
-                marker = {"name": name, "kind": kind, "kd_version": kd.__version__, "info": info,
+                marker = {"name": name, "kind": kind, "kd_version": kd.__version__, "info": info, "created": time.time(),
+                          "built_by": f"{what}: " + " ".join(["kd", *sys.argv[1:]])[:500],
                           "build_s": round(time.perf_counter() - started, 2), "files": _inventory(tmp)}
                 (tmp / MARKER).write_text(json.dumps(marker, indent=2, default=str))  # last: the entry is complete
                 _set_modes(tmp)

@@ -291,6 +291,28 @@ def output_dir_error(cfg: DictConfig, multirun: bool) -> str | None:
             f"directory); set hydra.{key}=<a writable directory>")
 
 
+#: settings that moved: the old key on the command line is answered with the new one
+MOVED_KEYS = {"student.init_from_teacher": "student_init_from_teacher"}
+
+
+def composition_sentence(e: Exception) -> str:
+    """Hydra's multi-line composition errors as one sentence that names the fix."""
+    text = str(e).split("Config search path")[0]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    head = lines[0].rstrip(".") if lines else type(e).__name__
+    if head.startswith("Could not override"):
+        for old, new in MOVED_KEYS.items():
+            if head.startswith(f"Could not override '{old}'"):
+                return f"{old} is now the top-level {new}; set {new}=<value> instead"
+        return (f"{head}: the chosen config groups have no such key; check its spelling (a group's keys are in "
+                "its yaml under conf/) or drop the override")
+    if len(lines) > 2 and lines[1].startswith("Available options"):
+        return f"{head}; choose one of: {', '.join(lines[2:])}"
+    if type(e).__name__ == "OverrideParseException":
+        return f"cannot parse an override ({head}); quote values with special characters, e.g. 'key=[1,2]'"
+    return f"{head}; check the command line's overrides"
+
+
 #: the precisions Lightning accepts (lightning.fabric.connector._PRECISION_INPUT)
 def _precisions() -> tuple:
     import typing

@@ -10,6 +10,7 @@ resumes it and exits with 143 or 130 (:mod:`kd.resume`), a sweep included.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,8 @@ import hydra
 from omegaconf import DictConfig
 
 from kd import config_error
-from kd.resume import EXIT_CODES, Stopped, received, stop_handlers, stop_message
+from kd.resume import (EXIT_CODES, Stopped, in_worker, outside_run_stop_message, received, stop_handlers, stop_message,
+                       worker_stop_handlers)
 from kd.sweeps import FAILED_FILE, FAILED_JOBS, failed_trial_value, job_failure, note_failure, sweep_job
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"  # also kd.config.CONF_DIR
@@ -35,6 +37,8 @@ def _stopped(prog: str, name: str, cfg: DictConfig) -> None:
     else:
         message = f"stopped by {name}; run the same command again"
     print(f"{prog}: {message}", file=sys.stderr, flush=True)
+    if in_worker():  # a joblib worker: the process ends with the job (its sweep waits for it)
+        os._exit(EXIT_CODES[name])
     sys.exit(EXIT_CODES[name])
 
 
@@ -49,25 +53,26 @@ def one_sentence_errors(prog: str, fn: Any, cfg: DictConfig) -> Any:
         from hydra.core.hydra_config import HydraConfig
 
         (Path(HydraConfig.get().runtime.output_dir) / FAILED_FILE).unlink(missing_ok=True)
-    try:
-        return fn(cfg)
-    except BaseException as e:
-        name = received()
-        if name is not None:
-            _stopped(prog, name, cfg)
-        if not isinstance(e, Exception):
-            raise
-        cause = config_error(e)
-        if job is not None:
-            reason = str(cause) if cause is not None else job_failure(e)
-            print(f"{prog}: error in sweep job {job}: {reason}", file=sys.stderr, flush=True)
-            FAILED_JOBS.append(f"job {job}: {reason}")
-            note_failure(f"job {job}: {reason}")
-            return {"error": reason}
-        if cause is None:
-            raise
-        print(f"{prog}: error: {cause}", file=sys.stderr)
-        sys.exit(2)
+    with worker_stop_handlers():  # a job in a worker process (joblib) handles its own stop signals
+        try:
+            return fn(cfg)
+        except BaseException as e:
+            name = received()
+            if name is not None:
+                _stopped(prog, name, cfg)
+            if not isinstance(e, Exception):
+                raise
+            cause = config_error(e)
+            if job is not None:
+                reason = str(cause) if cause is not None else job_failure(e)
+                print(f"{prog}: error in sweep job {job}: {reason}", file=sys.stderr, flush=True)
+                FAILED_JOBS.append(f"job {job}: {reason}")
+                note_failure(f"job {job}: {reason}")
+                return {"error": reason}
+            if cause is None:
+                raise
+            print(f"{prog}: error: {cause}", file=sys.stderr)
+            sys.exit(2)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
@@ -103,6 +108,8 @@ def composition_error(config_name: str, argv: list[str]) -> str | None:
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    from kd.checks import composition_sentence, output_dir_error
+
     if any(a.startswith("-") and a not in ("-m", "--multirun") for a in argv):
         return None  # --help, --cfg, -c, ...: Hydra's business
     overrides = [a for a in argv if not a.startswith("-") and not a.lstrip("+~").startswith("hydra")]
@@ -118,38 +125,14 @@ def composition_error(config_name: str, argv: list[str]) -> str | None:
         GlobalHydra.instance().clear()
         with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
             compose(config_name, overrides=first)
-            from kd.checks import output_dir_error
-
             hydra_overrides = [a for a in argv if not a.startswith("-") and a.lstrip("+~").startswith("hydra")]
             return output_dir_error(compose(config_name, overrides=first + hydra_overrides, return_hydra_config=True),
                                      multirun=any(a in ("-m", "--multirun") for a in argv))
     except Exception as e:
-        return _one_sentence(e)
+        return composition_sentence(e)
     finally:
         GlobalHydra.instance().clear()
 
-
-
-#: settings that moved: the old key on the command line is answered with the new one
-MOVED_KEYS = {"student.init_from_teacher": "student_init_from_teacher"}
-
-
-def _one_sentence(e: Exception) -> str:
-    """Hydra's multi-line composition errors as one sentence that names the fix."""
-    text = str(e).split("Config search path")[0]
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    head = lines[0].rstrip(".") if lines else type(e).__name__
-    if head.startswith("Could not override"):
-        for old, new in MOVED_KEYS.items():
-            if head.startswith(f"Could not override '{old}'"):
-                return f"{old} is now the top-level {new}; set {new}=<value> instead"
-        return (f"{head}: the chosen config groups have no such key; check its spelling (a group's keys are in "
-                "its yaml under conf/) or drop the override")
-    if len(lines) > 2 and lines[1].startswith("Available options"):
-        return f"{head}; choose one of: {', '.join(lines[2:])}"
-    if type(e).__name__ == "OverrideParseException":
-        return f"cannot parse an override ({head}); quote values with special characters, e.g. 'key=[1,2]'"
-    return f"{head}; check the command line's overrides"
 
 
 def _checked(prog: str, config_name: str, entry: Any) -> None:
@@ -164,13 +147,16 @@ def _checked(prog: str, config_name: str, entry: Any) -> None:
             name = received()
             if name is None:
                 raise
-            print(f"{prog}: stopped by {name} while no run was training; start it again with the same command",
-                  file=sys.stderr, flush=True)
+            print(f"{prog}: {outside_run_stop_message(name)}", file=sys.stderr, flush=True)
             sys.exit(EXIT_CODES[name])
 
 
 def main() -> None:
-    """Console script ``kd``."""
+    """Console script ``kd`` (``kd cache ...``: :mod:`kd.cache_command`)."""
+    if sys.argv[1:2] == ["cache"]:
+        from kd.cache_command import main as cache_main
+
+        sys.exit(cache_main(sys.argv[2:]))
     if not (CONF_DIR / "train.yaml").is_file():
         sys.exit(f"kd: error: config directory {CONF_DIR} not found; install kd from its repository with pip install -e .")
     _checked("kd", "train", _hydra_train)
@@ -183,9 +169,7 @@ def eval_main() -> None:
 
 def report_main(argv: list[str] | None = None) -> None:
     """Console script ``kd-report DIR...`` (:func:`kd.report.main`)."""
-    from kd.report import main
-
-    main(argv)
+    __import__("kd.report").report.main(argv)
 
 
 if __name__ == "__main__":  # python -m kd.cli (how DDP relaunches it); kd.cli, not __main__, holds the state
