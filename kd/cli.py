@@ -10,7 +10,6 @@ resumes it and exits with 143 or 130 (:mod:`kd.resume`), a sweep included.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from omegaconf import DictConfig
 
 from kd import config_error
 from kd.resume import (EXIT_CODES, Stopped, in_worker, outside_run_stop_message, received, stop_handlers, stop_message,
-                       worker_stop_handlers)
+                       worker_stop_handlers, worker_stopped)
 from kd.sweeps import FAILED_FILE, FAILED_JOBS, failed_trial_value, job_failure, note_failure, sweep_job
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"  # also kd.config.CONF_DIR
@@ -37,8 +36,8 @@ def _stopped(prog: str, name: str, cfg: DictConfig) -> None:
     else:
         message = f"stopped by {name}; run the same command again"
     print(f"{prog}: {message}", file=sys.stderr, flush=True)
-    if in_worker():  # a joblib worker: the process ends with the job (its sweep waits for it)
-        os._exit(EXIT_CODES[name])
+    if in_worker():  # a joblib worker: it takes no further job (its sweep's process waits, then ends it)
+        worker_stopped(EXIT_CODES[name])
     sys.exit(EXIT_CODES[name])
 
 

@@ -198,6 +198,71 @@ def _lightning_handler() -> Any:
     return handler if isinstance(handler, _HandlersCompose) else None
 
 
+#: what this process did with a SIGTERM for its sweep workers: the pids it forwarded it to
+FORWARDED: list[int] = []
+
+
+def sweep_workers() -> list[int]:
+    """The pids of this process's children that run sweep jobs for Hydra's joblib launcher
+    (loky's worker processes), read from ``/proc``; none elsewhere."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            command = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ")
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == os.getpid() and b"loky" in command and b"resource_tracker" not in command:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def _forward_to_workers(signum: int, timeout: float = 300.0) -> None:
+    """A SIGTERM to a sweep whose jobs run in worker processes (joblib) reaches only this
+    one: forward it, so each running job writes its checkpoint and its sentence, and wait
+    (bounded) until they have ended."""
+    workers = sweep_workers()
+    for pid in workers:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+    FORWARDED.extend(workers)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(_alive(pid) and not _stopped_marker(os.getpid(), pid).exists()
+                                              for pid in workers):
+        time.sleep(0.1)
+    for pid in workers:  # done (or past the deadline): they take no further job
+        _stopped_marker(os.getpid(), pid).unlink(missing_ok=True)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _stopped_marker(parent: int, worker: int) -> Path:
+    """The file a sweep's worker process touches once its stopped job has written its
+    checkpoint and sentence (:func:`worker_stopped`)."""
+    import tempfile
+
+    return Path(tempfile.gettempdir()) / f"kd-stopped-{parent}-{worker}"
+
+
+def worker_stopped(code: int) -> None:
+    """End a stopped job in a sweep's worker process: tell the sweep's process (which waits
+    for it, :func:`_forward_to_workers`) and take no further job; the sweep's process ends
+    the worker. (Exiting at once would make loky kill the other workers mid-checkpoint.)"""
+    with contextlib.suppress(OSError):
+        _stopped_marker(os.getppid(), os.getpid()).touch()
+    time.sleep(120)
+    os._exit(code)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (not ended, not a zombie)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
 def _on_signal(signum: int, frame: Any) -> None:
     if getattr(_forwarding, "active", False):  # Lightning's handlers calling this one back for a Ctrl-C
         return
@@ -210,6 +275,8 @@ def _on_signal(signum: int, frame: Any) -> None:
         return
     lightning = _lightning_handler()
     if lightning is None:
+        if signum == signal.SIGTERM:  # Ctrl-C in a terminal reaches the workers by itself
+            _forward_to_workers(signum)
         raise Stopped(name)
     if signum != signal.SIGTERM:  # Ctrl-C in a fit: Lightning's graceful stop, as for SIGTERM
         _forwarding.active = True
@@ -238,6 +305,41 @@ def stop_handlers() -> Iterator[None]:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         _received.clear()
+        FORWARDED.clear()
+
+
+def outside_run_stop_message(name: str) -> str:
+    """What ``kd`` says when a stop signal came while no run of this process trained: a
+    sweep whose jobs run in worker processes (they said their own sentences), or no run."""
+    if FORWARDED:
+        return (f"stopped by {name}; its {len(FORWARDED)} worker process(es) stopped their jobs, each naming the "
+                "command that resumes it above; later jobs did not run")
+    return f"stopped by {name} while no run was training; start it again with the same command"
+
+
+def in_worker() -> bool:
+    """Whether this process is a sweep's worker (:func:`worker_stop_handlers` installed the
+    stop handlers here): a stopped job then ends the worker process itself (loky keeps a
+    worker alive after a job's ``SystemExit``, and the sweep's process waits for it)."""
+    return bool(_IN_WORKER)
+
+
+_IN_WORKER: list[bool] = []
+
+
+@contextlib.contextmanager
+def worker_stop_handlers() -> Iterator[None]:
+    """:func:`stop_handlers` where they are not installed yet: in a sweep's worker process
+    (joblib), which runs jobs without passing through ``kd``'s entry point; else nothing."""
+    if signal.getsignal(signal.SIGTERM) is _on_signal:
+        yield
+        return
+    _IN_WORKER.append(True)
+    try:
+        with stop_handlers():
+            yield
+    finally:
+        _IN_WORKER.clear()
 
 
 def resume_checkpoint(cfg: DictConfig) -> Path | None:

@@ -39,6 +39,7 @@ from kd.cache import atomic_directory, atomic_write_text
 from kd.build import build
 from kd.checks import check_threads
 from kd.config import instantiate, student_factory, student_tokenizer
+from kd.console import quiet
 from kd.evaluation import SCRATCH_ROW, SFT_ROW, headline_metric, summarize
 from kd.export import save_student
 from kd.models import count_parameters, load_weights
@@ -54,6 +55,7 @@ def _overrides() -> list[str]:
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train one recipe run as described in the module docstring; returns metrics.json's dict."""
+    quiet()  # kd's lines, progress bars and the table; not the libraries' banners (kd.console)
     if cfg.get("pipeline"):  # kd pipeline=<name>: the stages in turn (kd/pipeline.py)
         from kd.pipeline import run_pipeline
 
@@ -241,6 +243,7 @@ def _keep_work(run: Any, out: Path, reason: str, started: float) -> str:
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Test ``cfg.student`` on ``cfg.data`` (exact match, perplexity, accuracy; the KL to
     the teacher when one is configured); writes ``eval.json`` in the output directory."""
+    quiet()
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if "tokenizer" in cfg.data and not cfg.data.tokenizer and student_tokenizer(cfg) is not None:

@@ -76,6 +76,13 @@ def test_console_script_runs_sweeps_and_never_overwrites(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Sweep summary (mean ± std over seeds)" in done.stdout
     assert "[2 seeds: [0, 1]" in done.stdout
+    # a quiet console (kd.console): no trainer banners, no checkpoint-restoring lines of the
+    # cached sub-runs, no third-party deprecation notices; one line for each sub-run built
+    said = done.stdout + done.stderr
+    chatter = ("GPU available", "TPU available", "litlogger", "Restoring states", "Loaded model weights",
+               "is deprecated", "weights_only")
+    assert not [c for c in chatter if c in said], said[-3000:]
+    assert said.count("building the teacher once") == 1 and said.count("reusing cached teacher") == 1, said[-3000:]
     sweep = next((tmp_path / "outputs" / "sweeps").glob("*/*"))
     for job in ("0", "1"):
         metrics = json.loads((sweep / job / "metrics.json").read_text())

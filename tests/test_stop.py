@@ -242,3 +242,49 @@ def test_a_refusal_is_one_sentence_and_exit_code_2_on_the_command_line(tmp_path,
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert _last_line(done.stderr).startswith(f"kd: error: ckpt_path {trained} was trained with other settings")
     assert not (tmp_path / "cache").exists()
+
+
+def test_sigterm_to_a_joblib_sweep_stops_the_jobs_in_its_worker_processes(tmp_path):
+    """The joblib launcher runs jobs in loky worker processes, which a SIGTERM to ``kd``
+    never reached: the sweep exited while its jobs trained on. It is forwarded now; each
+    running job writes its checkpoint and sentence, and no worker outlives ``kd``."""
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    from kd.resume import _alive, sweep_workers
+
+    marker = tmp_path / "fitting"
+    args = ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "threads=1", "seed=0,1", *TINY,
+            "trainer.max_epochs=40", "scratch_baseline=false", *_paced(tmp_path, "run")]
+    with open(tmp_path / "stderr.txt", "w+") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "kd.cli", *args], cwd=tmp_path, env=_env(tmp_path),
+                                stdout=subprocess.DEVNULL, stderr=err)
+        workers: list[int] = []
+        try:
+            deadline = time.monotonic() + 300
+            while not marker.exists():
+                assert proc.poll() is None, (tmp_path / "stderr.txt").read_text()[-3000:]
+                assert time.monotonic() < deadline, "the fit never started"
+                time.sleep(0.05)
+            workers = [int(p.parent.name) for p in Path("/proc").glob("[0-9]*/stat")
+                       if p.read_text().rsplit(")", 1)[1].split()[1] == str(proc.pid)]
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(timeout=300)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            until = time.monotonic() + 10  # SIGKILLed workers: gone, or zombies waiting for a reaper
+            while [pid for pid in workers if _alive(pid)] and time.monotonic() < until:
+                time.sleep(0.1)
+            alive = [pid for pid in workers if _alive(pid)]
+            for pid in alive:
+                os.kill(pid, signal.SIGKILL)
+        err.seek(0)
+        stderr = err.read()
+    assert sweep_workers() == []  # (this process has none)
+    assert code == 143, stderr[-3000:]
+    assert "Traceback" not in stderr
+    assert _last_line(stderr).startswith("kd: stopped by SIGTERM; its 2 worker process(es) stopped their jobs")
+    jobs = [line for line in stderr.splitlines() if line.startswith("kd: sweep job ")]
+    assert jobs and all("stopped by SIGTERM" in line for line in jobs), stderr[-3000:]
+    assert list((tmp_path / "outputs" / "sweeps").rglob("interrupted.ckpt"))
+    assert not alive, "a worker process outlived kd"
