@@ -268,7 +268,7 @@ def draw_curves(per_run: Sequence[Curves], names: Sequence[str], baseline: Curve
             if tag in curves:
                 steps, values = zip(*curves[tag])
                 setting = re.sub(r"\s*\bseed=\S+", "", name)
-                first = all(line.get_label() != (setting or name) for ax_ in axes.flat for line in ax_.get_lines())
+                first = all(line.get_label() != (setting or name) for line in ax.get_lines())
                 ax.plot(steps, values, marker="." if len(steps) < 30 else None, linewidth=1.0,
                         color=colors[settings.index(setting) % len(colors)],
                         label=(setting or name) if first else "_nolegend_")
@@ -282,7 +282,7 @@ def draw_curves(per_run: Sequence[Curves], names: Sequence[str], baseline: Curve
         ax.set_title(tag, fontsize=9)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        if any(not line.get_label().startswith("_") for line in ax.get_lines()) and len(ax.get_lines()) > 1:
+        if tag in baseline or tag in teacher or (ax is axes.flat[0] and len(settings) > 1):
             ax.legend(fontsize=6)
     for ax in list(axes.flat)[len(tags):]:
         ax.axis("off")
