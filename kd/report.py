@@ -235,7 +235,8 @@ def read_curves(run_dir: str | Path) -> Curves:
 
 
 def _constant(values: Sequence[float]) -> bool:
-    return max(values) - min(values) <= 1e-9 * max(1.0, abs(max(values)))
+    """Logged more than once and never changed (one point is no evidence either way)."""
+    return len(values) > 1 and max(values) - min(values) <= 1e-9 * max(1.0, abs(max(values)))
 
 
 def draw_curves(per_run: Sequence[Curves], names: Sequence[str], baseline: Curves | None = None,

@@ -203,11 +203,12 @@ def test_curves_overlay_the_baseline_draw_the_teacher_as_a_line_and_leave_out_co
     run = {"train/loss": [(0, 3.0), (10, 2.0), (20, 1.5)],
            "val/acc": [(10, 0.5), (20, 0.7)],
            "val/teacher_acc": [(10, 0.95), (20, 0.95)],   # a frozen teacher: constant
-           "val/kl_to_teacher": [(10, 0.0), (20, 0.0)]}   # constant: left out
+           "val/kl_to_teacher": [(10, 0.0), (20, 0.0)],   # constant: left out
+           "val/ppl": [(20, 3.0)]}                         # logged once: no evidence it is constant, kept
     scratch = {"val/acc": [(10, 0.4), (20, 0.55)], "val/loss": [(10, 2.2), (20, 2.0)]}
     fig = draw_curves([run], ["student, hinton"], baseline=scratch)
     titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
-    assert titles == ["train/loss", "val/acc", "val/loss"]
+    assert titles == ["train/loss", "val/acc", "val/loss", "val/ppl"]
     acc = next(ax for ax in fig.axes if ax.get_title() == "val/acc")
     lines = {line.get_label(): line for line in acc.get_lines()}
     assert list(lines["student, hinton"].get_ydata()) == [0.5, 0.7]
