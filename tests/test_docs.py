@@ -185,3 +185,20 @@ def test_what_the_readme_lost_is_on_a_docs_page():
                   "**Loss memory and time**", "Junk records of `jsonl` and `hf` data",
                   "`Needs` fields:", "LoRA students: `peft=lora`", "Real pretrained models offline"):
         assert moved in docs, moved
+
+
+def test_the_readmes_commands_compose():
+    """Each command of the README's "ten commands" without a placeholder is a config kd
+    composes (a renamed option or key would fail here before a reader tries it)."""
+    import shlex
+
+    from kd.config import compose_config
+
+    block = re.search(r"## Ten commands.*?```bash\n(.*?)```", README.read_text(), re.S).group(1)
+    commands = [re.sub(r"\s+#.*$", "", c).strip() for c in block.replace("\\\n", " ").splitlines()]
+    runnable = [c for c in commands if c.startswith("kd ") and not c.startswith("kd -m") and "<" not in c
+                and "..." not in c]
+    assert len(runnable) >= 5
+    for command in runnable:
+        compose_config(*shlex.split(command)[1:])
+    assert any(c.startswith("kd -m ") for c in commands) and any(c.startswith("kd-report ") for c in commands)
