@@ -156,7 +156,7 @@ def yaml_knobs(path: Path) -> tuple[str, list[tuple[str, str, str]], list[str]]:
     for line in lines:
         if line.startswith("#"):
             if not line.startswith("# @package"):
-                head.append(line.lstrip("#").strip())
+                head.append(re.sub(r"^# ?", "", line.rstrip()))
         else:
             break
     node = yaml.compose(text)
@@ -184,7 +184,38 @@ def yaml_knobs(path: Path) -> tuple[str, list[tuple[str, str, str]], list[str]]:
 
     if node is not None:
         walk(node, "")
-    return " ".join(head).strip(), knobs, defaults
+    return head_md(head), knobs, defaults
+
+
+def head_md(lines: list[str]) -> str:
+    """A config file's leading comment as Markdown: prose lines joined into paragraphs
+    (``<``, ``>``, ``*``, ``_`` and brackets kept literal outside backticks), indented
+    lines (commands) as a code block."""
+    out: list[str] = []
+    prose: list[str] = []
+    code: list[str] = []
+
+    def flush() -> None:
+        if prose:
+            out.append(_escape_md(" ".join(prose)))
+            prose.clear()
+        if code:
+            out.append("```bash\n" + "\n".join(code) + "\n```")
+            code.clear()
+
+    for line in lines:
+        if line.startswith("  ") and line.strip():
+            if prose:
+                flush()
+            code.append(line.strip())
+        elif not line.strip():
+            flush()
+        else:
+            if code:
+                flush()
+            prose.append(line.strip())
+    flush()
+    return "\n\n".join(out)
 
 
 def _cell(text: str) -> str:
@@ -221,7 +252,7 @@ def recipe_page(name: str) -> str:
              f"# `recipe={name}`", "",
              f"`{recipe['_target_']}` in `{rel}`, configured by `conf/recipe/{name}.yaml`."]
     if head:
-        lines += ["", f"> {head}"]
+        lines += ["", head]
     lines += ["", "## The recipe", "", md_docstring(module_doc)]
     if cls_doc:
         lines += ["", f"## `{cls_name}`", "", md_docstring(cls_doc.split("Args:")[0])]
@@ -294,7 +325,7 @@ def config_page() -> str:
             lines += ["", f"### {group}: {option.stem} {{#{group.replace('_', '-')}-{option.stem.replace('_', '-')}}}",
                       ""]
             if head:
-                lines += [_escape_md(head), ""]
+                lines += [head, ""]
             if defaults:
                 lines += ["Defaults list: " + ", ".join(f"`{d}`" for d in defaults) + ".", ""]
             if knobs:
