@@ -293,6 +293,11 @@ def paired_differences(runs: list[dict], baseline: list[dict], metric: str) -> d
     return dict(sorted(out.items()))
 
 
+def is_percent(metric: str) -> bool:
+    """Whether ``metric`` is a fraction that tables and plots show as a percentage."""
+    return metric.endswith(("acc", "exact_match", "rouge_l"))
+
+
 def match_setting(settings: list[str], baseline: str) -> str:
     """The one setting among ``settings`` (:func:`setting_of`) that ``baseline`` names: the
     setting itself, or overrides only it holds (e.g. ``divergence=jsd``); a ConfigError
@@ -323,7 +328,7 @@ def summarize(runs: list[dict], metric: str = "test/acc", baseline: str | None =
         groups[setting_of(run)].append(run)
     if baseline is not None:
         baseline = match_setting(list(groups), baseline)
-    percent = metric.endswith(("acc", "exact_match", "rouge_l"))  # fractions, printed as percentages
+    percent = is_percent(metric)
     lines = []
     for key, members in groups.items():
         seeds = sorted({r.get("seed") for r in members})

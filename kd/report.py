@@ -9,7 +9,8 @@
   (recipe, divergence, experiment, ...) are placed in order of first appearance with no line
   between them, each combination of the other knobs beside the others. The teacher's value
   and the baseline student's (trained from scratch, or the SFT it started from), each the
-  mean over the runs, are horizontal reference lines. With ``baseline`` (a setting, as
+  mean over the runs, are horizontal reference lines. Fractions (accuracy, exact match,
+  Rouge-L) are drawn as percentages, as the table prints them. With ``baseline`` (a setting, as
   ``kd-report --baseline`` takes it) a last panel shows every other setting's per-seed
   paired differences against it (same seed), with zero marked.
 * :func:`read_curves` / :func:`draw_curves` / :func:`plot_curves`: training curves (every
@@ -36,7 +37,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from kd.evaluation import BASELINE_ROWS, match_setting, paired_differences, setting_of, student_value
+from kd.evaluation import BASELINE_ROWS, is_percent, match_setting, paired_differences, setting_of, student_value
 
 #: the curves drawn when present (prefixes of logged tags), in this order
 CURVE_PREFIXES = ("train/", "val/")
@@ -127,10 +128,14 @@ def _references(ax, refs: Mapping[str, float]) -> None:
 def draw_metric(runs: Sequence[dict], metric: str, baseline: str | None = None):
     """The figure of :func:`plot_metric` (a :class:`matplotlib.figure.Figure`), or None when
     no knob varies or no run has the metric."""
-    data = {k: v for k, v in _by_value(runs, metric).items() if v}
+    scale = 100.0 if is_percent(metric) else 1.0  # fractions drawn as percentages, as the table prints them
+    data = {k: {name: {v: {seed: x * scale for seed, x in s.items()} for v, s in cells.items()}
+                for name, cells in series.items()}
+            for k, series in _by_value(runs, metric).items() if series}
     if not data:
         return None
-    refs = reference_values(runs, metric)
+    refs = {row: value * scale for row, value in reference_values(runs, metric).items()}
+    label = f"{metric} (%)" if scale != 1.0 else metric
     paired: dict[str, dict[Any, float]] = {}
     if baseline is not None:
         groups: dict[str, list[dict]] = defaultdict(list)
@@ -143,8 +148,8 @@ def draw_metric(runs: Sequence[dict], metric: str, baseline: str | None = None):
             pairs = _pairs(groups[key][0])
             return " ".join(f"{k}={pairs.get(k, '-')}" for k in knobs) or key
 
-        paired = {short(key): d for key, members in groups.items() if key != base
-                  for d in [paired_differences(members, groups[base], metric)] if d}
+        paired = {short(key): {seed: x * scale for seed, x in d.items()} for key, members in groups.items()
+                  if key != base for d in [paired_differences(members, groups[base], metric)] if d}
         base = short(base)
     plt = _pyplot()
     panels = len(data) + bool(paired)
@@ -173,7 +178,7 @@ def draw_metric(runs: Sequence[dict], metric: str, baseline: str | None = None):
             ax.set_xlim(-0.6, len(values) - 0.4)
         _references(ax, refs)
         ax.set_xlabel(knob)
-        ax.set_ylabel(metric)
+        ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     if paired:
@@ -188,11 +193,11 @@ def draw_metric(runs: Sequence[dict], metric: str, baseline: str | None = None):
         ax.axhline(0.0, color="tab:red", linewidth=1.2, label="no difference")
         ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
         ax.set_xlim(-0.6, len(names) - 0.4)
-        ax.set_ylabel(f"{metric}: difference, same seed")
+        ax.set_ylabel(f"{label}: difference, same seed")
         ax.set_title(f"paired differences vs {base}", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"{metric}: every seed (dots), mean ± std (bars)", fontsize=10)
+    fig.suptitle(f"{label}: every seed (dots), mean ± std (bars)", fontsize=10)
     fig.tight_layout()
     return fig
 

@@ -149,13 +149,16 @@ def test_a_categorical_sweep_shows_every_seed_no_line_between_settings_and_both_
     ax = fig.axes[0]
     dots = _dots(ax)
     assert len(dots) == 3 * 3  # settings x seeds, one dot each
-    assert sorted(y for _, y in dots) == sorted(v for d in ACC.values() for v in d.values())
+    # accuracies drawn as percentages, as the table prints them
+    assert sorted(y for _, y in dots) == pytest.approx(sorted(100 * v for d in ACC.values() for v in d.values()))
     by_x = {x: sorted(y for xx, y in dots if round(xx) == x) for x in {round(x) for x, _ in dots}}
-    assert [by_x[x] for x in sorted(by_x)] == [sorted(ACC[d].values()) for d in ACC]  # in order of appearance
+    for x, d in zip(sorted(by_x), ACC):  # in order of appearance
+        assert by_x[x] == pytest.approx(sorted(100 * v for v in ACC[d].values()))
     # the means are marks without a joining line: no plotted line has more than one x but the references
     assert all(line.get_linestyle() == "None" for line in ax.get_lines() if list(line.get_xdata()) != [0, 1])
     # the teacher's value and the scratch students' mean as horizontal lines
-    assert _hlines(ax) == pytest.approx(sorted([0.99, statistics.fmean(SCRATCH.values())]))
+    assert _hlines(ax) == pytest.approx(sorted([99.0, 100 * statistics.fmean(SCRATCH.values())]))
+    assert ax.get_ylabel() == "test/acc (%)"
     assert len(fig.axes) == 1  # no paired panel without a baseline
     plt.close(fig)
 
@@ -171,7 +174,8 @@ def test_the_paired_panel_holds_each_seeds_difference_against_the_baseline_and_a
     assert len(fig.axes) == 2
     assert [t.get_text() for t in paired.get_xticklabels()] == ["divergence=jsd", "divergence=tvd"]
     dots = _dots(paired)
-    expected = {x: sorted(ACC[d][s] - ACC["forward_kl"][s] for s in range(3)) for x, d in enumerate(("jsd", "tvd"))}
+    expected = {x: sorted(100 * (ACC[d][s] - ACC["forward_kl"][s]) for s in range(3))
+                for x, d in enumerate(("jsd", "tvd"))}
     assert len(dots) == 2 * 3
     for x, diffs in expected.items():
         assert sorted(y for xx, y in dots if round(xx) == x) == pytest.approx(diffs)
@@ -191,7 +195,7 @@ def test_a_numeric_knob_joins_its_means_and_still_shows_each_seed():
     assert sorted(x for x, _ in _dots(ax)) == pytest.approx([0.1, 0.1, 0.5, 0.5, 0.9, 0.9])
     joined = [line for line in ax.get_lines() if line.get_linestyle() == "-" and list(line.get_xdata()) != [0, 1]]
     assert len(joined) == 1 and list(joined[0].get_xdata()) == pytest.approx([0.1, 0.5, 0.9])
-    assert list(joined[0].get_ydata()) == pytest.approx([0.9 + lam / 10 + 0.005 for lam in (0.1, 0.5, 0.9)])
+    assert list(joined[0].get_ydata()) == pytest.approx([100 * (0.9 + lam / 10 + 0.005) for lam in (0.1, 0.5, 0.9)])
     plt.close(fig)
 
 
