@@ -16,7 +16,7 @@ with the share of samples that contain such a token, for T = 1 sampling and gree
     python benchmarks/teacher_on_student_samples.py experiment=task_long_gkd [--batches 2]
 
 A teacher whose confidence collapses after the student's first mistake gives little to
-learn from there, and on-policy rows then trail off-policy ones (README, experiment C).
+learn from there, and on-policy rows then trail off-policy ones (docs/experiments/c.md).
 """
 
 from __future__ import annotations

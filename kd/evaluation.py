@@ -293,6 +293,25 @@ def paired_differences(runs: list[dict], baseline: list[dict], metric: str) -> d
     return dict(sorted(out.items()))
 
 
+def is_percent(metric: str) -> bool:
+    """Whether ``metric`` is a fraction that tables and plots show as a percentage."""
+    return metric.endswith(("acc", "exact_match", "rouge_l"))
+
+
+def match_setting(settings: list[str], baseline: str) -> str:
+    """The one setting among ``settings`` (:func:`setting_of`) that ``baseline`` names: the
+    setting itself, or overrides only it holds (e.g. ``divergence=jsd``); a ConfigError
+    naming the choices when none or several match."""
+    if baseline in settings:
+        return baseline
+    wanted = set(baseline.split())
+    matches = [key for key in settings if wanted <= set(key.split())]
+    if len(matches) != 1:
+        found = "several settings" if matches else "no runs"
+        raise ConfigError(f"{found} with the setting '{baseline}'; choose one of: {', '.join(matches or settings)}")
+    return matches[0]
+
+
 def summarize(runs: list[dict], metric: str = "test/acc", baseline: str | None = None) -> str:
     """A text table: one block per setting, one row per model, mean ± std over seeds.
 
@@ -307,15 +326,9 @@ def summarize(runs: list[dict], metric: str = "test/acc", baseline: str | None =
     groups: dict[str, list[dict]] = defaultdict(list)
     for run in runs:
         groups[setting_of(run)].append(run)
-    if baseline is not None and baseline not in groups:
-        wanted = set(baseline.split())
-        matches = [key for key in groups if wanted <= set(key.split())]
-        if len(matches) != 1:
-            found = "several settings" if matches else "no runs"
-            raise ConfigError(f"{found} with the setting '{baseline}'; choose one of: "
-                              f"{', '.join(matches or groups)}")
-        baseline = matches[0]
-    percent = metric.endswith(("acc", "exact_match", "rouge_l"))  # fractions, printed as percentages
+    if baseline is not None:
+        baseline = match_setting(list(groups), baseline)
+    percent = is_percent(metric)
     lines = []
     for key, members in groups.items():
         seeds = sorted({r.get("seed") for r in members})

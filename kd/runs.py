@@ -121,7 +121,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "wall_time_s": round(time.perf_counter() - started, 2),
     }
     write_json(out / "metrics.json", summary)
-    curves = _curves(out)
+    curves = _curves(out, run.label, facts.get("curves") if baseline_weights is not None else None,
+                     baseline_row if baseline_weights is not None else SCRATCH_ROW)
     print("\n" + summarize([summary], metric=headline_metric([summary])) + f"\n\noutputs: {out}"
           + (f"\ntraining curves: {curves}" if curves else "") + "\n", flush=True)
     return summary
@@ -169,13 +170,17 @@ def write_json(path: Path, value: Any) -> None:
     atomic_write_text(path, json.dumps(value, indent=2))
 
 
-def _curves(out: Path) -> Path | None:
-    """The run's training curves as ``curves.png`` (:func:`kd.report.plot_curves`) when its
-    loggers left any; a plotting failure is a warning, never a lost run."""
+def _curves(out: Path, label: str, baseline: dict[str, list] | None = None,
+            baseline_label: str = SCRATCH_ROW) -> Path | None:
+    """The run's training curves as ``curves.png`` (:func:`kd.report.plot_curves`: the
+    teacher's validation values as lines, ``baseline``'s validation curves, the scratch
+    student's or the SFT's as its cached sub-run recorded them, overlaid) when its loggers
+    left any; a plotting failure is a warning, never a lost run."""
     try:
         from kd.report import plot_curves
 
-        return plot_curves([out], out / "curves.png")
+        overlay = {tag: [(int(step), float(v)) for step, v in points] for tag, points in (baseline or {}).items()}
+        return plot_curves([out], out / "curves.png", [label], overlay, baseline_label)
     except Exception as e:  # noqa: BLE001 - the run's results are already on disk
         log.warning("could not plot the training curves (%s: %s)", type(e).__name__, e)
         return None

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
@@ -171,6 +172,23 @@ def _calibrated_map(run: Run, teacher: nn.Module, scheme: str, num_batches: int 
 # ----------------------------------------------------------------------------- cached sub-runs
 
 
+class _ValidationHistory(Callback):
+    """Every validation's ``val/*`` metrics by step, ``{tag: [[step, value], ...]}``:
+    the curves a cached sub-run (which has no logger) keeps in its facts, so that a run's
+    ``curves.png`` overlays its scratch baseline's (:func:`kd.report.plot_curves`)."""
+
+    def __init__(self) -> None:
+        self.curves: dict[str, list[list[float]]] = {}
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        if trainer.sanity_checking:
+            return
+        for tag, value in trainer.callback_metrics.items():
+            if tag.startswith("val/"):
+                # the step Lightning's loggers put it at: the index of the last batch trained
+                self.curves.setdefault(tag, []).append([max(int(trainer.global_step) - 1, 0), float(value)])
+
+
 def cached_run(cache: Cache, kind: str, name: str, sub: DictConfig, what: str | None = None) -> Path:
     """The cache entry ``<kind>/<name>`` holding the student weights (``model.safetensors`` or
     ``save_pretrained`` files, at its top level) that training ``sub`` ends with, and its
@@ -184,10 +202,13 @@ def cached_run(cache: Cache, kind: str, name: str, sub: DictConfig, what: str | 
             sub.paths.output_dir = str(directory / "run")
         run = build(sub)
         prepare(run)
+        history = _ValidationHistory()
+        run.trainer.callbacks.append(history)
         metrics = run.fit()
         shutil.rmtree(directory / "run", ignore_errors=True)
         save_model(run.student, directory)
-        return {"metrics": metrics, "validation": run.validation, "params": count_parameters(run.student)}
+        return {"metrics": metrics, "validation": run.validation, "params": count_parameters(run.student),
+                "curves": history.curves}
 
     return cache.get_or_build(kind, name, train_into, validate=read_state_dict, what=what or kind.rstrip("s"))
 

@@ -58,7 +58,7 @@ ours. The student runs without dropout, so samples and updates see one network. 
 pipeline that trains stages in turn is :mod:`kd.pipeline` (``kd pipeline=task_stages``).
 
 Run: ``kd recipe=cross_stage data=task teacher=task_llama student=task_llama sft=task``
-(one teacher), or with ``teachers:`` and ``data.routes`` for several (README).
+(one teacher), or with ``teachers:`` and ``data.routes`` for several (docs/language-models.md).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The README's real-model experiments, end to end, with a tiny stand-in for SmolLM2 (the
+"""The real-model experiments (docs/experiments/), end to end, with a tiny stand-in for SmolLM2 (the
 same configs and code path; only the teacher's directory and the sizes are overridden)."""
 
 from __future__ import annotations

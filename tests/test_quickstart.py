@@ -43,6 +43,40 @@ def test_tiny_quickstart_caches_teacher_and_baseline(make_cfg, tmp_path, capsys)
     assert len(list((cache / "baselines").iterdir())) == 2
 
 
+def test_a_runs_curves_overlay_the_scratch_students_validation_and_the_teachers_value(make_cfg, tmp_path,
+                                                                                      monkeypatch):
+    """The cached scratch baseline (which has no logger) keeps its validation curves in its
+    facts, and the run's curves.png draws them under the distilled student's, with the
+    teacher's validation value as a horizontal line."""
+    import kd.report
+
+    drawn = {}
+    draw = kd.report.draw_curves
+
+    def spy(per_run, names, baseline=None, baseline_label=""):
+        drawn.update(per_run=per_run, names=names, baseline=baseline, label=baseline_label)
+        drawn["fig"] = draw(per_run, names, baseline, baseline_label)
+        return drawn["fig"]
+
+    monkeypatch.setattr(kd.report, "draw_curves", spy)
+    summary = run(make_cfg(*TINY, "trainer.max_epochs=2", "logger=tensorboard", "trainer.log_every_n_steps=1"))
+    meta = json.loads(next((tmp_path / "cache" / "baselines").glob("*/entry.json")).read_text())["info"]
+    scratch = meta["curves"]["val/acc"]
+    # one point per validation (3 batches an epoch, 2 epochs), at the step Lightning's loggers use
+    # for it (the index of the epoch's last batch), so the two students' curves share the x axis
+    assert [step for step, _ in scratch] == [2, 5]
+    assert drawn["label"] == "student, from scratch" and drawn["names"] == ["student, hinton"]
+    acc = next(ax for ax in drawn["fig"].axes if ax.get_title() == "val/acc")
+    lines = {line.get_label(): line for line in acc.get_lines()}
+    assert list(lines["student, from scratch"].get_ydata()) == pytest.approx([v for _, v in scratch])
+    assert list(lines["student, hinton"].get_xdata()) == [2, 5]
+    teacher = drawn["per_run"][0]["val/teacher_acc"][-1][1]
+    assert list(lines["teacher"].get_ydata()) == pytest.approx([teacher, teacher])
+    titles = {ax.get_title() for ax in drawn["fig"].axes}
+    assert "val/teacher_acc" not in titles and "val/teacher_loss" not in titles
+    assert (Path(summary["output_dir"]) / "curves.png").read_bytes().startswith(b"\x89PNG")
+
+
 def test_a_run_with_a_logger_plots_its_training_curves_and_says_where(make_cfg, tmp_path, capsys):
     summary = run(make_cfg(*TINY, "logger=tensorboard", "scratch_baseline=false", "trainer.log_every_n_steps=1"))
     curves = Path(summary["output_dir"]) / "curves.png"

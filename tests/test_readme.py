@@ -1,4 +1,5 @@
-"""The README's "Adding a recipe" example, run exactly as printed: one class, one yaml."""
+"""The "Adding a recipe" example (docs/adding-a-recipe.md), run exactly as printed: one class,
+one yaml; and the README's commands, which CI runs verbatim."""
 
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ from kd.models import tiny_causal_lm
 from kd.runs import train as run
 
 README = Path(__file__).resolve().parent.parent / "README.md"
+ADDING = README.parent / "docs" / "adding-a-recipe.md"
 
 
-def block_after(marker: str, lang: str) -> str:
-    text = README.read_text()
+def block_after(marker: str, lang: str, page: Path = README) -> str:
+    text = page.read_text()
     start = text.index(marker)
     match = re.compile(rf"```{lang}\n(.*?)```", re.S).search(text, start)
     assert match, f"no {lang} block after {marker!r}"
@@ -25,12 +27,12 @@ def block_after(marker: str, lang: str) -> str:
 
 @pytest.fixture
 def readme_recipe(tmp_path, monkeypatch):
-    """The README's example recipe, written out as printed; returns its conf directory."""
+    """The docs' example recipe, written out as printed; returns its conf directory."""
     ext = tmp_path / "ext"
     (ext / "recipes").mkdir(parents=True)
     (ext / "conf" / "recipe").mkdir(parents=True)
-    (ext / "recipes" / "logit_matching.py").write_text(block_after("`recipes/logit_matching.py`", "python"))
-    (ext / "conf" / "recipe" / "logit_matching.yaml").write_text(block_after("`conf/recipe/logit_matching.yaml`", "yaml"))
+    (ext / "recipes" / "logit_matching.py").write_text(block_after("`recipes/logit_matching.py`", "python", ADDING))
+    (ext / "conf" / "recipe" / "logit_matching.yaml").write_text(block_after("`conf/recipe/logit_matching.yaml`", "yaml", ADDING))
     monkeypatch.setattr(recipes, "__path__", [*recipes.__path__, str(ext / "recipes")])
     return ext / "conf"
 
@@ -44,7 +46,7 @@ def test_readme_recipe_example_runs(make_cfg, readme_recipe):
 
 
 def test_readme_recipe_with_routed_teachers_counts_only_rows_that_have_a_teacher(readme_recipe):
-    """Two routed teachers and a row routed to none: the README's loss equals the mean squared
+    """Two routed teachers and a row routed to none: the example's loss equals the mean squared
     logit difference over the positions of rows that have a teacher, each against its own
     teacher (hand-computed here from plain forwards); the row without one changes nothing."""
     from importlib import import_module

@@ -109,3 +109,116 @@ def test_kd_report_on_a_missing_path_exits_2_with_one_sentence(tmp_path, capsys)
     err = capsys.readouterr().err.strip()
     assert err == (f"kd-report: error: {tmp_path / 'nope'} does not exist; pass run or sweep directories "
                    "(or metrics.json files)")
+
+
+# --- what the pictures show (artists, not pixels) ---------------------------------------------
+
+def _full(seed, acc, scratch, **knobs):
+    """A run with teacher and scratch rows, as ``kd`` writes them."""
+    run = _run(seed, 0.0, **knobs)
+    run["results"] = {"teacher": {"test/acc": 0.99}, "student, from scratch": {"test/acc": scratch},
+                      "student, hinton": {"test/acc": acc}}
+    return run
+
+
+def _dots(ax):
+    """Every scatter point of a panel, as (x, y) pairs."""
+    from matplotlib.collections import PathCollection
+
+    return [tuple(map(float, xy)) for c in ax.collections if isinstance(c, PathCollection) for xy in c.get_offsets()]
+
+
+def _hlines(ax):
+    """The y of every horizontal line spanning the panel (axhline: x in axes coordinates 0..1)."""
+    return sorted(float(line.get_ydata()[0]) for line in ax.get_lines()
+                  if list(line.get_xdata()) == [0, 1] and line.get_ydata()[0] == line.get_ydata()[1])
+
+
+SCRATCH = {0: 0.90, 1: 0.92, 2: 0.91}
+ACC = {"forward_kl": {0: 0.95, 1: 0.96, 2: 0.94}, "jsd": {0: 0.93, 1: 0.97, 2: 0.92},
+       "tvd": {0: 0.91, 1: 0.95, 2: 0.90}}
+
+
+def test_a_categorical_sweep_shows_every_seed_no_line_between_settings_and_both_references():
+    import matplotlib.pyplot as plt
+
+    from kd.report import draw_metric
+
+    runs = [_full(s, ACC[d][s], SCRATCH[s], divergence=d) for d in ACC for s in range(3)]
+    fig = draw_metric(runs, "test/acc")
+    ax = fig.axes[0]
+    dots = _dots(ax)
+    assert len(dots) == 3 * 3  # settings x seeds, one dot each
+    # accuracies drawn as percentages, as the table prints them
+    assert sorted(y for _, y in dots) == pytest.approx(sorted(100 * v for d in ACC.values() for v in d.values()))
+    by_x = {x: sorted(y for xx, y in dots if round(xx) == x) for x in {round(x) for x, _ in dots}}
+    for x, d in zip(sorted(by_x), ACC):  # in order of appearance
+        assert by_x[x] == pytest.approx(sorted(100 * v for v in ACC[d].values()))
+    # the means are marks without a joining line: no plotted line has more than one x but the references
+    assert all(line.get_linestyle() == "None" for line in ax.get_lines() if list(line.get_xdata()) != [0, 1])
+    # the teacher's value and the scratch students' mean as horizontal lines
+    assert _hlines(ax) == pytest.approx(sorted([99.0, 100 * statistics.fmean(SCRATCH.values())]))
+    assert ax.get_ylabel() == "test/acc (%)"
+    assert len(fig.axes) == 1  # no paired panel without a baseline
+    plt.close(fig)
+
+
+def test_the_paired_panel_holds_each_seeds_difference_against_the_baseline_and_a_zero_line():
+    import matplotlib.pyplot as plt
+
+    from kd.report import draw_metric
+
+    runs = [_full(s, ACC[d][s], SCRATCH[s], divergence=d, logger="none") for d in ACC for s in range(3)]
+    fig = draw_metric(runs, "test/acc", baseline="divergence=forward_kl")
+    paired = fig.axes[-1]
+    assert len(fig.axes) == 2
+    assert [t.get_text() for t in paired.get_xticklabels()] == ["divergence=jsd", "divergence=tvd"]
+    dots = _dots(paired)
+    expected = {x: sorted(100 * (ACC[d][s] - ACC["forward_kl"][s]) for s in range(3))
+                for x, d in enumerate(("jsd", "tvd"))}
+    assert len(dots) == 2 * 3
+    for x, diffs in expected.items():
+        assert sorted(y for xx, y in dots if round(xx) == x) == pytest.approx(diffs)
+    assert _hlines(paired) == [0.0]
+    plt.close(fig)
+
+
+def test_a_numeric_knob_joins_its_means_and_still_shows_each_seed():
+    import matplotlib.pyplot as plt
+
+    from kd.report import draw_metric
+
+    runs = [_full(s, 0.9 + lam / 10 + s / 100, 0.9, **{"recipe.lam": str(lam)}) for lam in (0.9, 0.1, 0.5)
+            for s in range(2)]
+    fig = draw_metric(runs, "test/acc")
+    ax = fig.axes[0]
+    assert sorted(x for x, _ in _dots(ax)) == pytest.approx([0.1, 0.1, 0.5, 0.5, 0.9, 0.9])
+    joined = [line for line in ax.get_lines() if line.get_linestyle() == "-" and list(line.get_xdata()) != [0, 1]]
+    assert len(joined) == 1 and list(joined[0].get_xdata()) == pytest.approx([0.1, 0.5, 0.9])
+    assert list(joined[0].get_ydata()) == pytest.approx([100 * (0.9 + lam / 10 + 0.005) for lam in (0.1, 0.5, 0.9)])
+    plt.close(fig)
+
+
+def test_curves_overlay_the_baseline_draw_the_teacher_as_a_line_and_leave_out_constant_metrics():
+    import matplotlib.pyplot as plt
+
+    from kd.report import draw_curves
+
+    run = {"train/loss": [(0, 3.0), (10, 2.0), (20, 1.5)],
+           "val/acc": [(10, 0.5), (20, 0.7)],
+           "val/teacher_acc": [(10, 0.95), (20, 0.95)],   # a frozen teacher: constant
+           "val/kl_to_teacher": [(10, 0.0), (20, 0.0)],   # constant: left out
+           "val/ppl": [(20, 3.0)]}                         # logged once: no evidence it is constant, kept
+    scratch = {"val/acc": [(10, 0.4), (20, 0.55)], "val/loss": [(10, 2.2), (20, 2.0)]}
+    fig = draw_curves([run], ["student, hinton"], baseline=scratch)
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles == ["train/loss", "val/acc", "val/loss", "val/ppl"]
+    acc = next(ax for ax in fig.axes if ax.get_title() == "val/acc")
+    lines = {line.get_label(): line for line in acc.get_lines()}
+    assert list(lines["student, hinton"].get_ydata()) == [0.5, 0.7]
+    assert list(lines["student, from scratch"].get_ydata()) == [0.4, 0.55]
+    assert list(lines["student, from scratch"].get_xdata()) == [10, 20]
+    assert list(lines["teacher"].get_ydata()) == [0.95, 0.95] and list(lines["teacher"].get_xdata()) == [0, 1]
+    loss = next(ax for ax in fig.axes if ax.get_title() == "train/loss")
+    assert "teacher" not in {line.get_label() for line in loss.get_lines()}
+    plt.close(fig)

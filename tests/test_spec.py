@@ -16,7 +16,7 @@ from kd import divergences as D
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = ROOT / "docs" / "spec.md"
-SCANNED = ["kd", "recipes", "tests", "benchmarks", "conf", "notebooks", "README.md"]
+SCANNED = ["kd", "recipes", "tests", "benchmarks", "conf", "notebooks", "README.md", "docs"]
 SUFFIXES = {".py", ".md", ".yaml", ".yml", ".ipynb", ".txt", ".toml", ".cfg", ".sh"}
 NUMBER = r"-?\d+(?:\.\d+)?(?:e-?\d+)?"
 
