@@ -244,6 +244,7 @@ class DistillationRecipe(L.LightningModule):
         self.vocab_size: int | None = None
         self._answers = GeneratedAnswers()  # greedy answers to held-out prompts
         self._window_items: float | None = None  # items (num_items) of this rank's accumulation window
+        self._planned_steps: int | None = None  # optimizer steps the trainer plans (the regime's progress)
 
     # ------------------------------------------------------------------ model calls
 
@@ -368,7 +369,10 @@ class DistillationRecipe(L.LightningModule):
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         if self._trainer is not None and hasattr(self.regime, "set_progress"):
-            self.regime.set_progress(self.global_step, int(self.trainer.estimated_stepping_batches))
+            if self._planned_steps is None:
+                planned = float(self.trainer.estimated_stepping_batches)
+                self._planned_steps = int(planned) if math.isfinite(planned) else 0  # 0: open-ended
+            self.regime.set_progress(self.global_step, self._planned_steps)
         batch = self.regime.batch(self.student, batch, self.datamodule)
         terms = self.compute_loss(batch)
         num_items = terms.pop("num_items", None)

@@ -540,7 +540,7 @@ class Adaptive(OnPolicy):
     * else the dataset's batch (off-policy).
 
     ``f(t)`` is the share of SGO batches sampled afresh at training progress ``t`` (optimizer
-    steps done / planned), set by ``replay_ratio``: ``"decreasing"`` ``1 - t`` (DistiLLM's
+    steps done / planned; 0 when the trainer plans no end), set by ``replay_ratio``: ``"decreasing"`` ``1 - t`` (DistiLLM's
     default: replays grow as training goes on), ``"constant"`` 0.5, ``"increasing"`` ``t``,
     or a number ``rho`` in [0, 1], the replayed share, ``f = 1 - rho``.
 
