@@ -38,6 +38,9 @@ key                         meaning
 ``teacher_logits``          the teacher's logits already computed for this batch (MiniLLM's
                             language-model term computes them once per rollout buffer)
 ``inputs``                  ``(B, ...)`` float, a classification batch's features
+``replaced``                ``(B, L)`` bool aligned with ``input_ids``: response tokens the
+                            teacher wrote in place of the student's proposal
+                            (``regime=speculative``)
 ==========================  =============================================================
 
 Dataset items (before collation) use ``prompt_ids``, ``response_ids``, ``index``,
@@ -81,6 +84,7 @@ TEACHER_INDEX = "teacher_index"
 TEACHER_TOPK = "teacher_topk"
 TEACHER_LOGITS = "teacher_logits"
 INPUTS = "inputs"
+REPLACED = "replaced"
 
 #: keys of dataset items (before collation) that are not batch keys
 RESPONSE_IDS = "response_ids"
@@ -275,7 +279,7 @@ def join_prompts_and_responses(
 
 __all__ = [
     "INPUT_IDS", "ATTENTION_MASK", "LABELS", "ORIGINAL_IDS", "TARGET_MASK", "PROMPT_IDS", "PROMPT_MASK", "INDEX",
-    "TEACHER_PROMPT_IDS", "TEACHER_PROMPT_MASK", "TEACHER_INDEX", "TEACHER_TOPK", "TEACHER_LOGITS", "INPUTS",
+    "TEACHER_PROMPT_IDS", "TEACHER_PROMPT_MASK", "TEACHER_INDEX", "TEACHER_TOPK", "TEACHER_LOGITS", "INPUTS", "REPLACED",
     "RESPONSE_IDS", "LABELLED", "ROW_KEYS", "is_tokens", "is_masked_lm", "is_causal_lm", "is_prompts_only",
     "carried_rows", "batch_targets", "Outputs", "outputs", "left_pad", "right_pad", "join_rows",
     "join_prompts_and_responses", "IGNORE_INDEX",

@@ -77,6 +77,11 @@ Conventions
   for ``alpha = 0`` without filtering; with top-k/top-p it also carries the truncation.
   Vocabularies that differ only by padding rows are sliced to the shared size before the
   softmax.
+* **Verification** (speculative KD, :mod:`kd.speculative`): after step 4 a mixer's
+  :meth:`Mixer.verify` may replace each row's token (and name the distribution it was
+  drawn from, whose log-prob ``Generation.logprobs`` then records);
+  ``Generation.replaced`` marks the replaced tokens. Mixers that do not replace leave the
+  loop exactly as without the hook.
 * Everything runs under ``torch.no_grad()``; the model (and the teacher) are put in eval
   mode for the duration and restored to their previous mode afterwards.
 
@@ -275,6 +280,8 @@ class Generation:
             unfiltered), only with a mixer; 0 where masked.
         teacher_logprobs: ``(B, N)`` float32 ``log p(y_t)`` (teacher at temperature ``T``,
             unfiltered), only with a mixer; 0 where masked.
+        replaced: ``(B, N)`` bool, the tokens a mixer's :meth:`Mixer.verify` replaced
+            (speculative KD: the teacher's samples); only with a mixer that replaces tokens.
     """
 
     sequences: Tensor
@@ -284,6 +291,7 @@ class Generation:
     prompt_length: int
     student_logprobs: Tensor | None = None
     teacher_logprobs: Tensor | None = None
+    replaced: Tensor | None = None
 
     @property
     def responses(self) -> Tensor:
@@ -530,6 +538,15 @@ class Mixer(abc.ABC):
     def end(self) -> None:  # noqa: B027 - optional hook
         """Clean up after one :func:`generate` call (free caches, restore modes)."""
 
+    def verify(self, token: Tensor, dist: Tensor, state: DecodeState,
+               generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Accept or replace the token :func:`generate` drew at one step (after
+        :meth:`__call__`): return ``(token, dist, replaced)``: the ``(B,)`` tokens kept, the
+        ``(B, V)`` log-probs each row's kept token was drawn from, and a ``(B,)`` bool of the
+        rows whose token was replaced (None: this mixer never replaces, the default).
+        Speculative KD's interleaving (:class:`kd.speculative.Interleave`) uses it."""
+        return token, dist, None
+
 
 class TeacherMix(Mixer):
     """MiniLLM teacher-mixed sampling: sample from ``alpha * p_teacher + (1 - alpha) * q``.
@@ -654,6 +671,7 @@ def generate(
     logprobs = torch.zeros((batch, max_new), dtype=torch.float32, device=device)
     student_lps = torch.zeros_like(logprobs)  # filled (and returned) only with a mixer
     teacher_lps = torch.zeros_like(logprobs)
+    replaced: Tensor | None = None  # (B, max_new) bool, made when a mixer first replaces tokens
     length = prompt_length
 
     was_training = model.training
@@ -677,6 +695,11 @@ def generate(
                     if filtering:
                         dist = filter_log_probs(dist, config.top_k, config.top_p)
                     token = sample_from_log_probs(dist, generator)
+                if mix is not None:
+                    token, dist, swapped = mix.verify(token, dist, state, generator)
+                    if swapped is not None:
+                        replaced = replaced if replaced is not None else torch.zeros_like(response_mask)
+                        replaced[:, step] = swapped & ~finished
                 valid = ~finished
                 token = token.masked_fill(finished, pad)
 
@@ -717,4 +740,5 @@ def generate(
         prompt_length=prompt_length,
         student_logprobs=cut(student_lps, steps) if mix is not None else None,
         teacher_logprobs=cut(teacher_lps, steps) if mix is not None else None,
+        replaced=cut(replaced, steps) if replaced is not None else None,
     )

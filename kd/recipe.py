@@ -6,9 +6,12 @@ divergence, hidden states, the teacher's own tokenizer, its own optimisation loo
 regimes it accepts); the composition root (:mod:`kd.build`) reads that spec and nothing
 else about the recipe. The base class owns everything recipes share:
 
-* the data regime (:mod:`kd.regimes`): prepared when training starts, applied to every
-  training batch (offline, teacher-generated, on-policy, mixed), its state (a mixed
-  regime's coin) saved in checkpoints;
+* the data regime (:mod:`kd.regimes`): prepared when training starts (given the
+  :class:`kd.teachers.Teachers` when it ``routes_teachers``, else the single teacher),
+  applied to every training batch (offline, teacher-generated, on-policy, mixed,
+  speculative, adaptive), told the training progress before each batch and the validation
+  values after each validation, its ``logged()`` values logged as ``train/regime/<name>``,
+  its state (a mixed regime's coin, an adaptive one's buffer) saved in checkpoints;
 * the teachers (:class:`kd.teachers.Teachers`: one, or several named ones that batches
   route their rows to with ``teacher_index``): frozen (``requires_grad=False``), kept in
   eval mode even while the student trains, run under ``torch.no_grad``, absent from the
@@ -241,6 +244,7 @@ class DistillationRecipe(L.LightningModule):
         self.vocab_size: int | None = None
         self._answers = GeneratedAnswers()  # greedy answers to held-out prompts
         self._window_items: float | None = None  # items (num_items) of this rank's accumulation window
+        self._planned_steps: int | None = None  # optimizer steps the trainer plans (the regime's progress)
 
     # ------------------------------------------------------------------ model calls
 
@@ -351,23 +355,32 @@ class DistillationRecipe(L.LightningModule):
     def on_fit_start(self) -> None:
         """Prepare the regime (its caches); under several processes each machine's first
         rank builds them while the other ranks wait, then read what it built."""
+        # a regime that routes rows to their teachers gets them all (kd.teachers.Teachers)
+        teacher = self.teachers if getattr(self.regime, "routes_teachers", False) else self.teacher
         if self.trainer.world_size == 1:
-            self.regime.prepare(self.teacher, self.datamodule)
+            self.regime.prepare(teacher, self.datamodule)
             return
         first = self.trainer.local_rank == 0
         if first:
-            self.regime.prepare(self.teacher, self.datamodule)
+            self.regime.prepare(teacher, self.datamodule)
         self.trainer.strategy.barrier("kd-regime-caches")
         if not first:
-            self.regime.prepare(self.teacher, self.datamodule)
+            self.regime.prepare(teacher, self.datamodule)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        if self._trainer is not None and hasattr(self.regime, "set_progress"):
+            if self._planned_steps is None:
+                planned = float(self.trainer.estimated_stepping_batches)
+                self._planned_steps = int(planned) if math.isfinite(planned) else 0  # 0: open-ended
+            self.regime.set_progress(self.global_step, self._planned_steps)
         batch = self.regime.batch(self.student, batch, self.datamodule)
         terms = self.compute_loss(batch)
         num_items = terms.pop("num_items", None)
         loss = terms["loss"]
         check_finite(terms, self.global_step, getattr(self._trainer, "precision", None))
         n = self._batch_size(batch)
+        for key, value in (self.regime.logged() if hasattr(self.regime, "logged") else {}).items():
+            self.log(f"train/regime/{key}", float(value), batch_size=n)
         for key, value in terms.items():
             self.log(f"train/{key}", value.detach(), prog_bar=key == "loss", batch_size=n)
         if self.teachers is not None and self.teachers.routed and batches.TEACHER_INDEX in batch:
@@ -463,6 +476,9 @@ class DistillationRecipe(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._eval_epoch_end("val")
+        if self._trainer is not None and not self.trainer.sanity_checking and hasattr(self.regime, "on_validation"):
+            logged = self.trainer.callback_metrics
+            self.regime.on_validation({k: float(v) for k, v in logged.items() if k.startswith("val/")})
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step("test", batch)

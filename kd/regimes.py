@@ -18,6 +18,12 @@ references, ``replace_responses``) and sample with one :class:`kd.generation.Sam
   step without gradient (GKD with lmbda = 1).
 * :class:`Mixed`: each batch is on-policy with probability ``lmbda``, else off-policy
   (dataset responses, or the teacher's with ``seq_kd=True``): GKD's student-data fraction.
+* :class:`Speculative`: speculative KD's interleaved samples (Xu et al. 2025): the student
+  proposes each token, the teacher replaces those outside its top-K (:mod:`kd.speculative`);
+  replaced tokens are marked in the batch (``replaced``).
+* :class:`Adaptive`: DistiLLM's adaptive off-policy approach (Ko et al. 2024): the share of
+  student-generated batches starts low and rises when the validation loss rises, and the
+  student's samples are replayed from a buffer.
 * :class:`TeacherLogits`: the dataset's responses, with the teacher's distribution at
   every response position read from a top-k logit cache (DistillKit-style offline signal,
   docs/spec.md section 8) instead of a teacher forward: one teacher pass over the training
@@ -57,7 +63,7 @@ import json
 import logging
 import math
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -69,6 +75,7 @@ from kd import ConfigError, batches
 from kd.batches import join_prompts_and_responses
 from kd.cache import Cache
 from kd.cache import key as cache_key
+from kd.data import IGNORE_INDEX
 from kd.generation import Sampling, generate
 from kd.logit_cache import LOGPROB_DTYPES, LogitCache, weights_fingerprint
 
@@ -174,6 +181,21 @@ class Regime:
     def batch(self, student: nn.Module, batch: dict[str, Tensor], data: Any) -> dict[str, Tensor]:
         """The batch a training step learns from."""
         return batch
+
+    #: regimes whose :meth:`prepare` takes the run's :class:`kd.teachers.Teachers` (one
+    #: teacher or routed ones) instead of the single teacher
+    routes_teachers = False
+
+    def set_progress(self, step: int, total: int) -> None:
+        """Told before every training batch: optimizer steps done and planned."""
+
+    def on_validation(self, metrics: dict[str, float]) -> None:
+        """Told after every validation of a training run (not the sanity check): the
+        logged ``val/...`` values."""
+
+    def logged(self) -> dict[str, float]:
+        """Values to log after each :meth:`batch` (as ``train/regime/<name>``)."""
+        return {}
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to continue the same schedule (saved in checkpoints)."""
@@ -361,6 +383,285 @@ class Mixed(OnPolicy):
             self.batches, self.on_policy_batches = state["batches"], state["on_policy_batches"]
 
 
+# ----------------------------------------------------------------------------- speculative KD
+
+
+class Speculative(OnPolicy):
+    """Speculative KD (SKD; Xu et al., ICLR 2025): the student proposes every token and
+    the teacher replaces the proposals that are not among its ``top_k`` with its own
+    samples (:mod:`kd.speculative` states the algorithm and its deviations). Each batch is
+    sampled afresh for the batch's prompts, with KV caches for the student and the teacher.
+
+    The batch carries ``replaced`` (:data:`kd.batches.REPLACED`), ``(B, L)`` bool aligned
+    with ``input_ids``: the teacher's tokens. Their share of the batch's response tokens
+    is logged (``train/regime/replaced_share``). Routed teachers verify their own rows; a
+    row without a teacher keeps the student's proposals.
+
+    Args:
+        top_k: K of the verification (the paper's default 25); ``top_k >= V`` is on-policy
+            sampling, ``top_k = 1`` with greedy sampling the teacher's greedy answer.
+        sampling: how both models sample (:class:`kd.generation.Sampling`).
+    """
+
+    name = "speculative"
+    routes_teachers = True
+
+    def __init__(self, top_k: int = 25, sampling: Sampling | Any = None) -> None:
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise ConfigError(f"regime.top_k must be a positive number of tokens (got {top_k!r}); the paper uses 25")
+        super().__init__(sampling)
+        self.top_k = top_k
+        self.teachers: Any = None
+        self.replaced_tokens = 0
+        self.response_tokens = 0
+        self._share = 0.0
+
+    def check_recipe(self, recipe: str, needs: Any, teacher: bool, routed: bool,
+                     temperature: float | None) -> None:
+        if not teacher:
+            raise ConfigError(f"regime={self.name} lets a teacher verify the student's tokens but recipe {recipe} "
+                              "runs without one; choose a teacher with teacher=<config> or use regime=on_policy")
+        if needs.teacher_tokenizer == "own":
+            raise ConfigError(f"recipe {recipe} gives its teacher its own tokenizer, whose top-K cannot verify the "
+                              "student's tokens; use regime=on_policy")
+
+    def prepare(self, teacher: Any, data: Any) -> None:
+        self.validate(data)
+        if teacher is None:
+            raise ConfigError(f"regime={self.name} needs a teacher; choose one with teacher=<config>")
+        self.teachers = teacher
+
+    def sample(self, student: nn.Module, batch: dict[str, Tensor], data: PromptData) -> dict[str, Tensor]:
+        from kd.speculative import Interleave, teachers_and_route
+
+        if self.teachers is None:
+            raise RuntimeError("regime=speculative sampled before prepare() gave it the teacher")
+        config = self.sampling.config(data.tokenizer, data.max_new_tokens)
+        models, route = teachers_and_route(self.teachers, batch)
+        out = generate(student, batch["prompt_ids"], batch["prompt_mask"], config,
+                       mix=Interleave(models, self.top_k, route))
+        joined = join_prompts_and_responses(batch["prompt_ids"], batch["prompt_mask"], out.responses,
+                                            out.response_mask, config.pad_token_id)
+        joined.update(batches.carried_rows(batch))
+        replaced = torch.zeros_like(joined["input_ids"], dtype=torch.bool)
+        swapped = out.replaced if out.replaced is not None else torch.zeros_like(out.response_mask)
+        prompt_lengths = batch["prompt_mask"].sum(-1).tolist()
+        for row, (start, keep) in enumerate(zip(prompt_lengths, out.response_mask)):
+            flags = swapped[row][keep]
+            replaced[row, start : start + len(flags)] = flags
+        joined[batches.REPLACED] = replaced
+        count, total = int(swapped[out.response_mask].sum()), int(out.response_mask.sum())
+        self.replaced_tokens += count
+        self.response_tokens += total
+        self._share = count / max(total, 1)
+        return joined
+
+    def logged(self) -> dict[str, float]:
+        return {"replaced_share": self._share}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"replaced_tokens": self.replaced_tokens, "response_tokens": self.response_tokens}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            self.replaced_tokens, self.response_tokens = state["replaced_tokens"], state["response_tokens"]
+
+
+# ----------------------------------------------------------------------------- DistiLLM's adaptive off-policy
+
+
+class ReplayBuffer:
+    """The student's samples kept for replay: at most ``capacity`` rows, the oldest dropped
+    first. A row is its prompt and response token ids and the per-row facts the batch carried
+    (``index``, ``teacher_index``)."""
+
+    CARRIED = (batches.INDEX, batches.TEACHER_INDEX)
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.rows: deque[dict[str, Any]] = deque(maxlen=capacity)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def full(self) -> bool:
+        return len(self.rows) >= self.capacity
+
+    def add(self, batch: dict[str, Tensor]) -> None:
+        """Keep every row of a sampled batch (prompts left-padded, labels the response)."""
+        labels = batch["labels"]
+        for r in range(len(labels)):
+            row: dict[str, Any] = {
+                "prompt": batch["prompt_ids"][r][batch["prompt_mask"][r].bool()].tolist(),
+                "response": labels[r][labels[r] != IGNORE_INDEX].tolist(),
+            }
+            row.update({k: int(batch[k][r]) for k in self.CARRIED if k in batch})
+            self.rows.append(row)
+
+    def sample(self, n: int, generator: torch.Generator, pad_token_id: int,
+               device: torch.device | str | None = None) -> dict[str, Tensor]:
+        """``min(n, len)`` rows drawn uniformly without replacement, as a training batch."""
+        picks = torch.randperm(len(self.rows), generator=generator)[:n].tolist()
+        rows = [self.rows[i] for i in picks]
+        out = batches.join_rows([r["prompt"] for r in rows], [r["response"] for r in rows], pad_token_id, device)
+        out[batches.PROMPT_IDS], out[batches.PROMPT_MASK] = batches.left_pad([r["prompt"] for r in rows],
+                                                                             pad_token_id, device)
+        for key in self.CARRIED:
+            if all(key in r for r in rows):
+                out[key] = torch.tensor([r[key] for r in rows], dtype=torch.long, device=device)
+        return out
+
+    def state_dict(self) -> list[dict[str, Any]]:
+        return list(self.rows)
+
+    def load_state_dict(self, rows: list[dict[str, Any]]) -> None:
+        self.rows = deque(rows, maxlen=self.capacity)
+
+
+class Adaptive(OnPolicy):
+    """DistiLLM's adaptive off-policy approach (Ko et al., ICML 2024, "DistiLLM: Towards
+    Streamlined Distillation for Large Language Models", section 3.2 and Algorithm 1; the
+    facts below also follow the official code, ``jongwooko/distillm``).
+
+    Rule. The probability ``phi`` that a batch uses student-generated outputs (SGO) starts
+    at ``init_prob`` (0 in the paper's scripts). After every validation, if the validation
+    loss ``L`` rose by at least ``loss_eps`` over the reference ``L_ref``
+    (``L >= L_ref + loss_eps``), ``phi <- min(phi + prob_step, 1)`` (``prob_step`` 0.1) and
+    ``L_ref <- L``; otherwise nothing changes (the reference moves only when ``phi`` rises).
+    For each training batch one uniform ``u`` is drawn (seeded):
+
+    * ``u < phi * f(t)``, or ``u < phi`` while the buffer is not yet full: the student
+      samples responses to the batch's prompts (as :class:`OnPolicy`), every row goes into
+      the replay buffer (``capacity`` rows, the oldest dropped first), and the step trains
+      on the fresh samples;
+    * else ``u < phi``: the step trains on ``B`` rows drawn uniformly without replacement
+      from the buffer (``B`` the batch's size);
+    * else the dataset's batch (off-policy).
+
+    ``f(t)`` is the share of SGO batches sampled afresh at training progress ``t`` (optimizer
+    steps done / planned; 0 when the trainer plans no end), set by ``replay_ratio``: ``"decreasing"`` ``1 - t`` (DistiLLM's
+    default: replays grow as training goes on), ``"constant"`` 0.5, ``"increasing"`` ``t``,
+    or a number ``rho`` in [0, 1], the replayed share, ``f = 1 - rho``.
+
+    Logged per batch (``train/regime/...``): ``student_prob`` (``phi``), ``buffer`` (rows
+    kept), ``fresh`` and ``replayed`` (1 for a batch of that kind, so their epoch means are
+    the shares). ``phi``, ``L_ref``, the buffer and the generator are saved in checkpoints,
+    so a resumed run continues the same schedule with the same buffer.
+
+    Deviations: the official code evaluates before training and takes that loss as the first
+    reference; here the first validation of the run is the reference (a validation before
+    any step would cost a pass Lightning does not make). The loss is the one ``monitor``
+    names among the logged validation values (default ``val/loss``, the student's
+    cross-entropy on the validation responses); the paper's is its validation loss. The
+    official buffer keeps the padded tensors; we keep token ids and re-pad.
+
+    Args:
+        init_prob: ``phi`` at the start, in [0, 1].
+        loss_eps: the rise of the validation loss that raises ``phi`` (``>= 0``; 0.1).
+        prob_step: how much ``phi`` rises (in (0, 1]; 0.1).
+        capacity: rows the replay buffer keeps (``>= 1``; 1000).
+        replay_ratio: ``"decreasing"``, ``"constant"``, ``"increasing"`` or a number in [0, 1].
+        monitor: the validation value to follow (``val/<name>``).
+        seed: seed of the per-batch draws and the replay sampling.
+        sampling: how the student samples (:class:`kd.generation.Sampling`).
+    """
+
+    name = "adaptive"
+    SCHEDULES = ("decreasing", "constant", "increasing")
+
+    def __init__(self, init_prob: float = 0.0, loss_eps: float = 0.1, prob_step: float = 0.1, capacity: int = 1000,
+                 replay_ratio: str | float = "decreasing", monitor: str = "val/loss", seed: int = 0,
+                 sampling: Sampling | Any = None) -> None:
+        if not 0.0 <= float(init_prob) <= 1.0:
+            raise ConfigError(f"regime.init_prob must be in [0, 1] (got {init_prob}); it is the starting share of "
+                              "student-generated batches")
+        if not float(loss_eps) >= 0:
+            raise ConfigError(f"regime.loss_eps must be >= 0 (got {loss_eps}); DistiLLM uses 0.1")
+        if not 0.0 < float(prob_step) <= 1.0:
+            raise ConfigError(f"regime.prob_step must be in (0, 1] (got {prob_step}); DistiLLM uses 0.1")
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+            raise ConfigError(f"regime.capacity must be a positive number of rows (got {capacity!r})")
+        if isinstance(replay_ratio, str):
+            if replay_ratio not in self.SCHEDULES:
+                raise ConfigError(f"regime.replay_ratio must be one of {', '.join(self.SCHEDULES)} or a number in "
+                                  f"[0, 1] (got {replay_ratio!r})")
+        elif isinstance(replay_ratio, bool) or not 0.0 <= float(replay_ratio) <= 1.0:
+            raise ConfigError(f"regime.replay_ratio must be a number in [0, 1] or one of {', '.join(self.SCHEDULES)} "
+                              f"(got {replay_ratio!r})")
+        if not str(monitor).startswith("val/"):
+            raise ConfigError(f"regime.monitor must name a validation value such as val/loss (got {monitor!r})")
+        super().__init__(sampling)
+        self.prob, self.loss_eps, self.prob_step = float(init_prob), float(loss_eps), float(prob_step)
+        self.replay_ratio, self.monitor = replay_ratio, str(monitor)
+        self.reference: float | None = None
+        self.rng = torch.Generator().manual_seed(seed)
+        self.buffer = ReplayBuffer(capacity)
+        self.progress = 0.0
+        self.counts = {"fresh": 0, "replayed": 0, "dataset": 0}
+        self.last = "dataset"
+
+    def check_recipe(self, recipe: str, needs: Any, teacher: bool, routed: bool,
+                     temperature: float | None) -> None:
+        if needs.teacher_tokenizer == "own":
+            raise ConfigError(f"recipe {recipe} gives its teacher its own tokenizer, whose prompts the replay buffer "
+                              "does not keep; use regime=mixed")
+
+    def fresh_share(self) -> float:
+        """``f(t)``: the share of student-data batches sampled afresh now."""
+        if self.replay_ratio == "decreasing":
+            return 1.0 - self.progress
+        if self.replay_ratio == "increasing":
+            return self.progress
+        if self.replay_ratio == "constant":
+            return 0.5
+        return 1.0 - float(self.replay_ratio)
+
+    def set_progress(self, step: int, total: int) -> None:
+        self.progress = min(max(step / total, 0.0), 1.0) if total > 0 else 0.0
+
+    def on_validation(self, metrics: dict[str, float]) -> None:
+        if self.monitor not in metrics:
+            raise ConfigError(f"regime.monitor={self.monitor} is not among the validation values "
+                              f"({', '.join(sorted(metrics)) or 'none'}); name one of them")
+        loss = float(metrics[self.monitor])
+        if self.reference is None:
+            self.reference = loss
+        elif loss >= self.reference + self.loss_eps:
+            self.prob = min(self.prob + self.prob_step, 1.0)
+            self.reference = loss
+
+    def batch(self, student: nn.Module, batch: dict[str, Tensor], data: Any) -> dict[str, Tensor]:
+        u = torch.rand((), generator=self.rng).item()
+        if u < self.prob * self.fresh_share() or (u < self.prob and not self.buffer.full):
+            self.last = "fresh"
+            out = self.sample(student, batch, data)
+            self.buffer.add(out)
+        elif u < self.prob:
+            self.last = "replayed"
+            out = self.buffer.sample(len(batch["prompt_ids"]), self.rng, data.tokenizer.pad_token_id,
+                                     batch["prompt_ids"].device)
+        else:
+            self.last, out = "dataset", batch
+        self.counts[self.last] += 1
+        return out
+
+    def logged(self) -> dict[str, float]:
+        return {"student_prob": self.prob, "buffer": float(len(self.buffer)),
+                "fresh": float(self.last == "fresh"), "replayed": float(self.last == "replayed")}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"prob": self.prob, "reference": self.reference, "rng": self.rng.get_state(),
+                "buffer": self.buffer.state_dict(), "counts": dict(self.counts)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            self.prob, self.reference = state["prob"], state["reference"]
+            self.rng.set_state(state["rng"])
+            self.buffer.load_state_dict(state["buffer"])
+            self.counts = dict(state["counts"])
+
+
 # ----------------------------------------------------------------------------- teacher logit cache
 
 
@@ -442,6 +743,7 @@ class TeacherLogits(Regime, LogitCache):
         return {**batch, batches.TEACHER_TOPK: self.read(batch)}
 
 
-__all__ = ["PromptData", "Regime", "Offline", "TeacherGenerated", "OnPolicy", "Mixed", "TeacherLogits",
+__all__ = ["PromptData", "Regime", "Offline", "TeacherGenerated", "OnPolicy", "Mixed", "Speculative", "ReplayBuffer",
+           "Adaptive", "TeacherLogits",
            "sentence_bleu", "closest_to_reference"]
 

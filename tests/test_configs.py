@@ -94,7 +94,8 @@ def extra_overrides(group: str, option: str, tiny_hf) -> list[str]:
         return ["data=task", "teacher=task_llama_tok512", "student=task_llama"]
     if "task_llama" in option or option.startswith(("gkd", "minillm", "cross_stage")) or (group, option) in {("recipe", "seqkd"), ("recipe", "word_kd"),
                                                      ("regime", "teacher_generated"),
-                                                     ("regime", "on_policy"), ("regime", "mixed")}:
+                                                     ("regime", "on_policy"), ("regime", "mixed"),
+                                                     ("regime", "speculative"), ("regime", "adaptive")}:
         return ["data=task", "teacher=task_llama", "student=task_llama"]
     if (group, option) == ("data", "jsonl"):
         return [f"data.source.train={tiny_hf / 'train.jsonl'}", "student=hf", f"student.name_or_path={model}"]

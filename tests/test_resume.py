@@ -46,6 +46,11 @@ RECIPES = {
     "offline_word_kd": ["recipe=word_kd", "+student.dropout=0.1"],
     # GKD with a mixed regime: a coin per batch, on-policy batches sampled at T = 1
     "mixed_on_policy_gkd": ["recipe=gkd", "regime.lmbda=0.5", "regime.sampling.max_new_tokens=4"],
+    # speculative KD: the student's samples at T = 1 with the teacher's replacements
+    "speculative_gkd": ["recipe=gkd", "regime=speculative", "regime.top_k=3", "regime.sampling.max_new_tokens=4"],
+    # DistiLLM's adaptive regime: a draw per batch, fresh student batches, replays from a buffer (one batch)
+    "adaptive_gkd": ["recipe=gkd", "regime=adaptive", "regime.init_prob=0.7", "regime.capacity=16",
+                     "regime.replay_ratio=constant", "regime.sampling.max_new_tokens=4"],
 }
 
 
@@ -76,6 +81,17 @@ def test_a_run_stopped_and_resumed_ends_as_the_uninterrupted_run(make_cfg, tmp_p
                      for r in ("whole", root)]
             assert flips[0]["on_policy_batches"] == flips[1]["on_policy_batches"] > 0
             assert 0 < flips[0]["on_policy_batches"] < 10  # both kinds of batch were trained on
+        if name in ("speculative_gkd", "adaptive_gkd"):
+            states = [torch.load(tmp_path / r / "run" / "checkpoints" / "last.ckpt", weights_only=False)["kd_regime"]
+                      for r in ("whole", root)]
+            assert states[0].keys() == states[1].keys()
+            for key in states[0]:  # the same counts, probability, buffer rows and generator state
+                same = torch.equal if key == "rng" else (lambda a, b: a == b)
+                assert same(states[0][key], states[1][key]), key
+            if name == "speculative_gkd":
+                assert 0 < states[0]["replaced_tokens"] < states[0]["response_tokens"]  # both kinds of token
+            else:
+                assert min(states[0]["counts"].values()) > 0  # fresh, replayed and dataset batches all trained on
 
 
 def test_step_seeds_depend_on_every_part_and_nothing_else():
