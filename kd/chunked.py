@@ -9,7 +9,7 @@ position's two rows of logits. So the loss is computed ``C`` positions at a time
 
 1. gather the positions that count (the mask's ``True`` entries; the others are never
    computed) and split them into blocks of ``C`` rows (default: as many rows as fit
-   ``2**21`` logits on CPU, e.g. 42 rows at V = 49,152, and ``2**27`` on GPUs, 512 rows
+   ``2**22`` logits on CPU, e.g. 85 rows at V = 49,152, and ``2**27`` on GPUs, 512 rows
    at V = 262,144, at least 32: :data:`TARGET_BLOCK`);
 2. for each block, ``z_S = head_S(h_S[block])`` and the teacher's rows (its own head over its
    hidden states, a slice of given logits, its cached top-k, or gold labels), the
@@ -124,10 +124,11 @@ __all__ = ["fused_loss", "map_rows", "default_chunk_size", "default_tile_size", 
            "seq_mean_weights", "TARGET_BLOCK", "MAX_BLOCK", "Form", "FORMS", "form_terms"]
 
 #: logits per block by device type (rows = TARGET_BLOCK[device] // V, at least 32): small on
-#: CPU, where small blocks cost no speed (2 cores, V = 49,152: 42 rows take 0.5-1.0x the plain
-#: time at 1/8-1/12 of its memory); on GPUs larger blocks keep the kernels busy (an H200 at
-#: V = 262,144: 512 rows cost 1.1-1.2x the plain time at 1/8-1/12 of its memory, 32 rows 4.7x)
-TARGET_BLOCK = {"cpu": 2**21, "cuda": 2**27}
+#: CPU (one thread, V = 49,152, closed-form JSD over 512 positions: 42 rows 2.6 s, 64 rows 2.2 s,
+#: 128 rows 2.1 s, 256 rows 2.6 s, so 85 rows); on GPUs larger blocks keep the kernels busy
+#: (an H200 at V = 262,144 with the autograd blocks: 512 rows cost 1.1-1.2x the plain time,
+#: 32 rows 4.7x)
+TARGET_BLOCK = {"cpu": 2**22, "cuda": 2**27}
 
 #: the most logits one block holds before the vocabulary is cut into tiles (each extra pass
 #: over the tiles recomputes the head product, so whole rows are kept while they fit)
@@ -246,9 +247,10 @@ def form_terms(form: Form, lq: Tensor, lp: Tensor, need_g: bool = True,
     elif name == "tvd":
         d = p - q
         value = 0.5 * d.abs().sum(-1)
-        sign = d.sign_()
-        g = (-0.5 * q) * sign if need_g else None
-        h = (0.5 * p) * sign if need_h else None
+        if need_g or need_h:
+            sign = d.sign_()
+            g = (-0.5 * q) * sign if need_g else None
+            h = (0.5 * p) * sign if need_h else None
     else:  # pragma: no cover - Form validates the name
         raise ValueError(name)
     return value, (g if need_g else None), (h if need_h else None), q, p

@@ -619,7 +619,7 @@ class Divergence(nn.Module, abc.ABC):
             averages over them only. :attr:`kept` holds the mask of the last call.
         keep: the kept fraction of the valid tokens, in ``(0, 1]``.
         chunked: use the fused path when the student comes as hidden states and a head.
-        chunk_size: positions per block of the fused path (None: kd.chunked.default_chunk_size, about 2**21 logits on CPU, 2**27 on GPUs).
+        chunk_size: positions per block of the fused path (None: kd.chunked.default_chunk_size, about 2**22 logits on CPU, 2**27 on GPUs).
         tile_size: vocabulary entries per tile of the fused path (None: kd.chunked.default_tile_size:
             whole rows while a block fits 2**24 logits on CPU, 2**28 on GPUs).
     """
@@ -936,7 +936,7 @@ def chunked_divergence(
             constructor: ``beta``, ``alpha``, ``reduction``, ``select``, ``keep``).
         mask: ``(...)`` bool, the positions that count.
         temperature: divides both models' logits (not a cached top-k teacher's).
-        chunk_size: positions per block (None: kd.chunked.default_chunk_size, about 2**21 logits on CPU, 2**27 on GPUs).
+        chunk_size: positions per block (None: kd.chunked.default_chunk_size, about 2**22 logits on CPU, 2**27 on GPUs).
         student_bias, teacher_bias: ``(V,)`` head biases.
         teacher_logits: the teacher as logits ``(..., V)`` or a :class:`kd.signals.TopK` cache instead
             of hidden states and a head.
