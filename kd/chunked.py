@@ -120,7 +120,7 @@ from torch.utils.checkpoint import checkpoint
 
 from kd.signals import TAIL_FLOOR, HeadLogits, Labels, TopK, compute_dtype, topk_bins
 
-__all__ = ["fused_loss", "map_rows", "default_chunk_size", "default_tile_size", "scalar_weights",
+__all__ = ["fused_loss", "token_log_probs", "map_rows", "default_chunk_size", "default_tile_size", "scalar_weights",
            "seq_mean_weights", "TARGET_BLOCK", "MAX_BLOCK", "Form", "FORMS", "form_terms"]
 
 #: logits per block by device type (rows = TARGET_BLOCK[device] // V, at least 32): small on
@@ -536,10 +536,9 @@ def _sparse_block(spec: _Spec, block: Tensor, w: Tensor | None, tensors: tuple, 
         inside = (ids >= lo) & (ids < hi)
         local = (ids - lo).clamp(0, max(hi - lo - 1, 0))
         picked = torch.where(inside, a.gather(1, local), picked)
-        if tail:
-            r, j = inside.nonzero(as_tuple=True)
-            lse_out = _lse_update(lse_out, a.index_put((r, local[r, j]), torch.full((), _NEG_INF, dtype=dtype,
-                                                                                    device=a.device)))
+        if tail:  # the tile with its top-k entries at -inf (amin: ids outside the tile change nothing)
+            hide = torch.where(inside, _NEG_INF, math.inf).to(dtype)
+            lse_out = _lse_update(lse_out, a.scatter_reduce(1, local, hide, reduce="amin"))
     if spec.kind == "labels":
         value = lse_a - picked[:, 0]
         bin_grad = None
@@ -565,18 +564,18 @@ def _sparse_block(spec: _Spec, block: Tensor, w: Tensor | None, tensors: tuple, 
             at_ids = bin_grad - q_bins * total_g[:, None]
     for i, (lo, hi) in enumerate(tiles):  # pass 2: gradients
         a, th = cached.pop(i) if i in cached else student(lo, hi)
-        inside = (ids >= lo) & (ids < hi)
-        r, j = inside.nonzero(as_tuple=True)
-        local = ids[r, j] - lo
+        inside = (ids >= lo) & (ids < hi)  # ids outside the tile add 0 (no host sync, no index lists)
+        local = (ids - lo).clamp(0, max(hi - lo - 1, 0))
+        zero = torch.zeros((), dtype=dtype, device=a.device)
         if spec.kind == "labels":
             ga = a.sub_(lse_a[:, None]).exp_()
-            ga.index_put_((r, local), torch.full((), -1.0, dtype=dtype, device=a.device), accumulate=True)
+            ga.scatter_add_(1, local, torch.where(inside, -1.0, zero))
         elif tail:
             ga = a.sub_(lse_a[:, None]).exp_().mul_(outside[:, None])
-            ga.index_put_((r, local), at_ids[r, j])
+            ga.scatter_add_(1, local, torch.where(inside, at_ids - ga.gather(1, local), zero))
         else:
             ga = torch.zeros_like(a)
-            ga.index_put_((r, local), at_ids[r, j])
+            ga.scatter_add_(1, local, torch.where(inside, at_ids, zero))
         ga.mul_(w)
         _add_head_grads(grads, 0, s_side.chain(ga, th), block, s_h, s_w, lo, hi, s_acc, whole)
     return value
@@ -755,6 +754,23 @@ def fused_loss(student: HeadLogits, teacher: Any, per_position: Callable[[Tensor
     if not parts:
         return torch.zeros(0, dtype=dtype, device=s_h.device)
     return torch.cat(parts)
+
+
+def token_log_probs(student: HeadLogits, tokens: Tensor, mask: Tensor | None = None, *, temperature: float = 1.0,
+                    chunk_size: int | None = None, tile_size: int | None = None) -> Tensor:
+    """``log q(token)`` at every position ``(...)`` from hidden states and head, never building
+    ``(..., V)`` logits (the sampled-token log-probabilities of policy-gradient losses).
+
+    The values are the gold-label cross-entropy's, negated; any function of them can be
+    differentiated (a PPO ratio, a clipped surrogate): the backward pass reruns the blocks
+    with the incoming gradient ``g`` as weights, ``dz = -g (q - onehot(token))``. Positions
+    outside ``mask`` (bool ``(...)``, default all) are 0 and get no gradient; negative ids
+    (IGNORE_INDEX) must be masked."""
+    valid = torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device) if mask is None else mask.bool()
+    rows = valid.reshape(-1).nonzero().squeeze(-1)
+    values = fused_loss(student, Labels(tokens.clamp(min=0)), None, rows, None, temperature=temperature,
+                        chunk_size=chunk_size, tile_size=tile_size)
+    return (-values).new_zeros(valid.numel()).index_add(0, rows, -values).view(tokens.shape)
 
 
 def seq_mean_weights(rows: Tensor, length: int) -> Tensor:

@@ -12,7 +12,7 @@ from torch.nn import functional as F
 
 import kd.divergences as D
 from kd import ConfigError
-from kd.chunked import Form, default_tile_size, form_terms, fused_loss, scalar_weights
+from kd.chunked import Form, default_tile_size, form_terms, fused_loss, scalar_weights, token_log_probs
 from kd.signals import HeadLogits, Labels, TopK
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
@@ -238,3 +238,28 @@ def test_default_tiles_keep_whole_rows_while_they_fit_and_are_overridable():
     assert tile < 2**22 and 32 * tile <= 2**24
     with pytest.raises(ConfigError, match="tile_size must be a positive"):
         D.JSD(tile_size=0)
+
+
+@pytest.mark.parametrize("tile", [None, 4])
+def test_sampled_token_log_probs_through_a_ppo_ratio(tile):
+    """The fused sampled-token log-probabilities equal log_softmax gathered at the tokens, and
+    a nonlinear loss of them (a clipped PPO surrogate over a ratio, MiniLLM / GRPO style) has
+    the same gradients."""
+    from kd.policy import clipped_surrogate, sampled_log_probs
+
+    hs, ws, bs, _, _, mask = _problem(torch.float64, seed=10)
+    tokens = torch.randint(0, 13, (3, 5), generator=torch.Generator().manual_seed(11))
+    tokens[~mask] = -100
+    old = torch.randn(3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(12)) * 0.1 - 2.5
+    advantage = torch.linspace(-1, 1, 15, dtype=torch.float64).view(3, 5)
+    got = token_log_probs(HeadLogits(hs, ws, bs), tokens, mask, chunk_size=4, tile_size=tile)
+    want = torch.where(mask, sampled_log_probs((hs @ ws.T + bs).log_softmax(-1), tokens), torch.zeros(()))
+    assert _rel(got, want) < 1e-10 and bool((got[~mask] == 0).all())
+
+    def surrogate(new):
+        ratio = torch.exp(torch.where(mask, new - old, torch.zeros(())))
+        return D.reduce(clipped_surrogate(ratio, advantage, 0.2), mask)
+
+    for a, b in zip(torch.autograd.grad(surrogate(got), [hs, ws, bs]),
+                    torch.autograd.grad(surrogate(want), [hs, ws, bs])):
+        assert _rel(a, b) < 1e-10
