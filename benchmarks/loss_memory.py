@@ -1,31 +1,42 @@
 """Peak memory and time of one divergence forward + backward from hidden states: the plain
-way (full logits), kd's chunked path, TRL's chunked kernel and Liger's fused linear JSD.
+way (full logits), kd's fused path (whole rows and vocabulary tiles), TRL's chunked kernel
+and Liger's fused linear JSD.
 
 Each measurement runs in its own process (the script re-invokes itself with ``--worker``),
 so peak memory is that variant's alone: on CPU the growth of the process's peak resident
 set (``ru_maxrss``) over its value once the inputs exist, on CUDA
 ``torch.cuda.max_memory_allocated`` over the memory the inputs hold. Time is the median of
-``--repeats`` forward + backward passes after one warm-up pass.
+``--repeats`` forward + backward passes after one warm-up pass (``--repeats 0``: the time of
+that first pass, for runs too long to repeat).
 
 Variants, for student hidden states ``(N, H)`` with head ``(V, H)`` and a teacher with
 its own ``(N, H)`` and ``(V, H)``:
 
 * ``plain``: ``logits = h @ W.T`` for both models (the teacher's under no_grad) and the
   plain divergence of :mod:`kd.divergences` on them;
-* ``chunked``: :func:`kd.divergences.chunked_divergence` (default block size);
+* ``chunked``: kd's fused path, :func:`kd.divergences.chunked_divergence` (default block
+  and tile sizes: whole rows at these sizes), closed-form block gradients;
+* ``tiled``: the same with vocabulary tiles of ``--tile-size`` entries (two or three passes
+  over the tiles per block);
 * ``trl``: ``trl.kernels.chunked_divergence.ChunkedDivergenceFunction`` (forward KL,
-  reverse KL and JSD only: its ``beta`` selects among them), mean over tokens;
+  reverse KL and JSD only: its ``beta`` selects among them), mean over tokens; run by
+  ``--trl-python`` (a virtual environment with trl, e.g. ``python -m venv`` plus
+  ``pip install --no-deps trl==1.16.*`` and a ``.pth`` file naming this one's site-packages);
 * ``liger``: ``liger_kernel``'s ``LigerFusedLinearJSD`` (Triton, so CUDA only; JSD and
   its two ends).
 
     python benchmarks/loss_memory.py                       # V = 49,152 and 262,144, N = 2,048, H = 576
     python benchmarks/loss_memory.py --vocab 49152 --divergences jsd forward_kl
-    python benchmarks/loss_memory.py --device cuda --dtype bfloat16 --tokens 8192 --vocab 262144
+    python benchmarks/loss_memory.py --device cuda --dtype bfloat16 --tokens 8192 --vocab 262144 \
+        --divergences forward_kl reverse_kl jsd
+    python benchmarks/loss_memory.py --trl-python /tmp/trl-venv/bin/python --max-gb 16 --repeats 0
 
 The table gives, per vocabulary and divergence, each variant's peak MB and seconds and the
-ratios to the plain way (the targets: chunked peak <= 1/8 of plain and below TRL's, time
-<= 1.2x plain). A variant that fails (out of memory, not installed, not supported) shows
-why instead of a number.
+ratios of kd's fused path to the plain way and to TRL (the targets, issue 27: on CPU fused
+time <= 0.8x plain and <= 0.5x TRL's, peak <= 1/10 of plain; on an H200 time and peak at most
+TRL's Triton kernel's). A variant that fails (out of memory, not installed, not supported)
+shows why instead of a number; ``--max-gb`` caps each worker's address space so a plain
+variant that would not fit fails with an out-of-memory error instead of starving the machine.
 """
 
 from __future__ import annotations
@@ -41,7 +52,7 @@ import time
 
 DIVERGENCES = ["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"]
 BETA = {"forward_kl": 0.0, "reverse_kl": 1.0, "jsd": 0.5}  # TRL's and Liger's beta for the divergences they have
-VARIANTS = ["plain", "chunked", "trl", "liger"]
+VARIANTS = ["plain", "chunked", "tiled", "trl", "liger"]
 
 
 def _rss_mb() -> float:
@@ -51,6 +62,9 @@ def _rss_mb() -> float:
 def worker(args: argparse.Namespace) -> dict:
     import torch
 
+    if args.max_gb:
+        limit = int(args.max_gb * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -62,7 +76,7 @@ def worker(args: argparse.Namespace) -> dict:
     ht = torch.randn(n, h, device=device, dtype=dtype) * 0.5
     wt = torch.randn(v, h, device=device, dtype=dtype) * 0.05
     step = _step(args.variant, args.divergence, hs, ws, ht, wt, args.temperature, args.select, args.keep,
-                 args.chunk_size)
+                 args.chunk_size, args.tile_size)
 
     def run() -> float:
         hs.grad = ws.grad = None
@@ -83,14 +97,16 @@ def worker(args: argparse.Namespace) -> dict:
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
         base = _rss_mb()
-        run()
+        first = run()
         peak = _rss_mb() - base
-    times = [run() for _ in range(args.repeats)]
+    if device.type == "cuda":
+        first = 0.0
+    times = [run() for _ in range(args.repeats)] or [first]
     return {"peak_mb": peak, "time_s": statistics.median(times)}
 
 
 def _step(variant: str, divergence: str, hs, ws, ht, wt, temperature: float, select: str = "all",
-          keep: float = 1.0, chunk_size: int | None = None):
+          keep: float = 1.0, chunk_size: int | None = None, tile_size: int = 16384):
     import torch
 
     import kd.divergences as D
@@ -104,8 +120,9 @@ def _step(variant: str, divergence: str, hs, ws, ht, wt, temperature: float, sel
             return module(hs @ ws.T, teacher, temperature=temperature)
 
         return step
-    if variant == "chunked":
-        module = D.DIVERGENCES[divergence](select=select, keep=keep, chunk_size=chunk_size or None)
+    if variant in ("chunked", "tiled"):
+        module = D.DIVERGENCES[divergence](select=select, keep=keep, chunk_size=chunk_size or None,
+                                           tile_size=tile_size if variant == "tiled" else None)
         return lambda: D.chunked_divergence(hs, ws, ht, wt, module, temperature=temperature)
     if divergence not in BETA:
         raise NotImplementedError(f"{variant} has no {divergence}")
@@ -131,17 +148,19 @@ def _step(variant: str, divergence: str, hs, ws, ht, wt, temperature: float, sel
 def measure(args: argparse.Namespace, variant: str, divergence: str, vocab: int, select: str = "all",
             keep: float = 1.0) -> dict:
     """One variant's ``{"peak_mb", "time_s"}`` (or ``{"error"}``), measured in a process of its own."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--variant", variant, "--divergence", divergence,
+    python = args.trl_python if variant == "trl" and getattr(args, "trl_python", None) else sys.executable
+    cmd = [python, os.path.abspath(__file__), "--worker", "--variant", variant, "--divergence", divergence,
            "--vocab", str(vocab), "--tokens", str(args.tokens), "--hidden", str(args.hidden), "--device", args.device,
            "--dtype", args.dtype, "--repeats", str(args.repeats), "--temperature", str(args.temperature),
-           "--threads", str(args.threads), "--select", select, "--keep", str(keep), "--chunk-size", str(args.chunk_size)]
+           "--threads", str(args.threads), "--select", select, "--keep", str(keep), "--chunk-size", str(args.chunk_size),
+           "--tile-size", str(args.tile_size), "--max-gb", str(args.max_gb)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     for line in proc.stdout.splitlines()[::-1]:
         if line.startswith("{"):
             return json.loads(line)
     tail = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
-    if proc.returncode in (-9, 137):
-        tail = "killed (out of memory)"
+    if proc.returncode in (-9, 137) or "memory" in tail.lower():
+        tail = "out of memory"
     return {"error": tail[:60]}
 
 
@@ -160,6 +179,12 @@ def common_parser(description: str = __doc__.split("\n\n")[0]) -> argparse.Argum
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--chunk-size", dest="chunk_size", type=int, default=0,
                         help="positions per block of the chunked path (0: kd's default, kd.chunked.default_chunk_size)")
+    parser.add_argument("--tile-size", dest="tile_size", type=int, default=16384,
+                        help="vocabulary entries per tile of the tiled variant")
+    parser.add_argument("--trl-python", dest="trl_python", default=None,
+                        help="the Python interpreter (a venv with trl) that runs the trl variant")
+    parser.add_argument("--max-gb", dest="max_gb", type=float, default=0,
+                        help="cap each worker's address space at this many GiB (0: none)")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--variant", help=argparse.SUPPRESS)
@@ -180,12 +205,12 @@ def main() -> None:
         return
 
     print(f"# N = {args.tokens} positions, H = {args.hidden}, {args.dtype} on {args.device}; forward + backward, "
-          f"median of {args.repeats}; peak = memory above the inputs'")
+          f"{'median of ' + str(args.repeats) if args.repeats else 'first pass'}; peak = memory above the inputs'")
     results = []
     for vocab in args.vocab:
         print(f"\nV = {vocab:,}")
         head = f"{'divergence':<16}" + "".join(f"{v + ' MB':>14}{v + ' s':>10}" for v in args.variants)
-        print(head + f"{'chunked/plain mem':>19}{'time':>7}{'chunked/trl mem':>17}")
+        print(head + f"{'fused/plain mem':>17}{'time':>7}{'fused/trl mem':>15}{'time':>7}")
         for divergence in args.divergences:
             row = {v: measure(args, v, divergence, vocab) for v in args.variants}
             results.append({"vocab": vocab, "divergence": divergence, **row})
@@ -201,8 +226,9 @@ def main() -> None:
                     return f"{ra[key] / rb[key]:.3f}"
                 return "-"
 
-            print(f"{divergence:<16}{cells}{ratio('chunked', 'plain', 'peak_mb'):>19}"
-                  f"{ratio('chunked', 'plain', 'time_s'):>7}{ratio('chunked', 'trl', 'peak_mb'):>17}", flush=True)
+            print(f"{divergence:<16}{cells}{ratio('chunked', 'plain', 'peak_mb'):>17}"
+                  f"{ratio('chunked', 'plain', 'time_s'):>7}{ratio('chunked', 'trl', 'peak_mb'):>15}"
+                  f"{ratio('chunked', 'trl', 'time_s'):>7}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -1,46 +1,114 @@
 """Chunked (fused-linear) losses: divergences computed from hidden states and the output
-head a block of positions at a time, so no ``(N, V)`` logits tensor of either model exists.
+head a block of positions (and a tile of the vocabulary) at a time, so no ``(N, V)``
+logits tensor of either model exists, and no autograd graph is built per block.
 
 A language model's logits are ``z = head(h) = h @ W.T + b`` (then, for some models, a
 scale and a softcap ``c * tanh(z / c)``, Gemma). Every token-level divergence of
 :mod:`kd.divergences` is a sum over positions of a value that depends only on that
-position's two rows of logits. So the loss can be computed ``C`` positions at a time:
+position's two rows of logits. So the loss is computed ``C`` positions at a time:
 
 1. gather the positions that count (the mask's ``True`` entries; the others are never
    computed) and split them into blocks of ``C`` rows (default: as many rows as fit
-   ``2**21`` logits on CPU, e.g. 42 rows at V = 49,152, and ``2**27`` on GPUs, 512 rows
+   ``2**22`` logits on CPU, e.g. 85 rows at V = 49,152, and ``2**27`` on GPUs, 512 rows
    at V = 262,144, at least 32: :data:`TARGET_BLOCK`);
 2. for each block, ``z_S = head_S(h_S[block])`` and the teacher's rows (its own head over its
    hidden states, a slice of given logits, its cached top-k, or gold labels), the
-   per-position values exactly as the plain functions compute them;
+   per-position values and **the gradient with respect to the block's logits, written out
+   in closed form** (below): no autograd graph, a handful of ``(C, tile)`` temporaries;
 3. scalar reductions (``mean``, ``sum``, ``seq_mean``) are a weighted sum of the values
-   with weights known in advance (``1/n``, ``1``, ``1/(n_seq * count_seq)``). The block's
-   gradient with respect to its logits is therefore computed right away (autograd on the
-   block's own small graph), turned into the gradients of the hidden rows
-   (``dz @ W``), of the head (``dz.T @ h``, accumulated) and of the bias, and the block's
-   logits are freed. The backward pass only scales these stored gradients by the incoming
-   gradient: the same three matrix products per block as the plain forward and backward,
-   no recomputation. Without gradients (evaluation) step 3 is skipped.
-4. ``reduction="none"`` returns per-position values, whose gradient weights are only
-   known in the backward pass: each block runs under activation checkpointing and is
-   recomputed there.
+   with weights known in advance (``1/n``, ``1``, ``1/(n_seq * count_seq)``), so the
+   block's logits gradient ``dz`` is turned right away into the gradients of the hidden
+   rows (``dz @ W``), of the head (``dz.T @ h``, accumulated in place) and of the bias, and
+   the block is freed. The backward pass only scales these stored gradients by the
+   incoming gradient: the same four matrix products per block as the plain forward and
+   backward, no recomputation. Without gradients (evaluation) only the values are computed;
+4. ``reduction="none"`` returns per-position values whose gradient weights are only known
+   in the backward pass: the forward computes the values alone, the backward reruns the
+   blocks with the incoming gradient as the weights.
 
-Peak working memory is a few ``(C, V)`` blocks plus the head's gradient, whatever ``N``.
-The values and gradients equal the plain functions' (tests: float64 to 1e-10, float32 to
-1e-5 relative, every divergence, temperature, mask, reduction, softcap).
+**Vocabulary tiles** (:func:`default_tile_size`): when a block of ``C`` whole rows would
+exceed :data:`MAX_BLOCK` logits, the vocabulary is cut into tiles and each block makes
+passes over them: (1) the log-normalisers by an online log-sum-exp (``lse = logaddexp(lse,
+logsumexp(tile))``), with the gathered label / top-k logits and, for a top-k teacher, the
+student's log-sum-exp outside the ``k`` ids; (2) for reverse KL, JSD, the skew KLs and TVD
+(and for a teacher that wants gradients), the row sums the gradient needs (``sum_v G`` below,
+and the value); (3) the values and gradients, tile by tile. Forward KL, the soft and
+gold-label cross-entropies and top-k teachers need two passes, the others three. Working
+memory is then a few ``(C, tile)`` temporaries, not ``(C, V)``, and one position's row no
+longer has to fit. Each extra pass recomputes the tile's logits (one more head product),
+so tiles are only used when rows do not fit; block and tile sizes are arguments
+(``chunk_size``, ``tile_size``) of :func:`fused_loss` and of the divergences.
+
+Closed-form gradients
+---------------------
+Write ``a = softcap(scale * z) / T`` for the student (``b`` likewise for the teacher),
+``l = log q = a - lse(a)``, ``log p = b - lse(b)``. For a value ``f`` of the two
+distributions, let ``G_v = df/dl_v`` with the ``l_v`` taken as independent variables
+(and ``H_v = df/dlog p_v``). The chain rule through the log-softmax gives
+
+    df/da = G - q * sum_v G_v,        df/db = H - p * sum_v H_v,
+
+so adding any multiple of ``q`` to ``G`` (of ``p`` to ``H``) changes nothing: the constant
+``+q`` and ``+p`` of ``d(x log x) = log x + 1`` are dropped below. With ``m`` the mixture of
+each divergence (``M = beta P + (1-beta) Q`` for JSD, ``alpha P + (1-alpha) Q`` for the skew
+forward KL, ``alpha Q + (1-alpha) P`` for the skew reverse KL), ``[.]`` a term that is 0
+where the distribution in front of the log is 0:
+
+==================  ===================================================  ======================================
+divergence          ``G`` (student)                                       ``H`` (teacher)
+==================  ===================================================  ======================================
+forward KL          ``-p``                  (so ``df/da = q - p``)       ``[p (log p - l)]``
+reverse KL          ``[q (l - log p)]``                                  ``-q``
+JSD(beta)           ``(1-beta) [q (l - log m)]``                         ``beta [p (log p - log m)]``
+skew forward KL     ``-(1-alpha) p q / m``                               ``[p (log p - log m)] - alpha p^2 / m``
+skew reverse KL     ``[q (l - log m)] - alpha q^2 / m``                  ``-(1-alpha) p q / m``
+TVD                 ``-1/2 q sign(p - q)`` (``sign 0 = 0``: the           ``1/2 p sign(p - q)``
+                    subgradient autograd takes for ``|x|`` at 0)
+soft cross-entropy  ``-p``                                               ``-p [l]``
+==================  ===================================================  ======================================
+
+(JSD: ``f = beta sum p log p + (1-beta) sum q log q - sum m log m``, so ``df/dq = (1-beta)
+log(q / m)`` plus a constant; skew forward KL: ``f = sum p log p - sum p log m`` gives
+``df/dq = -(1-alpha) p / m`` and ``df/dp = log(p / m) + 1 - alpha p / m``; the skew reverse
+KL is the same with ``p`` and ``q`` swapped; ``G = q df/dq``, ``H = p df/dp``.) Gold labels
+``y``: ``f = -l_y``, ``df/da = q - onehot(y)``.
+
+A top-k teacher (docs/spec.md section 8) compares ``k + 1`` bins: ``L_j = l_{id_j}`` and the
+tail ``L_tail = lse(a outside the ids) - lse(a)``. With ``G^bin`` the table's ``G`` on the
+bins, ``df/da_v = G^bin_j - q_v S`` at ``v = id_j`` and ``q_v (G^bin_tail / q_tail - S)``
+elsewhere, ``S = sum G^bin``; without the tail bin (renormalised top-k) ``df/da_v =
+G^bin_j - Q_j S`` at the ids (``Q`` the renormalised student bins) and 0 elsewhere.
+
+Finally ``dz = w * df/da * scale / T * (1 - tanh^2(scale z / c))`` (the last factor only
+with a softcap), ``w`` the position's weight. Everything after the head products runs in
+the compute dtype (float32, float64 for float64 inputs): bf16 logits are upcast before the
+scale, softcap and softmax (the plain path applies the scale and softcap in bf16, then
+upcasts), and ``dz`` is cast back to the head's dtype for the two backward products, whose
+head gradient is accumulated in float32.
+
+Peak working memory is a few ``(C, tile)`` blocks plus the head's gradient, whatever
+``N``. The values and gradients equal the plain functions' (tests: float64 to 1e-10,
+float32 to 1e-5 relative, every divergence, temperature, mask, reduction, softcap, scale,
+top-k with and without the tail, tiled and whole rows).
+
+A per-position function without a closed form (``form=None``: a divergence subclass of
+one's own) still runs fused, through autograd on each block's small graph (computed in the
+forward pass for scalar reductions, recomputed under activation checkpointing for
+``"none"``); rows must fit whole there.
 
 Token selection (:mod:`kd.divergences`, ``select=``) runs a first pass without gradients
 that computes each position's student entropy (and divergence), then the loss pass over
-the kept positions only: the dropped positions' logits are built once, without a graph.
+the kept positions only (:func:`map_rows`, whole rows).
 
 Where it deviates from the plain path: positions whose mask is False are skipped, so
 NaN / inf hidden states there cannot reach anything (the plain path replaces them with
-``torch.where``; both give the same values and gradients). Only position blocks are
-chunked, not the vocabulary: one row of logits per position must fit.
+``torch.where``; both give the same values and gradients). The gradient with respect to
+the logits is not differentiable again (no double backward).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -50,22 +118,142 @@ from torch import Tensor
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from kd.signals import HeadLogits, Labels, TopK, compute_dtype, topk_bins
+from kd.signals import TAIL_FLOOR, HeadLogits, Labels, TopK, compute_dtype, topk_bins
 
-__all__ = ["fused_loss", "map_rows", "default_chunk_size", "scalar_weights",
-           "seq_mean_weights", "TARGET_BLOCK"]
+__all__ = ["fused_loss", "token_log_probs", "map_rows", "default_chunk_size", "default_tile_size", "scalar_weights",
+           "seq_mean_weights", "TARGET_BLOCK", "MAX_BLOCK", "Form", "FORMS", "form_terms"]
 
 #: logits per block by device type (rows = TARGET_BLOCK[device] // V, at least 32): small on
-#: CPU, where small blocks cost no speed (2 cores, V = 49,152: 42 rows take 0.5-1.0x the plain
-#: time at 1/8-1/12 of its memory); on GPUs larger blocks keep the kernels busy (an H200 at
-#: V = 262,144: 512 rows cost 1.1-1.2x the plain time at 1/8-1/12 of its memory, 32 rows 4.7x)
-TARGET_BLOCK = {"cpu": 2**21, "cuda": 2**27}
+#: CPU (one thread, V = 49,152, closed-form JSD over 512 positions: 42 rows 2.6 s, 64 rows 2.2 s,
+#: 128 rows 2.1 s, 256 rows 2.6 s, so 85 rows); on GPUs larger blocks keep the kernels busy
+#: (an H200 at V = 262,144 with the autograd blocks: 512 rows cost 1.1-1.2x the plain time,
+#: 32 rows 4.7x)
+TARGET_BLOCK = {"cpu": 2**22, "cuda": 2**27}
+
+#: the most logits one block holds before the vocabulary is cut into tiles (each extra pass
+#: over the tiles recomputes the head product, so whole rows are kept while they fit)
+MAX_BLOCK = {"cpu": 2**24, "cuda": 2**28}
+
+_NEG_INF = -math.inf
 
 
 def default_chunk_size(vocab: int, device: torch.device | str = "cpu") -> int:
     """Rows per block so that one block of logits holds about :data:`TARGET_BLOCK` values."""
     kind = torch.device(device).type
     return max(32, TARGET_BLOCK.get(kind, TARGET_BLOCK["cuda"]) // max(vocab, 1))
+
+
+def default_tile_size(vocab: int, rows: int, device: torch.device | str = "cpu") -> int:
+    """Vocabulary entries per tile: the whole vocabulary while ``rows * vocab`` logits fit
+    :data:`MAX_BLOCK`, else as many as fit (at least 1,024)."""
+    kind = torch.device(device).type
+    limit = MAX_BLOCK.get(kind, MAX_BLOCK["cuda"])
+    if rows * vocab <= limit:
+        return max(vocab, 1)
+    return max(1024, limit // max(rows, 1))
+
+
+# ----------------------------------------------------------------------------- closed forms
+
+#: the divergences with a closed-form gradient (:class:`Form` names)
+FORMS = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd", "soft_cross_entropy")
+
+
+@dataclass(frozen=True)
+class Form:
+    """Which divergence a fused loss computes in closed form, and its shape parameter
+    (``beta`` of JSD, ``alpha`` of the skew KLs)."""
+
+    name: str
+    param: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.name not in FORMS:
+            raise ValueError(f"no closed form for {self.name!r}; one of " + ", ".join(FORMS))
+
+    def canonical(self) -> Form:
+        """JSD at ``beta = 0 / 1`` is forward / reverse KL, a skew KL at ``alpha = 0`` the plain KL
+        (the plain functions define them so)."""
+        if self.name == "jsd" and self.param in (0.0, 1.0):
+            return Form("forward_kl" if self.param == 0.0 else "reverse_kl")
+        if self.name.startswith("skew_") and self.param == 0.0:
+            return Form(self.name[len("skew_"):])
+        return self
+
+    @property
+    def sums_known(self) -> bool:
+        """``sum_v G_v = -1`` whatever the rows (forward KL, soft cross-entropy): no pass for it."""
+        return self.name in ("forward_kl", "soft_cross_entropy")
+
+
+def _zero_where_not(cond: Tensor, x: Tensor) -> Tensor:
+    return torch.where(cond, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def _log_mix(log_a: Tensor, log_b: Tensor, weight_a: float) -> Tensor:
+    """``log(weight_a a + (1 - weight_a) b)`` in log space; ``-inf`` where both are 0
+    (``logaddexp(-inf, -inf) = -inf``; nothing here is differentiated by autograd)."""
+    return torch.logaddexp(log_a + math.log(weight_a), log_b + math.log1p(-weight_a))
+
+
+def form_terms(form: Form, lq: Tensor, lp: Tensor, need_g: bool = True,
+               need_h: bool = False) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor, Tensor]:
+    """Per-row values and the partials of the module docstring's table.
+
+    Args:
+        form: the divergence (:meth:`Form.canonical` already applied).
+        lq, lp: ``(C, X)`` student / teacher log-probabilities (whole rows, a tile of
+            normalised rows, or top-k bins).
+
+    Returns:
+        ``(value (C,), G or None, H or None, q, p)`` with ``q = exp(lq)``, ``p = exp(lp)``.
+    """
+    name, c = form.name, form.param
+    q, p = lq.exp(), lp.exp()
+    p_in, q_in = lp > _NEG_INF, lq > _NEG_INF
+    g = h = None
+    if name == "forward_kl":
+        t = _zero_where_not(p_in, p * (lp - lq))
+        value, g, h = t.sum(-1), (-p if need_g else None), t
+    elif name == "soft_cross_entropy":
+        t = -p * _zero_where_not(p_in, lq)
+        value, g, h = t.sum(-1), (-p if need_g else None), t
+    elif name == "reverse_kl":
+        t = _zero_where_not(q_in, q * (lq - lp))
+        value, g, h = t.sum(-1), t, (-q if need_h else None)
+    elif name == "jsd":
+        lm = _log_mix(lp, lq, c)
+        tp = _zero_where_not(p_in, p * (lp - lm))
+        tq = _zero_where_not(q_in, q * (lq - lm))
+        value = c * tp.sum(-1) + (1.0 - c) * tq.sum(-1)
+        g = tq.mul_(1.0 - c) if need_g else None
+        h = tp.mul_(c) if need_h else None
+    elif name == "skew_forward_kl":
+        lm = _log_mix(lp, lq, c)
+        tp = _zero_where_not(p_in, p * (lp - lm))
+        value = tp.sum(-1)
+        if need_g:
+            g = _zero_where_not(p_in & q_in, (lp + lq - lm).exp_()).mul_(-(1.0 - c))
+        if need_h:
+            h = tp - c * _zero_where_not(p_in, (2.0 * lp - lm).exp_())
+    elif name == "skew_reverse_kl":
+        lm = _log_mix(lq, lp, c)
+        tq = _zero_where_not(q_in, q * (lq - lm))
+        value = tq.sum(-1)
+        if need_g:
+            g = tq - c * _zero_where_not(q_in, (2.0 * lq - lm).exp_())
+        if need_h:
+            h = _zero_where_not(p_in & q_in, (lp + lq - lm).exp_()).mul_(-(1.0 - c))
+    elif name == "tvd":
+        d = p - q
+        value = 0.5 * d.abs().sum(-1)
+        if need_g or need_h:
+            sign = d.sign_()
+            g = (-0.5 * q) * sign if need_g else None
+            h = (0.5 * p) * sign if need_h else None
+    else:  # pragma: no cover - Form validates the name
+        raise ValueError(name)
+    return value, (g if need_g else None), (h if need_h else None), q, p
 
 
 # ----------------------------------------------------------------------------- teachers
@@ -86,6 +274,34 @@ def _teacher_tensors(teacher: Any) -> tuple[str, list[Tensor | None]]:
 
 
 @dataclass
+class _Side:
+    """One model's logits transform: ``a = softcap(scale * z) / T`` in the compute dtype."""
+
+    scale: float
+    softcap: float | None
+    temperature: float
+    dtype: torch.dtype
+
+    def act(self, z: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``a`` and, with a softcap, ``tanh(scale z / c)`` (for the chain rule). ``z`` is a
+        fresh tensor (a head product or an indexed copy) and may be overwritten."""
+        a = z.to(self.dtype)
+        if self.softcap:
+            th = a.mul_(self.scale / self.softcap).tanh_()
+            return th * (self.softcap / self.temperature), th
+        factor = self.scale / self.temperature
+        return (a.mul_(factor) if factor != 1.0 else a), None
+
+    def chain(self, ga: Tensor, th: Tensor | None) -> Tensor:
+        """``dz`` from ``df/da`` (in place on ``ga``)."""
+        if self.scale != self.temperature:
+            ga.mul_(self.scale / self.temperature)
+        if th is not None:
+            ga.addcmul_(ga * th, th, value=-1.0)  # ga * (1 - th^2)
+        return ga
+
+
+@dataclass
 class _Spec:
     """Everything about one fused computation that is not a tensor."""
 
@@ -97,7 +313,16 @@ class _Spec:
     dtype: torch.dtype
     chunk: int
     grad_enabled: bool = True  # grad mode where the loss was called (a Function's forward runs without)
+    form: Form | None = None
+    tile: int = 0
 
+    def sides(self) -> tuple[_Side, _Side]:
+        s = _Side(self.student.scale, self.student.softcap, self.temperature, self.dtype)
+        if self.kind == "head":
+            return s, _Side(self.teacher.scale, self.teacher.softcap, self.temperature, self.dtype)
+        return s, _Side(1.0, None, self.temperature, self.dtype)
+
+    # the autograd fallback (a per-position function without a closed form)
     def values(self, rows: Tensor, s_h: Tensor, s_w: Tensor, s_b: Tensor | None, t0: Tensor | None,
                t1: Tensor | None, t2: Tensor | None, graph: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
         """Per-position values ``(C,)`` of ``rows``, and the logits leaves they came from
@@ -107,8 +332,6 @@ class _Spec:
             z_s = z_s.detach().requires_grad_(True)
         log_q = torch.log_softmax(_tempered(self.student.transform(z_s), self.dtype, self.temperature), dim=-1)
         z_t = None
-        if self.kind == "labels":
-            return -log_q.gather(-1, t0[rows, None]).squeeze(-1), z_s, None
         if self.kind == "topk":
             bins_q, bins_p = topk_bins(log_q, TopK(t0[rows], t1[rows], self.teacher.tail))
             return self.per_position(bins_q, bins_p), z_s, None
@@ -137,20 +360,278 @@ def _blocks(rows: Tensor, chunk: int) -> list[Tensor]:
     return list(rows.split(chunk)) if rows.numel() else []
 
 
+# ----------------------------------------------------------------------------- the closed-form sweep
+
+
+def _grad_buffers(spec: _Spec, tensors: tuple, want: list[bool]) -> list[Tensor | None]:
+    """Zeroed gradient buffers (head and bias grads in float32 at least)."""
+    return [torch.zeros_like(x, dtype=torch.promote_types(torch.float32, x.dtype) if i in (1, 2, 4, 5) else x.dtype)
+            if w else None for i, (x, w) in enumerate(zip(tensors, want))]
+
+
+def _sweep(spec: _Spec, rows: Tensor, weights: Tensor | None, tensors: tuple,
+           want: list[bool]) -> tuple[Tensor, list[Tensor | None]]:
+    """Values ``(n,)`` at ``rows`` and, when ``weights`` is given and ``want`` has an entry,
+    the gradients of ``sum_i w_i value_i`` with respect to the six input tensors."""
+    grad = weights is not None and any(want)
+    grads = _grad_buffers(spec, tensors, want) if grad else [None] * 6
+    values = torch.empty(rows.numel(), dtype=spec.dtype, device=tensors[0].device)
+    with torch.no_grad():
+        for start in range(0, rows.numel(), spec.chunk):
+            block = rows[start:start + spec.chunk]
+            w = None
+            if grad:
+                w = weights[start:start + spec.chunk, None] if weights.dim() else weights
+                w = w.to(spec.dtype)
+            values[start:start + spec.chunk] = _block(spec, block, w, tensors, grads if grad else None, want)
+    return values, grads
+
+
+def _tiles(vocab: int, tile: int) -> list[tuple[int, int]]:
+    return [(lo, min(lo + tile, vocab)) for lo in range(0, vocab, max(tile, 1))] or [(0, 0)]
+
+
+def _lse_update(lse: Tensor | None, x: Tensor) -> Tensor:
+    part = torch.logsumexp(x, dim=-1)
+    return part if lse is None else torch.logaddexp(lse, part)
+
+
+def _add_head_grads(grads: list[Tensor | None], first: int, dz: Tensor, block: Tensor, hidden: Tensor,
+                    weight: Tensor, lo: int, hi: int, acc: list[Tensor | None], whole: bool) -> None:
+    """Add a tile's logits gradient ``dz (C, hi - lo)`` to the hidden rows (``dz @ W``),
+    the head (``dz.T @ h``, in place) and the bias."""
+    g_h, g_w, g_b = grads[first], grads[first + 1], grads[first + 2]
+    if g_h is not None:
+        part = dz.to(weight.dtype) @ weight[lo:hi]
+        if whole:
+            g_h[block] = part.to(g_h.dtype)
+        else:
+            acc[0] = part.to(torch.promote_types(part.dtype, torch.float32)) if acc[0] is None else acc[0].add_(part)
+    if g_w is not None:
+        rows = hidden[block]
+        if rows.dtype == g_w.dtype == dz.dtype:
+            g_w[lo:hi].addmm_(dz.t(), rows)  # in place: no (V, H) temporary per block
+        else:
+            g_w[lo:hi].add_((dz.t().to(rows.dtype) @ rows).to(g_w.dtype))
+    if g_b is not None:
+        g_b[lo:hi].add_(dz.sum(0).to(g_b.dtype))
+
+
+def _block(spec: _Spec, block: Tensor, w: Tensor | None, tensors: tuple, grads: list[Tensor | None] | None,
+           want: list[bool]) -> Tensor:
+    """One block's values ``(C,)``; with ``grads``, adds ``w``-weighted gradients to them."""
+    s_h, s_w, s_b, t0, t1, t2 = tensors
+    vocab = s_w.shape[0]
+    tiles = _tiles(vocab, spec.tile)
+    whole = len(tiles) == 1
+    s_side, t_side = spec.sides()
+    h = s_h[block]
+    ht = t0[block] if spec.kind == "head" else None
+
+    def student(lo: int, hi: int) -> tuple[Tensor, Tensor | None]:
+        return s_side.act(F.linear(h, s_w[lo:hi], None if s_b is None else s_b[lo:hi]))
+
+    def teacher(lo: int, hi: int) -> tuple[Tensor, Tensor | None]:
+        if spec.kind == "head":
+            return t_side.act(F.linear(ht, t1[lo:hi], None if t2 is None else t2[lo:hi]))
+        return t_side.act(t0[block, lo:hi])
+
+    s_acc: list[Tensor | None] = [None]
+    if spec.kind in ("head", "logits"):
+        value = _dense_block(spec, block, w, tensors, grads, want, tiles, student, teacher, s_acc)
+    else:
+        value = _sparse_block(spec, block, w, tensors, grads, want, tiles, student, s_acc)
+    if grads is not None and grads[0] is not None and not whole:
+        grads[0][block] = s_acc[0].to(grads[0].dtype)
+    return value
+
+
+def _dense_block(spec: _Spec, block: Tensor, w: Tensor | None, tensors: tuple, grads: list | None,
+                 want: list[bool], tiles: list[tuple[int, int]], student: Callable, teacher: Callable,
+                 s_acc: list) -> Tensor:
+    """A block against a dense teacher (head or logits), whole rows or tiles."""
+    s_h, s_w, s_b, t0, t1, t2 = tensors
+    form = spec.form
+    whole = len(tiles) == 1
+    grad = grads is not None
+    want_t = grad and any(want[3:])
+    s_side, t_side = spec.sides()
+    if whole:
+        (a, th_s), (b, th_t) = student(*tiles[0]), teacher(*tiles[0])
+        cached = {0: (a, th_s, b, th_t)}
+        lse_a, lse_b = torch.logsumexp(a, -1), torch.logsumexp(b, -1)
+    else:
+        cached = {}
+        lse_a = lse_b = None
+        for lo, hi in tiles:  # pass 1: log-normalisers by an online log-sum-exp
+            lse_a = _lse_update(lse_a, student(lo, hi)[0])
+            lse_b = _lse_update(lse_b, teacher(lo, hi)[0])
+
+    def normalised(i: int, lo: int, hi: int) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
+        if i in cached:
+            a, th_s, b, th_t = cached.pop(i)
+        else:
+            (a, th_s), (b, th_t) = student(lo, hi), teacher(lo, hi)
+        return a.sub_(lse_a[:, None]), th_s, b.sub_(lse_b[:, None]), th_t
+
+    value = sum_g = sum_h = None
+    if grad and not whole and (not form.sums_known or want_t):  # pass 2: the row sums
+        value = sum_g = sum_h = 0
+        for i, (lo, hi) in enumerate(tiles):
+            lq, _, lp, _ = normalised(i, lo, hi)
+            v, g, hh, _, _ = form_terms(form, lq, lp, True, want_t)
+            value, sum_g = value + v, sum_g + g.sum(-1)
+            if want_t:
+                sum_h = sum_h + hh.sum(-1)
+    elif grad and not whole:
+        sum_g = -torch.ones_like(lse_a)
+    total = 0
+    t_acc: list[Tensor | None] = [None]
+    for i, (lo, hi) in enumerate(tiles):  # last pass: values and gradients
+        lq, th_s, lp, th_t = normalised(i, lo, hi)
+        v, g, hh, q, p = form_terms(form, lq, lp, grad, want_t)
+        total = total + v
+        if not grad:
+            continue
+        if whole:
+            sum_g = g.sum(-1)
+            sum_h = hh.sum(-1) if want_t else None
+        del lq, lp
+        if any(want[:3]):
+            ga = g.addcmul_(q, sum_g[:, None], value=-1.0).mul_(w)
+            _add_head_grads(grads, 0, s_side.chain(ga, th_s), block, s_h, s_w, lo, hi, s_acc, whole)
+        if want_t:
+            gb = hh.addcmul_(p, sum_h[:, None], value=-1.0).mul_(w)
+            dzt = t_side.chain(gb, th_t)
+            if spec.kind == "head":
+                _add_head_grads(grads, 3, dzt, block, t0, t1, lo, hi, t_acc, whole)
+            elif grads[3] is not None:
+                grads[3][block, lo:hi] = dzt.to(grads[3].dtype)
+    if want_t and spec.kind == "head" and grads[3] is not None and not whole:
+        grads[3][block] = t_acc[0].to(grads[3].dtype)
+    return total if value is None else value
+
+
+def _sparse_block(spec: _Spec, block: Tensor, w: Tensor | None, tensors: tuple, grads: list | None,
+                  want: list[bool], tiles: list[tuple[int, int]], student: Callable, s_acc: list) -> Tensor:
+    """A block against gold labels or a top-k teacher: pass 1 gathers the label / top-k
+    logits and the log-normalisers, the bins' values and partials follow, pass 2 the gradients."""
+    s_h, s_w, s_b, t0, t1, t2 = tensors
+    whole = len(tiles) == 1
+    s_side, _ = spec.sides()
+    dtype = spec.dtype
+    ids = t0[block].long()
+    if ids.dim() == 1:
+        ids = ids[:, None]
+    k = ids.shape[1]
+    tail = spec.kind == "topk" and spec.teacher.tail
+    cached = {}
+    lse_a = lse_out = None
+    picked = torch.zeros(ids.shape, dtype=dtype, device=ids.device)
+    for i, (lo, hi) in enumerate(tiles):  # pass 1
+        a, th = student(lo, hi)
+        if whole:
+            cached[i] = (a, th)
+        lse_a = _lse_update(lse_a, a)
+        inside = (ids >= lo) & (ids < hi)
+        local = (ids - lo).clamp(0, max(hi - lo - 1, 0))
+        picked = torch.where(inside, a.gather(1, local), picked)
+        if tail:  # the tile with its top-k entries at -inf (amin: ids outside the tile change nothing)
+            hide = torch.where(inside, _NEG_INF, math.inf).to(dtype)
+            lse_out = _lse_update(lse_out, a.scatter_reduce(1, local, hide, reduce="amin"))
+    if spec.kind == "labels":
+        value = lse_a - picked[:, 0]
+        bin_grad = None
+    else:
+        log_p = t1[block].to(dtype)
+        if tail:
+            empty = lse_out == _NEG_INF
+            lq = torch.cat([picked - lse_a[:, None], (lse_out - lse_a)[:, None]], -1)
+            p_tail = (1.0 - log_p.exp().sum(-1)).clamp(min=TAIL_FLOOR).log().masked_fill(empty, _NEG_INF)
+            lp = torch.cat([log_p, p_tail[:, None]], -1)
+        else:
+            lq, lp = torch.log_softmax(picked, -1), torch.log_softmax(log_p, -1)
+        value, bin_grad, _, q_bins, _ = form_terms(spec.form, lq, lp, grads is not None)
+    if grads is None or not any(want[:3]):
+        return value
+    if bin_grad is not None:
+        total_g = bin_grad.sum(-1)
+        if tail:
+            q_tail = q_bins[:, k]
+            outside = torch.where(q_tail > 0, bin_grad[:, k] / q_tail, torch.zeros_like(q_tail)) - total_g
+            at_ids = bin_grad[:, :k] - total_g[:, None] * picked.sub(lse_a[:, None]).exp()  # G_j - q_{id_j} S
+        else:
+            at_ids = bin_grad - q_bins * total_g[:, None]
+    for i, (lo, hi) in enumerate(tiles):  # pass 2: gradients
+        a, th = cached.pop(i) if i in cached else student(lo, hi)
+        inside = (ids >= lo) & (ids < hi)  # ids outside the tile add 0 (no host sync, no index lists)
+        local = (ids - lo).clamp(0, max(hi - lo - 1, 0))
+        zero = torch.zeros((), dtype=dtype, device=a.device)
+        if spec.kind == "labels":
+            ga = a.sub_(lse_a[:, None]).exp_()
+            ga.scatter_add_(1, local, torch.where(inside, -1.0, zero))
+        elif tail:
+            ga = a.sub_(lse_a[:, None]).exp_().mul_(outside[:, None])
+            ga.scatter_add_(1, local, torch.where(inside, at_ids - ga.gather(1, local), zero))
+        else:
+            ga = torch.zeros_like(a)
+            ga.scatter_add_(1, local, torch.where(inside, at_ids, zero))
+        ga.mul_(w)
+        _add_head_grads(grads, 0, s_side.chain(ga, th), block, s_h, s_w, lo, hi, s_acc, whole)
+    return value
+
+
+class _ClosedForm(torch.autograd.Function):
+    """``sum_i w_i * value_i`` over ``rows``, the closed-form gradients computed in forward."""
+
+    @staticmethod
+    def forward(ctx: Any, spec: _Spec, rows: Tensor, weights: Tensor, *tensors: Tensor | None) -> Tensor:
+        want = [spec.grad_enabled and x is not None and x.requires_grad for x in tensors]
+        values, grads = _sweep(spec, rows, weights, tensors, want)
+        ctx.grads = grads
+        ctx.dtypes = [None if x is None else x.dtype for x in tensors]
+        return (values * weights).sum() if weights.dim() else values.sum() * weights
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        out = []
+        for g, like, dtype in zip(ctx.grads, ctx.needs_input_grad[3:], ctx.dtypes):
+            out.append(None if g is None or not like else (g * grad).to(dtype))
+        return (None, None, None, *out)
+
+
+class _ClosedFormValues(torch.autograd.Function):
+    """Values ``(n,)`` over ``rows``; the backward reruns the blocks weighted by the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, spec: _Spec, rows: Tensor, *tensors: Tensor | None) -> Tensor:
+        values, _ = _sweep(spec, rows, None, tensors, [False] * 6)
+        ctx.spec, ctx.rows, ctx.tensors = spec, rows, tensors
+        return values
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        want = list(ctx.needs_input_grad[2:])
+        _, grads = _sweep(ctx.spec, ctx.rows, grad, ctx.tensors, want)
+        return (None, None, *[None if g is None else g.to(x.dtype) for g, x in zip(grads, ctx.tensors)])
+
+
+# ----------------------------------------------------------------------------- autograd fallback
+
+
 class _EagerFused(torch.autograd.Function):
-    """``sum_i w_i * value_i`` over ``rows``, gradients computed block by block in forward."""
+    """``sum_i w_i * value_i`` over ``rows``, gradients by autograd block by block in forward
+    (a per-position function without a closed form)."""
 
     @staticmethod
     def forward(ctx: Any, spec: _Spec, rows: Tensor, weights: Tensor, s_h: Tensor, s_w: Tensor,
                 s_b: Tensor | None, t0: Tensor | None, t1: Tensor | None, t2: Tensor | None) -> Tensor:
         total = torch.zeros((), dtype=spec.dtype, device=s_h.device)
-        want = [spec.grad_enabled and x is not None and x.requires_grad for x in (s_h, s_w, s_b, t0, t1, t2)]
+        tensors = (s_h, s_w, s_b, t0, t1, t2)
+        want = [spec.grad_enabled and x is not None and x.requires_grad for x in tensors]
         want_t_logits = spec.kind in ("head", "logits") and any(want[3:])
-        grads: list[Tensor | None] = [None] * 6
-        if any(want):
-            grads = [torch.zeros_like(x, dtype=torch.promote_types(torch.float32, x.dtype) if i in (1, 2, 4, 5)
-                                      else x.dtype) if w else None
-                     for i, (x, w) in enumerate(zip((s_h, s_w, s_b, t0, t1, t2), want))]
+        grads = _grad_buffers(spec, tensors, want) if any(want) else [None] * 6
+        vocab = s_w.shape[0]
         for start in range(0, rows.numel(), spec.chunk):
             block = rows[start:start + spec.chunk]
             w = weights[start:start + spec.chunk] if weights.dim() else weights
@@ -165,14 +646,14 @@ class _EagerFused(torch.autograd.Function):
                 leaves = [z_s] + ([z_t] if z_t is not None and want_t_logits else [])
                 d = torch.autograd.grad(weighted, leaves)
             total += weighted.detach()
-            _accumulate(grads, 0, d[0], block, s_h, s_w)
+            _add_head_grads(grads, 0, d[0], block, s_h, s_w, 0, vocab, [None], True)
             if len(d) > 1:
                 if spec.kind == "head":
-                    _accumulate(grads, 3, d[1], block, t0, t1)
+                    _add_head_grads(grads, 3, d[1], block, t0, t1, 0, vocab, [None], True)
                 else:
                     grads[3][block] += d[1].to(grads[3].dtype)
         ctx.grads = grads
-        ctx.dtypes = [None if x is None else x.dtype for x in (s_h, s_w, s_b, t0, t1, t2)]
+        ctx.dtypes = [None if x is None else x.dtype for x in tensors]
         return total
 
     @staticmethod
@@ -183,20 +664,7 @@ class _EagerFused(torch.autograd.Function):
         return (None, None, None, *out)
 
 
-def _accumulate(grads: list[Tensor | None], first: int, dz: Tensor, block: Tensor, hidden: Tensor,
-                weight: Tensor) -> None:
-    """Add the block's logits gradient ``dz (C, V)`` to the hidden rows, head and bias grads."""
-    g_h, g_w, g_b = grads[first], grads[first + 1], grads[first + 2]
-    if g_h is not None:
-        g_h[block] = (dz.to(weight.dtype) @ weight).to(g_h.dtype)
-    if g_w is not None:
-        rows = hidden[block]
-        if rows.dtype == g_w.dtype == dz.dtype:
-            g_w.addmm_(dz.t(), rows)  # in place: no (V, H) temporary per block
-        else:
-            g_w.add_((dz.t().to(rows.dtype) @ rows).to(g_w.dtype))
-    if g_b is not None:
-        g_b.add_(dz.sum(0).to(g_b.dtype))
+# ----------------------------------------------------------------------------- entry points
 
 
 def map_rows(student: HeadLogits, teacher: Any, fn: Callable[[Tensor, Any], Tensor], rows: Tensor,
@@ -232,33 +700,47 @@ def map_rows(student: HeadLogits, teacher: Any, fn: Callable[[Tensor, Any], Tens
 
 def fused_loss(student: HeadLogits, teacher: Any, per_position: Callable[[Tensor, Tensor], Tensor] | None,
                rows: Tensor, weights: Tensor | None, *, temperature: float = 1.0, chunk_size: int | None = None,
-               dtype: torch.dtype | None = None) -> Tensor:
+               dtype: torch.dtype | None = None, form: Form | None = None, tile_size: int | None = None) -> Tensor:
     """The fused loss over the flattened positions ``rows`` (1-D long).
 
     Args:
         student: the student's hidden states and head.
         teacher: a :class:`kd.signals.HeadLogits`, teacher logits ``(..., V)``, a
             :class:`kd.signals.TopK` or :class:`kd.signals.Labels` (cross-entropy; then
-            ``per_position`` is ignored).
-        per_position: ``(C, V), (C, V) -> (C,)`` log-probabilities to values.
+            ``per_position`` and ``form`` are ignored).
+        per_position: ``(C, V), (C, V) -> (C,)`` log-probabilities to values (used only
+            without ``form``, through autograd).
         rows: positions (into the flattened leading shape) that are computed.
         weights: ``(len(rows),)`` or a scalar: returns ``sum_i w_i value_i`` (scalar
             reductions, gradients computed in the forward pass); None: returns the values
-            ``(len(rows),)`` (recomputed per block in the backward pass).
+            ``(len(rows),)`` (gradients computed block by block in the backward pass).
         temperature: divides both models' logits (a top-k teacher is stored at it).
         chunk_size: rows per block (default :func:`default_chunk_size`).
         dtype: compute dtype (default: float32, float64 for float64 inputs).
+        form: the divergence in closed form (:class:`Form`): no autograd graph per block,
+            vocabulary tiles possible. None: autograd on each block with ``per_position``.
+        tile_size: vocabulary entries per tile (default :func:`default_tile_size`; the
+            autograd fallback always takes whole rows).
     """
     kind, (t0, t1, t2) = _teacher_tensors(teacher)
     if dtype is None:
         floats = [student.hidden, student.weight] + [t for t in (t0, t1) if t is not None and t.is_floating_point()]
         dtype = compute_dtype(*floats)
-    chunk = int(chunk_size or default_chunk_size(student.weight.shape[0], student.weight.device))
-    spec = _Spec(student, teacher, kind, per_position, float(temperature), dtype, chunk, torch.is_grad_enabled())
+    vocab = student.weight.shape[0]
+    chunk = int(chunk_size or default_chunk_size(vocab, student.weight.device))
+    closed = kind == "labels" or form is not None
+    tile = int(tile_size or default_tile_size(vocab, chunk, student.weight.device)) if closed else vocab
+    spec = _Spec(student, teacher, kind, per_position, float(temperature), dtype, chunk, torch.is_grad_enabled(),
+                 form.canonical() if form is not None else None, tile)
     s_h = student.hidden.reshape(-1, student.hidden.shape[-1])
     rows = rows.to(s_h.device)
+    tensors = (s_h, student.weight, student.bias, t0, t1, t2)
+    if closed:
+        if weights is not None:
+            return _ClosedForm.apply(spec, rows, weights, *tensors)
+        return _ClosedFormValues.apply(spec, rows, *tensors)
     if weights is not None:
-        return _EagerFused.apply(spec, rows, weights, s_h, student.weight, student.bias, t0, t1, t2)
+        return _EagerFused.apply(spec, rows, weights, *tensors)
     parts = []
     for block in _blocks(rows, chunk):
         def run(s_h: Tensor, s_w: Tensor, s_b: Tensor | None, t0: Tensor | None, t1: Tensor | None,
@@ -266,12 +748,29 @@ def fused_loss(student: HeadLogits, teacher: Any, per_position: Callable[[Tensor
             return spec.values(block, s_h, s_w, s_b, t0, t1, t2)[0]
 
         if torch.is_grad_enabled():
-            parts.append(checkpoint(run, s_h, student.weight, student.bias, t0, t1, t2, use_reentrant=False))
+            parts.append(checkpoint(run, *tensors, use_reentrant=False))
         else:
-            parts.append(run(s_h, student.weight, student.bias, t0, t1, t2))
+            parts.append(run(*tensors))
     if not parts:
         return torch.zeros(0, dtype=dtype, device=s_h.device)
     return torch.cat(parts)
+
+
+def token_log_probs(student: HeadLogits, tokens: Tensor, mask: Tensor | None = None, *, temperature: float = 1.0,
+                    chunk_size: int | None = None, tile_size: int | None = None) -> Tensor:
+    """``log q(token)`` at every position ``(...)`` from hidden states and head, never building
+    ``(..., V)`` logits (the sampled-token log-probabilities of policy-gradient losses).
+
+    The values are the gold-label cross-entropy's, negated; any function of them can be
+    differentiated (a PPO ratio, a clipped surrogate): the backward pass reruns the blocks
+    with the incoming gradient ``g`` as weights, ``dz = -g (q - onehot(token))``. Positions
+    outside ``mask`` (bool ``(...)``, default all) are 0 and get no gradient; negative ids
+    (IGNORE_INDEX) must be masked."""
+    valid = torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device) if mask is None else mask.bool()
+    rows = valid.reshape(-1).nonzero().squeeze(-1)
+    values = fused_loss(student, Labels(tokens.clamp(min=0)), None, rows, None, temperature=temperature,
+                        chunk_size=chunk_size, tile_size=tile_size)
+    return (-values).new_zeros(valid.numel()).index_add(0, rows, -values).view(tokens.shape)
 
 
 def seq_mean_weights(rows: Tensor, length: int) -> Tensor:
@@ -293,5 +792,3 @@ def scalar_weights(rows: Tensor, reduction: str, shape: tuple[int, ...], dtype: 
             return torch.zeros((), dtype=dtype, device=rows.device)
         return seq_mean_weights(rows, shape[-1]).to(dtype)
     raise ValueError(f"no weights for reduction {reduction!r}")
-
-

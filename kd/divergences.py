@@ -94,7 +94,7 @@ import torch
 from torch import Tensor, nn
 
 from kd import ConfigError
-from kd.chunked import fused_loss, map_rows, scalar_weights
+from kd.chunked import Form, fused_loss, map_rows, scalar_weights
 from kd.signals import HeadLogits, Outputs, TopK, compute_dtype, topk_bins
 
 __all__ = [
@@ -619,7 +619,9 @@ class Divergence(nn.Module, abc.ABC):
             averages over them only. :attr:`kept` holds the mask of the last call.
         keep: the kept fraction of the valid tokens, in ``(0, 1]``.
         chunked: use the fused path when the student comes as hidden states and a head.
-        chunk_size: positions per block of the fused path (None: kd.chunked.default_chunk_size, about 2**21 logits on CPU, 2**27 on GPUs).
+        chunk_size: positions per block of the fused path (None: kd.chunked.default_chunk_size, about 2**22 logits on CPU, 2**27 on GPUs).
+        tile_size: vocabulary entries per tile of the fused path (None: kd.chunked.default_tile_size:
+            whole rows while a block fits 2**24 logits on CPU, 2**28 on GPUs).
     """
 
     #: Short identifier, e.g. for logging (``"forward_kl"``, ``"jsd"``, ...).
@@ -628,12 +630,15 @@ class Divergence(nn.Module, abc.ABC):
     cross_vocabulary: bool = False
 
     def __init__(self, reduction: str = "mean", select: str = "all", keep: float = 1.0, chunked: bool = True,
-                 chunk_size: int | None = None) -> None:
+                 chunk_size: int | None = None, tile_size: int | None = None) -> None:
         super().__init__()
         _check_reduction(reduction)
         _check_selection(select, keep)
         if chunk_size is not None and (isinstance(chunk_size, bool) or int(chunk_size) < 1):
             raise ConfigError(f"divergence.chunk_size must be a positive number of positions or null (got {chunk_size!r})")
+        if tile_size is not None and (isinstance(tile_size, bool) or int(tile_size) < 1):
+            raise ConfigError(f"divergence.tile_size must be a positive number of vocabulary entries or null "
+                              f"(got {tile_size!r})")
         if self.cross_vocabulary and select != "all":
             raise ConfigError(f"divergence {self.name} compares two vocabularies; token selection needs one, "
                               "so keep divergence.select=all")
@@ -642,12 +647,19 @@ class Divergence(nn.Module, abc.ABC):
         self.keep = float(keep)
         self.chunked = bool(chunked)
         self.chunk_size = None if chunk_size is None else int(chunk_size)
+        self.tile_size = None if tile_size is None else int(tile_size)
         #: ``(...)`` bool, the positions the last call counted (mask and selection)
         self.kept: Tensor | None = None
 
     @abc.abstractmethod
     def per_position(self, student_logprobs: Tensor, teacher_logprobs: Tensor) -> Tensor:
         """``(..., V), (..., V)`` log-probabilities -> ``(...)`` per-position values."""
+
+    def closed_form(self) -> Form | None:
+        """The fused path's closed-form gradient (:class:`kd.chunked.Form`) for this
+        divergence, or None (autograd on each block) for one without; a subclass that
+        overrides :meth:`per_position` of a class that has one must override this too."""
+        return None
 
     def forward(
         self,
@@ -705,15 +717,22 @@ class Divergence(nn.Module, abc.ABC):
         if fused:
             if self.reduction == "none":
                 values = fused_loss(student, teacher, self.per_position, rows, None, temperature=temperature,
-                                    chunk_size=self.chunk_size, dtype=dtype)
+                                    chunk_size=self.chunk_size, dtype=dtype, form=self._form(),
+                                    tile_size=self.tile_size)
                 return torch.zeros(count, dtype=dtype, device=device).index_add(0, rows, values).view(shape)
             weights = scalar_weights(rows, self.reduction, shape, dtype)
             return fused_loss(student, teacher, self.per_position, rows, weights, temperature=temperature,
-                              chunk_size=self.chunk_size, dtype=dtype)
+                              chunk_size=self.chunk_size, dtype=dtype, form=self._form(), tile_size=self.tile_size)
         log_q = to_log_probs(student.reshape(-1, student.shape[-1])[rows], temperature, dtype=dtype)
         values = self._values(log_q, self._teacher_rows(teacher, rows, temperature, dtype))
         full = torch.zeros(count, dtype=dtype, device=device).index_add(0, rows, values).view(shape)
         return reduce(full, self.kept, self.reduction)
+
+    def _form(self) -> Form | None:
+        """:meth:`closed_form`, unless a subclass replaced the per-position function without it."""
+        owner = next(c for c in type(self).__mro__ if "per_position" in vars(c))
+        form_owner = next(c for c in type(self).__mro__ if "closed_form" in vars(c))
+        return self.closed_form() if issubclass(form_owner, owner) else None
 
     def _select(self, student: Any, teacher: Any, rows: Tensor, temperature: float, fused: bool,
                 dtype: torch.dtype) -> Tensor:
@@ -759,6 +778,9 @@ class ForwardKL(Divergence):
     def per_position(self, student_logprobs: Tensor, teacher_logprobs: Tensor) -> Tensor:
         return forward_kl_per_position(student_logprobs, teacher_logprobs)
 
+    def closed_form(self) -> Form:
+        return Form("forward_kl")
+
 
 class ReverseKL(Divergence):
     """Reverse KL ``KL(p_S || p_T)``."""
@@ -767,6 +789,9 @@ class ReverseKL(Divergence):
 
     def per_position(self, student_logprobs: Tensor, teacher_logprobs: Tensor) -> Tensor:
         return reverse_kl_per_position(student_logprobs, teacher_logprobs)
+
+    def closed_form(self) -> Form:
+        return Form("reverse_kl")
 
 
 class JSD(Divergence):
@@ -781,6 +806,9 @@ class JSD(Divergence):
 
     def per_position(self, student_logprobs: Tensor, teacher_logprobs: Tensor) -> Tensor:
         return jsd_per_position(student_logprobs, teacher_logprobs, self.beta)
+
+    def closed_form(self) -> Form:
+        return Form("jsd", self.beta)
 
     def extra_repr(self) -> str:
         return f"beta={self.beta}, " + super().extra_repr()
@@ -800,6 +828,9 @@ class _SkewKL(Divergence):
 
     def per_position(self, student_logprobs: Tensor, teacher_logprobs: Tensor) -> Tensor:
         return type(self).skewed(student_logprobs, teacher_logprobs, self.alpha)
+
+    def closed_form(self) -> Form:
+        return Form(self.name, self.alpha)
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, " + super().extra_repr()
@@ -829,6 +860,9 @@ class TVD(Divergence):
     def per_position(self, student_logprobs: Tensor, teacher_logprobs: Tensor) -> Tensor:
         return tvd_per_position(student_logprobs, teacher_logprobs)
 
+    def closed_form(self) -> Form:
+        return Form("tvd")
+
 
 class SoftCrossEntropy(Divergence):
     """Cross-entropy to the teacher's distribution, ``-sum_v p_T(v) log p_S(v)``: forward KL
@@ -842,6 +876,9 @@ class SoftCrossEntropy(Divergence):
         zero = torch.zeros((), dtype=student_logprobs.dtype, device=student_logprobs.device)
         log_q = torch.where(teacher_logprobs > -math.inf, student_logprobs, zero)
         return -(teacher_logprobs.exp() * log_q).sum(-1)
+
+    def closed_form(self) -> Form:
+        return Form("soft_cross_entropy")
 
 
 class ULD(Divergence):
@@ -880,6 +917,7 @@ def chunked_divergence(
     teacher_softcap: float | None = None,
     scale: float = 1.0,
     teacher_scale: float = 1.0,
+    tile_size: int | None = None,
     **options: Any,
 ) -> Tensor:
     """A divergence from hidden states and output heads, a block of positions at a time
@@ -898,12 +936,14 @@ def chunked_divergence(
             constructor: ``beta``, ``alpha``, ``reduction``, ``select``, ``keep``).
         mask: ``(...)`` bool, the positions that count.
         temperature: divides both models' logits (not a cached top-k teacher's).
-        chunk_size: positions per block (None: kd.chunked.default_chunk_size, about 2**21 logits on CPU, 2**27 on GPUs).
+        chunk_size: positions per block (None: kd.chunked.default_chunk_size, about 2**22 logits on CPU, 2**27 on GPUs).
         student_bias, teacher_bias: ``(V,)`` head biases.
         teacher_logits: the teacher as logits ``(..., V)`` or a :class:`kd.signals.TopK` cache instead
             of hidden states and a head.
         softcap, teacher_softcap: Gemma's final logit softcapping ``c * tanh(z / c)``.
         scale, teacher_scale: multiply each model's logits before the softcap.
+        tile_size: vocabulary entries per tile (None: kd.chunked.default_tile_size, whole rows
+            while a block of them fits).
 
     Returns:
         The reduced loss like the plain functions (``(...)`` for ``reduction="none"``).
@@ -914,8 +954,8 @@ def chunked_divergence(
         divergence = DIVERGENCES[divergence](**options)
     elif options:
         raise TypeError(f"options {sorted(options)} only apply to a divergence given by name")
-    if chunk_size is not None or not divergence.chunked:
-        divergence = _with_chunking(divergence, chunk_size)
+    if chunk_size is not None or tile_size is not None or not divergence.chunked:
+        divergence = _with_chunking(divergence, chunk_size, tile_size)
     student = HeadLogits(student_hidden, student_weight, student_bias, softcap, scale)
     if teacher_logits is not None:
         teacher: Any = teacher_logits
@@ -926,12 +966,13 @@ def chunked_divergence(
     return divergence(student, teacher, mask, temperature)
 
 
-def _with_chunking(divergence: Divergence, chunk_size: int | None) -> Divergence:
-    """A shallow copy of ``divergence`` that runs chunked with ``chunk_size``."""
+def _with_chunking(divergence: Divergence, chunk_size: int | None, tile_size: int | None = None) -> Divergence:
+    """A shallow copy of ``divergence`` that runs chunked with ``chunk_size`` and ``tile_size``."""
     import copy
 
     clone = copy.copy(divergence)
     clone.chunked = True
     clone.chunk_size = chunk_size if chunk_size is not None else divergence.chunk_size
+    clone.tile_size = tile_size if tile_size is not None else getattr(divergence, "tile_size", None)
     return clone
 
