@@ -15,7 +15,8 @@ references, ``replace_responses``) and sample with one :class:`kd.generation.Sam
   ``select="closest_to_reference"`` keeps, of ``num_candidates`` samples, the one with
   the highest smoothed sentence BLEU against the reference (Seq-Inter).
 * :class:`OnPolicy`: the student's own samples for the batch's prompts, drawn at every
-  step without gradient (GKD with lmbda = 1).
+  step without gradient (GKD with lmbda = 1), by kd's sampler or, with ``engine=vllm``, an
+  in-process vLLM engine holding the student's weights (:mod:`kd.rollouts`).
 * :class:`Mixed`: each batch is on-policy with probability ``lmbda``, else off-policy
   (dataset responses, or the teacher's with ``seq_kd=True``): GKD's student-data fraction.
 * :class:`TeacherLogits`: the dataset's responses, with the teacher's distribution at
@@ -71,6 +72,7 @@ from kd.cache import Cache
 from kd.cache import key as cache_key
 from kd.generation import Sampling, generate
 from kd.logit_cache import LOGPROB_DTYPES, LogitCache, weights_fingerprint
+from kd.rollouts import Rollouts
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +176,10 @@ class Regime:
     def batch(self, student: nn.Module, batch: dict[str, Tensor], data: Any) -> dict[str, Tensor]:
         """The batch a training step learns from."""
         return batch
+
+    def metrics(self) -> dict[str, float]:
+        """Numbers about the last :meth:`batch` that the training step logs (``train/<name>``)."""
+        return {}
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to continue the same schedule (saved in checkpoints)."""
@@ -290,17 +296,22 @@ class OnPolicy(Regime):
 
     Args:
         sampling: how the student samples (GKD: temperature 1; TRL: 0.9).
+        engine: what samples: ``kd`` (kd's sampler) or ``vllm`` (an in-process vLLM engine,
+            :mod:`kd.rollouts`).
+        vllm: the vLLM engine's settings (:class:`kd.rollouts.VLLMSettings`: ``sync_every``,
+            ``memory``, ...).
     """
 
     name = "on_policy"
     generative = True
 
-    def __init__(self, sampling: Sampling | Any = None) -> None:
+    def __init__(self, sampling: Sampling | Any = None, engine: str = "kd", vllm: Any = None) -> None:
         self.sampling = Sampling.of(sampling)
+        self.rollouts = Rollouts(engine, vllm, where="regime")
 
     def sample(self, student: nn.Module, batch: dict[str, Tensor], data: PromptData) -> dict[str, Tensor]:
         config = self.sampling.config(data.tokenizer, data.max_new_tokens)
-        out = generate(student, batch["prompt_ids"], batch["prompt_mask"], config)
+        out = self.rollouts.generate(student, batch["prompt_ids"], batch["prompt_mask"], config)
         joined = join_prompts_and_responses(batch["prompt_ids"], batch["prompt_mask"], out.responses,
                                             out.response_mask, config.pad_token_id)
         # per-row facts carry over: the prompts in a cross-tokenizer teacher's tokens, the routed teacher
@@ -309,6 +320,9 @@ class OnPolicy(Regime):
 
     def batch(self, student: nn.Module, batch: dict[str, Tensor], data: Any) -> dict[str, Tensor]:
         return self.sample(student, batch, data)
+
+    def metrics(self) -> dict[str, float]:
+        return self.rollouts.metrics()
 
 
 class Mixed(OnPolicy):
@@ -324,15 +338,18 @@ class Mixed(OnPolicy):
         sampling: how the student (and, with ``seq_kd``, the teacher) samples.
         teacher_generated: further :class:`TeacherGenerated` settings for ``seq_kd``
             (``num_candidates``, ``select``, ``batch_size``, ``seed``).
+        engine, vllm: what samples the student (:class:`OnPolicy`); the teacher's
+            ``seq_kd`` responses are always kd's sampler's.
     """
 
     name = "mixed"
 
     def __init__(self, lmbda: float = 0.5, seq_kd: bool = False, seed: int = 0, cache_dir: str | None = None,
-                 sampling: Sampling | Any = None, teacher_generated: dict[str, Any] | Any = None) -> None:
+                 sampling: Sampling | Any = None, teacher_generated: dict[str, Any] | Any = None,
+                 engine: str = "kd", vllm: Any = None) -> None:
         if not 0.0 <= lmbda <= 1.0:
             raise ConfigError(f"regime.lmbda must be in [0, 1] (got {lmbda}); it is the share of on-policy batches")
-        super().__init__(sampling)
+        super().__init__(sampling, engine, vllm)
         self.lmbda = lmbda
         extra = dict(teacher_generated or {})
         self.teacher_data = TeacherGenerated(cache_dir, self.sampling, **extra) if seq_kd else None
@@ -347,10 +364,15 @@ class Mixed(OnPolicy):
 
     def batch(self, student: nn.Module, batch: dict[str, Tensor], data: Any) -> dict[str, Tensor]:
         self.batches += 1
+        self.last_on_policy = False
         if torch.rand((), generator=self.rng).item() < self.lmbda:
+            self.last_on_policy = True
             self.on_policy_batches += 1
             return self.sample(student, batch, data)
         return batch
+
+    def metrics(self) -> dict[str, float]:
+        return self.rollouts.metrics() if getattr(self, "last_on_policy", False) else {}
 
     def state_dict(self) -> dict[str, Any]:
         return {"rng": self.rng.get_state(), "batches": self.batches, "on_policy_batches": self.on_policy_batches}
