@@ -300,29 +300,75 @@ class OnPolicy(Regime):
             :mod:`kd.rollouts`).
         vllm: the vLLM engine's settings (:class:`kd.rollouts.VLLMSettings`: ``sync_every``,
             ``memory``, ...).
+        overlap: one step off-policy (needs ``engine=vllm``): while step ``t`` trains, a
+            background thread samples batch ``t``'s prompts with the weights of step ``t``
+            (synced before the step's update), and step ``t + 1`` trains on those samples, so
+            every batch is exactly one optimizer step stale (``train/rollout_staleness`` adds
+            it to the engine's ``sync_every`` staleness). The first step samples its batch
+            twice: at once for itself and in the background for step 1; the samples of the
+            last batch are never trained on, and a resumed run starts the pipeline anew.
     """
 
     name = "on_policy"
     generative = True
 
-    def __init__(self, sampling: Sampling | Any = None, engine: str = "kd", vllm: Any = None) -> None:
+    def __init__(self, sampling: Sampling | Any = None, engine: str = "kd", vllm: Any = None,
+                 overlap: bool = False) -> None:
         self.sampling = Sampling.of(sampling)
         self.rollouts = Rollouts(engine, vllm, where="regime")
+        if overlap and engine != "vllm":
+            raise ConfigError("regime.overlap=true samples the next batch on the vLLM engine while the student "
+                              "trains (kd's sampler would read weights the optimizer is changing); set "
+                              "regime.engine=vllm or regime.overlap=false")
+        self.overlap = bool(overlap)
+        self._pending: Any = None  # (future of the next step's batch, its staleness in optimizer steps)
+        self._executor: Any = None
+        self._staleness = 0
 
-    def sample(self, student: nn.Module, batch: dict[str, Tensor], data: PromptData) -> dict[str, Tensor]:
-        config = self.sampling.config(data.tokenizer, data.max_new_tokens)
-        out = self.rollouts.generate(student, batch["prompt_ids"], batch["prompt_mask"], config)
+    def _join(self, batch: dict[str, Tensor], out: Any, pad: int) -> dict[str, Tensor]:
         joined = join_prompts_and_responses(batch["prompt_ids"], batch["prompt_mask"], out.responses,
-                                            out.response_mask, config.pad_token_id)
+                                            out.response_mask, pad)
         # per-row facts carry over: the prompts in a cross-tokenizer teacher's tokens, the routed teacher
         joined.update(batches.carried_rows(batch))
         return joined
 
+    def sample(self, student: nn.Module, batch: dict[str, Tensor], data: PromptData) -> dict[str, Tensor]:
+        config = self.sampling.config(data.tokenizer, data.max_new_tokens)
+        out = self.rollouts.generate(student, batch["prompt_ids"], batch["prompt_mask"], config)
+        self._staleness = self.rollouts.staleness
+        return self._join(batch, out, config.pad_token_id)
+
+    def _launch(self, student: nn.Module, batch: dict[str, Tensor], data: PromptData) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        config = self.sampling.config(data.tokenizer, data.max_new_tokens)
+        run = self.rollouts.start(student, batch["prompt_ids"], batch["prompt_mask"], config)
+        staleness = self.rollouts.staleness + 1  # trained one optimizer step after these weights
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kd-rollouts")
+        self._pending = (self._executor.submit(lambda: self._join(batch, run(), config.pad_token_id)), staleness)
+
     def batch(self, student: nn.Module, batch: dict[str, Tensor], data: Any) -> dict[str, Tensor]:
-        return self.sample(student, batch, data)
+        if not self.overlap:
+            return self.sample(student, batch, data)
+        if self._pending is None:  # the pipeline's first step: this batch now, its next samples in the background
+            current = self.sample(student, batch, data)
+        else:
+            future, self._staleness = self._pending
+            current = future.result()
+        self._launch(student, batch, data)  # with this step's weights, before its update
+        return current
 
     def metrics(self) -> dict[str, float]:
-        return self.rollouts.metrics()
+        out = self.rollouts.metrics()
+        if out:
+            out["rollout_staleness"] = float(self._staleness)
+        return out
+
+    def __getstate__(self) -> dict[str, Any]:  # a copy starts its own pipeline
+        state = dict(self.__dict__)
+        state["_pending"] = state["_executor"] = None
+        return state
 
 
 class Mixed(OnPolicy):

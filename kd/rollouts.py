@@ -144,6 +144,12 @@ def student_weights(model: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach() for k, v in model.state_dict().items()}
 
 
+def draw_seeds(rows: int, generator: torch.Generator | None = None) -> list[int]:
+    """One vLLM seed per row from ``generator`` (the global RNG when None)."""
+    device = generator.device if generator is not None else "cpu"
+    return torch.randint(0, 2**31 - 1, (rows,), generator=generator, device=device).tolist()
+
+
 def _torch_dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -181,13 +187,20 @@ class VLLMEngine:
         self.max_model_len = self.settings.max_model_len or getattr(config, "max_position_embeddings", None)
         self.sleep_mode = self.on_gpu and self.settings.sleep
         started = time.perf_counter()
-        self.llm = LLM(
-            model=self._dir.name, load_format="dummy", skip_tokenizer_init=True, generation_config="vllm",
-            dtype=self.settings.dtype or _torch_dtype_name(param.dtype), enable_prefix_caching=False,
-            logprobs_mode="processed_logprobs", gpu_memory_utilization=float(self.settings.memory),
-            max_model_len=self.max_model_len, enable_sleep_mode=self.sleep_mode, seed=0,
-            enforce_eager=not self.on_gpu,
-        )
+        try:
+            self.llm = LLM(
+                model=self._dir.name, load_format="dummy", skip_tokenizer_init=True, generation_config="vllm",
+                dtype=self.settings.dtype or _torch_dtype_name(param.dtype), enable_prefix_caching=False,
+                logprobs_mode="processed_logprobs", gpu_memory_utilization=float(self.settings.memory),
+                max_model_len=self.max_model_len, enable_sleep_mode=self.sleep_mode, seed=0,
+                enforce_eager=not self.on_gpu,
+            )
+        except Exception as e:  # noqa: BLE001 - vLLM's reasons are many (head size, memory, architecture)
+            self._dir.cleanup()
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[-1][:300]
+            raise ConfigError(f"vLLM could not start a rollout engine for this {type(plain).__name__} ({reason}); "
+                              "use engine=kd, or a student vLLM serves (its CPU build needs a head size "
+                              "hidden_size / num_heads of 32, 64, 80, 96, 112, 128 or more)") from e
         self.asleep = False
         log.info("vLLM rollout engine started in %.1f s (%s, memory share %g)", time.perf_counter() - started,
                  self.device, self.settings.memory)
@@ -235,9 +248,10 @@ class VLLMEngine:
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, attention_mask: Tensor | None, config: Any,
-                 generator: torch.Generator | None = None) -> Any:
+                 generator: torch.Generator | None = None, seeds: list[int] | None = None) -> Any:
         """Sample continuations of left-padded prompts: the :class:`kd.generation.Generation`
-        kd's sampler returns for the same arguments (its layout, masks and log-probs)."""
+        kd's sampler returns for the same arguments (its layout, masks and log-probs).
+        ``seeds`` (one per row) replaces the draws from ``generator``."""
         from vllm.inputs import TokensPrompt
 
         from kd.generation import Generation, _prepare_prompts
@@ -254,8 +268,8 @@ class VLLMEngine:
         if limit is not None and longest + config.max_new_tokens > limit:
             raise ConfigError(f"prompts of up to {longest} tokens plus {config.max_new_tokens} new tokens exceed the "
                               f"rollout engine's {limit} positions; set vllm.max_model_len or shorten max_new_tokens")
-        seeds = torch.randint(0, 2**31 - 1, (batch,), generator=generator,
-                              device=generator.device if generator is not None else "cpu").tolist()
+        if seeds is None:
+            seeds = draw_seeds(batch, generator)
         rows = input_ids.cpu()
         keep = attention_mask.cpu().bool()
         prompts = [TokensPrompt(prompt_token_ids=rows[b][keep[b]].tolist()) for b in range(batch)]
@@ -330,6 +344,13 @@ class Rollouts:
 
         if not self.uses_vllm:
             return generate(model, input_ids, attention_mask, config, generator=generator)
+        return self.start(model, input_ids, attention_mask, config, generator)()
+
+    def start(self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, config: Any,
+              generator: torch.Generator | None = None) -> Any:
+        """The vLLM half of :meth:`generate` split in two: sync the weights when due and draw
+        the rows' seeds now (in the caller's thread, before the student changes), and return a
+        function that samples (it may run in another thread while the student trains)."""
         if torch.distributed.is_available() and torch.distributed.is_initialized() and \
                 torch.distributed.get_world_size() > 1:
             raise ConfigError(f"{self.where}.engine=vllm runs one engine in one process; train on one device or use "
@@ -344,11 +365,16 @@ class Rollouts:
                      self.count)
         self.staleness = self.count - self.synced_at
         self.count += 1
-        try:
-            return engine.generate(input_ids, attention_mask, config, generator)
-        finally:
-            sync_next = self.count - self.synced_at >= self.settings.sync_every
-            engine.sleep(keep_weights=not sync_next)
+        seeds = draw_seeds(len(input_ids), generator)
+        sync_next = self.count - self.synced_at >= self.settings.sync_every
+
+        def run() -> Any:
+            try:
+                return engine.generate(input_ids, attention_mask, config, seeds=seeds)
+            finally:
+                engine.sleep(keep_weights=not sync_next)
+
+        return run
 
     def metrics(self) -> dict[str, float]:
         """What a training step logs about the last rollout (empty for kd's sampler)."""
@@ -367,4 +393,5 @@ class Rollouts:
         return state
 
 
-__all__ = ["ENGINES", "INSTALL", "VLLMSettings", "VLLMEngine", "Rollouts", "student_weights", "vllm_available"]
+__all__ = ["ENGINES", "INSTALL", "VLLMSettings", "VLLMEngine", "Rollouts", "draw_seeds", "student_weights",
+           "vllm_available"]

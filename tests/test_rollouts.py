@@ -220,6 +220,50 @@ def test_a_lora_student_is_merged_for_the_sync_and_keeps_its_adapters(engine):
     assert kept.keys() == adapters.keys() and all(torch.equal(kept[k], adapters[k]) for k in kept)
 
 
+class _Tokenizer:
+    eos_token_id, pad_token_id = None, 0
+
+    def __len__(self) -> int:
+        return TRUE_VOCAB
+
+
+class _Data:
+    tokenizer, max_new_tokens = _Tokenizer(), 6
+
+
+def test_overlap_trains_each_batch_on_samples_one_step_stale(engine):
+    from kd.regimes import OnPolicy
+
+    model = _llama(seed=5)
+    regime = OnPolicy(sampling={"temperature": 0.0}, engine="vllm", overlap=True)
+    regime.rollouts._vllm = engine
+    ids, mask = _prompts()
+    batches = [{"prompt_ids": ids.roll(k, 0), "prompt_mask": mask.roll(k, 0)} for k in range(3)]
+    config = regime.sampling.config(_Data.tokenizer, _Data.max_new_tokens)
+
+    def expected(weights, batch):
+        out = generate(weights, batch["prompt_ids"], batch["prompt_mask"], config)
+        return regime._join(batch, out, 0)
+
+    theta0 = copy.deepcopy(model)
+    first = regime.batch(model, batches[0], _Data())  # step 0: its own batch, fresh
+    assert torch.equal(first["input_ids"], expected(theta0, batches[0])["input_ids"])
+    assert regime.metrics()["rollout_staleness"] == 0
+    _train_step(model)
+    theta1 = copy.deepcopy(model)
+    second = regime.batch(model, batches[1], _Data())  # step 1: batch 0 again, sampled with step 0's weights
+    assert torch.equal(second["input_ids"], expected(theta0, batches[0])["input_ids"])
+    assert not torch.equal(second["input_ids"], expected(theta1, batches[0])["input_ids"])
+    assert regime.metrics()["rollout_staleness"] == 1
+    _train_step(model)
+    third = regime.batch(model, batches[2], _Data())  # step 2: batch 1 with step 1's weights
+    assert torch.equal(third["input_ids"], expected(theta1, batches[1])["input_ids"])
+    assert regime.metrics()["rollout_staleness"] == 1
+    regime._pending[0].result()  # the last batch's samples finish before the engine serves the next test
+    with pytest.raises(ConfigError, match="regime.overlap=true .* set regime.engine=vllm"):
+        OnPolicy(overlap=True)
+
+
 def test_gkd_on_policy_run_with_vllm_rollouts_through_the_config_path(make_cfg, caplog, engine):
     from kd.runs import train as run
     from tests.conftest import SMALL_TASK
@@ -234,3 +278,33 @@ def test_gkd_on_policy_run_with_vllm_rollouts_through_the_config_path(make_cfg, 
     synced = [r for r in caplog.records if "student weights synced" in r.getMessage()]
     assert len(synced) == 3  # one sync before each of the three on-policy steps
     assert summary["results"]
+
+
+@pytest.mark.parametrize("recipe", [["recipe=minillm", "recipe.mix_alpha=0", "recipe.sampling.top_k=5",
+                                     "recipe.ppo_epochs=1"], ["recipe=cross_stage"]], ids=["minillm", "cross_stage"])
+def test_minillm_and_cross_stage_sample_on_vllm(make_cfg, caplog, engine, recipe):
+    from kd.runs import train as run
+    from tests.conftest import SMALL_TASK
+
+    overrides = [o for o in SMALL_TASK if not o.startswith("student.hidden_size")]
+    cfg = make_cfg(*overrides, *recipe, "recipe.engine=vllm", "recipe.vllm.dtype=float32", "student.hidden_size=64",
+                   "student.num_heads=2", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
+                   "trainer.limit_val_batches=1", "data.generation_eval_size=4")
+    with caplog.at_level(logging.INFO, logger="kd.rollouts"):
+        summary = run(cfg)
+    synced = [r for r in caplog.records if "student weights synced" in r.getMessage()]
+    assert len(synced) == 2 and summary["results"]  # one rollout, one sync, per training batch
+
+
+def test_a_student_vllm_cannot_serve_is_one_sentence(engine):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kd.rollouts import VLLMEngine
+
+    # head size 16: vLLM's CPU attention has no kernel for it (on a GPU it may start: skip there)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, vocab_size=VOCAB, max_position_embeddings=32))
+    if torch.cuda.is_available():
+        pytest.skip("the head-size limit is the CPU build's")
+    with pytest.raises(ConfigError, match="vLLM could not start a rollout engine for this LlamaForCausalLM .*engine=kd"):
+        VLLMEngine(model, VLLMSettings(dtype="float32"))
