@@ -16,7 +16,8 @@ references, ``replace_responses``) and sample with one :class:`kd.generation.Sam
   the highest smoothed sentence BLEU against the reference (Seq-Inter).
 * :class:`OnPolicy`: the student's own samples for the batch's prompts, drawn at every
   step without gradient (GKD with lmbda = 1), by kd's sampler or, with ``engine=vllm``, an
-  in-process vLLM engine holding the student's weights (:mod:`kd.rollouts`).
+  in-process vLLM engine holding the student's weights (:mod:`kd.rollouts`); with
+  ``overlap=True`` one step off policy (the next batch sampled while this one trains).
 * :class:`Mixed`: each batch is on-policy with probability ``lmbda``, else off-policy
   (dataset responses, or the teacher's with ``seq_kd=True``): GKD's student-data fraction.
 * :class:`TeacherLogits`: the dataset's responses, with the teacher's distribution at

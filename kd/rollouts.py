@@ -48,6 +48,9 @@ The vLLM engine
   and put to sleep after every rollout, freeing its KV cache (level 1, weights offloaded
   to host memory; level 2, weights dropped, when the next rollout reloads them anyway); it
   wakes before the next sync. On CPUs there is no sleep (vLLM's CPU build has none).
+* **One step off policy** (``regime.overlap``, :class:`kd.regimes.OnPolicy`):
+  :meth:`Rollouts.start` syncs and draws the seeds in the caller's thread and returns the
+  sampling as a function, which the regime runs in a background thread while the step trains.
 * **Processes.** One engine per process; a run on several processes (DDP) with
   ``engine=vllm`` is refused before training (:mod:`kd.checks`).
 
@@ -195,12 +198,11 @@ class VLLMEngine:
                 max_model_len=self.max_model_len, enable_sleep_mode=self.sleep_mode, seed=0,
                 enforce_eager=not self.on_gpu,
             )
-        except Exception as e:  # noqa: BLE001 - vLLM's reasons are many (head size, memory, architecture)
+        except Exception as e:  # noqa: BLE001 - vLLM's reasons are many (length, memory, architecture)
             self._dir.cleanup()
             reason = (str(e).strip().splitlines() or [type(e).__name__])[-1][:300]
             raise ConfigError(f"vLLM could not start a rollout engine for this {type(plain).__name__} ({reason}); "
-                              "use engine=kd, or a student vLLM serves (its CPU build needs a head size "
-                              "hidden_size / num_heads of 32, 64, 80, 96, 112, 128 or more)") from e
+                              "fix the vllm settings it names, or use engine=kd") from e
         self.asleep = False
         log.info("vLLM rollout engine started in %.1f s (%s, memory share %g)", time.perf_counter() - started,
                  self.device, self.settings.memory)
