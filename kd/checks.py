@@ -180,6 +180,17 @@ def _check_groups(cfg: DictConfig, needs: Needs, name: str) -> None:
             raise ConfigError("a run on several processes cannot be a job of kd -m with this launcher (Lightning "
                               "relaunches the whole command line in each process); run each setting as its own kd "
                               "command, or sweep with hydra/launcher=submitit_slurm")
+    for node in ("regime", "recipe"):  # student rollouts on vLLM (kd.rollouts)
+        if not (isinstance(cfg.get(node), DictConfig) and cfg[node].get("engine") == "vllm"):
+            continue
+        from kd.rollouts import INSTALL, vllm_available
+
+        if not vllm_available():
+            raise ConfigError(f"{node}.engine=vllm needs vLLM, which is not installed; {INSTALL}")
+        if world_size(cfg.trainer) > 1:
+            raise ConfigError(f"{node}.engine=vllm runs one vLLM engine in one process, which a run on "
+                              f"{world_size(cfg.trainer)} processes does not share; set {node}.engine=kd or "
+                              "train on one device")
     if cfg.get("teachers") and cfg.get("teacher"):
         raise ConfigError("teacher= and teachers: both name teachers; with examples routed to named teachers "
                           "set teacher=none")

@@ -383,6 +383,8 @@ class DistillationRecipe(L.LightningModule):
             self.log(f"train/regime/{key}", float(value), batch_size=n)
         for key, value in terms.items():
             self.log(f"train/{key}", value.detach(), prog_bar=key == "loss", batch_size=n)
+        for key, value in self.regime.metrics().items():  # e.g. the rollout engine's staleness
+            self.log(f"train/{key}", float(value), batch_size=n)
         if self.teachers is not None and self.teachers.routed and batches.TEACHER_INDEX in batch:
             for name, rows in self.teachers.examples(batch).items():
                 self.log(f"train/{name}/examples", rows.float(), batch_size=n, reduce_fx="sum")

@@ -15,7 +15,9 @@ references, ``replace_responses``) and sample with one :class:`kd.generation.Sam
   ``select="closest_to_reference"`` keeps, of ``num_candidates`` samples, the one with
   the highest smoothed sentence BLEU against the reference (Seq-Inter).
 * :class:`OnPolicy`: the student's own samples for the batch's prompts, drawn at every
-  step without gradient (GKD with lmbda = 1).
+  step without gradient (GKD with lmbda = 1), by kd's sampler or, with ``engine=vllm``, an
+  in-process vLLM engine holding the student's weights (:mod:`kd.rollouts`); with
+  ``overlap=True`` one step off policy (the next batch sampled while this one trains).
 * :class:`Mixed`: each batch is on-policy with probability ``lmbda``, else off-policy
   (dataset responses, or the teacher's with ``seq_kd=True``): GKD's student-data fraction.
 * :class:`Speculative`: speculative KD's interleaved samples (Xu et al. 2025): the student
@@ -78,6 +80,7 @@ from kd.cache import key as cache_key
 from kd.data import IGNORE_INDEX
 from kd.generation import Sampling, generate
 from kd.logit_cache import LOGPROB_DTYPES, LogitCache, weights_fingerprint
+from kd.rollouts import Rollouts
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +200,11 @@ class Regime:
         """Values to log after each :meth:`batch` (as ``train/regime/<name>``)."""
         return {}
 
+    def metrics(self) -> dict[str, float]:
+        """Numbers about the last :meth:`batch`'s rollouts that the training step logs
+        (``train/<name>``: the engine's staleness and sync time, :mod:`kd.rollouts`)."""
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to continue the same schedule (saved in checkpoints)."""
         return {}
@@ -312,25 +320,79 @@ class OnPolicy(Regime):
 
     Args:
         sampling: how the student samples (GKD: temperature 1; TRL: 0.9).
+        engine: what samples: ``kd`` (kd's sampler) or ``vllm`` (an in-process vLLM engine,
+            :mod:`kd.rollouts`).
+        vllm: the vLLM engine's settings (:class:`kd.rollouts.VLLMSettings`: ``sync_every``,
+            ``memory``, ...).
+        overlap: one step off-policy (needs ``engine=vllm``): while step ``t`` trains, a
+            background thread samples batch ``t``'s prompts with the weights of step ``t``
+            (synced before the step's update), and step ``t + 1`` trains on those samples, so
+            every batch is exactly one optimizer step stale (``train/rollout_staleness`` adds
+            it to the engine's ``sync_every`` staleness). The first step samples its batch
+            twice: at once for itself and in the background for step 1; the samples of the
+            last batch are never trained on, and a resumed run starts the pipeline anew.
     """
 
     name = "on_policy"
     generative = True
 
-    def __init__(self, sampling: Sampling | Any = None) -> None:
+    def __init__(self, sampling: Sampling | Any = None, engine: str = "kd", vllm: Any = None,
+                 overlap: bool = False) -> None:
         self.sampling = Sampling.of(sampling)
+        self.rollouts = Rollouts(engine, vllm, where="regime")
+        if overlap and engine != "vllm":
+            raise ConfigError("regime.overlap=true samples the next batch on the vLLM engine while the student "
+                              "trains (kd's sampler would read weights the optimizer is changing); set "
+                              "regime.engine=vllm or regime.overlap=false")
+        self.overlap = bool(overlap)
+        self._pending: Any = None  # (future of the next step's batch, its staleness in optimizer steps)
+        self._executor: Any = None
+        self._staleness = 0
 
-    def sample(self, student: nn.Module, batch: dict[str, Tensor], data: PromptData) -> dict[str, Tensor]:
-        config = self.sampling.config(data.tokenizer, data.max_new_tokens)
-        out = generate(student, batch["prompt_ids"], batch["prompt_mask"], config)
+    def _join(self, batch: dict[str, Tensor], out: Any, pad: int) -> dict[str, Tensor]:
         joined = join_prompts_and_responses(batch["prompt_ids"], batch["prompt_mask"], out.responses,
-                                            out.response_mask, config.pad_token_id)
+                                            out.response_mask, pad)
         # per-row facts carry over: the prompts in a cross-tokenizer teacher's tokens, the routed teacher
         joined.update(batches.carried_rows(batch))
         return joined
 
+    def sample(self, student: nn.Module, batch: dict[str, Tensor], data: PromptData) -> dict[str, Tensor]:
+        config = self.sampling.config(data.tokenizer, data.max_new_tokens)
+        out = self.rollouts.generate(student, batch["prompt_ids"], batch["prompt_mask"], config)
+        self._staleness = self.rollouts.staleness
+        return self._join(batch, out, config.pad_token_id)
+
+    def _launch(self, student: nn.Module, batch: dict[str, Tensor], data: PromptData) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        config = self.sampling.config(data.tokenizer, data.max_new_tokens)
+        run = self.rollouts.start(student, batch["prompt_ids"], batch["prompt_mask"], config)
+        staleness = self.rollouts.staleness + 1  # trained one optimizer step after these weights
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kd-rollouts")
+        self._pending = (self._executor.submit(lambda: self._join(batch, run(), config.pad_token_id)), staleness)
+
     def batch(self, student: nn.Module, batch: dict[str, Tensor], data: Any) -> dict[str, Tensor]:
-        return self.sample(student, batch, data)
+        if not self.overlap:
+            return self.sample(student, batch, data)
+        if self._pending is None:  # the pipeline's first step: this batch now, its next samples in the background
+            current = self.sample(student, batch, data)
+        else:
+            future, self._staleness = self._pending
+            current = future.result()
+        self._launch(student, batch, data)  # with this step's weights, before its update
+        return current
+
+    def metrics(self) -> dict[str, float]:
+        out = self.rollouts.metrics()
+        if out:
+            out["rollout_staleness"] = float(self._staleness)
+        return out
+
+    def __getstate__(self) -> dict[str, Any]:  # a copy starts its own pipeline
+        state = dict(self.__dict__)
+        state["_pending"] = state["_executor"] = None
+        return state
 
 
 class Mixed(OnPolicy):
@@ -346,15 +408,18 @@ class Mixed(OnPolicy):
         sampling: how the student (and, with ``seq_kd``, the teacher) samples.
         teacher_generated: further :class:`TeacherGenerated` settings for ``seq_kd``
             (``num_candidates``, ``select``, ``batch_size``, ``seed``).
+        engine, vllm: what samples the student (:class:`OnPolicy`); the teacher's
+            ``seq_kd`` responses are always kd's sampler's.
     """
 
     name = "mixed"
 
     def __init__(self, lmbda: float = 0.5, seq_kd: bool = False, seed: int = 0, cache_dir: str | None = None,
-                 sampling: Sampling | Any = None, teacher_generated: dict[str, Any] | Any = None) -> None:
+                 sampling: Sampling | Any = None, teacher_generated: dict[str, Any] | Any = None,
+                 engine: str = "kd", vllm: Any = None) -> None:
         if not 0.0 <= lmbda <= 1.0:
             raise ConfigError(f"regime.lmbda must be in [0, 1] (got {lmbda}); it is the share of on-policy batches")
-        super().__init__(sampling)
+        super().__init__(sampling, engine, vllm)
         self.lmbda = lmbda
         extra = dict(teacher_generated or {})
         self.teacher_data = TeacherGenerated(cache_dir, self.sampling, **extra) if seq_kd else None
@@ -369,10 +434,15 @@ class Mixed(OnPolicy):
 
     def batch(self, student: nn.Module, batch: dict[str, Tensor], data: Any) -> dict[str, Tensor]:
         self.batches += 1
+        self.last_on_policy = False
         if torch.rand((), generator=self.rng).item() < self.lmbda:
+            self.last_on_policy = True
             self.on_policy_batches += 1
             return self.sample(student, batch, data)
         return batch
+
+    def metrics(self) -> dict[str, float]:
+        return self.rollouts.metrics() if getattr(self, "last_on_policy", False) else {}
 
     def state_dict(self) -> dict[str, Any]:
         return {"rng": self.rng.get_state(), "batches": self.batches, "on_policy_batches": self.on_policy_batches}

@@ -73,9 +73,10 @@ from kd.batches import join_prompts_and_responses
 from kd.data import IGNORE_INDEX
 from kd.divergences import reduce, reverse_kl_per_position, to_log_probs
 from kd.evaluation import cross_entropy
-from kd.generation import Sampling, generate
+from kd.generation import Sampling
 from kd.policy import sampled_log_probs
 from kd.recipe import DistillationRecipe, Needs
+from kd.rollouts import Rollouts
 
 ESTIMATORS = ("sampled", "dense")
 STAGE_OBJECTIVES = ("sft", "grpo", "self_distill")
@@ -125,6 +126,9 @@ class CrossStage(DistillationRecipe):
         clip_eps: clipping range of the surrogate (> 0).
         sampling: how the student samples the replayed prompts (:class:`kd.generation.Sampling`).
         seed: seed of the sampler.
+        engine: what samples: ``kd`` (kd's sampler) or ``vllm`` (an in-process vLLM engine,
+            :mod:`kd.rollouts`).
+        vllm: the vLLM engine's settings (:class:`kd.rollouts.VLLMSettings`).
         **kwargs: passed to :class:`kd.recipe.DistillationRecipe`.
     """
 
@@ -134,7 +138,8 @@ class CrossStage(DistillationRecipe):
 
     def __init__(self, *, lam: float = 1.0, stage_weight: float = 1.0, estimator: str = "sampled",
                  stage_objective: str = "sft", group_size: int = 4, clip_eps: float = 0.2,
-                 sampling: Sampling | Any = None, seed: int = 0, **kwargs: Any) -> None:
+                 sampling: Sampling | Any = None, seed: int = 0, engine: str = "kd", vllm: Any = None,
+                 **kwargs: Any) -> None:
         if estimator not in ESTIMATORS:
             raise ConfigError(f"recipe.estimator must be one of {list(ESTIMATORS)} (got {estimator!r})")
         if stage_objective not in STAGE_OBJECTIVES:
@@ -148,7 +153,9 @@ class CrossStage(DistillationRecipe):
                               f"{stage_weight})")
         if not clip_eps > 0:
             raise ConfigError(f"recipe.clip_eps must be > 0 (got {clip_eps})")
+        rollouts = Rollouts(engine, vllm, where="recipe")
         super().__init__(**kwargs)
+        self.rollouts = rollouts
         self.lam, self.stage_weight, self.estimator, self.clip_eps = lam, stage_weight, estimator, clip_eps
         self.stage_objective, self.group_size = stage_objective, group_size
         self.sampling = Sampling.of(sampling)
@@ -176,7 +183,7 @@ class CrossStage(DistillationRecipe):
         if self._rng is None or self._rng.device != device:
             self._rng = torch.Generator(device=device).manual_seed(self.seed)
         prompts, prompt_mask = batch["prompt_ids"][rows], batch["prompt_mask"][rows]
-        out = generate(self.student, prompts, prompt_mask, config, generator=self._rng)
+        out = self.rollouts.generate(self.student, prompts, prompt_mask, config, self._rng)
         joined = join_prompts_and_responses(prompts, prompt_mask, out.responses, out.response_mask,
                                             config.pad_token_id)
         if batches.TEACHER_INDEX in batch:
@@ -278,4 +285,6 @@ class CrossStage(DistillationRecipe):
             terms["distill"] = distill
             terms.update(stats)
             loss = loss + self.lam * distill
+        for key, value in self.rollouts.metrics().items():  # the vLLM engine's staleness
+            terms[key] = torch.tensor(value)
         return {"loss": loss, **terms}

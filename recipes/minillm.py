@@ -69,6 +69,7 @@ from kd.generation import Sampling, TeacherMix, generate
 from kd.policy import clipped_surrogate as ppo_clipped_loss  # -min(rw A, clip(rw) A), rw = ratio x weight
 from kd.policy import sampled_log_probs
 from kd.recipe import DistillationRecipe, Needs
+from kd.rollouts import Rollouts
 
 VARIANTS = {
     "paper": {"reward_scale": 1.0, "reward_clip": None, "gamma": 1.0, "include_current": False, "whiten": False,
@@ -126,6 +127,11 @@ class MiniLLM(DistillationRecipe):
         sampling: rollout sampling (:class:`kd.generation.Sampling`; paper: temperature 1,
             no filter; ``max_new_tokens`` None takes the datamodule's).
         seed: seed of the rollout sampler and the mini-batch shuffles.
+        engine: what samples the rollouts: ``kd`` (kd's sampler) or ``vllm`` (an in-process
+            vLLM engine, :mod:`kd.rollouts`; it has no teacher mixing, so it needs
+            ``mix_alpha=0``, and the importance weights are then ``q_T(y) / q_filtered(y)``,
+            1 without top-k/top-p).
+        vllm: the vLLM engine's settings (:class:`kd.rollouts.VLLMSettings`).
         **kwargs: passed to :class:`kd.recipe.DistillationRecipe`.
     """
 
@@ -135,7 +141,7 @@ class MiniLLM(DistillationRecipe):
     def __init__(self, *, variant: str = "paper", mix_alpha: float = 0.2, clip_eps: float = 0.2,
                  ppo_epochs: int = 4, num_minibatches: int = 4, pt_weight: float = 1.0,
                  max_grad_norm: float | None = 1.0, sampling: Sampling | Any = None, seed: int = 0,
-                 **kwargs: Any) -> None:
+                 engine: str = "kd", vllm: Any = None, **kwargs: Any) -> None:
         if variant not in VARIANTS:
             raise ConfigError(f"recipe.variant must be one of {sorted(VARIANTS)} (got {variant!r})")
         if not 0.0 <= mix_alpha <= 1.0:
@@ -144,7 +150,12 @@ class MiniLLM(DistillationRecipe):
             raise ConfigError("recipe.ppo_epochs and recipe.num_minibatches must be >= 1")
         if not clip_eps > 0:
             raise ConfigError(f"recipe.clip_eps must be > 0 (got {clip_eps}); the paper uses 0.2")
+        if engine == "vllm" and mix_alpha > 0:
+            raise ConfigError(f"recipe.engine=vllm samples from the student alone, not MiniLLM's teacher mixture "
+                              f"(recipe.mix_alpha={mix_alpha}); set recipe.mix_alpha=0 or recipe.engine=kd")
+        rollouts = Rollouts(engine, vllm, where="recipe")
         super().__init__(**kwargs)
+        self.rollouts = rollouts
         self.variant = variant
         self.settings = VARIANTS[variant]
         self.mix_alpha, self.clip_eps = mix_alpha, clip_eps
@@ -182,15 +193,23 @@ class MiniLLM(DistillationRecipe):
         dm = self.trainer.datamodule
         tok = dm.tokenizer
         config = self.sampling.config(tok, dm.max_new_tokens)
-        out = generate(self.student, batch["prompt_ids"], batch["prompt_mask"], config,
-                       generator=self._generator(batch["prompt_ids"].device),
-                       mix=TeacherMix(self.teacher, self.mix_alpha))
+        generator = self._generator(batch["prompt_ids"].device)
+        if self.rollouts.uses_vllm:  # mix_alpha is 0: the student's own samples
+            out = self.rollouts.generate(self.student, batch["prompt_ids"], batch["prompt_mask"], config, generator)
+        else:
+            out = generate(self.student, batch["prompt_ids"], batch["prompt_mask"], config, generator=generator,
+                           mix=TeacherMix(self.teacher, self.mix_alpha))
         joined = join_prompts_and_responses(batch["prompt_ids"], batch["prompt_mask"], out.responses,
                                             out.response_mask, tok.pad_token_id)
         student = self.outputs(self.student, joined)
         teacher = self.teacher_outputs(joined)  # its mask leaves out rows without a teacher
-        return {**joined, **self.score(student.logits, teacher.logits, student.labels, teacher.mask,
-                                       out.importance_weights[out.response_mask])}
+        if out.student_logprobs is not None:
+            weights = out.importance_weights[out.response_mask]
+        else:  # w = q_T(y) / (the filtered q_T the engine drew from)(y); 1 without top-k / top-p
+            t = 1.0 if config.greedy else float(config.temperature)
+            log_q = sampled_log_probs(to_log_probs(student.logits, t), student.labels)
+            weights = torch.exp(log_q[student.mask] - out.logprobs[out.response_mask])
+        return {**joined, **self.score(student.logits, teacher.logits, student.labels, teacher.mask, weights)}
 
     def score(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, mask: Tensor,
               weights: Tensor) -> dict[str, Tensor]:
@@ -262,6 +281,7 @@ class MiniLLM(DistillationRecipe):
         mask = buffer["mask"]
         logged["reward"] = float(reduce(buffer["rewards"], mask))
         logged["response_length"] = float(mask.sum(-1).float().mean())
+        logged.update(self.rollouts.metrics())
         for key, value in logged.items():
             self.log(f"train/{key}", value, prog_bar=key == "loss", batch_size=n)
         return torch.tensor(logged["loss"])

@@ -37,7 +37,7 @@ def test_groups_of_the_design_exist():
 
 
 def test_every_fragment_is_merged_somewhere_and_is_no_command_line_group():
-    assert FRAGMENTS == ["sampling", "token_loss"]
+    assert FRAGMENTS == ["rollouts", "sampling", "token_loss"]
     texts = [p.read_text() for p in CONF_DIR.rglob("*.yaml")]
     for group in FRAGMENTS:
         for option in options(group):
