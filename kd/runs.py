@@ -53,7 +53,17 @@ def _overrides() -> list[str]:
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Train one recipe run as described in the module docstring; returns metrics.json's dict."""
+    """Train one recipe run as described in the module docstring; returns metrics.json's dict.
+    A teacher's server that the run launched (:mod:`kd.served`) is stopped however it ends."""
+    from kd.served import stop_servers
+
+    try:
+        return _train(cfg)
+    finally:
+        stop_servers()
+
+
+def _train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("pipeline"):  # kd pipeline=<name>: the stages in turn (kd/pipeline.py)
         from kd.pipeline import run_pipeline
 
