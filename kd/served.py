@@ -306,7 +306,8 @@ class Client:
                     raise ServerError(f"the teacher's server at {self.url} refused {path} ({e.code}: {detail})") from None
                 problem = f"{e.code}: {detail}"
             except (urllib.error.URLError, OSError) as e:  # refused, reset, timed out
-                problem = str(getattr(e, "reason", e)) or type(e).__name__
+                reason = getattr(e, "reason", e)
+                problem = getattr(reason, "strerror", None) or str(reason) or type(e).__name__
             except (ValueError, KeyError, TypeError, IndexError) as e:  # not JSON, or not what was asked
                 problem = f"a malformed answer: {e}"
             log.warning("teacher server %s%s failed (%s), attempt %d of %d", self.url, path, problem, attempt + 1,
