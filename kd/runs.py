@@ -55,12 +55,13 @@ def _overrides() -> list[str]:
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train one recipe run as described in the module docstring; returns metrics.json's dict.
     A teacher's server that the run launched (:mod:`kd.served`) is stopped however it ends."""
-    from kd.served import stop_servers
+    from kd.served import live_servers, stop_servers
 
+    running = live_servers()
     try:
         return _train(cfg)
     finally:
-        stop_servers()
+        stop_servers(keep=running)
 
 
 def _train(cfg: DictConfig) -> dict[str, Any]:

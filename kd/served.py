@@ -107,11 +107,16 @@ _LIVE: set[Server] = set()
 _LOCK = threading.Lock()
 
 
-def stop_servers() -> None:
-    """Stop every server this process launched (the end of a run, an error, SIGTERM, exit)."""
+def live_servers() -> set[Server]:
+    """The servers this process launched that run now."""
     with _LOCK:
-        live = list(_LIVE)
-    for server in live:
+        return set(_LIVE)
+
+
+def stop_servers(keep: set[Server] | frozenset = frozenset()) -> None:
+    """Stop every server this process launched but those in ``keep`` (a run stops the ones
+    it started: at its end, on an error, on SIGTERM; everything at interpreter exit)."""
+    for server in live_servers() - set(keep):
         server.stop()
 
 
@@ -283,6 +288,8 @@ class Client:
     def __init__(self, url: str, timeout: float = 120.0, retries: int = 3, backoff: float = 1.0) -> None:
         self.url = url.rstrip("/")
         self.timeout, self.retries, self.backoff = float(timeout), int(retries), float(backoff)
+        #: bytes of the answers read so far (benchmarks/served_teacher.py)
+        self.bytes_received = 0
 
     def request(self, path: str, body: dict[str, Any] | None = None, check: Any = None) -> Any:
         """GET (``body`` None) or POST ``path``; ``check(answer)`` raises ValueError on an
@@ -296,7 +303,9 @@ class Client:
             try:
                 req = urllib.request.Request(f"{self.url}{path}", data=data, headers=headers)
                 with urllib.request.urlopen(req, timeout=self.timeout) as r:
-                    answer = json.loads(r.read())
+                    raw = r.read()
+                    self.bytes_received += len(raw)
+                    answer = json.loads(raw)
                 if check is not None:
                     check(answer)
                 return answer
@@ -593,5 +602,5 @@ def served(model: Any) -> bool:
     return isinstance(model, ServedTeacher)
 
 
-__all__ = ["ServedTeacher", "Server", "Client", "ServerError", "stop_servers", "served", "free_port",
+__all__ = ["ServedTeacher", "Server", "Client", "ServerError", "stop_servers", "live_servers", "served", "free_port",
            "VLLM_MAX_LOGPROBS"]
