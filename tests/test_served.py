@@ -191,3 +191,31 @@ def test_a_server_killed_mid_run_is_one_sentence_and_the_run_resumes(served, tmp
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "test/loss" in json.loads((run_dir / "metrics.json").read_text())["results"]["student, gkd"]
     assert not any(alive(p) for p in pids(tmp_path / "second"))
+
+
+def test_routed_served_teachers_each_score_their_own_rows(served):
+    from kd.teachers import Teachers
+
+    root, model_dir, tok, dm, server = served
+    a, b = (ServedTeacher(url=server.url, top_k=4) for _ in range(2))
+    teachers = Teachers({"a": a, "b": b})
+    batch = next(iter(dm.train_dataloader()))
+    route = torch.tensor([0, 1, -1, 0, 1, 1, -1, 0] * 4)[: len(batch["input_ids"])]
+    out = teachers.outputs({**batch, batches.TEACHER_INDEX: route}, call=None)
+    single = a.outputs(batch)
+    covered = route >= 0
+    assert torch.equal(out.mask, single.mask & covered[:, None])  # rows without a teacher drop out
+    assert torch.equal(out.logits.ids[out.mask], single.logits.ids[out.mask])
+    assert torch.allclose(out.logits.logprobs[out.mask], single.logits.logprobs[out.mask])
+
+
+def test_teacher_generated_answers_sampled_by_the_server_equal_kd_sampler_greedy(served):
+    from kd.generation import Sampling
+    from kd.regimes import TeacherGenerated
+
+    root, model_dir, tok, dm, server = served
+    regime = TeacherGenerated(sampling=Sampling(temperature=0.0, max_new_tokens=6), batch_size=64)
+    teacher = ServedTeacher(url=server.url, client={"prompts_per_request": 64})
+    from_server = regime.generate_responses(teacher, dm)
+    in_process = regime.generate_responses(load_hf_model(str(model_dir)), dm)
+    assert len(from_server) == len(dm.prompts("train")) and from_server == in_process
