@@ -28,11 +28,12 @@ from torch import nn
 from kd import ConfigError
 from kd.cache import Cache
 from kd.checks import check_config, check_recipe
-from kd.config import (choice, instantiate, instantiate_all, student_factory, student_tokenizer, teacher_configs,
+from kd.config import (INIT_FROM_TEACHER, choice, instantiate, instantiate_all, student_factory, student_tokenizer, teacher_configs,
                        teacher_tokenizer)
 from kd.models import check_same_tokenizer
 from kd.recipe import DistillationRecipe
 from kd.resume import AtomicCheckpointIO
+from kd.served import served
 
 
 def recipe_class(cfg: DictConfig) -> type[DistillationRecipe]:
@@ -103,6 +104,36 @@ def _check_tokenizers(cfg: DictConfig, datamodule: Any, recipe: DistillationReci
                 check_same_tokenizer(datamodule.tokenizer, teacher_tokenizer(cfg, t), f"the data's and {whose}")
     if datamodule.tokenizer is not None:
         recipe.set_vocabulary(len(datamodule.tokenizer))
+
+
+def _check_served(cfg: DictConfig, cls: type[DistillationRecipe], name: str, teachers: Any, regime: Any,
+                  datamodule: Any, setup: bool) -> None:
+    """Refuse what a served teacher (:mod:`kd.served`) cannot give, in one sentence, then
+    (with ``setup``) start or reach its server and check its tokenizer and ``max_logprobs``."""
+    models = list(teachers.values()) if isinstance(teachers, dict) else [teachers]
+    models = [m for m in models if served(m)]
+    if not models:
+        return
+    needs = cls.needs
+    if "topk" not in needs.teacher_signals:
+        raise ConfigError(f"recipe {name}'s loss reads the teacher's logits, which a served teacher does not give "
+                          "(it gives top-k log-probabilities); use an in-process teacher (teacher=hf)")
+    if needs.hidden_states or needs.teacher_tokenizer == "own":
+        raise ConfigError(f"recipe {name} needs the teacher's hidden states or its own tokenizer, which a served "
+                          "teacher does not give; use an in-process teacher (teacher=hf)")
+    temperature = loss_temperature(cls, cfg.recipe)
+    if temperature is not None and temperature != 1.0:
+        raise ConfigError(f"a served teacher's log-probabilities are untempered (T = 1), so recipe {name}'s loss "
+                          f"temperature {temperature:g} cannot be applied exactly to its top-k; set "
+                          "recipe.temperature=1 or use an in-process teacher (teacher=hf)")
+    if cfg.get(INIT_FROM_TEACHER) is not None:
+        raise ConfigError("a served teacher's layers cannot initialise the student (kd holds no weights of it); "
+                          "drop student_init_from_teacher or use teacher=hf")
+    if not setup or getattr(datamodule, "tokenizer", None) is None:
+        return
+    k = getattr(regime, "top_k", None) if getattr(regime, "teacher_signal", None) == "topk" else None
+    for model in models:
+        model.check(datamodule.tokenizer, k)
 
 
 def loss_temperature(cls: type[DistillationRecipe], recipe: DictConfig) -> float | None:
@@ -182,6 +213,7 @@ def build(cfg: DictConfig, *, teacher: bool | None = None, setup: bool = True) -
     recipe.check_data(datamodule)
     if setup:
         _check_tokenizers(cfg, datamodule, recipe)
+    _check_served(cfg, cls, name, teacher_model, regime, datamodule, setup)
     io = {} if cfg.trainer.get("plugins") else {"plugins": [AtomicCheckpointIO()]}  # never a half-written checkpoint
     try:
         trainer = instantiate(cfg.trainer, logger=instantiate_all(cfg.get("logger")) or False,

@@ -32,7 +32,7 @@ from kd import ConfigError
 from kd.data import IGNORE_INDEX
 from kd.divergences import forward_kl, forward_kl_per_position
 from kd.generation import GREEDY, generate
-from kd.signals import HeadLogits, Labels, compute_dtype
+from kd.signals import HeadLogits, Labels, TopK, compute_dtype, topk_bins
 
 
 def cross_entropy(logits: Tensor | HeadLogits, labels: Tensor, reduction: str = "mean") -> Tensor:
@@ -86,6 +86,7 @@ class StageMetrics(nn.Module):
         self.teacher_acc = MeanMetric()
         self.teacher_loss = MeanMetric()
         self.has_teacher = False
+        self.teacher_has_loss = False  # a top-k teacher (served) has no loss on the gold tokens
         self.tokens = False  # token-level data: report perplexity too
 
     @torch.no_grad()
@@ -119,6 +120,10 @@ class StageMetrics(nn.Module):
         if teacher_logits is None:
             return
         self.has_teacher = True
+        if isinstance(teacher_logits, TopK):  # a served teacher: KL over the top-k bins, its top-1 accuracy
+            self._update_topk(student_logits, teacher_logits, labels, mask, gold)
+            return
+        self.teacher_has_loss = True
         rows = mask.reshape(-1).bool().nonzero().squeeze(-1)
         if rows.numel():
             if isinstance(student_logits, HeadLogits):
@@ -133,6 +138,22 @@ class StageMetrics(nn.Module):
             self.teacher_acc.update(acc, weight=n_gold)
             self.teacher_loss.update(loss, weight=n_gold)
 
+    def _update_topk(self, student_logits: Tensor | HeadLogits, teacher: TopK, labels: Tensor, mask: Tensor,
+                     gold: Tensor) -> None:
+        """A top-k teacher (docs/spec.md section 8): forward KL over its ``k + 1`` bins and
+        the accuracy of its most likely token; its loss needs the gold token's probability,
+        which a top-k does not hold, so none is reported."""
+        mask = mask.bool()
+        if mask.any():
+            student = student_logits.materialize() if isinstance(student_logits, HeadLogits) else student_logits
+            log_q = torch.log_softmax(student[mask].float(), -1)
+            q, p = topk_bins(log_q, TopK(teacher.ids[mask], teacher.logprobs[mask], teacher.tail))
+            kl = torch.where(p > -math.inf, p.exp() * (p - q), torch.zeros((), dtype=p.dtype)).sum(-1)
+            self.kl_to_teacher.update(kl.mean(), weight=kl.numel())
+        if gold.any():
+            correct = (teacher.ids[..., 0] == labels) & gold
+            self.teacher_acc.update(correct.sum() / gold.sum(), weight=int(gold.sum()))
+
     def compute(self) -> dict[str, Tensor]:
         out = {"loss": self.loss.compute(), "acc": self.acc.compute()}
         if self.tokens:
@@ -140,9 +161,10 @@ class StageMetrics(nn.Module):
         if self.has_teacher:
             out["kl_to_teacher"] = self.kl_to_teacher.compute()
             out["teacher_acc"] = self.teacher_acc.compute()
-            out["teacher_loss"] = self.teacher_loss.compute()
-            if self.tokens:
-                out["teacher_ppl"] = out["teacher_loss"].exp()
+            if self.teacher_has_loss:
+                out["teacher_loss"] = self.teacher_loss.compute()
+                if self.tokens:
+                    out["teacher_ppl"] = out["teacher_loss"].exp()
         return out
 
     def reset(self) -> None:
@@ -168,9 +190,14 @@ class GeneratedAnswers:
 
     def answer(self, key: str, model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, tokenizer: Any,
                indices: Tensor, max_new_tokens: int) -> None:
-        out = generate(model, prompt_ids, prompt_mask, GREEDY.config(tokenizer, max_new_tokens))
-        for i, tokens, keep in zip(indices.tolist(), out.responses, out.response_mask):
-            self._answers.setdefault(key, {})[i] = tokenizer.decode(tokens[keep].tolist(), skip_special_tokens=True)
+        config = GREEDY.config(tokenizer, max_new_tokens)
+        if hasattr(model, "sample"):  # a served teacher (kd.served): the server answers
+            answers = model.sample([p[m.bool()].tolist() for p, m in zip(prompt_ids, prompt_mask)], config)
+        else:
+            out = generate(model, prompt_ids, prompt_mask, config)
+            answers = [tokens[keep].tolist() for tokens, keep in zip(out.responses, out.response_mask)]
+        for i, tokens in zip(indices.tolist(), answers):
+            self._answers.setdefault(key, {})[i] = tokenizer.decode(tokens, skip_special_tokens=True)
 
     def _merge_ranks(self, world: int) -> None:
         if world == 1:

@@ -5,7 +5,9 @@ reads it; this module owns the format, the key and the teacher pass.
 
 **The teacher pass.** One pass over the training split, in dataset order, stores per
 position the ``k`` most likely ids and their log-probabilities at the loss temperature,
-``log_softmax(z / T)`` over the tokenizer's vocabulary. The teacher runs through
+``log_softmax(z / T)`` over the tokenizer's vocabulary. A served teacher
+(:class:`kd.served.ServedTeacher`) gives its top-k itself (T = 1 only; its cache is keyed
+by its fingerprint instead of its weights). The teacher runs through
 :func:`kd.batches.outputs`, the call recipes make, so its logits are aligned (position i
 predicts token i+1) and cut to the vocabulary exactly as the recipes see them.
 Classifier data works too: its "position" is the example.
@@ -82,7 +84,10 @@ def row_key(row: Tensor) -> bytes:
 
 
 def weights_fingerprint(model: nn.Module) -> str:
-    """sha256 over a model's parameter and buffer names, shapes, dtypes and bytes."""
+    """sha256 over a model's parameter and buffer names, shapes, dtypes and bytes; a served
+    teacher's own fingerprint (:meth:`kd.served.ServedTeacher.fingerprint`)."""
+    if hasattr(model, "fingerprint"):
+        return model.fingerprint()
     h = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         t = tensor.detach().cpu().contiguous()
@@ -220,15 +225,22 @@ class LogitCache:
                 task = bar.add_task("teacher logit cache", total=len(counts))
                 for batch in self._loader(split, collate):
                     batch = {key: v.to(device) if torch.is_tensor(v) else v for key, v in batch.items()}
-                    rows = teacher_rows(teacher, batch, vocab)
+                    if hasattr(teacher, "score"):  # a served teacher: its top-k, untempered (T = 1 checked)
+                        top = teacher.outputs(batch, min(self.top_k, vocab))
+                        values, index = top.logits.logprobs[top.mask], top.logits.ids[top.mask]
+                        rows = values
+                    else:
+                        rows = teacher_rows(teacher, batch, vocab)
                     if ids is None:
-                        width = rows.shape[-1]
+                        width = vocab if hasattr(teacher, "score") else rows.shape[-1]
                         k = min(self.top_k, width)
                         ids = np.lib.format.open_memmap(directory / "ids.npy", mode="w+",
                                                         dtype=ids_dtype(width), shape=(total, k))
                         logprobs = np.lib.format.open_memmap(directory / "logprobs.npy", mode="w+", dtype=store,
                                                              shape=(total, k))
-                    values, index = torch.topk(to_log_probs(rows, self._temperature, dtype=torch.float32), k, dim=-1)
+                    if not hasattr(teacher, "score"):
+                        values, index = torch.topk(to_log_probs(rows, self._temperature, dtype=torch.float32), k,
+                                                   dim=-1)
                     n = len(rows)
                     if cursor + n > total:
                         raise RuntimeError(f"the teacher pass found more than the {total} response positions the "

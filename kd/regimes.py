@@ -8,7 +8,8 @@ references, ``replace_responses``) and sample with one :class:`kd.generation.Sam
 
 * :class:`Offline`: the dataset's own responses (the default).
 * :class:`TeacherGenerated`: the teacher's responses to the training prompts, generated
-  once before training (sampling, or the K-best by repeated sampling) and cached on disk,
+  once before training (sampling, or the K-best by repeated sampling; a served teacher's
+  server samples them, :meth:`kd.served.ServedTeacher.sample`) and cached on disk,
   in :mod:`kd.cache` keyed by a hash of the teacher's weights, the prompts, the tokenizer,
   the sampling settings and (for Seq-Inter) the references, so later runs and sweep jobs
   reuse them; stale, foreign or half-written entries are rebuilt, never used. Sequence-level KD (Kim & Rush 2016) trains on these.
@@ -266,6 +267,12 @@ class TeacherGenerated(Regime):
         prompts, references = data.prompts("train"), data.references("train")
         tok = data.tokenizer
         config = self.sampling.config(tok, data.max_new_tokens)
+        if hasattr(teacher, "sample"):  # a served teacher (kd.served): the server samples, seeded per candidate
+            drawn = [teacher.sample(prompts, config, seed=self.seed + 1_000_003 * c) for c in range(self.num_candidates)]
+            if self.select == "first" or self.num_candidates == 1:
+                return drawn[0]
+            return [cands[closest_to_reference([tok.decode(c, skip_special_tokens=True) for c in cands], ref)]
+                    for cands, ref in zip(zip(*drawn), references)]
         device = next(teacher.parameters()).device
         generator = torch.Generator(device=device).manual_seed(self.seed)
         chosen: list[list[int]] = []

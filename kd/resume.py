@@ -392,6 +392,9 @@ MAY_CHANGE_ON_RESUME = (
     "trainer.num_sanity_val_steps",
     "data.num_workers", "data.cache_dir", "data.eval_batch_size", "data.generation_eval_size",
     "data.max_new_tokens", "data.eval_seed", "regime.cache_dir",
+    # where a served teacher answers and how kd talks to it (the teacher is the same: kd.served)
+    "teacher.url", "teacher.server", "teacher.client", "teacher.model.url", "teacher.model.server",
+    "teacher.model.client",
 )
 
 #: where a checkpoint keeps :func:`training_settings` (:class:`RecordSettings`)

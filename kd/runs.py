@@ -54,8 +54,19 @@ def _overrides() -> list[str]:
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Train one recipe run as described in the module docstring; returns metrics.json's dict."""
-    quiet()  # kd's lines, progress bars and the table; not the libraries' banners (kd.console)
+    """Train one recipe run as described in the module docstring; returns metrics.json's dict.
+    A teacher's server that the run launched (:mod:`kd.served`) is stopped however it ends."""
+    from kd.served import live_servers, stop_servers
+
+    running = live_servers()
+    try:
+        quiet()  # kd's lines, progress bars and the table; not the libraries' banners (kd.console)
+        return _train(cfg)
+    finally:
+        stop_servers(keep=running)
+
+
+def _train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("pipeline"):  # kd pipeline=<name>: the stages in turn (kd/pipeline.py)
         from kd.pipeline import run_pipeline
 

@@ -13,11 +13,15 @@
   teacher, compare only the positions in that mask. A recipe therefore cannot pull rows
   without a teacher toward the placeholder logits they hold;
 * where the signal comes from: a batch that carries the teacher already (the logit cache's
-  top-k, ``teacher_topk``) is answered from the batch and runs no model.
+  top-k, ``teacher_topk``) is answered from the batch and runs no model; a served teacher
+  (:class:`kd.served.ServedTeacher`, a vLLM server) answers with its top-k and tail
+  (:class:`kd.signals.TopK`), and routed teachers may each be their own server (their rows'
+  top-k are merged; a mix of served and in-process routes is refused, their signals differ).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 
 import torch
@@ -26,7 +30,8 @@ from torch import Tensor, nn
 from kd import ConfigError
 from kd.batches import IGNORE_INDEX, TEACHER_INDEX, TEACHER_TOPK, batch_targets
 from kd.models import freeze
-from kd.signals import Outputs
+from kd.served import served
+from kd.signals import Outputs, TopK
 
 #: runs one model on a batch: ``call(model, batch, hidden, fused) -> Outputs``
 ModelCall = Callable[[nn.Module, dict[str, Tensor], bool, bool], Outputs]
@@ -90,22 +95,39 @@ class Teachers(nn.Module):
         single teacher (routed teachers' rows are merged into dense logits)."""
         if TEACHER_TOPK in batch and not hidden:
             return Outputs(batch[TEACHER_TOPK], *batch_targets(batch))
+        def run(model: nn.Module, rows: dict[str, Tensor], fuse: bool) -> Outputs:
+            if served(model):
+                if hidden:
+                    raise ConfigError("a served teacher gives no hidden states; use an in-process teacher "
+                                      "(teacher=hf) for a recipe that distils them")
+                return model.outputs(rows)
+            return call(model, rows, hidden, fuse)
+
         if not self.routed:
-            return call(self.models[SINGLE], batch, hidden, fused)
+            return run(self.models[SINGLE], batch, fused)
+        if len({served(m) for m in self.models.values()}) > 1:
+            raise ConfigError("routed teachers must all be served (top-k) or all in-process (logits), not a mix; "
+                              "serve every route's teacher, or none")
         route = self.route(batch)
         merged: Outputs | None = None
         for k, model in enumerate(self.models.values()):
             rows = (route == k).nonzero().squeeze(-1)
             if len(rows) == 0:
                 continue
-            part = call(model, {key: v[rows] for key, v in batch.items() if torch.is_tensor(v)}, hidden, False)
+            part = run(model, {key: v[rows] for key, v in batch.items() if torch.is_tensor(v)}, False)
             if merged is None:
                 merged = _placeholder(part, len(route))
-            merged.logits[rows], merged.labels[rows], merged.mask[rows] = part.logits, part.labels, part.mask
+            if isinstance(part.logits, TopK):
+                if part.logits.shape[-1] != merged.logits.shape[-1]:
+                    raise ConfigError("routed served teachers must give the same top_k; set teacher.top_k alike")
+                merged.logits.ids[rows], merged.logits.logprobs[rows] = part.logits.ids, part.logits.logprobs
+            else:
+                merged.logits[rows] = part.logits
+            merged.labels[rows], merged.mask[rows] = part.labels, part.mask
             if part.hidden is not None:
                 merged.hidden[rows] = part.hidden
         if merged is None:  # no row has a teacher: placeholders of the right shape, an empty mask
-            merged = _placeholder(call(next(iter(self.models.values())), batch, hidden, False), len(route))
+            merged = _placeholder(run(next(iter(self.models.values())), batch, False), len(route))
             merged.labels = batch_targets(batch)[0]
         return merged
 
@@ -115,8 +137,13 @@ def _placeholder(like: Outputs, rows: int) -> Outputs:
     like ``like``: what rows without a teacher hold."""
     size = (rows, *like.logits.shape[1:])
     hidden = None if like.hidden is None else like.hidden.new_zeros((rows, *like.hidden.shape[1:]))
-    return Outputs(like.logits.new_zeros(size), like.labels.new_full(size[:-1], IGNORE_INDEX),
-                   like.mask.new_zeros(size[:-1]), hidden)
+    if isinstance(like.logits, TopK):  # filler: uniform over k ids (the mask drops it)
+        k = size[-1]
+        ids = torch.arange(k, device=like.logits.ids.device).expand(size).clone()
+        logits = TopK(ids, like.logits.logprobs.new_full(size, -math.log(k)), like.logits.tail)
+    else:
+        logits = like.logits.new_zeros(size)
+    return Outputs(logits, like.labels.new_full(size[:-1], IGNORE_INDEX), like.mask.new_zeros(size[:-1]), hidden)
 
 
 __all__ = ["Teachers", "ModelCall"]

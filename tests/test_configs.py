@@ -78,6 +78,8 @@ def extra_overrides(group: str, option: str, tiny_hf) -> list[str]:
     model = str(tiny_hf / "model")
     if group == "teacher" and option == "none":
         return ["recipe=supervised"]
+    if (group, option) == ("teacher", "served"):  # built without setup: no server is asked
+        return ["data=task", "recipe=gkd", "student=task_llama", "teacher.url=http://127.0.0.1:1"]
     if (group, option) == ("student", "hf"):
         return ["data=task", f"student.name_or_path={model}"]
     if (group, option) == ("teacher", "hf"):
