@@ -116,11 +116,14 @@ def test_every_option_composes_and_instantiates(group, option, make_cfg, tmp_pat
         from kd.build import build
         from kd.pipeline import _stage_config
 
+        from kd.config import instantiate, student_factory
+
         cfg = make_cfg(f"pipeline={option}")
         done = []
         for stage in cfg.pipeline.stages:
-            entry = tmp_path / str(stage.name)
+            entry = tmp_path / str(stage.name)  # a stage's entry: the student's weights (checked when it starts one)
             entry.mkdir()
+            torch.save(instantiate(student_factory(cfg)[0]).state_dict(), entry / "model.pt")
             for lam in (cfg.pipeline.lam, 0.0):
                 run = build(_stage_config(cfg, stage, done, done[-1][1] if done else None, lam, tmp_path / "out"),
                             setup=False)
