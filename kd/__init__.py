@@ -37,3 +37,19 @@ def config_error(e: BaseException | None) -> ConfigError | None:
         seen.add(id(e))
         e = e.__cause__ or e.__context__
     return None
+
+
+def settings_of(cls: type, value: object, what: str) -> object:
+    """A frozen settings dataclass ``cls`` from itself, a mapping of its fields (a Hydra
+    node) or None (its defaults); an unknown field is one sentence naming ``what`` and the
+    known fields."""
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    fields = dict(value)  # type: ignore[call-overload]
+    known = cls.__dataclass_fields__  # type: ignore[attr-defined]
+    unknown = sorted(set(fields) - set(known))
+    if unknown:
+        raise ConfigError(f"{what} settings {unknown} are unknown; use {', '.join(known)}")
+    return cls(**fields)

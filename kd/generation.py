@@ -127,7 +127,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kd import ConfigError
+from kd import ConfigError, settings_of
 
 __all__ = [
     "Sampling",
@@ -235,17 +235,8 @@ class Sampling:
 
     @classmethod
     def of(cls, value: Sampling | Any | None) -> Sampling:
-        """A :class:`Sampling` from itself, a mapping of its fields (a Hydra node), or None
-        (the defaults)."""
-        if value is None:
-            return cls()
-        if isinstance(value, cls):
-            return value
-        fields = dict(value)
-        unknown = sorted(set(fields) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ConfigError(f"sampling settings {unknown} are unknown; use temperature, top_k, top_p, max_new_tokens")
-        return cls(**fields)
+        """From itself, a mapping of its fields (a Hydra node) or None (the defaults)."""
+        return settings_of(cls, value, "sampling")  # type: ignore[return-value]
 
     def config(self, tokenizer: Any, max_new_tokens: int) -> GenerationConfig:
         """The :class:`GenerationConfig` for ``tokenizer`` (EOS, pad, true vocabulary), with

@@ -74,7 +74,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kd import ConfigError
+from kd import ConfigError, settings_of
 
 log = logging.getLogger(__name__)
 
@@ -126,15 +126,7 @@ class VLLMSettings:
     @classmethod
     def of(cls, value: VLLMSettings | Any | None) -> VLLMSettings:
         """From itself, a mapping of its fields (a Hydra node) or None (the defaults)."""
-        if value is None:
-            return cls()
-        if isinstance(value, cls):
-            return value
-        fields = dict(value)
-        unknown = sorted(set(fields) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ConfigError(f"vllm settings {unknown} are unknown; use {', '.join(cls.__dataclass_fields__)}")
-        return cls(**fields)
+        return settings_of(cls, value, "vllm")  # type: ignore[return-value]
 
 
 def student_weights(model: nn.Module) -> dict[str, Tensor]:
