@@ -17,10 +17,13 @@ everything.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
 
 #: Lightning's INFO lines that kd drops (matched at the start of the message)
 DROPPED = re.compile(r"(GPU available|TPU available|HPU available|IPU available|💡 Tip|Restoring states from the "
@@ -55,3 +58,29 @@ def quiet() -> None:
     # Lightning's own deprecation notices arrive as its rank_zero_deprecation (a UserWarning subclass)
     warnings.filterwarnings("ignore", message=r".*is deprecated.*", module=r"^lightning")
     warnings.filterwarnings("ignore", message=r"`weights_only` was not set")
+
+
+@contextlib.contextmanager
+def progress(description: str, total: int, unit: str = "examples", console: Any = None
+             ) -> Iterator[Callable[[int], None]]:
+    """A progress bar for a long pass (the teacher's logit cache, its generations), with the
+    count, the rate and the time left, on stderr when it is a terminal (none in log files).
+    Yields ``advance(n)``."""
+    from rich.console import Console
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    console = console or Console(stderr=True)
+    live = console.is_terminal or console.is_jupyter
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True, disable=not live) as bar:
+        task = bar.add_task(description, total=total, rate="")
+
+        def advance(n: int) -> None:
+            bar.advance(task, n)
+            speed = bar.tasks[0].speed
+            if speed:
+                bar.update(task, rate=f"{speed:,.1f} {unit}/s")
+
+        yield advance

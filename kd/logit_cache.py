@@ -201,8 +201,7 @@ class LogitCache:
     def _build(self, teacher: nn.Module, split: Any, collate: Callable, counts: np.ndarray, vocab: int | None,
                directory: Path) -> dict[str, Any]:
         """One teacher pass over the training split, in order, into ``directory``."""
-        from rich.console import Console
-        from rich.progress import Progress
+        from kd.console import progress
 
         total = int(counts.sum())
         offsets = np.zeros(len(counts) + 1, dtype=np.int64)
@@ -219,10 +218,7 @@ class LogitCache:
         mode = teacher.training
         teacher.eval()
         try:
-            console = Console(stderr=True)
-            live = console.is_terminal or console.is_jupyter  # no bar in log files
-            with torch.no_grad(), Progress(console=console, transient=True, disable=not live) as bar:
-                task = bar.add_task("teacher logit cache", total=len(counts))
+            with torch.no_grad(), progress("teacher logit cache", len(counts)) as advance:
                 for batch in self._loader(split, collate):
                     batch = {key: v.to(device) if torch.is_tensor(v) else v for key, v in batch.items()}
                     if hasattr(teacher, "score"):  # a served teacher: its top-k, untempered (T = 1 checked)
@@ -248,7 +244,7 @@ class LogitCache:
                     ids[cursor : cursor + n] = index.cpu().numpy()
                     logprobs[cursor : cursor + n] = values.clamp(min=floor).cpu().numpy()
                     cursor += n
-                    bar.advance(task, len(next(iter(batch.values()))))
+                    advance(len(next(iter(batch.values()))))
         finally:
             teacher.train(mode)
         if cursor != total:

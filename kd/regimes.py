@@ -77,6 +77,7 @@ from torch import Tensor, nn
 from kd import ConfigError, batches
 from kd.batches import join_prompts_and_responses
 from kd.cache import Cache
+from kd.console import progress
 from kd.cache import key as cache_key
 from kd.data import IGNORE_INDEX
 from kd.generation import Sampling, generate
@@ -262,8 +263,6 @@ class TeacherGenerated(Regime):
 
     def generate_responses(self, teacher: nn.Module, data: PromptData) -> list[list[int]]:
         """One teacher response per training prompt (token ids, EOS included when emitted)."""
-        from kd.data.lm import collate_prompts
-
         prompts, references = data.prompts("train"), data.references("train")
         tok = data.tokenizer
         config = self.sampling.config(tok, data.max_new_tokens)
@@ -276,23 +275,35 @@ class TeacherGenerated(Regime):
         device = next(teacher.parameters()).device
         generator = torch.Generator(device=device).manual_seed(self.seed)
         chosen: list[list[int]] = []
-        for start in range(0, len(prompts), self.batch_size):
-            items = [{"prompt_ids": p} for p in prompts[start : start + self.batch_size]]
-            batch = collate_prompts(items, tok.pad_token_id)
-            candidates: list[list[list[int]]] = [[] for _ in items]
-            for _ in range(self.num_candidates):
-                out = generate(teacher, batch["prompt_ids"].to(device), batch["prompt_mask"].to(device), config,
-                               generator=generator)
-                for row, (tokens, keep) in enumerate(zip(out.responses, out.response_mask)):
-                    candidates[row].append(tokens[keep].tolist())
-            for row, cands in enumerate(candidates):
-                if self.select == "first" or len(cands) == 1:
-                    chosen.append(cands[0])
-                else:
-                    texts = [tok.decode(c, skip_special_tokens=True) for c in cands]
-                    chosen.append(cands[closest_to_reference(texts, references[start + row])])
-            if (start // self.batch_size) % 20 == 0:
-                log.info("teacher generation: %d / %d prompts", min(start + self.batch_size, len(prompts)), len(prompts))
+        with progress("teacher generation", len(prompts), unit="prompts") as advance:
+            for start in range(0, len(prompts), self.batch_size):
+                chosen += self._generate_batch(teacher, tok, prompts, references, start, config, generator, device)
+                advance(min(self.batch_size, len(prompts) - start))
+                if (start // self.batch_size) % 20 == 0:
+                    log.info("teacher generation: %d / %d prompts", min(start + self.batch_size, len(prompts)),
+                             len(prompts))
+        return chosen
+
+    def _generate_batch(self, teacher: nn.Module, tok: Any, prompts: list, references: list, start: int,
+                        config: Any, generator: torch.Generator, device: Any) -> list[list[int]]:
+        """The chosen responses of the prompts from ``start`` on (one batch)."""
+        from kd.data.lm import collate_prompts
+
+        chosen: list[list[int]] = []
+        items = [{"prompt_ids": p} for p in prompts[start : start + self.batch_size]]
+        batch = collate_prompts(items, tok.pad_token_id)
+        candidates: list[list[list[int]]] = [[] for _ in items]
+        for _ in range(self.num_candidates):
+            out = generate(teacher, batch["prompt_ids"].to(device), batch["prompt_mask"].to(device), config,
+                           generator=generator)
+            for row, (tokens, keep) in enumerate(zip(out.responses, out.response_mask)):
+                candidates[row].append(tokens[keep].tolist())
+        for row, cands in enumerate(candidates):
+            if self.select == "first" or len(cands) == 1:
+                chosen.append(cands[0])
+            else:
+                texts = [tok.decode(c, skip_special_tokens=True) for c in cands]
+                chosen.append(cands[closest_to_reference(texts, references[start + row])])
         return chosen
 
     def prepare(self, teacher: nn.Module | None, data: Any) -> None:
