@@ -87,3 +87,16 @@ def task_dm():
                           max_length=64)
     module.setup()
     return module
+
+
+@pytest.fixture(scope="module")
+def dm():
+    """The embedded task's data at toy size (48 training examples), set up: the regimes'
+    tests share it (a test module may define its own ``dm``)."""
+    from kd.data.lm import LMDataModule
+    from kd.data.sources import TaskSource
+
+    module = LMDataModule(TaskSource(train_size=48, val_size=8, test_size=8), vocab_size=300, batch_size=8,
+                          max_length=48, max_new_tokens=6)
+    module.setup()
+    return module

@@ -11,20 +11,10 @@ import torch
 
 from kd import ConfigError
 from kd.data import IGNORE_INDEX
-from kd.data.lm import LMDataModule
-from kd.data.sources import TaskSource
 from kd.models import tiny_causal_lm
 from kd.regimes import Adaptive, OnPolicy
 
 GREEDY = {"temperature": 0.0}
-
-
-@pytest.fixture(scope="module")
-def dm():
-    module = LMDataModule(TaskSource(train_size=48, val_size=8, test_size=8), vocab_size=300, batch_size=8,
-                          max_length=48, max_new_tokens=6)
-    module.setup()
-    return module
 
 
 @pytest.fixture(scope="module")

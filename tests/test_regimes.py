@@ -14,7 +14,6 @@ from kd import ConfigError
 from kd.runs import train as run
 from kd.data import IGNORE_INDEX
 from kd.data.lm import LMDataModule
-from kd.data.sources import TaskSource
 from kd.evaluation import cross_entropy
 from kd.batches import join_prompts_and_responses
 from kd.generation import GenerationConfig, generate
@@ -28,14 +27,6 @@ from kd.regimes import (
 )
 from recipes.seqkd import SeqKD
 from tests.conftest import SMALL_TASK
-
-
-@pytest.fixture(scope="module")
-def dm():
-    module = LMDataModule(TaskSource(train_size=48, val_size=8, test_size=8), vocab_size=300, batch_size=8,
-                          max_length=48, max_new_tokens=6)
-    module.setup()
-    return module
 
 
 def fresh_dm(dm):

@@ -14,21 +14,11 @@ from torch import nn
 from kd import ConfigError
 from kd.batches import REPLACED
 from kd.data import IGNORE_INDEX
-from kd.data.lm import LMDataModule
-from kd.data.sources import TaskSource
 from kd.generation import GenerationConfig, generate
 from kd.models import tiny_causal_lm
 from kd.regimes import OnPolicy, Speculative
 from kd.speculative import Interleave
 from kd.teachers import Teachers
-
-
-@pytest.fixture(scope="module")
-def dm():
-    module = LMDataModule(TaskSource(train_size=48, val_size=8, test_size=8), vocab_size=300, batch_size=8,
-                          max_length=48, max_new_tokens=6)
-    module.setup()
-    return module
 
 
 def model(seed, vocab=300):
