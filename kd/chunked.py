@@ -656,12 +656,7 @@ class _EagerFused(torch.autograd.Function):
         ctx.dtypes = [None if x is None else x.dtype for x in tensors]
         return total
 
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        out = []
-        for g, like, dtype in zip(ctx.grads, ctx.needs_input_grad[3:], ctx.dtypes):
-            out.append(None if g is None or not like else (g * grad).to(dtype))
-        return (None, None, None, *out)
+    backward = _ClosedForm.backward  # the gradients the forward stored, times the incoming one
 
 
 # ----------------------------------------------------------------------------- entry points
