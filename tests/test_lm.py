@@ -245,6 +245,28 @@ def test_chatterbot_source_pairs_consecutive_turns():
         ChatterbotSource(categories=["klingon"]).load()
 
 
+def test_chatterbot_dedup_keeps_each_pair_once_and_holds_out_whole_prompts():
+    pytest.importorskip("chatterbot_corpus")
+    from kd.data.sources import ChatterbotSource
+
+    norm = lambda t: " ".join(t.lower().split())  # noqa: E731
+    raw = ChatterbotSource(val_fraction=0.1, test_fraction=0.1).load()
+    raw_pairs = [(norm(e.prompt), norm(e.response)) for s in raw.values() for e in s]
+    train_pairs = {(norm(e.prompt), norm(e.response)) for e in raw["train"]}
+    # the plain split leaks: some test pairs are training pairs too
+    assert any((norm(e.prompt), norm(e.response)) in train_pairs for e in raw["test"])
+
+    splits = ChatterbotSource(val_fraction=0.1, test_fraction=0.1, dedup=True).load()
+    pairs = [(norm(e.prompt), norm(e.response)) for s in splits.values() for e in s]
+    assert len(pairs) == len(set(pairs)) == len(set(raw_pairs))  # each distinct pair exactly once
+    prompts = {name: {norm(e.prompt) for e in s} for name, s in splits.items()}
+    assert not prompts["test"] & prompts["train"] and not prompts["val"] & prompts["train"]
+    assert not prompts["test"] & prompts["val"]
+    distinct = len({p for p, _ in raw_pairs})
+    assert len(prompts["test"]) == len(prompts["val"]) == int(0.1 * distinct)
+    assert ChatterbotSource(dedup=True).fingerprint() != ChatterbotSource().fingerprint()
+
+
 def test_text_windows_hold_out_whole_documents_and_cover_every_token(tmp_path):
     from kd.data.sources import TextWindows
 

@@ -337,13 +337,19 @@ class ChatterbotSource:
         categories: file names of ``chatterbot_corpus/data/english`` without ``.yml``
             (e.g. ``[greetings, science]``); None: all.
         val_fraction, test_fraction, seed: the held-out splits, as in :class:`JsonlSource`.
+        dedup: the corpus repeats itself (2,361 pairs, 1,228 distinct, 1,036 distinct
+            prompts; about half of a random split's test pairs are also training pairs).
+            True keeps the first of each repeated pair (compared lower-cased, whitespace
+            collapsed) and holds out whole prompts: the fractions are of the distinct
+            prompts, and no held-out prompt, so no held-out pair, is also in training.
     """
 
     def __init__(self, categories: Sequence[str] | None = None, val_fraction: float = 0.05,
-                 test_fraction: float = 0.05, seed: int = 0) -> None:
+                 test_fraction: float = 0.05, seed: int = 0, dedup: bool = False) -> None:
         self.categories = sorted(categories) if categories else None
         self.fractions = {"val": val_fraction, "test": test_fraction}
         self.seed = seed
+        self.dedup = bool(dedup)
 
     @staticmethod
     def directory() -> Path:
@@ -374,10 +380,22 @@ class ChatterbotSource:
         examples = [Example(prompt=a, response=b, skill=category)
                     for category, turns in self.conversations(self.categories)
                     for a, b in zip(turns, turns[1:]) if a and b]
-        return hold_out(examples, {}, self.fractions, self.seed, "chatterbot-corpus")
+        if not self.dedup:
+            return hold_out(examples, {}, self.fractions, self.seed, "chatterbot-corpus")
+        norm = lambda text: " ".join(text.lower().split())  # noqa: E731
+        seen: set[tuple[str, str]] = set()
+        groups: dict[str, list[Example]] = {}
+        for e in examples:
+            pair = (norm(e.prompt), norm(e.response))
+            if pair not in seen:
+                seen.add(pair)
+                groups.setdefault(pair[0], []).append(e)
+        splits = hold_out(list(groups.values()), {}, self.fractions, self.seed, "chatterbot-corpus")
+        return {name: [e for group in held for e in group] for name, held in splits.items()}
 
     def fingerprint(self) -> dict:
-        return {"chatterbot": self.categories, "fractions": self.fractions, "seed": self.seed}
+        out = {"chatterbot": self.categories, "fractions": self.fractions, "seed": self.seed}
+        return {**out, "dedup": True} if self.dedup else out
 
 
 # ----------------------------------------------------------------------------- text sources
