@@ -47,6 +47,13 @@ COSMETIC = ("default_root_dir", "enable_progress_bar", "enable_model_summary", "
 #: the run launches its other ranks (which then read them from the cache)
 ONE_PROCESS_ONLY = ("strategy", "num_nodes", "use_distributed_sampler", "sync_batchnorm")
 
+#: the run's validation cadence, which a fit section (a teacher's, an SFT's) does not take:
+#: they validate once per epoch, Lightning's default, so a cadence chosen for the distilled
+#: run (e.g. ``trainer.val_check_interval=0.1`` for ``regime=adaptive``, which follows the
+#: validation loss) neither retrains its teacher and SFT nor changes which checkpoint of
+#: theirs is kept. A scratch baseline keeps the run's cadence, as it is trained like the run.
+FIT_CADENCE = {"val_check_interval": None, "check_val_every_n_epoch": 1}
+
 #: settings only some cached runs have (a pipeline stage: routed teachers, the previous
 #: stage's weights; any run: adapters); each enters the key when set
 SOMETIMES = ("teachers", "student_init", "divergence", "regime", "peft")
@@ -235,7 +242,7 @@ def cached_supervised(cache: Cache, kind: str, prefix: str, cfg: DictConfig, **c
 def _fitted(cache: Cache, kind: str, prefix: str, cfg: DictConfig, model: DictConfig, fit: DictConfig,
             **changes: Any) -> Path:
     """The cached supervised run of ``model`` described by a ``fit`` section (epochs, seed,
-    optimizer, scheduler, ``limit_train_batches`` when given (null: every batch, whatever the
+    optimizer, scheduler, one validation per epoch (:data:`FIT_CADENCE`), ``limit_train_batches`` when given (null: every batch, whatever the
     run's trainer limits its own training to; absent: the run's limit, except a limit of 0,
     which evaluates the run's start point and so trains what it starts from in full) and,
     under ``fit.data``, changes to the data config); ``changes``: further :func:`sub_config`
@@ -256,6 +263,7 @@ def _fitted(cache: Cache, kind: str, prefix: str, cfg: DictConfig, model: DictCo
         student_init=None,
         **({"peft": None} if kind == "teachers" else {}),  # a teacher trains all its weights
         **{"trainer.max_epochs": fit.max_epochs},
+        **{f"trainer.{k}": v for k, v in FIT_CADENCE.items()},
         **limit,
         **changes,
     )

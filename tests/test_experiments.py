@@ -146,6 +146,35 @@ def test_a_fit_section_may_train_on_every_batch_whatever_the_runs_limit(make_cfg
         assert seen[kind] is None
 
 
+def test_a_runs_validation_cadence_does_not_reach_its_teacher_and_sft(make_cfg, monkeypatch):
+    """trainer.val_check_interval=0.1 (for regime=adaptive) is the distilled run's: the
+    teacher's fit and the SFT validate once per epoch and keep the keys of a run without it;
+    a scratch baseline, trained like the run, keeps the run's cadence."""
+    import kd.subruns as subruns
+
+    seen = {}
+
+    def capture(cache, kind, name, sub, what=None):
+        seen[kind] = (sub.trainer.val_check_interval, sub.trainer.check_val_every_n_epoch, name)
+        return cache.root
+
+    monkeypatch.setattr(subruns, "cached_run", capture)
+    plain = make_cfg("experiment=task_gkd")
+    cadenced = make_cfg("experiment=task_gkd", "trainer.val_check_interval=0.1", "trainer.check_val_every_n_epoch=2")
+    names = {}
+    for label, cfg in (("plain", plain), ("cadenced", cadenced)):
+        cache = subruns.Cache(cfg.paths.cache_dir)
+        for kind, fit, model in (("teachers", cfg.teacher.fit, cfg.teacher.model), ("sft", cfg.student_sft, cfg.student)):
+            subruns._fitted(cache, kind, "x", cfg, model, fit)
+            assert seen[kind][:2] == (None, 1)
+            names[label, kind] = seen[kind][2]
+        subruns.cached_supervised(cache, "baselines", "b", cfg)
+        names[label, "baselines"] = seen["baselines"][2]
+    assert names["plain", "teachers"] == names["cadenced", "teachers"]
+    assert names["plain", "sft"] == names["cadenced", "sft"]
+    assert seen["baselines"][:2] == (0.1, 2) and names["plain", "baselines"] != names["cadenced", "baselines"]
+
+
 def test_an_sft_section_with_its_own_seed_is_one_sft_for_every_run_seed(make_cfg, tiny_teacher, monkeypatch):
     """sft=chat fixes seed 0: the runs of seeds 0 and 1 start from the same cached SFT (one
     cache entry, trained with seed 0); sft=task has no seed, so each run seed has its own."""
