@@ -151,14 +151,14 @@ def report(steps: list[dict[str, Any]], warmup: int) -> str:
                      f"{s['graphs_compiled']:>6} {s.get('num_device_alloc', '-'):>7} "
                      f"{s.get('num_alloc_retries', '-'):>7}")
     lines.append("")
-    lines.append(f"{'steps':<22}{'n':>4}{'median ms':>11}{'p90 ms':>9}{'max ms':>9}{'total s':>9}"
+    lines.append(f"{'steps':<28}{'n':>4}{'median ms':>11}{'p90 ms':>9}{'max ms':>9}{'total s':>9}"
                  f"{'slowest 5% share':>18}")
     for label, chosen in (("all", steps), (f"after {warmup} warm-up", steps[warmup:])):
         for kind, keep in (("", lambda s: True), (" on-policy", lambda s: s["on_policy"]),
                            (" off-policy", lambda s: not s["on_policy"])):
             d = distribution([s["interval_s"] for s in chosen if keep(s)])
             if d["steps"]:
-                lines.append(f"{label + kind:<22}{d['steps']:>4}{d['median_ms']:>11.1f}{d['p90_ms']:>9.1f}"
+                lines.append(f"{label + kind:<28}{d['steps']:>4}{d['median_ms']:>11.1f}{d['p90_ms']:>9.1f}"
                              f"{d['max_ms']:>9.1f}{d['total_s']:>9.2f}{d['slowest_5pct_share']:>18.3f}")
     on = [s for s in steps[warmup:] if s["on_policy"]]
     if on:
