@@ -242,6 +242,8 @@ class StepClock:
         self.begun: float | None = None
         self.last_end: float | None = None
         self.timed: list[tuple[float, float, bool, float]] = []  # (interval, in-step time, on-policy, tokens)
+        self.kinds: set[bool] = set()  # the kinds of step (on-policy or not) seen so far
+        self.first_of_kind: list[float] = []  # intervals of timed steps that were their kind's first
 
     def _now(self) -> float:
         if self.cuda:
@@ -260,6 +262,9 @@ class StepClock:
         self.done += 1
         if self.done > self.warmup and self.last_end is not None:
             self.timed.append((now - self.last_end, now - (self.begun or now), on_policy, float(tokens)))
+            if on_policy not in self.kinds:  # a first generation (or first plain step) in the timed window
+                self.first_of_kind.append(now - self.last_end)
+        self.kinds.add(on_policy)
         self.last_end = now
 
     def summary(self, lmbda: float) -> dict[str, Any]:
@@ -289,6 +294,8 @@ class StepClock:
             "on_policy_step_ms": 1000 * median(on) if on else None,
             "off_policy_step_ms": 1000 * median(off) if off else None,
             "in_step_share": sum(t[1] for t in self.timed) / wall if wall > 0 else None,
+            # the warm-up drew one kind of step only: the other kind's first step (its warm-up) is timed
+            "first_of_kind_timed_s": sum(self.first_of_kind),
             "on_policy_loss_tokens": mean([t[3] for t in self.timed if t[2]]) if on else None,
             "off_policy_loss_tokens": mean([t[3] for t in self.timed if not t[2]]) if off else None,
         }
@@ -343,16 +350,13 @@ class Memory:
 # ----------------------------------------------------------------------------- the two sides
 
 
-def run_kd(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    import lightning as L
-    import torch
+def kd_config(args: argparse.Namespace, workdir: Path) -> Any:
+    """The composed kd config of this comparison (Hydra's config set as under the kd command)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
 
-    from kd.build import build
     from kd.config import CONF_DIR
-    from kd.subruns import prepare
 
     cuda = args.device == "cuda"
     overrides = [
@@ -382,8 +386,18 @@ def run_kd(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=overrides, return_hydra_config=True)
     HydraConfig().set_config(cfg)  # as under the kd command (choice() reads the chosen groups)
+    return cfg
 
-    run = build(cfg)
+
+def run_kd(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    import lightning as L
+    import torch
+
+    from kd.build import build
+    from kd.subruns import prepare
+
+    cuda = args.device == "cuda"
+    run = build(kd_config(args, workdir))
     prepare(run)
     clock, memory = StepClock(args.warmup, cuda), Memory(cuda)
     regime = run.recipe.regime
@@ -520,6 +534,7 @@ def report(args: argparse.Namespace, setup: dict[str, Any], results: dict[str, d
         ("steps/s (wall-clock)", "steps_per_s", 2), ("steps/s (expected at lmbda)", "steps_per_s_at_lmbda", 2),
         ("on-policy step, median (ms)", "on_policy_step_ms", 1),
         ("off-policy step, median (ms)", "off_policy_step_ms", 1),
+        ("first step of a kind, timed (s)", "first_of_kind_timed_s", 2),
         ("loss tokens, on-policy step", "on_policy_loss_tokens", 1),
         ("loss tokens, off-policy step", "off_policy_loss_tokens", 1),
         (f"peak {mem} of training (MB)", "train_peak_mb", 1), (f"peak {mem}, absolute (MB)", "peak_mb", 1),

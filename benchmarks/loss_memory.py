@@ -16,6 +16,10 @@ its own ``(N, H)`` and ``(V, H)``:
   plain divergence of :mod:`kd.divergences` on them;
 * ``chunked``: kd's fused path, :func:`kd.divergences.chunked_divergence` (default block
   and tile sizes: whole rows at these sizes), closed-form block gradients;
+* ``compiled``: the fused path with its compiled block function (``compile=true``,
+  :mod:`kd.compiled`: inductor fuses each block's elementwise work); the first pass, which
+  compiles, runs before the measurement and the peak memory is reset after it (Linux
+  ``/proc/self/clear_refs``), so the figures are the compiled steady state;
 * ``tiled``: the same with vocabulary tiles of ``--tile-size`` entries (two or three passes
   over the tiles per block);
 * ``trl``: ``trl.kernels.chunked_divergence.ChunkedDivergenceFunction`` (forward KL,
@@ -30,6 +34,7 @@ its own ``(N, H)`` and ``(V, H)``:
     python benchmarks/loss_memory.py --device cuda --dtype bfloat16 --tokens 8192 --vocab 262144 \
         --divergences forward_kl reverse_kl jsd
     python benchmarks/loss_memory.py --trl-python /tmp/trl-venv/bin/python --max-gb 16 --repeats 0
+    python benchmarks/loss_memory.py --vocab 49152 --variants chunked compiled --divergences jsd forward_kl
 
 The table gives, per vocabulary and divergence, each variant's peak MB and seconds and the
 ratios of kd's fused path to the plain way and to TRL (the targets, issue 27: on CPU fused
@@ -52,11 +57,28 @@ import time
 
 DIVERGENCES = ["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"]
 BETA = {"forward_kl": 0.0, "reverse_kl": 1.0, "jsd": 0.5}  # TRL's and Liger's beta for the divergences they have
-VARIANTS = ["plain", "chunked", "tiled", "trl", "liger"]
+VARIANTS = ["plain", "chunked", "compiled", "tiled", "trl", "liger"]
 
 
 def _rss_mb() -> float:
+    """The process's peak resident set (VmHWM, which :func:`_reset_peak` resets; else ru_maxrss)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _reset_peak() -> None:
+    """Reset the peak resident set to the current one (Linux; elsewhere nothing happens)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
 
 
 def worker(args: argparse.Namespace) -> dict:
@@ -89,6 +111,17 @@ def worker(args: argparse.Namespace) -> dict:
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
+    if args.variant == "compiled":  # compile first, outside the measurement
+        import torch._inductor.config as inductor_config
+
+        import kd.chunked
+
+        inductor_config.compile_threads = 1  # no worker pool (and its memory) for one graph
+        run()
+        if kd.chunked._COMPILED_ROWS.failed:
+            raise NotImplementedError(f"compile failed: {kd.chunked._COMPILED_ROWS.failed}")
+        hs.grad = ws.grad = None
+        _reset_peak()
     if device.type == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -120,9 +153,10 @@ def _step(variant: str, divergence: str, hs, ws, ht, wt, temperature: float, sel
             return module(hs @ ws.T, teacher, temperature=temperature)
 
         return step
-    if variant in ("chunked", "tiled"):
+    if variant in ("chunked", "tiled", "compiled"):
         module = D.DIVERGENCES[divergence](select=select, keep=keep, chunk_size=chunk_size or None,
-                                           tile_size=tile_size if variant == "tiled" else None)
+                                           tile_size=tile_size if variant == "tiled" else None,
+                                           compile=variant == "compiled")
         return lambda: D.chunked_divergence(hs, ws, ht, wt, module, temperature=temperature)
     if divergence not in BETA:
         raise NotImplementedError(f"{variant} has no {divergence}")
@@ -210,7 +244,8 @@ def main() -> None:
     for vocab in args.vocab:
         print(f"\nV = {vocab:,}")
         head = f"{'divergence':<16}" + "".join(f"{v + ' MB':>14}{v + ' s':>10}" for v in args.variants)
-        print(head + f"{'fused/plain mem':>17}{'time':>7}{'fused/trl mem':>15}{'time':>7}")
+        print(head + f"{'fused/plain mem':>17}{'time':>7}{'fused/trl mem':>15}{'time':>7}"
+              f"{'compiled/fused mem':>20}{'time':>7}{'compiled/plain time':>21}{'compiled/trl time':>19}")
         for divergence in args.divergences:
             row = {v: measure(args, v, divergence, vocab) for v in args.variants}
             results.append({"vocab": vocab, "divergence": divergence, **row})
@@ -228,7 +263,9 @@ def main() -> None:
 
             print(f"{divergence:<16}{cells}{ratio('chunked', 'plain', 'peak_mb'):>17}"
                   f"{ratio('chunked', 'plain', 'time_s'):>7}{ratio('chunked', 'trl', 'peak_mb'):>15}"
-                  f"{ratio('chunked', 'trl', 'time_s'):>7}", flush=True)
+                  f"{ratio('chunked', 'trl', 'time_s'):>7}{ratio('compiled', 'chunked', 'peak_mb'):>20}"
+                  f"{ratio('compiled', 'chunked', 'time_s'):>7}{ratio('compiled', 'plain', 'time_s'):>21}"
+                  f"{ratio('compiled', 'trl', 'time_s'):>19}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -91,6 +91,13 @@ Peak working memory is a few ``(C, tile)`` blocks plus the head's gradient, what
 float32 to 1e-5 relative, every divergence, temperature, mask, reduction, softcap, scale,
 top-k with and without the tail, tiled and whole rows).
 
+**Compiled path** (:mod:`kd.compiled`, setting ``compile``: ``auto`` = CUDA only, ``true``,
+``false``): whole rows against a head or logits teacher go through :func:`_dense_rows`, the
+same elementwise operations as the whole-row case of :func:`_dense_block` with every number
+a 0-d tensor, under ``torch.compile`` (the head products stay eager around it; the block's
+rows are a dynamic dimension, so the number of positions per step never recompiles). Tiles,
+top-k and label teachers stay eager. A failed compile logs one line and runs eagerly.
+
 A per-position function without a closed form (``form=None``: a divergence subclass of
 one's own) still runs fused, through autograd on each block's small graph (computed in the
 forward pass for scalar reductions, recomputed under activation checkpointing for
@@ -110,7 +117,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -118,6 +125,7 @@ from torch import Tensor
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
+from kd.compiled import Compiled, wanted
 from kd.signals import TAIL_FLOOR, HeadLogits, Labels, TopK, compute_dtype, topk_bins
 
 __all__ = ["fused_loss", "token_log_probs", "map_rows", "default_chunk_size", "default_tile_size", "scalar_weights",
@@ -190,25 +198,30 @@ def _zero_where_not(cond: Tensor, x: Tensor) -> Tensor:
     return torch.where(cond, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
-def _log_mix(log_a: Tensor, log_b: Tensor, weight_a: float) -> Tensor:
+def _log_mix(log_a: Tensor, log_b: Tensor, weight_a: float | Tensor) -> Tensor:
     """``log(weight_a a + (1 - weight_a) b)`` in log space; ``-inf`` where both are 0
-    (``logaddexp(-inf, -inf) = -inf``; nothing here is differentiated by autograd)."""
+    (``logaddexp(-inf, -inf) = -inf``; nothing here is differentiated by autograd). The
+    weight may be a 0-d tensor (the compiled path)."""
+    if torch.is_tensor(weight_a):
+        return torch.logaddexp(log_a + weight_a.log(), log_b + torch.log1p(-weight_a))
     return torch.logaddexp(log_a + math.log(weight_a), log_b + math.log1p(-weight_a))
 
 
-def form_terms(form: Form, lq: Tensor, lp: Tensor, need_g: bool = True,
-               need_h: bool = False) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor, Tensor]:
+def form_terms(form: Form, lq: Tensor, lp: Tensor, need_g: bool = True, need_h: bool = False,
+               param: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor, Tensor]:
     """Per-row values and the partials of the module docstring's table.
 
     Args:
         form: the divergence (:meth:`Form.canonical` already applied).
         lq, lp: ``(C, X)`` student / teacher log-probabilities (whole rows, a tile of
             normalised rows, or top-k bins).
+        param: the shape parameter as a 0-d tensor instead of ``form.param`` (the compiled
+            path: a new value is not a new graph).
 
     Returns:
         ``(value (C,), G or None, H or None, q, p)`` with ``q = exp(lq)``, ``p = exp(lp)``.
     """
-    name, c = form.name, form.param
+    name, c = form.name, (form.param if param is None else param)
     q, p = lq.exp(), lp.exp()
     p_in, q_in = lp > _NEG_INF, lq > _NEG_INF
     g = h = None
@@ -315,6 +328,8 @@ class _Spec:
     grad_enabled: bool = True  # grad mode where the loss was called (a Function's forward runs without)
     form: Form | None = None
     tile: int = 0
+    compiled: bool = False  # whole dense rows through the compiled block function (kd.compiled)
+    consts: dict = field(default_factory=dict)  # its 0-d tensor arguments, made once per call
 
     def sides(self) -> tuple[_Side, _Side]:
         s = _Side(self.student.scale, self.student.softcap, self.temperature, self.dtype)
@@ -437,7 +452,9 @@ def _block(spec: _Spec, block: Tensor, w: Tensor | None, tensors: tuple, grads: 
         return t_side.act(t0[block, lo:hi])
 
     s_acc: list[Tensor | None] = [None]
-    if spec.kind in ("head", "logits"):
+    if spec.compiled and whole and spec.kind in ("head", "logits"):
+        value = _compiled_block(spec, block, w, tensors, grads, want)
+    elif spec.kind in ("head", "logits"):
         value = _dense_block(spec, block, w, tensors, grads, want, tiles, student, teacher, s_acc)
     else:
         value = _sparse_block(spec, block, w, tensors, grads, want, tiles, student, s_acc)
@@ -510,6 +527,73 @@ def _dense_block(spec: _Spec, block: Tensor, w: Tensor | None, tensors: tuple, g
     if want_t and spec.kind == "head" and grads[3] is not None and not whole:
         grads[3][block] = t_acc[0].to(grads[3].dtype)
     return total if value is None else value
+
+
+def _dense_rows(name: str, softcaps: tuple[bool, bool], need: tuple[bool, bool], dtype: torch.dtype,
+                out: tuple[torch.dtype, torch.dtype], zs: Tensor, zt: Tensor, w: Tensor, k_s: Tensor, k_t: Tensor,
+                param: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Whole rows of a dense block from the raw logits ``zs``, ``zt`` ``(C, V)``: the values
+    ``(C,)`` and the logits gradients ``dz_S``, ``dz_T`` (in the dtypes ``out``, None where not
+    ``need``), weighted by ``w`` ``(C, 1)``. The same operations as :func:`_dense_block`'s
+    whole-row case, with every number a tensor (``k = [scale / T or scale / c, c / T, scale / T]``
+    per side, ``param`` the divergence's shape parameter): the function :mod:`kd.compiled`
+    compiles, the head products staying outside."""
+    sides = []
+    for z, soft, k in ((zs, softcaps[0], k_s), (zt, softcaps[1], k_t)):
+        a = z.to(dtype) * k[0]
+        th = a.tanh() if soft else None
+        sides.append((th * k[1] if soft else a, th))
+    (a, th_s), (b, th_t) = sides
+    lq = a - torch.logsumexp(a, -1, keepdim=True)
+    lp = b - torch.logsumexp(b, -1, keepdim=True)
+    value, g, hh, q, p = form_terms(Form(name), lq, lp, need[0], need[1], param=param)
+    grads = []
+    for keep, part, prob, th, k, dt in ((need[0], g, q, th_s, k_s, out[0]), (need[1], hh, p, th_t, k_t, out[1])):
+        if not keep:
+            grads.append(None)
+            continue
+        ga = (part - prob * part.sum(-1, keepdim=True)) * w * k[2]
+        if th is not None:
+            ga = ga - ga * th * th
+        grads.append(ga.to(dt))
+    return value, grads[0], grads[1]
+
+
+_COMPILED_ROWS = Compiled(_dense_rows, dynamic_args=(5, 6, 7))
+
+
+def _compiled_block(spec: _Spec, block: Tensor, w: Tensor | None, tensors: tuple, grads: list | None,
+                    want: list[bool]) -> Tensor:
+    """:func:`_dense_block` on whole rows through the compiled :func:`_dense_rows` (the
+    head products and the gradient products eager, around it)."""
+    s_h, s_w, s_b, t0, t1, t2 = tensors
+    zs = F.linear(s_h[block], s_w, s_b)
+    zt = F.linear(t0[block], t1, t2) if spec.kind == "head" else t0[block]
+    need = (grads is not None and any(want[:3]), grads is not None and any(want[3:]))
+    if not spec.consts:  # once per call: no host-to-device copy per block
+        consts = []
+        for side in spec.sides():
+            pre = side.scale / side.softcap if side.softcap else side.scale / side.temperature
+            post = side.softcap / side.temperature if side.softcap else 1.0
+            consts.append(torch.tensor([pre, post, side.scale / side.temperature], dtype=spec.dtype,
+                                       device=zs.device))
+        consts.append(torch.tensor(spec.form.param, dtype=spec.dtype, device=zs.device))
+        spec.consts["k"] = consts
+    k_s, k_t, param = spec.consts["k"]
+    rows = zs.shape[0]
+    w = (torch.ones((), dtype=spec.dtype, device=zs.device) if w is None else w).expand(rows, 1).contiguous()
+    softcaps = (bool(spec.student.softcap), spec.kind == "head" and bool(spec.teacher.softcap))
+    out_t = t0.dtype if spec.kind == "logits" else (t1.dtype if t1 is not None else spec.dtype)
+    value, dzs, dzt = _COMPILED_ROWS(spec.form.name, softcaps, need, spec.dtype, (s_w.dtype, out_t), zs, zt, w,
+                                     k_s, k_t, param)
+    if dzs is not None:
+        _add_head_grads(grads, 0, dzs, block, s_h, s_w, 0, s_w.shape[0], [None], True)
+    if dzt is not None:
+        if spec.kind == "head":
+            _add_head_grads(grads, 3, dzt, block, t0, t1, 0, s_w.shape[0], [None], True)
+        elif grads[3] is not None:
+            grads[3][block] = dzt.to(grads[3].dtype)
+    return value
 
 
 def _sparse_block(spec: _Spec, block: Tensor, w: Tensor | None, tensors: tuple, grads: list | None,
@@ -695,7 +779,8 @@ def map_rows(student: HeadLogits, teacher: Any, fn: Callable[[Tensor, Any], Tens
 
 def fused_loss(student: HeadLogits, teacher: Any, per_position: Callable[[Tensor, Tensor], Tensor] | None,
                rows: Tensor, weights: Tensor | None, *, temperature: float = 1.0, chunk_size: int | None = None,
-               dtype: torch.dtype | None = None, form: Form | None = None, tile_size: int | None = None) -> Tensor:
+               dtype: torch.dtype | None = None, form: Form | None = None, tile_size: int | None = None,
+               compile: str | bool = "false") -> Tensor:
     """The fused loss over the flattened positions ``rows`` (1-D long).
 
     Args:
@@ -716,6 +801,8 @@ def fused_loss(student: HeadLogits, teacher: Any, per_position: Callable[[Tensor
             vocabulary tiles possible. None: autograd on each block with ``per_position``.
         tile_size: vocabulary entries per tile (default :func:`default_tile_size`; the
             autograd fallback always takes whole rows).
+        compile: ``auto`` (CUDA only), ``true`` or ``false``: whole rows of a head or logits
+            teacher in closed form through the compiled block function (:mod:`kd.compiled`).
     """
     kind, (t0, t1, t2) = _teacher_tensors(teacher)
     if dtype is None:
@@ -726,7 +813,8 @@ def fused_loss(student: HeadLogits, teacher: Any, per_position: Callable[[Tensor
     closed = kind == "labels" or form is not None
     tile = int(tile_size or default_tile_size(vocab, chunk, student.weight.device)) if closed else vocab
     spec = _Spec(student, teacher, kind, per_position, float(temperature), dtype, chunk, torch.is_grad_enabled(),
-                 form.canonical() if form is not None else None, tile)
+                 form.canonical() if form is not None else None, tile,
+                 compiled=form is not None and wanted(compile, student.weight.device))
     s_h = student.hidden.reshape(-1, student.hidden.shape[-1])
     rows = rows.to(s_h.device)
     tensors = (s_h, student.weight, student.bias, t0, t1, t2)

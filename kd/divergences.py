@@ -95,6 +95,7 @@ from torch import Tensor, nn
 
 from kd import ConfigError
 from kd.chunked import Form, fused_loss, map_rows, scalar_weights
+from kd.compiled import check_mode
 from kd.signals import HeadLogits, Outputs, TopK, compute_dtype, topk_bins
 
 __all__ = [
@@ -622,6 +623,8 @@ class Divergence(nn.Module, abc.ABC):
         chunk_size: positions per block of the fused path (None: kd.chunked.default_chunk_size, about 2**22 logits on CPU, 2**27 on GPUs).
         tile_size: vocabulary entries per tile of the fused path (None: kd.chunked.default_tile_size:
             whole rows while a block fits 2**24 logits on CPU, 2**28 on GPUs).
+        compile: the fused path's compiled block function (:mod:`kd.compiled`): ``auto``
+            (on CUDA devices only), ``true`` or ``false``; eager wherever compiling fails.
     """
 
     #: Short identifier, e.g. for logging (``"forward_kl"``, ``"jsd"``, ...).
@@ -630,7 +633,7 @@ class Divergence(nn.Module, abc.ABC):
     cross_vocabulary: bool = False
 
     def __init__(self, reduction: str = "mean", select: str = "all", keep: float = 1.0, chunked: bool = True,
-                 chunk_size: int | None = None, tile_size: int | None = None) -> None:
+                 chunk_size: int | None = None, tile_size: int | None = None, compile: str | bool = "auto") -> None:
         super().__init__()
         _check_reduction(reduction)
         _check_selection(select, keep)
@@ -648,6 +651,7 @@ class Divergence(nn.Module, abc.ABC):
         self.chunked = bool(chunked)
         self.chunk_size = None if chunk_size is None else int(chunk_size)
         self.tile_size = None if tile_size is None else int(tile_size)
+        self.compile_mode = check_mode(compile)  # (nn.Module.compile is a method)
         #: ``(...)`` bool, the positions the last call counted (mask and selection)
         self.kept: Tensor | None = None
 
@@ -718,11 +722,12 @@ class Divergence(nn.Module, abc.ABC):
             if self.reduction == "none":
                 values = fused_loss(student, teacher, self.per_position, rows, None, temperature=temperature,
                                     chunk_size=self.chunk_size, dtype=dtype, form=self._form(),
-                                    tile_size=self.tile_size)
+                                    tile_size=self.tile_size, compile=self.compile_mode)
                 return torch.zeros(count, dtype=dtype, device=device).index_add(0, rows, values).view(shape)
             weights = scalar_weights(rows, self.reduction, shape, dtype)
             return fused_loss(student, teacher, self.per_position, rows, weights, temperature=temperature,
-                              chunk_size=self.chunk_size, dtype=dtype, form=self._form(), tile_size=self.tile_size)
+                              chunk_size=self.chunk_size, dtype=dtype, form=self._form(), tile_size=self.tile_size,
+                              compile=self.compile_mode)
         log_q = to_log_probs(student.reshape(-1, student.shape[-1])[rows], temperature, dtype=dtype)
         values = self._values(log_q, self._teacher_rows(teacher, rows, temperature, dtype))
         full = torch.zeros(count, dtype=dtype, device=device).index_add(0, rows, values).view(shape)

@@ -44,7 +44,7 @@ from kd.signals import SIGNAL_FORMS
 class SeqKD(DistillationRecipe):
     """Kim & Rush's word- and sequence-level KD (the regime picks the targets).
 
-    ``chunked``, ``select``, ``keep`` and ``chunk_size`` are the divergences' settings
+    ``chunked``, ``select``, ``keep``, ``chunk_size`` and ``compile`` are the divergences' settings
     (:class:`kd.divergences.Divergence`) with their defaults; the recipe yamls take them from
     the fragment the divergence yamls share (``conf/token_loss/default.yaml``).
 
@@ -57,13 +57,15 @@ class SeqKD(DistillationRecipe):
             or ``entropy`` / ``overconfident`` / ``both`` keeping the fraction ``keep``.
         chunk_size: positions per block of the soft term's chunked path (None: the default
             block size of :mod:`kd.chunked`).
+        compile: the soft term's compiled block function (:mod:`kd.compiled`): auto (CUDA
+            only), true or false.
         **kwargs: passed to :class:`kd.recipe.DistillationRecipe`.
     """
 
     needs = Needs(data=("causal_lm",), teacher_signals=SIGNAL_FORMS, loss_temperature="temperature")
 
     def __init__(self, *, alpha: float = 0.0, temperature: float = 1.0, chunked: bool = True, select: str = "all",
-                 keep: float = 1.0, chunk_size: int | None = None, **kwargs: Any) -> None:
+                 keep: float = 1.0, chunk_size: int | None = None, compile: str | bool = "auto", **kwargs: Any) -> None:
         if not 0.0 <= alpha <= 1.0:
             raise ConfigError(f"recipe.alpha must be in [0, 1] (got {alpha}); it weights the word-level soft term")
         if not temperature > 0:
@@ -72,7 +74,7 @@ class SeqKD(DistillationRecipe):
         self.alpha = alpha
         self.temperature = temperature
         self.chunked = chunked
-        self.soft = SoftCrossEntropy(select=select, keep=keep, chunked=chunked, chunk_size=chunk_size)
+        self.soft = SoftCrossEntropy(select=select, keep=keep, chunked=chunked, chunk_size=chunk_size, compile=compile)
 
     @property
     def fused(self) -> bool:

@@ -172,7 +172,7 @@ def test_shared_fragments_are_merged_where_their_knobs_are(make_cfg):
     and reach every config that has those knobs, where a plain override still changes them."""
     token_keys = set(OmegaConf.load(CONF_DIR / "token_loss" / "default.yaml"))
     sampling_keys = set(OmegaConf.load(CONF_DIR / "sampling" / "default.yaml"))
-    assert token_keys == {"select", "keep", "chunked", "chunk_size"}
+    assert token_keys == {"select", "keep", "chunked", "chunk_size", "compile"}
     def nodes(node):
         yield node
         for value in node.values():
