@@ -211,6 +211,7 @@ def run_kd(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         f"data.max_new_tokens={args.max_new_tokens}", "data.generation_eval_size=0", "data.num_workers=0",
         f"regime.engine={'vllm' if vllm else 'kd'}", f"regime.overlap={str('overlap' in variant).lower()}",
         f"regime.vllm.cpu_kv_cache_gib={args.kv_cache_gib}", "regime.vllm.memory=0.3",
+        *(["regime.vllm.dtype=bfloat16"] if args.bf16 else []),
         f"regime.sampling.temperature={args.temperature}", "regime.sampling.top_k=0", "regime.sampling.top_p=1.0",
         f"regime.sampling.max_new_tokens={args.max_new_tokens}",
         f"divergence.beta={args.beta}", "divergence.reduction=mean", "recipe.temperature=1.0",
