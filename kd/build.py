@@ -124,10 +124,13 @@ def _check_served(cfg: DictConfig, cls: type[DistillationRecipe], name: str, tea
     if not models:
         return
     needs = cls.needs
-    if "topk" not in needs.teacher_signals:
+    # kd-eval tests the student against a teacher that its recipe's loss never reads (supervised):
+    # the test reads the top-k (kd.evaluation), so only the loss's needs below are refused
+    loss_reads_it = needs.teacher is not False
+    if loss_reads_it and "topk" not in needs.teacher_signals:
         raise ConfigError(f"recipe {name}'s loss reads the teacher's logits, which a served teacher does not give "
                           "(it gives top-k log-probabilities); use an in-process teacher (teacher=hf)")
-    if needs.hidden_states or needs.teacher_tokenizer == "own":
+    if loss_reads_it and (needs.hidden_states or needs.teacher_tokenizer == "own"):
         raise ConfigError(f"recipe {name} needs the teacher's hidden states or its own tokenizer, which a served "
                           "teacher does not give; use an in-process teacher (teacher=hf)")
     temperature = loss_temperature(cls, cfg.recipe)

@@ -46,8 +46,12 @@ The vLLM engine
   ``VLLM_CPU_KVCACHE_SPACE`` (GiB); kd sets it to ``cpu_kv_cache_gib`` when it is unset.
 * **Sleep.** On a GPU (``sleep: true``) the engine is started with ``enable_sleep_mode``
   and put to sleep after every rollout, freeing its KV cache (level 1, weights offloaded
-  to host memory; level 2, weights dropped, when the next rollout reloads them anyway); it
-  wakes before the next sync. On CPUs there is no sleep (vLLM's CPU build has none).
+  to host memory; level 2, weights dropped, when the next rollout reloads them anyway). A
+  sync wakes it in vLLM's order for weight updates (``wake_up(tags=["weights"])``, the
+  weights loaded, then ``wake_up(tags=["kv_cache"])``); a rollout without a sync wakes it
+  whole (``wake_up()``). On CPUs there is no sleep (vLLM's CPU build has none: its worker
+  ignores ``sleep``), so this path runs on GPUs only; the tests check its call order
+  against a stand-in engine.
 * **One step off policy** (``regime.overlap``, :class:`kd.regimes.OnPolicy`):
   :meth:`Rollouts.start` syncs and draws the seeds in the caller's thread and returns the
   sampling as a function, which the regime runs in a background thread while the step trains.
@@ -213,12 +217,20 @@ class VLLMEngine:
             self.asleep = True
 
     def sync(self, model: nn.Module) -> float:
-        """Load ``model``'s current weights (LoRA merged) into the engine; returns seconds."""
+        """Load ``model``'s current weights (LoRA merged) into the engine; returns seconds.
+        A sleeping engine wakes in vLLM's order for weight updates: its weights' memory
+        first, the new weights loaded, then its KV cache (the cache is not held while the
+        weights load)."""
         started = time.perf_counter()
-        self.wake()
+        asleep = self.asleep
+        if asleep:
+            self.llm.wake_up(tags=["weights"])
         weights = student_weights(model)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(list(weights.items())),
                                                           "is_checkpoint_format": True})
+        if asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self.asleep = False
         self.llm.reset_prefix_cache()
         return time.perf_counter() - started
 

@@ -258,8 +258,20 @@ def _keep_work(run: Any, out: Path, reason: str, started: float) -> str:
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Test ``cfg.student`` on ``cfg.data`` (exact match, perplexity, accuracy; the KL to
-    the teacher when one is configured); writes ``eval.json`` in the output directory."""
-    quiet()
+    the teacher when one is configured); writes ``eval.json`` in the output directory.
+    A teacher's server that it launched (:mod:`kd.served`) is stopped as soon as the test
+    ends, however it ends (an error, SIGTERM), not at the process's exit."""
+    from kd.served import live_servers, stop_servers
+
+    running = live_servers()
+    try:
+        quiet()
+        return _evaluate(cfg)
+    finally:
+        stop_servers(keep=running)
+
+
+def _evaluate(cfg: DictConfig) -> dict[str, float]:
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if "tokenizer" in cfg.data and not cfg.data.tokenizer and student_tokenizer(cfg) is not None:

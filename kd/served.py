@@ -37,7 +37,7 @@ process in its own process group, bound to 127.0.0.1 on a free port, with
 prefix caching off. kd polls ``/health`` until it answers 200 or a deadline passes (or the
 process dies: its log's last line is in the sentence). The server is stopped at the end of
 the run, on an error and on SIGTERM (:func:`stop_servers`, called by :func:`kd.runs.train`
-on every exit path, and at interpreter exit): the whole process group gets SIGTERM, then
+and by ``kd-eval``'s :func:`kd.runs.evaluate` on every exit path, and at interpreter exit): the whole process group gets SIGTERM, then
 SIGKILL after a grace period. On Linux the child also gets SIGTERM if kd dies outright
 (``PR_SET_PDEATHSIG``).
 

@@ -57,6 +57,97 @@ def test_unknown_engine_and_bad_settings_are_one_sentence():
         VLLMSettings.of({"gpu": 1})
 
 
+class _StandInLLM:
+    """Records what kd asks of vLLM's ``LLM`` (sleep, wake-up, weight reloads, generation);
+    its reloads keep the weights they were given, its rollouts answer EOS at once."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+        self.weights: dict[str, torch.Tensor] | None = None
+
+    def sleep(self, level: int = 1) -> None:
+        self.calls.append(("sleep", level))
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        self.calls.append(("wake_up", tuple(tags) if tags else None))
+
+    def collective_rpc(self, method: str, kwargs: dict) -> None:
+        assert method == "reload_weights" and kwargs["is_checkpoint_format"]
+        self.weights = {k: v.clone() for k, v in kwargs["weights_iterator"]}
+        self.calls.append(("reload",))
+
+    def reset_prefix_cache(self) -> None:
+        self.calls.append(("reset",))
+
+    def generate(self, prompts, params, use_tqdm=False):
+        from types import SimpleNamespace as NS
+
+        self.calls.append(("generate",))
+        return [NS(outputs=[NS(token_ids=[2], logprobs=[{2: NS(logprob=-0.5)}])]) for _ in prompts]
+
+
+def _stand_in_rollouts(monkeypatch, sync_every: int, gpu: bool = True):
+    """Rollouts on a :class:`kd.rollouts.VLLMEngine` whose ``LLM`` is the stand-in (vLLM's
+    ``SamplingParams`` and ``TokensPrompt`` stand-ins too): the sleep path runs without a GPU."""
+    import sys
+    import types
+
+    import kd.rollouts as rollouts_module
+    from kd.rollouts import VLLMEngine
+
+    fake = types.ModuleType("vllm")
+    fake.SamplingParams = dict
+    inputs = types.ModuleType("vllm.inputs")
+    inputs.TokensPrompt = dict
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    monkeypatch.setitem(sys.modules, "vllm.inputs", inputs)
+    monkeypatch.setattr(rollouts_module, "vllm_available", lambda: True)
+    rollouts = Rollouts("vllm", {"sync_every": sync_every})
+    engine = object.__new__(VLLMEngine)  # as VLLMEngine.__init__ leaves it, without starting vLLM
+    engine.settings, engine.llm, engine.asleep = rollouts.settings, _StandInLLM(), False
+    engine.vocab, engine.max_model_len, engine.sleep_mode = VOCAB, 64, gpu and rollouts.settings.sleep
+    rollouts._vllm = engine
+    return rollouts, engine.llm
+
+
+@pytest.mark.parametrize("sync_every", [1, 2])
+def test_on_a_gpu_the_engine_sleeps_after_each_rollout_and_wakes_before_the_next(monkeypatch, sync_every):
+    model = _llama()
+    ids, mask = _prompts()
+    rollouts, llm = _stand_in_rollouts(monkeypatch, sync_every)
+    weights_at: list[torch.Tensor] = []
+    start = model.lm_head.weight.detach().clone()
+    for _ in range(3):
+        out = rollouts.generate(model, ids, mask, _greedy(eos=2))
+        assert out.responses.tolist() == [[2]] * 4
+        weights_at.append(llm.weights["lm_head.weight"])
+        with torch.no_grad():
+            model.lm_head.weight.add_(1.0)  # a training step between rollouts
+    synced = ("reload",), ("reset",)
+    # a sync wakes the weights, loads them, then wakes the KV cache; a rollout without one wakes all
+    resync = (("wake_up", ("weights",)), ("reload",), ("wake_up", ("kv_cache",)), ("reset",))
+    if sync_every == 1:  # every next rollout reloads the weights: level 2 (weights dropped) after each
+        expected = [*synced, ("generate",), ("sleep", 2), *resync, ("generate",), ("sleep", 2),
+                    *resync, ("generate",), ("sleep", 2)]
+    else:  # rollout 1 reuses rollout 0's weights (level 1 keeps them), rollout 2 reloads (level 2 before it)
+        expected = [*synced, ("generate",), ("sleep", 1), ("wake_up", None), ("generate",), ("sleep", 2),
+                    *resync, ("generate",), ("sleep", 1)]
+    assert llm.calls == expected
+    # the weights loaded after each wake-up are the student's as they were at that rollout
+    steps = [0, 1, 2] if sync_every == 1 else [0, 0, 2]
+    for got, step in zip(weights_at, steps):
+        assert torch.allclose(got, start + step, atol=1e-5)
+
+
+def test_on_cpus_the_engine_never_sleeps(monkeypatch):
+    model = _llama()
+    ids, mask = _prompts()
+    rollouts, llm = _stand_in_rollouts(monkeypatch, sync_every=1, gpu=False)
+    for _ in range(2):
+        rollouts.generate(model, ids, mask, _greedy(eos=2))
+    assert llm.calls == [("reload",), ("reset",), ("generate",)] * 2
+
+
 def test_missing_vllm_is_refused_before_training_naming_the_extra(tmp_path, monkeypatch, capsys):
     from tests.conftest import SMALL_TASK
     from tests.test_precheck import refused

@@ -213,3 +213,35 @@ def test_kd_stops_the_server_it_launched_on_sigterm(task_model, tmp_path):
     assert process.returncode == 143, err[-2000:]
     assert "stopped by SIGTERM" in err
     assert not any(alive(p) for p in launched)
+
+
+def eval_cfg(root: Path, pid_dir: Path):
+    """``kd-eval`` of the saved tiny model with a served teacher launched on the stand-in."""
+    from tests.conftest import compose_cfg
+
+    data = [o for o in TASK if not o.startswith("student")]
+    return compose_cfg([*QUIET, *data, "data.generation_eval_size=0", "student=hf",
+                        f"student.name_or_path={root / 'model'}", "teacher=served", f"teacher.launch={root / 'model'}",
+                        "teacher.top_k=4", fake_command(pid_dir)], pid_dir.parent / "eval", config_name="eval")
+
+
+def test_kd_eval_stops_the_server_it_launched_when_it_ends_not_at_exit(task_model, tmp_path, monkeypatch):
+    from kd.runs import evaluate
+    from kd.served import live_servers
+
+    before = live_servers()
+    # an error after the server started (the stand-in's /tokenize disagrees): stopped on the way out
+    with pytest.raises(ConfigError, match="tokenizer differs"):
+        evaluate(eval_cfg(task_model, tmp_path / "error"))
+    launched = pids(tmp_path / "error")
+    assert not any(alive(p) for p in launched) and live_servers() == before
+
+    # a finished evaluation (the tokenizer check skipped; the stand-in's uniform top-4 scores the test set)
+    def no_check(self, tokenizer, k=None):
+        self.vocab_size = len(tokenizer)
+
+    monkeypatch.setattr(ServedTeacher, "check", no_check)
+    metrics = evaluate(eval_cfg(task_model, tmp_path / "done"))
+    launched = pids(tmp_path / "done")
+    assert any("kl" in k for k in metrics), metrics
+    assert not any(alive(p) for p in launched) and live_servers() == before
