@@ -78,11 +78,13 @@ class EncodedSplit(Dataset):
     """One split: examples and their token ids."""
 
     def __init__(self, examples: list[Example], encoded: list[tuple[list[int], list[int]]],
-                 teacher_prompts: list[list[int]] | None = None, teacher_index: list[int] | None = None) -> None:
+                 teacher_prompts: list[list[int]] | None = None, teacher_index: list[int] | None = None,
+                 privileged_prompts: list[list[int]] | None = None) -> None:
         self.examples = examples
         self.encoded = encoded
         self.teacher_prompts = teacher_prompts
         self.teacher_index = teacher_index
+        self.privileged_prompts = privileged_prompts
         #: positions of the examples whose answers are not labels (a transfer set)
         self.unlabelled = {i for i, ex in enumerate(examples) if not getattr(ex, "labelled", True)}
 
@@ -98,6 +100,8 @@ class EncodedSplit(Dataset):
             item["teacher_prompt_ids"] = self.teacher_prompts[i]
         if self.teacher_index is not None:
             item["teacher_index"] = self.teacher_index[i]
+        if self.privileged_prompts is not None:
+            item["privileged_prompt_ids"] = self.privileged_prompts[i]
         return item
 
 
@@ -121,7 +125,8 @@ def collate_train(items: list[dict], pad_token_id: int, teacher_pad_id: int | No
 
 def collate_prompts(items: list[dict], pad_token_id: int, teacher_pad_id: int | None = None) -> dict[str, torch.Tensor]:
     """Left-padded ``prompt_ids`` / ``prompt_mask``, the examples' ``index``, and the
-    teacher's own left-padded prompts when the items carry them."""
+    teacher's own left-padded prompts (``teacher_prompt_ids``, ``privileged_prompt_ids``)
+    when the items carry them."""
     ids, mask = left_pad([it["prompt_ids"] for it in items], pad_token_id)
     out = {"prompt_ids": ids, "prompt_mask": mask, "index": torch.tensor([it.get("index", -1) for it in items])}
     if batches.TEACHER_INDEX in items[0]:  # each example's teacher among routed teachers (-1: none)
@@ -129,6 +134,9 @@ def collate_prompts(items: list[dict], pad_token_id: int, teacher_pad_id: int | 
     if batches.TEACHER_PROMPT_IDS in items[0]:
         pad = pad_token_id if teacher_pad_id is None else teacher_pad_id
         out["teacher_prompt_ids"], out["teacher_prompt_mask"] = left_pad([it["teacher_prompt_ids"] for it in items], pad)
+    if batches.PRIVILEGED_PROMPT_IDS in items[0]:  # the same tokenizer: the data's padding
+        out[batches.PRIVILEGED_PROMPT_IDS], out[batches.PRIVILEGED_PROMPT_MASK] = left_pad(
+            [it[batches.PRIVILEGED_PROMPT_IDS] for it in items], pad_token_id)
     return out
 
 
@@ -195,6 +203,11 @@ class LMDataModule(ResumableData, L.LightningDataModule):
             stages of a pipeline, their teachers) share one tokenizer.
         chat_template: render prompts with the tokenizer's chat template (when it has one);
             false feeds them as they are, as for plain text (:class:`kd.data.sources.TextWindows`).
+        privileged: ``example -> text``, the prompt as the teacher sees it (its privileged
+            context and the prompt, :class:`kd.privileged.PrivilegedContext`; ``kd`` sets it
+            from ``teacher.context``): batches then also carry it in the data's tokens
+            (``privileged_prompt_ids``/``privileged_prompt_mask``), which teachers read
+            instead of the prompt (:mod:`kd.teachers`).
     """
 
     #: the models this data is for (kd.models.KINDS; checked by kd.build)
@@ -217,6 +230,7 @@ class LMDataModule(ResumableData, L.LightningDataModule):
         routes: Mapping[str, str] | None = None,
         train_skills: Sequence[str] | None = None,
         chat_template: bool = True,
+        privileged: Any = None,
     ) -> None:
         super().__init__()
         if batch_size < 1 or max_length < 2:
@@ -237,6 +251,7 @@ class LMDataModule(ResumableData, L.LightningDataModule):
         self.routes = dict(routes) if routes else None
         self.train_skills = list(train_skills) if train_skills else None
         self.chat_template = chat_template
+        self.privileged = privileged
         #: the routed teachers' names in ``teacher_index`` order (``kd`` sets the run's)
         self.teacher_names: list[str] | None = sorted(set(self.routes.values())) if self.routes else None
         self.splits: dict[str, EncodedSplit] = {}
@@ -291,11 +306,13 @@ class LMDataModule(ResumableData, L.LightningDataModule):
             teacher = self.teacher_tokenizer
             prompts = ([encode_prompt(teacher, ex.prompt, self.chat_template) for ex in kept]
                        if teacher is not None else None)
+            privileged = ([encode_prompt(self.tokenizer, self.privileged(ex), self.chat_template) for ex in kept]
+                          if self.privileged is not None else None)
             routed = None
             if self.routes:
                 names = self.teacher_names
                 routed = [names.index(self.routes[ex.skill]) if ex.skill in self.routes else -1 for ex in kept]
-            self.splits[split] = EncodedSplit(kept, encoded, prompts, routed)
+            self.splits[split] = EncodedSplit(kept, encoded, prompts, routed, privileged)
 
     # -- loaders
     @property
