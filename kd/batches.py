@@ -342,7 +342,8 @@ def realign(out: Outputs, shift: Tensor, batch: Mapping[str, Any]) -> Outputs:
 
 __all__ = [
     "INPUT_IDS", "ATTENTION_MASK", "LABELS", "ORIGINAL_IDS", "TARGET_MASK", "PROMPT_IDS", "PROMPT_MASK", "INDEX",
-    "TEACHER_PROMPT_IDS", "TEACHER_PROMPT_MASK", "PRIVILEGED_PROMPT_IDS", "PRIVILEGED_PROMPT_MASK", "TEACHER_INDEX", "TEACHER_TOPK", "TEACHER_LOGITS", "INPUTS", "REPLACED",
+    "TEACHER_PROMPT_IDS", "TEACHER_PROMPT_MASK", "PRIVILEGED_PROMPT_IDS", "PRIVILEGED_PROMPT_MASK", "TEACHER_INDEX",
+    "TEACHER_TOPK", "TEACHER_LOGITS", "INPUTS", "REPLACED",
     "RESPONSE_IDS", "LABELLED", "ROW_KEYS", "is_tokens", "is_masked_lm", "is_causal_lm", "is_prompts_only",
     "carried_rows", "batch_targets", "Outputs", "outputs", "left_pad", "right_pad", "join_rows",
     "join_prompts_and_responses", "privileged_view", "realign", "IGNORE_INDEX",

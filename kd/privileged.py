@@ -74,7 +74,7 @@ class SelfTeacher(nn.Module):
     """The student as its own teacher: a frozen copy, an EMA of it, or its live weights.
 
     Built without the student (``teacher.model`` in conf/teacher/self.yaml); the recipe binds
-    it to its student (:meth:`kd.teachers.Teachers.bind`). Calling it runs :attr:`network`
+    it to its student (:meth:`kd.teachers.Teachers.bind_student`). Calling it runs :attr:`network`
     (the copy, or the student in eval mode) under ``torch.no_grad``.
 
     Args:
@@ -101,8 +101,9 @@ class SelfTeacher(nn.Module):
         """A frozen or EMA copy is kept in checkpoints; a live teacher has nothing to keep."""
         return self.mode != "live"
 
-    def bind(self, student: nn.Module) -> None:
-        """Follow ``student``; a frozen or EMA teacher makes its copy (weights taken at :meth:`start`)."""
+    def bind_student(self, student: nn.Module) -> None:
+        """Follow ``student``; a frozen or EMA teacher makes its copy (its weights are taken
+        at :meth:`start_from_student`)."""
         self._bound = (student,)
         if self.mode != "live" and self.copy is None:
             self.copy = copy.deepcopy(student)
@@ -119,12 +120,12 @@ class SelfTeacher(nn.Module):
         """The network the teacher runs: the student (``live``) or its copy."""
         if self.mode == "live":
             return self.student
-        self.start()  # a teacher used before training starts (kd-eval) is the student's copy too
+        self.start_from_student()  # a teacher used before training starts (kd-eval) is the student's copy too
         assert self.copy is not None
         return self.copy
 
     @torch.no_grad()
-    def start(self) -> None:
+    def start_from_student(self) -> None:
         """Copy the student's weights into the frozen/EMA copy, once (a resumed run's copy
         comes from its checkpoint and is kept)."""
         if self.mode == "live" or bool(self.started):
@@ -135,12 +136,12 @@ class SelfTeacher(nn.Module):
         self.started.fill_(True)
 
     @torch.no_grad()
-    def update(self) -> None:
+    def follow_student(self) -> None:
         """After an optimizer step: ``theta_T <- d * theta_T + (1 - d) * theta_S`` (``ema``;
         buffers are copied); nothing for ``frozen`` and ``live``."""
         if self.mode != "ema":
             return
-        self.start()
+        self.start_from_student()
         assert self.copy is not None
         student = dict(self.student.named_parameters())  # shared (tied) weights once each
         for name, p in self.copy.named_parameters():

@@ -16,7 +16,10 @@ else about the recipe. The base class owns everything recipes share:
   route their rows to with ``teacher_index``): frozen (``requires_grad=False``), kept in
   eval mode even while the student trains, run under ``torch.no_grad``, absent from the
   optimizer and from saved checkpoints (their entries are dropped on save and restored
-  from the live teachers on load, so checkpoints stay small and loading stays strict).
+  from the live teachers on load, so checkpoints stay small and loading stays strict;
+  a frozen or EMA copy of the student, ``teacher=self``, is kept: :mod:`kd.privileged`).
+  A teacher made of the student is bound to it here, takes its weights when training
+  starts and follows its optimizer steps (:class:`kd.teachers.Teachers`).
   :meth:`teacher_outputs` gives their outputs with the mask already restricted to rows
   that have a teacher, in the forms the recipe's loss declares it takes
   (``Needs.teacher_signals``); ``train/<teacher>/examples`` is logged for routed runs;
@@ -233,7 +236,7 @@ class DistillationRecipe(L.LightningModule):
         #: the run's teachers (one, or routed; frozen, always in eval mode); None without one
         self.teachers: Teachers | None = Teachers(teacher) if teacher is not None else None
         if self.teachers is not None:
-            self.teachers.bind(student)  # a teacher made of the student itself (kd.privileged.SelfTeacher)
+            self.teachers.bind_student(student)  # a teacher made of the student itself (kd.privileged.SelfTeacher)
         self.divergence = divergence
         self.optimizer_factory = optimizer or partial(torch.optim.AdamW, lr=3e-3, weight_decay=0.0)
         self.scheduler_factory = scheduler
@@ -359,7 +362,7 @@ class DistillationRecipe(L.LightningModule):
         """Prepare the regime (its caches); under several processes each machine's first
         rank builds them while the other ranks wait, then read what it built."""
         if self.teachers is not None:  # teachers that follow the student take its weights (once)
-            self.teachers.start()
+            self.teachers.start_from_student()
         # a regime that routes rows to their teachers gets them all (kd.teachers.Teachers)
         teacher = self.teachers if getattr(self.regime, "routes_teachers", False) else self.teacher
         if self.trainer.world_size == 1:
@@ -437,7 +440,7 @@ class DistillationRecipe(L.LightningModule):
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         stepped = self._steps_before_batch is not None and self.global_step > self._steps_before_batch
         if stepped and self.teachers is not None:  # an EMA teacher follows the student's optimizer steps
-            self.teachers.update()
+            self.teachers.follow_student()
         if self._step_started is not None:
             elapsed = time.perf_counter() - self._step_started
             rate = self._num_targets.float() / max(elapsed, 1e-9)

@@ -24,11 +24,11 @@
   batch's response positions (:func:`kd.batches.realign`), so the divergences compare the
   two models' distributions at the same response tokens;
 * teachers that follow the student (a self-teacher, :class:`kd.privileged.SelfTeacher`): a
-  model with ``bind(student)`` is given the student when the recipe is built, ``start()``
-  when training starts (a frozen or EMA copy takes the student's weights, once),
-  ``update()`` after every optimizer step (the EMA), and when it sets ``checkpointed`` its
-  state is kept in checkpoints (it cannot be rebuilt from elsewhere;
-  :meth:`Teachers.checkpointed`).
+  model with ``bind_student(student)`` is given the student when the recipe is built,
+  ``start_from_student()`` when training starts (a frozen or EMA copy takes the student's
+  weights, once), ``follow_student()`` after every optimizer step (the EMA), and when it
+  sets ``checkpointed`` its state is kept in checkpoints (it cannot be rebuilt from
+  elsewhere; :meth:`Teachers.checkpointed`).
 """
 
 from __future__ import annotations
@@ -76,24 +76,24 @@ class Teachers(nn.Module):
     def items(self) -> list[tuple[str, nn.Module]]:
         return list(self.models.items())
 
-    def bind(self, student: nn.Module) -> None:
-        """Give the student to the teachers that follow it (``bind``); they stay frozen."""
+    def bind_student(self, student: nn.Module) -> None:
+        """Give the student to the teachers that follow it (``bind_student``); they stay frozen."""
         for model in self.models.values():
-            if hasattr(model, "bind"):
-                model.bind(student)
+            if hasattr(model, "bind_student"):
+                model.bind_student(student)
                 freeze(model)
 
-    def start(self) -> None:
-        """Training starts: teachers that follow the student take its weights (``start``)."""
+    def start_from_student(self) -> None:
+        """Training starts: teachers that follow the student take its weights (``start_from_student``)."""
         for model in self.models.values():
-            if hasattr(model, "start"):
-                model.start()
+            if hasattr(model, "start_from_student"):
+                model.start_from_student()
 
-    def update(self) -> None:
-        """After an optimizer step: teachers that follow the student update (``update``)."""
+    def follow_student(self) -> None:
+        """After an optimizer step: teachers that follow the student update (``follow_student``)."""
         for model in self.models.values():
-            if hasattr(model, "update"):
-                model.update()
+            if hasattr(model, "follow_student"):
+                model.follow_student()
 
     def checkpointed(self) -> list[str]:
         """Names of the teachers whose state checkpoints keep (``checkpointed``: a frozen or

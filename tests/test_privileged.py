@@ -8,7 +8,6 @@ import copy
 import lightning as L
 import pytest
 import torch
-from omegaconf import open_dict
 
 from kd import ConfigError, batches
 from kd.build import build
@@ -201,7 +200,7 @@ def test_checkpoints_keep_the_ema_teacher_and_a_resumed_run_continues_it(make_cf
 
 def test_a_frozen_teacher_survives_a_checkpoint_round_trip(pdm):
     recipe = _recipe(pdm, "frozen")
-    recipe.teachers.start()
+    recipe.teachers.start_from_student()
     checkpoint = {"state_dict": copy.deepcopy(recipe.state_dict())}
     recipe.on_save_checkpoint(checkpoint)
     assert any(k.startswith("teachers.models.teacher.copy.") for k in checkpoint["state_dict"])
@@ -211,7 +210,7 @@ def test_a_frozen_teacher_survives_a_checkpoint_round_trip(pdm):
             p.add_(1.0)  # a different student: start() must not copy it over the restored teacher
     other.on_load_checkpoint(checkpoint)
     other.load_state_dict(checkpoint["state_dict"])
-    other.teachers.start()
+    other.teachers.start_from_student()
     for (name, p), q in zip(other.teacher.copy.named_parameters(), recipe.teacher.copy.parameters()):
         assert torch.equal(p, q), name
 
