@@ -7,7 +7,10 @@ differences against the SFT start point of the same seed, same test prompts).
         hydra.sweep.dir=<select>                                   # the mode, chosen on validation
     kd -m experiment=task_self_distill teacher.context=rule,reference,null teacher.mode=frozen seed=0,1,2 \
         hydra.sweep.dir=<main>
-    python benchmarks/privileged_context.py <select> <main>
+    kd -m experiment=task_self_distill teacher.context=rule teacher.mode=frozen \
+        '+student_sft.data={privileged_train:{context:rule,share:0.5}}' seed=0,1,2 hydra.sweep.dir=<hinted_rule>
+    (and the same with reference: an SFT that read the privileged prompt on half its examples)
+    python benchmarks/privileged_context.py <select> <main> [<hinted_rule> <hinted_reference>]
 """
 
 from __future__ import annotations
@@ -57,23 +60,24 @@ def _diff(values: list[float]) -> str:
     return f"{sign(statistics.mean(values))} ± {spread:.1f} ({' / '.join(sign(v) for v in values)})"
 
 
-def table(runs: list[dict], sweep: str) -> str:
-    rows = [r for r in runs if r["sweep"] == sweep]
+def table(runs: list[dict], sweeps: list[str]) -> str:
+    """One row per (sweep, context): the SFT it started from, the distilled student, the
+    paired difference (student minus its own SFT, per seed) and the teacher with its context."""
     em = "test/exact_match"
-    lines = ["| row | exact match (%) | paired difference vs SFT (points) | teacher with its context (%) |",
-             "|---|---|---|---|"]
-    seeds = sorted({r["seed"] for r in rows})
-    sft = {r["seed"]: 100 * r["sft"][em] for r in rows}
-    lines.append(f"| SFT (start point) | {_cell([sft[s] for s in seeds])} | | |")
-    for context in ("rule", "reference", "null"):
-        chosen = sorted((r for r in rows if r["context"] == context), key=lambda r: r["seed"])
-        if not chosen:
-            continue
-        student = [100 * r["student"][em] for r in chosen]
-        teacher = [100 * r["teacher_with_context"][em] for r in chosen]
-        diffs = [s - sft[r["seed"]] for s, r in zip(student, chosen)]
-        lines.append(f"| + self-distillation, context={context}, {chosen[0]['mode']} teacher | {_cell(student)} | "
-                     f"{_diff(diffs)} | {_cell(teacher)} |")
+    lines = ["| sweep | context | SFT start (%) | exact match (%) | paired difference vs SFT (points) | "
+             "the teacher with its context (%) |", "|---|---|---|---|---|---|"]
+    for sweep in sweeps:
+        for context in ("rule", "reference", "null"):
+            chosen = sorted((r for r in runs if r["sweep"] == sweep and r["context"] == context),
+                            key=lambda r: r["seed"])
+            if not chosen:
+                continue
+            sft = [100 * r["sft"][em] for r in chosen]
+            student = [100 * r["student"][em] for r in chosen]
+            teacher = [100 * r["teacher_with_context"][em] for r in chosen]
+            diffs = [a - b for a, b in zip(student, sft)]
+            lines.append(f"| {sweep} | {context} ({chosen[0]['mode']}) | {_cell(sft)} | {_cell(student)} | "
+                         f"{_diff(diffs)} | {_cell(teacher)} |")
     return "\n".join(lines)
 
 
@@ -84,7 +88,7 @@ def main(argv: list[str]) -> None:
     for r in runs:
         if r["sweep"] == sweeps[0].name:
             print(r["context"], r["mode"], r["seed"], "val/exact_match", round(r["validation"]["val/exact_match"], 4))
-    print(table(runs, sweeps[-1].name))
+    print(table(runs, [s.name for s in sweeps[1:]]))
 
 
 if __name__ == "__main__":

@@ -269,3 +269,22 @@ def test_privileged_rows_survive_the_replay_buffer(pdm):
     for p, m, q, n in zip(replayed["prompt_ids"], replayed["prompt_mask"], replayed[batches.PRIVILEGED_PROMPT_IDS],
                           replayed[batches.PRIVILEGED_PROMPT_MASK]):
         assert rows[tuple(p[m.bool()].tolist())] == tuple(q[n.bool()].tolist())
+
+
+def test_privileged_train_shows_a_share_of_training_prompts_their_context():
+    module = LMDataModule(TaskSource(train_size=40, val_size=8, test_size=8), vocab_size=300, max_length=64,
+                          privileged_train={"context": "reference", "share": 0.5})
+    module.setup()
+    tok = module.tokenizer
+    train = module.splits["train"]
+    shown = [p == encode_prompt(tok, f"answer {ex.response}\n{ex.prompt}") for ex, (p, _) in
+             zip(train.examples, train.encoded)]
+    plain = [p == encode_prompt(tok, ex.prompt) for ex, (p, _) in zip(train.examples, train.encoded)]
+    assert sum(shown) == 20 and all(a != b for a, b in zip(shown, plain))  # half each, nothing else
+    for split in ("val", "test"):  # held-out prompts stay plain
+        held = module.splits[split]
+        assert all(p == encode_prompt(tok, ex.prompt) for ex, (p, _) in zip(held.examples, held.encoded))
+    with pytest.raises(ConfigError, match=r"^data.privileged_train.share must be in \(0, 1\]"):
+        LMDataModule(TaskSource(), privileged_train={"context": "rule", "share": 0})
+    with pytest.raises(ConfigError, match=r"^data.privileged_train takes context, share, rules and template"):
+        LMDataModule(TaskSource(), privileged_train={"share": 0.5})

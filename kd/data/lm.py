@@ -63,11 +63,12 @@ def encode_prompt(tokenizer: Any, prompt: str, chat_template: bool = True) -> li
     return ids
 
 
-def encode_example(tokenizer: Any, example: Example, max_length: int,
-                   chat_template: bool = True) -> tuple[list[int], list[int]] | None:
+def encode_example(tokenizer: Any, example: Example, max_length: int, chat_template: bool = True,
+                   prompt_text: str | None = None) -> tuple[list[int], list[int]] | None:
     """``(prompt_ids, response_ids + [eos])``, the response truncated to fit ``max_length``;
-    None when the prompt alone leaves no room for a response token."""
-    prompt = encode_prompt(tokenizer, example.prompt, chat_template)
+    None when the prompt alone leaves no room for a response token. ``prompt_text``
+    replaces the example's prompt (a privileged prompt the student is shown)."""
+    prompt = encode_prompt(tokenizer, example.prompt if prompt_text is None else prompt_text, chat_template)
     response = tokenizer(example.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     if len(prompt) >= max_length:
         return None
@@ -170,6 +171,37 @@ def _trained_tokenizer(examples: list[Example], vocab_size: int, min_frequency: 
     return loaded["tokenizer"] if "tokenizer" in loaded else load_tokenizer(str(directory))
 
 
+class _PrivilegedTrain:
+    """Which training examples show the student their privileged prompt (a seeded share)."""
+
+    def __init__(self, context: Any, share: float) -> None:
+        self.context, self.share = context, share
+
+    def __call__(self, examples: Sequence[Example]) -> set[int]:
+        import random
+
+        rng = random.Random("kd.data.lm/privileged_train")
+        return set(rng.sample(range(len(examples)), round(self.share * len(examples))))
+
+
+def _privileged_train(setting: Mapping[str, Any] | None) -> _PrivilegedTrain | None:
+    if not setting:
+        return None
+    from kd.privileged import PrivilegedContext
+
+    setting = dict(setting)
+    share = float(setting.pop("share", 0.5))
+    if not 0.0 < share <= 1.0:
+        raise ConfigError(f"data.privileged_train.share must be in (0, 1] (got {share}); it is the share of training "
+                          "examples shown their privileged prompt")
+    unknown = set(setting) - {"context", "rules", "template"}
+    if unknown or "context" not in setting:
+        raise ConfigError(f"data.privileged_train takes context, share, rules and template (got {sorted(setting)}); "
+                          "e.g. {context: rule, share: 0.5}")
+    return _PrivilegedTrain(PrivilegedContext(str(setting["context"]), setting.get("rules"),
+                                              setting.get("template") or "{context}\n{prompt}"), share)
+
+
 class LMDataModule(ResumableData, L.LightningDataModule):
     """Prompt/response data for causal LMs.
 
@@ -208,6 +240,12 @@ class LMDataModule(ResumableData, L.LightningDataModule):
             from ``teacher.context``): batches then also carry it in the data's tokens
             (``privileged_prompt_ids``/``privileged_prompt_mask``), which teachers read
             instead of the prompt (:mod:`kd.teachers`).
+        privileged_train: ``{context: rule|reference, share: s}`` (and optionally ``rules``,
+            ``template``, as ``teacher.*`` of conf/teacher/self.yaml): a seeded share ``s`` of
+            the training examples show the *student* the privileged prompt instead of the
+            plain one, so it learns to read the context (an SFT's data, e.g.
+            ``+student_sft.data.privileged_train={context: rule, share: 0.5}``); held-out
+            splits keep their plain prompts.
     """
 
     #: the models this data is for (kd.models.KINDS; checked by kd.build)
@@ -231,6 +269,7 @@ class LMDataModule(ResumableData, L.LightningDataModule):
         train_skills: Sequence[str] | None = None,
         chat_template: bool = True,
         privileged: Any = None,
+        privileged_train: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1 or max_length < 2:
@@ -252,6 +291,7 @@ class LMDataModule(ResumableData, L.LightningDataModule):
         self.train_skills = list(train_skills) if train_skills else None
         self.chat_template = chat_template
         self.privileged = privileged
+        self.privileged_train = _privileged_train(privileged_train)
         #: the routed teachers' names in ``teacher_index`` order (``kd`` sets the run's)
         self.teacher_names: list[str] | None = sorted(set(self.routes.values())) if self.routes else None
         self.splits: dict[str, EncodedSplit] = {}
@@ -293,8 +333,10 @@ class LMDataModule(ResumableData, L.LightningDataModule):
             self.teacher_tokenizer = load_tokenizer(self.teacher_tokenizer)
         for split, examples in raw.items():
             kept, encoded = [], []
-            for ex in examples:
-                enc = encode_example(self.tokenizer, ex, self.max_length, self.chat_template)
+            shown = self.privileged_train(examples) if split == "train" and self.privileged_train else set()
+            for i, ex in enumerate(examples):
+                enc = encode_example(self.tokenizer, ex, self.max_length, self.chat_template,
+                                     self.privileged_train.context(ex) if i in shown else None)
                 if enc is not None:
                     kept.append(ex)
                     encoded.append(enc)
