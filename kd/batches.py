@@ -30,6 +30,13 @@ key                         meaning
 ``teacher_prompt_ids``      ``(B, P')`` the prompts in the teacher's own tokens,
                             left-padded (cross-tokenizer recipes)
 ``teacher_prompt_mask``     ``(B, P')`` 1 on real tokens of ``teacher_prompt_ids``
+``privileged_prompt_ids``   ``(B, P')`` the prompts as the teacher sees them, in the data's
+                            tokens, left-padded: each row's privileged context (a rule, the
+                            reference answer, :mod:`kd.privileged`) and its prompt. Teachers
+                            run on them followed by the batch's responses
+                            (:func:`privileged_view`) and their outputs are re-aligned to the
+                            batch's response positions (:func:`realign`)
+``privileged_prompt_mask``  ``(B, P')`` 1 on real tokens of ``privileged_prompt_ids``
 ``teacher_index``           ``(B,)`` long, the row's teacher among routed teachers (its
                             position among their sorted names; -1: none)
 ``teacher_topk``            a :class:`kd.divergences.TopK` ``(B, L-1, k)``, the teacher read
@@ -50,8 +57,10 @@ gold label). Recipes' own rollout buffers add keys of their own (MiniLLM's ``rew
 
 Functions: :func:`batch_targets` (labels and mask aligned with logits), :func:`outputs`
 (one model call on a batch, :class:`Outputs`), :func:`left_pad` / :func:`right_pad`
-(token-id lists to a padded batch) and :func:`join_prompts_and_responses` /
-:func:`join_rows` (prompts plus responses to a training batch). :data:`ROW_KEYS` names the
+(token-id lists to a padded batch), :func:`join_prompts_and_responses` /
+:func:`join_rows` (prompts plus responses to a training batch) and :func:`privileged_view` /
+:func:`realign` (the teacher's view of a batch with privileged prompts, and its outputs
+moved back to the batch's positions). :data:`ROW_KEYS` names the
 per-row keys that on-policy regimes carry from the data batch to the sampled one.
 """
 
@@ -66,7 +75,7 @@ from torch import Tensor, nn
 from kd import ConfigError
 from kd.data import IGNORE_INDEX
 from kd.models import head_matches, split_head
-from kd.signals import HeadLogits, Outputs
+from kd.signals import HeadLogits, Outputs, TopK
 
 # ----------------------------------------------------------------------------- keys
 
@@ -80,6 +89,8 @@ PROMPT_MASK = "prompt_mask"
 INDEX = "index"
 TEACHER_PROMPT_IDS = "teacher_prompt_ids"
 TEACHER_PROMPT_MASK = "teacher_prompt_mask"
+PRIVILEGED_PROMPT_IDS = "privileged_prompt_ids"
+PRIVILEGED_PROMPT_MASK = "privileged_prompt_mask"
 TEACHER_INDEX = "teacher_index"
 TEACHER_TOPK = "teacher_topk"
 TEACHER_LOGITS = "teacher_logits"
@@ -91,8 +102,10 @@ RESPONSE_IDS = "response_ids"
 LABELLED = "labelled"
 
 #: per-row facts an on-policy regime carries from the data batch to the batch it samples:
-#: the prompts in a cross-tokenizer teacher's tokens, the routed teacher, the example index
-ROW_KEYS = (TEACHER_PROMPT_IDS, TEACHER_PROMPT_MASK, TEACHER_INDEX, INDEX)
+#: the prompts in a cross-tokenizer teacher's tokens, the routed teacher, the example index, the
+#: teacher's privileged prompts
+ROW_KEYS = (TEACHER_PROMPT_IDS, TEACHER_PROMPT_MASK, TEACHER_INDEX, INDEX, PRIVILEGED_PROMPT_IDS,
+            PRIVILEGED_PROMPT_MASK)
 
 
 def is_tokens(batch: Mapping[str, Any]) -> bool:
@@ -277,10 +290,61 @@ def join_prompts_and_responses(
     return {**joined, PROMPT_IDS: prompt_ids, PROMPT_MASK: prompt_mask}
 
 
+# ----------------------------------------------------------------------------- privileged prompts
+
+
+def privileged_view(batch: Mapping[str, Any]) -> tuple[dict[str, Tensor], Tensor]:
+    """The teacher's view of a causal-LM batch that carries ``privileged_prompt_ids``: each
+    row's privileged prompt followed by the row's response (the tokens of ``input_ids``
+    after its prompt, ``prompt_mask.sum()`` of them), right-padded, with ``labels`` on the
+    response; and ``(B,)`` each row's shift, the privileged prompt's length minus the
+    prompt's, by which the response moved to the right (:func:`realign` moves it back)."""
+    if not is_causal_lm(batch) or PROMPT_MASK not in batch:
+        raise ConfigError("a privileged context is prepended to prompts, so it needs prompt/response batches of a "
+                          "causal language model (data=task, data=jsonl, ...)")
+    prompt_len = batch[PROMPT_MASK].sum(-1)
+    total = batch[ATTENTION_MASK].sum(-1)
+    privileged = [q[m.bool()] for q, m in zip(batch[PRIVILEGED_PROMPT_IDS], batch[PRIVILEGED_PROMPT_MASK])]
+    responses = [ids[int(p):int(t)] for ids, p, t in zip(batch[INPUT_IDS], prompt_len, total)]
+    view = join_rows(privileged, responses, 0, batch[INPUT_IDS].device)  # any pad id: padding is masked out
+    shift = batch[PRIVILEGED_PROMPT_MASK].sum(-1) - prompt_len
+    return view, shift
+
+
+def _gather_positions(x: Any, index: Tensor) -> Any:
+    """``x[b, index[b, j]]`` along dimension 1 for a tensor ``(B, L', ...)``."""
+    if x is None:
+        return None
+    idx = index.reshape(*index.shape, *([1] * (x.dim() - 2))).expand(*index.shape, *x.shape[2:])
+    return x.gather(1, idx)
+
+
+def realign(out: Outputs, shift: Tensor, batch: Mapping[str, Any]) -> Outputs:
+    """Outputs of a model run on :func:`privileged_view` ``(B, L' - 1, ...)``, moved to the
+    positions of ``batch`` ``(B, L - 1, ...)``: position ``j`` of row ``b`` takes position
+    ``j + shift[b]`` of the view (positions with nothing there take a clamped neighbour,
+    outside every response). Labels and mask are ``batch``'s (:func:`batch_targets`), so the
+    teacher's distribution at each response token sits where the student's is."""
+    labels, mask = batch_targets(batch)
+    length = labels.shape[1]
+    width = out.mask.shape[1]
+    index = (torch.arange(length, device=shift.device) + shift[:, None]).clamp(0, max(width - 1, 0))
+    logits = out.logits
+    if isinstance(logits, HeadLogits):
+        logits = HeadLogits(_gather_positions(logits.hidden, index), logits.weight, logits.bias, logits.softcap,
+                            logits.scale)
+    elif isinstance(logits, TopK):
+        logits = TopK(_gather_positions(logits.ids, index), _gather_positions(logits.logprobs, index), logits.tail)
+    else:
+        logits = _gather_positions(logits, index)
+    return Outputs(logits, labels, mask, _gather_positions(out.hidden, index))
+
+
 __all__ = [
     "INPUT_IDS", "ATTENTION_MASK", "LABELS", "ORIGINAL_IDS", "TARGET_MASK", "PROMPT_IDS", "PROMPT_MASK", "INDEX",
-    "TEACHER_PROMPT_IDS", "TEACHER_PROMPT_MASK", "TEACHER_INDEX", "TEACHER_TOPK", "TEACHER_LOGITS", "INPUTS", "REPLACED",
+    "TEACHER_PROMPT_IDS", "TEACHER_PROMPT_MASK", "PRIVILEGED_PROMPT_IDS", "PRIVILEGED_PROMPT_MASK", "TEACHER_INDEX",
+    "TEACHER_TOPK", "TEACHER_LOGITS", "INPUTS", "REPLACED",
     "RESPONSE_IDS", "LABELLED", "ROW_KEYS", "is_tokens", "is_masked_lm", "is_causal_lm", "is_prompts_only",
     "carried_rows", "batch_targets", "Outputs", "outputs", "left_pad", "right_pad", "join_rows",
-    "join_prompts_and_responses", "IGNORE_INDEX",
+    "join_prompts_and_responses", "privileged_view", "realign", "IGNORE_INDEX",
 ]

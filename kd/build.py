@@ -148,6 +148,33 @@ def _check_served(cfg: DictConfig, cls: type[DistillationRecipe], name: str, tea
         model.check(datamodule.tokenizer, k)
 
 
+def _privileged_context(cfg: DictConfig, name: str, needs: Any, with_teacher: bool, regime: Any,
+                        datamodule: Any) -> None:
+    """Give the datamodule the privileged context the teacher reads (``teacher.context``,
+    :mod:`kd.privileged`), or refuse, in one sentence, a run where the teacher could not read it."""
+    from kd.privileged import PrivilegedContext
+
+    for label, t in teacher_configs(cfg).items():
+        if label is not None and t.get("context") is not None:
+            raise ConfigError(f"teachers.{label}.context: a privileged context is read by a single teacher; use "
+                              "teacher=<config> with teacher.context, or drop the context")
+    t = cfg.get("teacher")
+    kind = t.get("context") if with_teacher and t is not None and not cfg.get("teachers") else None
+    if kind is None:
+        return
+    context = PrivilegedContext(str(kind), t.get("rules"), t.get("context_template") or "{context}\n{prompt}")
+    if not hasattr(datamodule, "privileged"):
+        raise ConfigError(f"teacher.context={kind} prepends a privileged context to the teacher's prompts, which "
+                          "needs prompt/response data (data=task, data=jsonl, ...); drop it or change data")
+    if needs.teacher_tokenizer == "own":
+        raise ConfigError(f"recipe {name} gives its teacher its own tokenizer, but a privileged context is read in "
+                          "the data's tokens; drop teacher.context or use a same-tokenizer recipe (recipe=gkd)")
+    if regime is not None and regime.uses_teacher:
+        raise ConfigError(f"regime={regime.name} runs the teacher on the plain prompts before training, so it would "
+                          f"never read teacher.context={kind}; use regime=on_policy, regime=mixed or regime=offline")
+    datamodule.privileged = context
+
+
 def loss_temperature(cls: type[DistillationRecipe], recipe: DictConfig) -> float | None:
     """The loss temperature recipe ``cls`` runs at under config ``recipe``: the argument its
     ``Needs.loss_temperature`` names, from the config or else the class's own default; None
@@ -196,6 +223,7 @@ def build(cfg: DictConfig, *, teacher: bool | None = None, setup: bool = True) -
             raise ConfigError(f"recipe {name} distils language models across tokenizers; use language-model data "
                               "(data=task, data=jsonl, data=hf, data=chatterbot)")
         datamodule.teacher_tokenizer = datamodule.teacher_tokenizer or teacher_tokenizer(cfg)
+    _privileged_context(cfg, name, needs, with_teacher, regime, datamodule)
     factory, scheme = student_factory(cfg)
     student = instantiate(factory)
     routed = {name: t for name, t in teacher_configs(cfg).items() if name is not None}

@@ -16,7 +16,10 @@ else about the recipe. The base class owns everything recipes share:
   route their rows to with ``teacher_index``): frozen (``requires_grad=False``), kept in
   eval mode even while the student trains, run under ``torch.no_grad``, absent from the
   optimizer and from saved checkpoints (their entries are dropped on save and restored
-  from the live teachers on load, so checkpoints stay small and loading stays strict).
+  from the live teachers on load, so checkpoints stay small and loading stays strict;
+  a frozen or EMA copy of the student, ``teacher=self``, is kept: :mod:`kd.privileged`).
+  A teacher made of the student is bound to it here, takes its weights when training
+  starts and follows its optimizer steps (:class:`kd.teachers.Teachers`).
   :meth:`teacher_outputs` gives their outputs with the mask already restricted to rows
   that have a teacher, in the forms the recipe's loss declares it takes
   (``Needs.teacher_signals``); ``train/<teacher>/examples`` is logged for routed runs;
@@ -232,6 +235,8 @@ class DistillationRecipe(L.LightningModule):
         self.student = student
         #: the run's teachers (one, or routed; frozen, always in eval mode); None without one
         self.teachers: Teachers | None = Teachers(teacher) if teacher is not None else None
+        if self.teachers is not None:
+            self.teachers.bind_student(student)  # a teacher made of the student itself (kd.privileged.SelfTeacher)
         self.divergence = divergence
         self.optimizer_factory = optimizer or partial(torch.optim.AdamW, lr=3e-3, weight_decay=0.0)
         self.scheduler_factory = scheduler
@@ -245,6 +250,7 @@ class DistillationRecipe(L.LightningModule):
         self._answers = GeneratedAnswers()  # greedy answers to held-out prompts
         self._window_items: float | None = None  # items (num_items) of this rank's accumulation window
         self._planned_steps: int | None = None  # optimizer steps the trainer plans (the regime's progress)
+        self._steps_before_batch: int | None = None  # global_step when the current training batch started
 
     # ------------------------------------------------------------------ model calls
 
@@ -355,6 +361,8 @@ class DistillationRecipe(L.LightningModule):
     def on_fit_start(self) -> None:
         """Prepare the regime (its caches); under several processes each machine's first
         rank builds them while the other ranks wait, then read what it built."""
+        if self.teachers is not None:  # teachers that follow the student take its weights (once)
+            self.teachers.start_from_student()
         # a regime that routes rows to their teachers gets them all (kd.teachers.Teachers)
         teacher = self.teachers if getattr(self.regime, "routes_teachers", False) else self.teacher
         if self.trainer.world_size == 1:
@@ -426,9 +434,13 @@ class DistillationRecipe(L.LightningModule):
         ``fit``, and a student loaded with ``from_pretrained`` starts in eval mode."""
         torch.manual_seed(step_seed(run_seed(), self.current_epoch, batch_idx, self.global_rank))
         self.student.train(self.needs.student_dropout)
+        self._steps_before_batch = self.global_step
         self._step_started = time.perf_counter()
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        stepped = self._steps_before_batch is not None and self.global_step > self._steps_before_batch
+        if stepped and self.teachers is not None:  # an EMA teacher follows the student's optimizer steps
+            self.teachers.follow_student()
         if self._step_started is not None:
             elapsed = time.perf_counter() - self._step_started
             rate = self._num_targets.float() / max(elapsed, 1e-9)
@@ -461,7 +473,10 @@ class DistillationRecipe(L.LightningModule):
 
     def teacher_prompts(self, batch: dict[str, Tensor], tokenizer: Any) -> tuple[Tensor, Tensor, Any]:
         """``(prompt_ids, prompt_mask, tokenizer)`` the teacher answers test prompts with:
-        the data's (a recipe whose teacher keeps its own tokenizer overrides this)."""
+        the data's, or the privileged prompts the batch carries for the teacher (a recipe
+        whose teacher keeps its own tokenizer overrides this)."""
+        if batches.PRIVILEGED_PROMPT_IDS in batch:
+            return batch[batches.PRIVILEGED_PROMPT_IDS], batch[batches.PRIVILEGED_PROMPT_MASK], tokenizer
         return batch["prompt_ids"], batch["prompt_mask"], tokenizer
 
     def _eval_epoch_end(self, stage: str) -> None:
@@ -499,13 +514,15 @@ class DistillationRecipe(L.LightningModule):
         return self
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Checkpoints hold what trains: the teacher's entries are dropped, and so are an
-        adapted student's frozen weights (only its adapters stay, :mod:`kd.adapters`)."""
+        """Checkpoints hold what trains: the teacher's entries are dropped (but for a teacher
+        that follows the student, a frozen or EMA copy of it, :meth:`kd.teachers.Teachers.checkpointed`),
+        and so are an adapted student's frozen weights (only its adapters stay, :mod:`kd.adapters`)."""
         from kd.adapters import frozen_keys
 
         state = checkpoint.get("state_dict", {})
         frozen = {f"student.{k}" for k in frozen_keys(self.student)}
-        for key in [k for k in state if k.startswith("teachers.") or k in frozen]:
+        kept = tuple(f"teachers.models.{name}." for name in (self.teachers.checkpointed() if self.teachers else []))
+        for key in [k for k in state if (k.startswith("teachers.") and not k.startswith(kept)) or k in frozen]:
             del state[key]
         checkpoint["kd_regime"] = self.regime.state_dict()
 

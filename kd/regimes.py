@@ -561,7 +561,7 @@ class Speculative(OnPolicy):
 class ReplayBuffer:
     """The student's samples kept for replay: at most ``capacity`` rows, the oldest dropped
     first. A row is its prompt and response token ids and the per-row facts the batch carried
-    (``index``, ``teacher_index``)."""
+    (``index``, ``teacher_index``, the teacher's privileged prompt)."""
 
     CARRIED = (batches.INDEX, batches.TEACHER_INDEX)
 
@@ -585,6 +585,9 @@ class ReplayBuffer:
                 "response": labels[r][labels[r] != IGNORE_INDEX].tolist(),
             }
             row.update({k: int(batch[k][r]) for k in self.CARRIED if k in batch})
+            if batches.PRIVILEGED_PROMPT_IDS in batch:
+                keep = batch[batches.PRIVILEGED_PROMPT_MASK][r].bool()
+                row["privileged"] = batch[batches.PRIVILEGED_PROMPT_IDS][r][keep].tolist()
             self.rows.append(row)
 
     def sample(self, n: int, generator: torch.Generator, pad_token_id: int,
@@ -598,6 +601,9 @@ class ReplayBuffer:
         for key in self.CARRIED:
             if all(key in r for r in rows):
                 out[key] = torch.tensor([r[key] for r in rows], dtype=torch.long, device=device)
+        if all("privileged" in r for r in rows):
+            out[batches.PRIVILEGED_PROMPT_IDS], out[batches.PRIVILEGED_PROMPT_MASK] = batches.left_pad(
+                [r["privileged"] for r in rows], pad_token_id, device)
         return out
 
     def state_dict(self) -> list[dict[str, Any]]:

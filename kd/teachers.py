@@ -16,7 +16,19 @@
   top-k, ``teacher_topk``) is answered from the batch and runs no model; a served teacher
   (:class:`kd.served.ServedTeacher`, a vLLM server) answers with its top-k and tail
   (:class:`kd.signals.TopK`), and routed teachers may each be their own server (their rows'
-  top-k are merged; a mix of served and in-process routes is refused, their signals differ).
+  top-k are merged; a mix of served and in-process routes is refused, their signals differ);
+* privileged prompts: a batch that carries ``privileged_prompt_ids`` (what the teacher sees
+  instead of the prompt: a rule, the reference answer, :mod:`kd.privileged`) is run as its
+  teacher view, the privileged prompt followed by the batch's responses
+  (:func:`kd.batches.privileged_view`), and the teacher's outputs are moved back to the
+  batch's response positions (:func:`kd.batches.realign`), so the divergences compare the
+  two models' distributions at the same response tokens;
+* teachers that follow the student (a self-teacher, :class:`kd.privileged.SelfTeacher`): a
+  model with ``bind_student(student)`` is given the student when the recipe is built,
+  ``start_from_student()`` when training starts (a frozen or EMA copy takes the student's
+  weights, once), ``follow_student()`` after every optimizer step (the EMA), and when it
+  sets ``checkpointed`` its state is kept in checkpoints (it cannot be rebuilt from
+  elsewhere; :meth:`Teachers.checkpointed`).
 """
 
 from __future__ import annotations
@@ -28,7 +40,8 @@ import torch
 from torch import Tensor, nn
 
 from kd import ConfigError
-from kd.batches import IGNORE_INDEX, TEACHER_INDEX, TEACHER_TOPK, batch_targets
+from kd.batches import (IGNORE_INDEX, PRIVILEGED_PROMPT_IDS, TEACHER_INDEX, TEACHER_TOPK, batch_targets,
+                        privileged_view, realign)
 from kd.models import freeze
 from kd.served import served
 from kd.signals import Outputs, TopK
@@ -63,6 +76,30 @@ class Teachers(nn.Module):
     def items(self) -> list[tuple[str, nn.Module]]:
         return list(self.models.items())
 
+    def bind_student(self, student: nn.Module) -> None:
+        """Give the student to the teachers that follow it (``bind_student``); they stay frozen."""
+        for model in self.models.values():
+            if hasattr(model, "bind_student"):
+                model.bind_student(student)
+                freeze(model)
+
+    def start_from_student(self) -> None:
+        """Training starts: teachers that follow the student take its weights (``start_from_student``)."""
+        for model in self.models.values():
+            if hasattr(model, "start_from_student"):
+                model.start_from_student()
+
+    def follow_student(self) -> None:
+        """After an optimizer step: teachers that follow the student update (``follow_student``)."""
+        for model in self.models.values():
+            if hasattr(model, "follow_student"):
+                model.follow_student()
+
+    def checkpointed(self) -> list[str]:
+        """Names of the teachers whose state checkpoints keep (``checkpointed``: a frozen or
+        EMA copy of the student); the others are dropped on save and restored on load."""
+        return [name for name, model in self.models.items() if getattr(model, "checkpointed", False)]
+
     def train(self, mode: bool = True) -> Teachers:
         """Teachers stay in eval mode whatever the recipe is switched to."""
         return super().train(False)
@@ -96,6 +133,12 @@ class Teachers(nn.Module):
         if TEACHER_TOPK in batch and not hidden:
             return Outputs(batch[TEACHER_TOPK], *batch_targets(batch))
         def run(model: nn.Module, rows: dict[str, Tensor], fuse: bool) -> Outputs:
+            if PRIVILEGED_PROMPT_IDS in rows:  # the teacher's view, then back to the rows' positions
+                view, shift = privileged_view(rows)
+                return realign(call_one(model, view, fuse), shift, rows)
+            return call_one(model, rows, fuse)
+
+        def call_one(model: nn.Module, rows: dict[str, Tensor], fuse: bool) -> Outputs:
             if served(model):
                 if hidden:
                     raise ConfigError("a served teacher gives no hidden states; use an in-process teacher "

@@ -80,6 +80,8 @@ def extra_overrides(group: str, option: str, tiny_hf) -> list[str]:
         return ["recipe=supervised"]
     if (group, option) == ("teacher", "served"):  # built without setup: no server is asked
         return ["data=task", "recipe=gkd", "student=task_llama", "teacher.url=http://127.0.0.1:1"]
+    if (group, option) == ("teacher", "self"):  # the student itself, reading a rule: prompt/response data
+        return ["data=task", "recipe=gkd", "student=task_llama", "regime=on_policy"]
     if (group, option) == ("student", "hf"):
         return ["data=task", f"student.name_or_path={model}"]
     if (group, option) == ("teacher", "hf"):

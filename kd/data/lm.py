@@ -63,11 +63,12 @@ def encode_prompt(tokenizer: Any, prompt: str, chat_template: bool = True) -> li
     return ids
 
 
-def encode_example(tokenizer: Any, example: Example, max_length: int,
-                   chat_template: bool = True) -> tuple[list[int], list[int]] | None:
+def encode_example(tokenizer: Any, example: Example, max_length: int, chat_template: bool = True,
+                   prompt_text: str | None = None) -> tuple[list[int], list[int]] | None:
     """``(prompt_ids, response_ids + [eos])``, the response truncated to fit ``max_length``;
-    None when the prompt alone leaves no room for a response token."""
-    prompt = encode_prompt(tokenizer, example.prompt, chat_template)
+    None when the prompt alone leaves no room for a response token. ``prompt_text``
+    replaces the example's prompt (a privileged prompt the student is shown)."""
+    prompt = encode_prompt(tokenizer, example.prompt if prompt_text is None else prompt_text, chat_template)
     response = tokenizer(example.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     if len(prompt) >= max_length:
         return None
@@ -78,11 +79,13 @@ class EncodedSplit(Dataset):
     """One split: examples and their token ids."""
 
     def __init__(self, examples: list[Example], encoded: list[tuple[list[int], list[int]]],
-                 teacher_prompts: list[list[int]] | None = None, teacher_index: list[int] | None = None) -> None:
+                 teacher_prompts: list[list[int]] | None = None, teacher_index: list[int] | None = None,
+                 privileged_prompts: list[list[int]] | None = None) -> None:
         self.examples = examples
         self.encoded = encoded
         self.teacher_prompts = teacher_prompts
         self.teacher_index = teacher_index
+        self.privileged_prompts = privileged_prompts
         #: positions of the examples whose answers are not labels (a transfer set)
         self.unlabelled = {i for i, ex in enumerate(examples) if not getattr(ex, "labelled", True)}
 
@@ -98,6 +101,8 @@ class EncodedSplit(Dataset):
             item["teacher_prompt_ids"] = self.teacher_prompts[i]
         if self.teacher_index is not None:
             item["teacher_index"] = self.teacher_index[i]
+        if self.privileged_prompts is not None:
+            item["privileged_prompt_ids"] = self.privileged_prompts[i]
         return item
 
 
@@ -121,7 +126,8 @@ def collate_train(items: list[dict], pad_token_id: int, teacher_pad_id: int | No
 
 def collate_prompts(items: list[dict], pad_token_id: int, teacher_pad_id: int | None = None) -> dict[str, torch.Tensor]:
     """Left-padded ``prompt_ids`` / ``prompt_mask``, the examples' ``index``, and the
-    teacher's own left-padded prompts when the items carry them."""
+    teacher's own left-padded prompts (``teacher_prompt_ids``, ``privileged_prompt_ids``)
+    when the items carry them."""
     ids, mask = left_pad([it["prompt_ids"] for it in items], pad_token_id)
     out = {"prompt_ids": ids, "prompt_mask": mask, "index": torch.tensor([it.get("index", -1) for it in items])}
     if batches.TEACHER_INDEX in items[0]:  # each example's teacher among routed teachers (-1: none)
@@ -129,6 +135,9 @@ def collate_prompts(items: list[dict], pad_token_id: int, teacher_pad_id: int | 
     if batches.TEACHER_PROMPT_IDS in items[0]:
         pad = pad_token_id if teacher_pad_id is None else teacher_pad_id
         out["teacher_prompt_ids"], out["teacher_prompt_mask"] = left_pad([it["teacher_prompt_ids"] for it in items], pad)
+    if batches.PRIVILEGED_PROMPT_IDS in items[0]:  # the same tokenizer: the data's padding
+        out[batches.PRIVILEGED_PROMPT_IDS], out[batches.PRIVILEGED_PROMPT_MASK] = left_pad(
+            [it[batches.PRIVILEGED_PROMPT_IDS] for it in items], pad_token_id)
     return out
 
 
@@ -160,6 +169,37 @@ def _trained_tokenizer(examples: list[Example], vocab_size: int, min_frequency: 
                                               what="trained tokenizer")
     # a reused entry was loaded by validate; a fresh one is read back like any later run reads it
     return loaded["tokenizer"] if "tokenizer" in loaded else load_tokenizer(str(directory))
+
+
+class _PrivilegedTrain:
+    """Which training examples show the student their privileged prompt (a seeded share)."""
+
+    def __init__(self, context: Any, share: float) -> None:
+        self.context, self.share = context, share
+
+    def __call__(self, examples: Sequence[Example]) -> set[int]:
+        import random
+
+        rng = random.Random("kd.data.lm/privileged_train")
+        return set(rng.sample(range(len(examples)), round(self.share * len(examples))))
+
+
+def _privileged_train(setting: Mapping[str, Any] | None) -> _PrivilegedTrain | None:
+    if not setting:
+        return None
+    from kd.privileged import PrivilegedContext
+
+    setting = dict(setting)
+    share = float(setting.pop("share", 0.5))
+    if not 0.0 < share <= 1.0:
+        raise ConfigError(f"data.privileged_train.share must be in (0, 1] (got {share}); it is the share of training "
+                          "examples shown their privileged prompt")
+    unknown = set(setting) - {"context", "rules", "template"}
+    if unknown or "context" not in setting:
+        raise ConfigError(f"data.privileged_train takes context, share, rules and template (got {sorted(setting)}); "
+                          "e.g. {context: rule, share: 0.5}")
+    return _PrivilegedTrain(PrivilegedContext(str(setting["context"]), setting.get("rules"),
+                                              setting.get("template") or "{context}\n{prompt}"), share)
 
 
 class LMDataModule(ResumableData, L.LightningDataModule):
@@ -195,6 +235,17 @@ class LMDataModule(ResumableData, L.LightningDataModule):
             stages of a pipeline, their teachers) share one tokenizer.
         chat_template: render prompts with the tokenizer's chat template (when it has one);
             false feeds them as they are, as for plain text (:class:`kd.data.sources.TextWindows`).
+        privileged: ``example -> text``, the prompt as the teacher sees it (its privileged
+            context and the prompt, :class:`kd.privileged.PrivilegedContext`; ``kd`` sets it
+            from ``teacher.context``): batches then also carry it in the data's tokens
+            (``privileged_prompt_ids``/``privileged_prompt_mask``), which teachers read
+            instead of the prompt (:mod:`kd.teachers`).
+        privileged_train: ``{context: rule|reference, share: s}`` (and optionally ``rules``,
+            ``template``, as ``teacher.*`` of conf/teacher/self.yaml): a seeded share ``s`` of
+            the training examples show the *student* the privileged prompt instead of the
+            plain one, so it learns to read the context (an SFT's data, e.g.
+            ``+student_sft.data.privileged_train={context: rule, share: 0.5}``); held-out
+            splits keep their plain prompts.
     """
 
     #: the models this data is for (kd.models.KINDS; checked by kd.build)
@@ -217,6 +268,8 @@ class LMDataModule(ResumableData, L.LightningDataModule):
         routes: Mapping[str, str] | None = None,
         train_skills: Sequence[str] | None = None,
         chat_template: bool = True,
+        privileged: Any = None,
+        privileged_train: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1 or max_length < 2:
@@ -237,6 +290,8 @@ class LMDataModule(ResumableData, L.LightningDataModule):
         self.routes = dict(routes) if routes else None
         self.train_skills = list(train_skills) if train_skills else None
         self.chat_template = chat_template
+        self.privileged = privileged
+        self.privileged_train = _privileged_train(privileged_train)
         #: the routed teachers' names in ``teacher_index`` order (``kd`` sets the run's)
         self.teacher_names: list[str] | None = sorted(set(self.routes.values())) if self.routes else None
         self.splits: dict[str, EncodedSplit] = {}
@@ -278,8 +333,10 @@ class LMDataModule(ResumableData, L.LightningDataModule):
             self.teacher_tokenizer = load_tokenizer(self.teacher_tokenizer)
         for split, examples in raw.items():
             kept, encoded = [], []
-            for ex in examples:
-                enc = encode_example(self.tokenizer, ex, self.max_length, self.chat_template)
+            shown = self.privileged_train(examples) if split == "train" and self.privileged_train else set()
+            for i, ex in enumerate(examples):
+                enc = encode_example(self.tokenizer, ex, self.max_length, self.chat_template,
+                                     self.privileged_train.context(ex) if i in shown else None)
                 if enc is not None:
                     kept.append(ex)
                     encoded.append(enc)
@@ -291,11 +348,13 @@ class LMDataModule(ResumableData, L.LightningDataModule):
             teacher = self.teacher_tokenizer
             prompts = ([encode_prompt(teacher, ex.prompt, self.chat_template) for ex in kept]
                        if teacher is not None else None)
+            privileged = ([encode_prompt(self.tokenizer, self.privileged(ex), self.chat_template) for ex in kept]
+                          if self.privileged is not None else None)
             routed = None
             if self.routes:
                 names = self.teacher_names
                 routed = [names.index(self.routes[ex.skill]) if ex.skill in self.routes else -1 for ex in kept]
-            self.splits[split] = EncodedSplit(kept, encoded, prompts, routed)
+            self.splits[split] = EncodedSplit(kept, encoded, prompts, routed, privileged)
 
     # -- loaders
     @property

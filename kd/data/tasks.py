@@ -43,7 +43,7 @@ from functools import partial
 
 from kd import ConfigError
 
-__all__ = ["Example", "SKILLS", "SHORT_SKILLS", "make_split", "make_task", "degrade", "exact_match", "rouge_l", "score", "corpus"]
+__all__ = ["Example", "SKILLS", "RULES", "SHORT_SKILLS", "make_split", "make_task", "degrade", "exact_match", "rouge_l", "score", "corpus"]
 
 
 @dataclass(frozen=True)
@@ -141,6 +141,19 @@ SKILLS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
 """Skill name -> generator of one ``(prompt, response)`` from a :class:`random.Random`,
 listed roughly from easiest to hardest; the ``_long`` skills are ``upper``/``reverse`` on
 12-20 letters (answers long enough for a student's own early errors to compound)."""
+
+#: each skill's rule in words, from the task's own instruction words where possible (few
+#: tokens of its tokenizer): the privileged context ``teacher.context=rule`` (:mod:`kd.privileged`)
+RULES: dict[str, str] = {
+    "upper": "write it in caps",
+    "reverse": "spell it backwards",
+    "count": "count how many",
+    "add": "add the numbers",
+    "sort": "sort the letters in abc order",
+    "mul": "multiply the numbers",
+    "upper_long": "write it in caps",
+    "reverse_long": "spell it backwards",
+}
 
 #: the six skills of the table above (what ``skills=None`` means)
 SHORT_SKILLS = ("upper", "reverse", "count", "add", "sort", "mul")
