@@ -82,7 +82,7 @@ def run_stage(cache: Cache, sub: DictConfig, name: str) -> tuple[Path, dict[str,
 
 
 def _skills(cfg: DictConfig) -> list[str]:
-    return [str(k) for stage in cfg.pipeline.stages for k in stage.skills]
+    return list(dict.fromkeys(str(k) for stage in cfg.pipeline.stages for k in stage.skills))
 
 
 def run_pipeline(cfg: DictConfig) -> dict[str, Any]:

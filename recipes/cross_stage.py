@@ -73,11 +73,16 @@ Deviations and what is unsure: the GLM-5 report itself was not read (docs/spec.m
 section as secondary sources); the clipping range (0.2), the absence of a KL penalty to a
 reference model and the one update per batch (so rho_t is 1 up to the sampling
 temperature and filters: ``pi_sample`` is the distribution the token was drawn from) are
-ours. The student runs without dropout, so samples and updates see one network. The staged
-pipeline that trains stages in turn is :mod:`kd.pipeline` (``kd pipeline=task_stages``).
+ours; so is the dense ``similarity`` reward. The reward windows are not kept in
+checkpoints (a resumed run starts them anew). The student runs without dropout, so
+samples and updates see one network. The staged pipeline that trains stages in turn is
+:mod:`kd.pipeline` (``kd pipeline=task_stages``, ``task_stages_rl``).
 
 Run: ``kd recipe=cross_stage data=task teacher=task_llama student=task_llama sft=task``
-(one teacher), or with ``teachers:`` and ``data.routes`` for several (docs/language-models.md).
+(one teacher), or with ``teachers:`` and ``data.routes`` for several (docs/language-models.md);
+``kd experiment=task_cross_stage recipe.replay=sft`` is the control; ``kd
+pipeline=task_stages_rl`` trains SFT then an RL stage that earns reward, with, without and
+against the control.
 """
 
 from __future__ import annotations

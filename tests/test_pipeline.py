@@ -176,4 +176,6 @@ def test_the_rl_pipeline_runs_the_control_and_reports_rewards_and_each_teachers_
     assert "val/stage_reward" not in validation[WITH]["sft_all"]  # an SFT stage samples nothing
     printed = capsys.readouterr().out
     assert f"{CONTROL}, rl_sorting: reward " in printed and "KL(sft_all || student)" in printed
+    header = next(line for line in printed.splitlines() if "after stage" in line)
+    assert header.split()[2:] == ["upper", "reverse", "sort", "count"]  # a skill of two stages: one column
     assert json.loads((tmp_path / "run" / "pipeline.json").read_text())["validation"] == validation
