@@ -3,7 +3,8 @@
 :class:`StageMetrics` accumulates, over a validation or test epoch, the student's
 cross-entropy and accuracy on gold labels (per token for language models, with the
 perplexity exp(CE)) and, when a teacher is present, the forward KL(teacher || student)
-at T=1 and the teacher's own accuracy. Exact match of generated answers comes from
+at T=1 and the teacher's own accuracy; with routed teachers, the forward KL of each
+teacher on the rows routed to it (``teacher_kl/<teacher>``). Exact match of generated answers comes from
 greedy generations (:class:`GeneratedAnswers`), scored by the data's task. Every value is a
 token-weighted mean (torchmetrics ``MeanMetric`` with weights), so it is exact across
 batches of different sizes and across devices.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import warnings
 from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
@@ -76,10 +78,17 @@ class StageMetrics(nn.Module):
     ``update(student_logits, labels, mask, teacher_logits=None)`` with logits ``(..., V)``,
     labels ``(...)`` (IGNORE_INDEX = no gold label) and mask ``(...)`` (positions that
     count for the teacher comparison); ``compute()`` returns a dict of floats.
+
+    ``routes``: the names of routed teachers (:class:`kd.teachers.Teachers`); then
+    :meth:`update_routes` accumulates each one's forward KL(teacher || student) over the
+    masked positions of its own rows only, reported as ``teacher_kl/<name>`` (a route
+    without rows in the epoch is left out).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, routes: list[str] | None = None) -> None:
         super().__init__()
+        self.routes = list(routes or [])
+        self.route_kl = nn.ModuleList([MeanMetric() for _ in self.routes])
         self.loss = MeanMetric()
         self.acc = MeanMetric()
         self.kl_to_teacher = MeanMetric()
@@ -138,6 +147,39 @@ class StageMetrics(nn.Module):
             self.teacher_acc.update(acc, weight=n_gold)
             self.teacher_loss.update(loss, weight=n_gold)
 
+    @torch.no_grad()
+    def update_routes(self, student_logits: Tensor | HeadLogits, teacher_logits: Tensor | HeadLogits | TopK,
+                      mask: Tensor, route: Tensor) -> None:
+        """Each routed teacher's forward KL on its rows: ``route`` ``(B,)`` holds every row's
+        teacher (its position in ``routes``; -1: none), ``mask`` ``(B, ...)`` the positions
+        compared, ``teacher_logits`` the teachers' merged logits (each row its own teacher's)."""
+        for k, metric in enumerate(self.route_kl):
+            own = mask.bool() & (route == k).view(-1, *[1] * (mask.dim() - 1))
+            rows = own.reshape(-1).nonzero().squeeze(-1)
+            if rows.numel():
+                metric.update(self._kl_rows(student_logits, teacher_logits, rows).mean(), weight=rows.numel())
+
+    @staticmethod
+    def _kl_rows(student_logits: Tensor | HeadLogits, teacher_logits: Tensor | HeadLogits | TopK,
+                 rows: Tensor) -> Tensor:
+        """Forward KL(teacher || student) at T=1 at the flattened positions ``rows``, one value
+        each (a top-k teacher: over its ``k + 1`` bins, as :meth:`_update_topk`)."""
+        if isinstance(teacher_logits, TopK):
+            student = student_logits.materialize() if isinstance(student_logits, HeadLogits) else student_logits
+            flat = student.reshape(-1, student.shape[-1])[rows].float()
+            ids = teacher_logits.ids.reshape(-1, teacher_logits.ids.shape[-1])[rows]
+            logprobs = teacher_logits.logprobs.reshape(-1, ids.shape[-1])[rows]
+            q, p = topk_bins(torch.log_softmax(flat, -1), TopK(ids, logprobs, teacher_logits.tail))
+            return torch.where(p > -math.inf, p.exp() * (p - q), torch.zeros((), dtype=p.dtype)).sum(-1)
+        if isinstance(student_logits, HeadLogits):
+            return map_rows(student_logits, teacher_logits, lambda log_q, log_p: forward_kl_per_position(log_q, log_p),
+                            rows)
+        teacher = teacher_logits.materialize() if isinstance(teacher_logits, HeadLogits) else teacher_logits
+        dtype = compute_dtype(student_logits)
+        log_q = torch.log_softmax(student_logits.reshape(-1, student_logits.shape[-1])[rows].to(dtype), -1)
+        log_p = torch.log_softmax(teacher.reshape(-1, teacher.shape[-1])[rows].to(dtype), -1)
+        return forward_kl_per_position(log_q, log_p)
+
     def _update_topk(self, student_logits: Tensor | HeadLogits, teacher: TopK, labels: Tensor, mask: Tensor,
                      gold: Tensor) -> None:
         """A top-k teacher (docs/spec.md section 8): forward KL over its ``k + 1`` bins and
@@ -165,10 +207,16 @@ class StageMetrics(nn.Module):
                 out["teacher_loss"] = self.teacher_loss.compute()
                 if self.tokens:
                     out["teacher_ppl"] = out["teacher_loss"].exp()
+        for name, metric in zip(self.routes, self.route_kl):
+            with warnings.catch_warnings():  # every rank computes (a collective); nan where no rank had rows
+                warnings.simplefilter("ignore")
+                value = metric.compute()
+            if torch.isfinite(value):
+                out[f"teacher_kl/{name}"] = value
         return out
 
     def reset(self) -> None:
-        for m in (self.loss, self.acc, self.kl_to_teacher, self.teacher_acc, self.teacher_loss):
+        for m in (self.loss, self.acc, self.kl_to_teacher, self.teacher_acc, self.teacher_loss, *self.route_kl):
             m.reset()
 
 

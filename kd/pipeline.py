@@ -6,16 +6,21 @@ ended with (``student_init``) with the recipe named by ``pipeline.recipe`` (by d
 ``recipes.cross_stage.CrossStage``):
 
 * its own skills' rows get the stage objective (``sft`` or ``grpo``);
-* with ``lam > 0``, the prompts of every earlier stage's skills are replayed, each routed
-  (``data.routes``) to that stage's final checkpoint as a frozen teacher (``teachers:``),
-  and distilled on the student's own samples.
+* with ``lam > 0``, the prompts of every earlier stage's skills (those that are not the
+  stage's own) are replayed, each routed (``data.routes``) to that stage's final checkpoint
+  as a frozen teacher (``teachers:``), and distilled on the student's own samples.
 
 Every stage's final weights are a cache entry (``stages/``, keyed like every cached run by
 :func:`kd.subruns.run_key`: everything that shapes them, the previous stage's entry
 included), so reruns and sweeps reuse them. With ``pipeline.compare`` the same stages also
 run without cross-stage distillation (``lam = 0``: each stage trains on its own skills
-only), and the run prints each skill's exact match after each stage for both, and writes
-it to ``pipeline.json``.
+only); with ``pipeline.control`` they also run with the replayed prompts trained by SFT
+on the dataset answers instead (``recipe.replay=sft``: the same extra rows, no teacher),
+which separates distillation from the extra steps. The run prints each skill's exact match
+after each stage for every variant and, for stages that sample (GRPO, self-distillation),
+the stage's mean reward over its first and its last ``reward_window`` batches; it writes
+these and each stage's last validation metrics (``val/teacher_kl/<teacher>`` included) to
+``pipeline.json``.
 """
 
 from __future__ import annotations
@@ -33,23 +38,32 @@ from kd.cache import Cache
 from kd.config import student_factory, sub_config
 from kd.subruns import cached_run, run_key
 
-#: the two variants a comparing pipeline runs
+#: the variants a comparing pipeline runs
 WITH, WITHOUT = "with cross-stage distillation", "without (stages in sequence)"
+CONTROL = "replay with SFT (control)"
 
 
 def _stage_config(cfg: DictConfig, stage: DictConfig, earlier: list[tuple[DictConfig, Path]], start: Path | None,
-                  lam: float, root: Path) -> DictConfig:
-    """The run config of one stage: its skills (plus, with ``lam``, every earlier stage's,
-    routed to that stage's checkpoint), its objective and epochs, the previous weights."""
+                  lam: float, root: Path, replay_with: str = "distill") -> DictConfig:
+    """The run config of one stage: its skills (plus, with ``lam``, every earlier stage's
+    other skills, routed to that stage's checkpoint; ``replay_with``: the recipe's
+    ``replay``), its objective and epochs, the previous weights."""
     p = cfg.pipeline
     model = OmegaConf.to_container(student_factory(cfg)[0], resolve=True)
-    replay = [(s, entry) for s, entry in earlier] if lam > 0 else []
-    skills = list(stage.skills) + [k for s, _ in replay for k in s.skills]
+    own = [str(k) for k in stage.skills]
+    routes: dict[str, str] = {}
+    for s, _ in earlier if lam > 0 else []:  # a skill replays to the last earlier stage that trained it
+        routes.update({str(k): str(s.name) for k in s.skills if str(k) not in own})
+    replay = [(s, entry) for s, entry in earlier if str(s.name) in routes.values()]
+    skills = own + [k for k in dict.fromkeys(routes)]
     recipe = {**OmegaConf.to_container(p.recipe, resolve=True), "stage_objective": stage.get("objective", "sft"),
               "lam": lam if replay else 0.0}
+    if replay:
+        recipe["replay"] = replay_with
+    else:  # nothing replayed: the same run (and cache entry) whatever the variant
+        recipe.pop("replay", None)
     teachers = {str(s.name): {"model": model, "checkpoint": str(entry), "fit": None, "tokenizer": None}
                 for s, entry in replay}
-    routes = {k: str(s.name) for s, _ in replay for k in s.skills}
     sub = sub_config(cfg, recipe=recipe, teacher=None, teachers=teachers or None, pipeline=None, divergence=None,
                      regime=None, scratch_baseline=False, ckpt_path=None, student_sft=None,
                      student_init=str(start) if start is not None else None, logger={},
@@ -68,7 +82,7 @@ def run_stage(cache: Cache, sub: DictConfig, name: str) -> tuple[Path, dict[str,
 
 
 def _skills(cfg: DictConfig) -> list[str]:
-    return [str(k) for stage in cfg.pipeline.stages for k in stage.skills]
+    return list(dict.fromkeys(str(k) for stage in cfg.pipeline.stages for k in stage.skills))
 
 
 def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
@@ -85,29 +99,56 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     cache = Cache(cfg.paths.cache_dir)
-    variants = [(WITH, float(p.lam))] + ([(WITHOUT, 0.0)] if p.get("compare", True) and p.lam > 0 else [])
-    for variant, lam in variants:  # every stage's settings are checked before the first one trains
+    replay = str(p.recipe.get("replay", "distill"))
+    variants = [(WITH, float(p.lam), replay)]
+    if p.lam > 0 and p.get("compare", True):
+        variants.append((WITHOUT, 0.0, replay))
+    if p.lam > 0 and p.get("control", False) and replay != "sft":
+        variants.append((CONTROL, float(p.lam), "sft"))
+    for variant, lam, replay_with in variants:  # every stage's settings are checked before the first one trains
         placeholders: list[tuple[DictConfig, Path]] = []
         for stage in stages:
-            build(_stage_config(cfg, stage, placeholders, None, lam, out / "stages" / str(stage.name)), setup=False)
+            build(_stage_config(cfg, stage, placeholders, None, lam, out / "stages" / str(stage.name), replay_with),
+                  setup=False)
             placeholders.append((stage, out))  # any existing path: nothing is loaded at build time
     table: dict[str, dict[str, dict[str, float]]] = {}
-    for variant, lam in variants:
+    validation: dict[str, dict[str, dict[str, float]]] = {}
+    for variant, lam, replay_with in variants:
         earlier: list[tuple[DictConfig, Path]] = []
         start: Path | None = None
-        table[variant] = {}
+        table[variant], validation[variant] = {}, {}
         for stage in stages:
-            sub = _stage_config(cfg, stage, earlier, start, lam, out / "stages" / str(stage.name))
+            sub = _stage_config(cfg, stage, earlier, start, lam, out / "stages" / str(stage.name), replay_with)
             entry, meta = run_stage(cache, sub, str(stage.name))
             scores = {k.split("/")[-1]: v for k, v in meta["metrics"].items() if k.startswith("test/exact_match/")}
             table[variant][str(stage.name)] = scores
+            validation[variant][str(stage.name)] = {k: float(v) for k, v in (meta.get("validation") or {}).items()}
             earlier.append((stage, entry))
             start = entry
     summary = {"pipeline": OmegaConf.to_container(p, resolve=True), "seed": int(cfg.seed), "table": table,
-               "output_dir": str(out), "wall_time_s": round(time.perf_counter() - started, 2)}
+               "validation": validation, "output_dir": str(out),
+               "wall_time_s": round(time.perf_counter() - started, 2)}
     (out / "pipeline.json").write_text(json.dumps(summary, indent=2))
-    print("\n" + format_table(table, _skills(cfg)) + f"\n\noutputs: {out}\n", flush=True)
+    rewards = format_rewards(validation)
+    print("\n" + format_table(table, _skills(cfg)) + (f"\n\n{rewards}" if rewards else "") + f"\n\noutputs: {out}\n",
+          flush=True)
     return summary
+
+
+def format_rewards(validation: dict[str, dict[str, dict[str, float]]]) -> str:
+    """The mean reward of each sampling stage at its start and end (``val/stage_reward_start``,
+    ``val/stage_reward``) and each routed teacher's KL on its rows, one line per stage."""
+    lines = []
+    for variant, stages in validation.items():
+        for stage, metrics in stages.items():
+            parts = []
+            if "val/stage_reward" in metrics:
+                parts.append(f"reward {metrics['val/stage_reward_start']:.3f} -> {metrics['val/stage_reward']:.3f}")
+            parts += [f"KL({k.split('/')[-1]} || student) {v:.3f}" for k, v in metrics.items()
+                      if k.startswith("val/teacher_kl/")]
+            if parts:
+                lines.append(f"{variant}, {stage}: " + ", ".join(parts))
+    return "\n".join(lines)
 
 
 def format_table(table: dict[str, dict[str, dict[str, float]]], skills: list[str]) -> str:
@@ -169,4 +210,5 @@ def summarize_pipelines(summaries: list[dict[str, Any]]) -> str:
     return "\n".join(lines).rstrip()
 
 
-__all__ = ["run_pipeline", "run_stage", "format_table", "load_pipelines", "summarize_pipelines", "WITH", "WITHOUT"]
+__all__ = ["run_pipeline", "run_stage", "format_table", "format_rewards", "load_pipelines", "summarize_pipelines",
+           "WITH", "WITHOUT", "CONTROL"]

@@ -242,7 +242,8 @@ class DistillationRecipe(L.LightningModule):
         self.scheduler_factory = scheduler
         self.regime = regime
         self.automatic_optimization = not self.needs.own_loop
-        self.metrics = nn.ModuleDict({"val": StageMetrics(), "test": StageMetrics()})
+        routes = self.teachers.names if self.teachers is not None and self.teachers.routed else None
+        self.metrics = nn.ModuleDict({"val": StageMetrics(routes), "test": StageMetrics(routes)})
         self._step_started: float | None = None
         self._num_targets = torch.zeros(())
         #: the tokenizer's true vocabulary size; logits are cut to it (see set_vocabulary)
@@ -460,6 +461,11 @@ class DistillationRecipe(L.LightningModule):
         same_tokens = self.teacher is not None and self.needs.teacher_tokenizer == "shared"  # one teacher
         teacher = self.teacher_outputs(batch, hidden=False).logits if same_tokens else None
         self.metrics[stage].update(out.logits, out.labels, out.mask, teacher)
+        if (self.teachers is not None and self.teachers.routed and self.needs.teacher_tokenizer == "shared"
+                and batches.TEACHER_INDEX in batch):  # each routed teacher's KL on its own rows
+            routed = self.teacher_outputs(batch, hidden=False)
+            self.metrics[stage].update_routes(out.logits, routed.logits, out.mask & routed.mask,
+                                              self.teachers.route(batch))
 
     def _generation_eval_step(self, stage: str, batch: dict[str, Tensor]) -> None:
         """Greedy answers to held-out prompts (the teacher's too at test time)."""

@@ -7,7 +7,7 @@ stage's data are replayed, each routed to its own stage's teacher (never an aver
 teachers), with a per-token distillation signal on the student's own samples. The loss of
 a training batch is
 
-    L = stage_weight * L_stage + lam * L_distill
+    L = stage_weight * L_stage + lam * L_replay
 
 * ``L_stage``: the current stage's objective on the batch's rows that have no teacher
   (``teacher_index`` -1), ``stage_objective``:
@@ -19,8 +19,11 @@ a training batch is
     cross-entropy on the kept responses only (prompts whose samples all fail are skipped;
     GLM-4.5 does this between RL rounds over its whole dataset, we do it online per batch);
   - ``grpo``: RL with a verifiable reward (GRPO, Shao et al. 2024): ``group_size`` samples
-    per prompt, reward 1 when a sample's text equals the dataset response (exact match
-    after stripping whitespace, the embedded task's metric) else 0, advantage
+    per prompt, each rewarded against the dataset response (``reward``: ``exact``, 1 when
+    the sample's text equals it after stripping whitespace, the embedded task's metric,
+    else 0; or ``similarity``, the dense ``1 - Levenshtein(sample, reference) / max(len)``
+    over characters, 1 for an exact match, so a student that is not yet right still earns
+    a reward that grows as its answers come closer), advantage
     ``(r - mean_group) / (std_group + 1e-4)`` shared by the sample's tokens, the same
     clipped surrogate, averaged over the sampled tokens of the batch (token mean, as in
     DAPO and TRL's default; the GRPO paper averages per sequence first). No KL penalty to a
@@ -29,6 +32,13 @@ a training batch is
   Rows of skills routed to a teacher (``data.routes``) are replayed prompts of earlier
   stages. With one teacher and no routing, every row is a replayed prompt (plain
   on-policy distillation).
+* ``L_replay`` on the replayed prompts, ``replay``:
+
+  - ``distill`` (the method): ``L_distill`` below;
+  - ``sft`` (the control): cross-entropy on their dataset responses, no sampling, no
+    teacher called. It trains the same extra rows with the same weight ``lam``, so the
+    difference between the two separates distillation from the earlier stages' teachers
+    from the extra steps on the replayed prompts.
 * ``L_distill`` on the replayed prompts: the student samples a response ``y`` (no gradient
   through sampling; ``sampling``), each token gets the advantage
 
@@ -46,6 +56,15 @@ a training batch is
   the vocabulary, lower variance, a (N, V) teacher distribution per token). Both average
   over the replayed response tokens of the batch.
 
+The stage objectives that sample (``grpo``, ``self_distill``) log ``train/stage_reward``
+per batch and, at every validation, ``val/stage_reward``: the mean reward of the stage's
+samples over the last ``reward_window`` training batches, and ``val/stage_reward_start``:
+over the first ``reward_window`` batches of the run (its value at the start, for
+comparison). Both are training samples' rewards, logged with validation so that a cached
+stage (:mod:`kd.pipeline`) keeps them. Validation of a routed run logs, per teacher,
+``val/teacher_kl/<teacher>`` (forward KL(teacher || student) on the dataset responses of
+the rows routed to it; :class:`kd.evaluation.StageMetrics`).
+
 Per-teacher signals are logged: ``train/<teacher>/advantage`` (mean A_t on its tokens),
 ``train/<teacher>/reverse_kl`` (the sampled estimate, mean of -A_t) and
 ``train/<teacher>/tokens``.
@@ -54,15 +73,21 @@ Deviations and what is unsure: the GLM-5 report itself was not read (docs/spec.m
 section as secondary sources); the clipping range (0.2), the absence of a KL penalty to a
 reference model and the one update per batch (so rho_t is 1 up to the sampling
 temperature and filters: ``pi_sample`` is the distribution the token was drawn from) are
-ours. The student runs without dropout, so samples and updates see one network. The staged
-pipeline that trains stages in turn is :mod:`kd.pipeline` (``kd pipeline=task_stages``).
+ours; so is the dense ``similarity`` reward. The reward windows are not kept in
+checkpoints (a resumed run starts them anew). The student runs without dropout, so
+samples and updates see one network. The staged pipeline that trains stages in turn is
+:mod:`kd.pipeline` (``kd pipeline=task_stages``, ``task_stages_rl``).
 
 Run: ``kd recipe=cross_stage data=task teacher=task_llama student=task_llama sft=task``
-(one teacher), or with ``teachers:`` and ``data.routes`` for several (docs/language-models.md).
+(one teacher), or with ``teachers:`` and ``data.routes`` for several (docs/language-models.md);
+``kd experiment=task_cross_stage recipe.replay=sft`` is the control; ``kd
+pipeline=task_stages_rl`` trains SFT then an RL stage that earns reward, with, without and
+against the control.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any
 
 import torch
@@ -80,6 +105,8 @@ from kd.rollouts import Rollouts
 
 ESTIMATORS = ("sampled", "dense")
 STAGE_OBJECTIVES = ("sft", "grpo", "self_distill")
+REPLAYS = ("distill", "sft")
+REWARDS = ("exact", "similarity")
 
 
 def group_advantages(rewards: Tensor, eps: float = 1e-4) -> Tensor:
@@ -98,6 +125,31 @@ def exact_match_rewards(tokenizer: Any, samples: list[list[int]], references: li
         return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
     return torch.tensor([float(text(s) == text(r)) for s, r in zip(samples, references)])
+
+
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance (insertions, deletions, substitutions, each 1) between two strings."""
+    previous = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        current = [i]
+        for j, y in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (x != y)))
+        previous = current
+    return previous[-1]
+
+
+def similarity_rewards(tokenizer: Any, samples: list[list[int]], references: list[list[int]]) -> Tensor:
+    """``1 - edit_distance / max(len)`` between each sample's and its reference's decoded
+    text (special tokens skipped, whitespace stripped); 1.0 for equal texts (two empty ones
+    included), 0.0 for texts that share nothing. "abcd" against "abxd" gives 0.75."""
+    def text(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    values = []
+    for s, r in zip(samples, references):
+        a, b = text(s), text(r)
+        values.append(1.0 - edit_distance(a, b) / max(len(a), len(b), 1))
+    return torch.tensor(values)
 
 
 def token_advantages(student_logprobs: Tensor, teacher_logprobs: Tensor) -> Tensor:
@@ -122,6 +174,13 @@ class CrossStage(DistillationRecipe):
         estimator: ``sampled`` (clipped surrogate on the sampled tokens' advantages) or
             ``dense`` (full-vocabulary reverse KL per token).
         stage_objective: ``sft``, ``grpo`` or ``self_distill`` (module docstring).
+        replay: what the replayed prompts train with: ``distill`` (the earlier stages'
+            teachers on the student's samples) or ``sft`` (cross-entropy on the dataset
+            answers, no teacher: the control).
+        reward: the ``grpo`` / ``self_distill`` reward: ``exact`` (exact match, 0 or 1) or
+            ``similarity`` (1 - normalised character edit distance, dense).
+        reward_window: training batches that ``val/stage_reward`` and
+            ``val/stage_reward_start`` average over (>= 1).
         group_size: samples per prompt of the ``grpo`` and ``self_distill`` objectives.
         clip_eps: clipping range of the surrogate (> 0).
         sampling: how the student samples the replayed prompts (:class:`kd.generation.Sampling`).
@@ -137,13 +196,20 @@ class CrossStage(DistillationRecipe):
     needs = Needs(teacher="optional", regimes=("offline",), data=("causal_lm",), student_dropout=False)
 
     def __init__(self, *, lam: float = 1.0, stage_weight: float = 1.0, estimator: str = "sampled",
-                 stage_objective: str = "sft", group_size: int = 4, clip_eps: float = 0.2,
+                 stage_objective: str = "sft", replay: str = "distill", reward: str = "exact",
+                 reward_window: int = 20, group_size: int = 4, clip_eps: float = 0.2,
                  sampling: Sampling | Any = None, seed: int = 0, engine: str = "kd", vllm: Any = None,
                  **kwargs: Any) -> None:
         if estimator not in ESTIMATORS:
             raise ConfigError(f"recipe.estimator must be one of {list(ESTIMATORS)} (got {estimator!r})")
         if stage_objective not in STAGE_OBJECTIVES:
             raise ConfigError(f"recipe.stage_objective must be one of {list(STAGE_OBJECTIVES)} (got {stage_objective!r})")
+        if replay not in REPLAYS:
+            raise ConfigError(f"recipe.replay must be one of {list(REPLAYS)} (got {replay!r})")
+        if reward not in REWARDS:
+            raise ConfigError(f"recipe.reward must be one of {list(REWARDS)} (got {reward!r})")
+        if reward_window < 1:
+            raise ConfigError(f"recipe.reward_window must be >= 1 (got {reward_window})")
         minimum = {"sft": 0, "grpo": 2, "self_distill": 1}[stage_objective]
         if group_size < minimum:
             raise ConfigError(f"recipe.group_size must be >= {minimum} for stage_objective={stage_objective} "
@@ -158,6 +224,9 @@ class CrossStage(DistillationRecipe):
         self.rollouts = rollouts
         self.lam, self.stage_weight, self.estimator, self.clip_eps = lam, stage_weight, estimator, clip_eps
         self.stage_objective, self.group_size = stage_objective, group_size
+        self.replay, self.reward = replay, reward
+        self._first_rewards: list[float] = []  # the stage rewards of the run's first reward_window batches
+        self._last_rewards: deque[float] = deque(maxlen=reward_window)  # ... and of the last ones
         self.sampling = Sampling.of(sampling)
         self.seed = seed
         self._rng: torch.Generator | None = None
@@ -211,8 +280,9 @@ class CrossStage(DistillationRecipe):
         return sampled
 
     def rewards(self, samples: list[list[int]], references: list[list[int]]) -> Tensor:
-        """The verifiable reward of each sample (exact match with its dataset response)."""
-        return exact_match_rewards(self.datamodule.tokenizer, samples, references)
+        """The verifiable reward of each sample against its dataset response (``reward``)."""
+        score = similarity_rewards if self.reward == "similarity" else exact_match_rewards
+        return score(self.datamodule.tokenizer, samples, references)
 
     def self_distill_loss(self, sampled: dict[str, Any]) -> tuple[Tensor, Tensor]:
         """Cross-entropy on the best rewarded sample of each prompt of a :meth:`grpo_rollout`
@@ -262,6 +332,7 @@ class CrossStage(DistillationRecipe):
         replayed = self._replayed(batch)
         terms: dict[str, Tensor] = {}
         loss = batch["input_ids"].new_zeros((), dtype=torch.float32)
+        full = None  # the student's outputs on the batch as it is (teacher-forced dataset answers)
         if self.stage_weight > 0 and (~replayed).any():
             if self.stage_objective == "grpo":
                 sampled = self.grpo_rollout(batch, (~replayed).nonzero().squeeze(-1))
@@ -274,11 +345,18 @@ class CrossStage(DistillationRecipe):
                 terms["stage_reward"] = sampled["rewards"].mean()
                 loss = loss + self.stage_weight * terms["stage_self_distill"]
             else:
-                out = self.outputs(self.student, batch)
-                labels = torch.where(replayed.unsqueeze(-1), torch.full_like(out.labels, IGNORE_INDEX), out.labels)
-                terms["stage_ce"] = cross_entropy(out.logits, labels)
+                full = self.outputs(self.student, batch)
+                labels = torch.where(replayed.unsqueeze(-1), torch.full_like(full.labels, IGNORE_INDEX), full.labels)
+                terms["stage_ce"] = cross_entropy(full.logits, labels)
                 loss = loss + self.stage_weight * terms["stage_ce"]
-        if self.lam > 0 and replayed.any():
+        if "stage_reward" in terms:
+            self._record_reward(float(terms["stage_reward"]))
+        if self.lam > 0 and replayed.any() and self.replay == "sft":
+            full = full if full is not None else self.outputs(self.student, batch)
+            labels = torch.where(replayed.unsqueeze(-1), full.labels, torch.full_like(full.labels, IGNORE_INDEX))
+            terms["replay_ce"] = cross_entropy(full.logits, labels)
+            loss = loss + self.lam * terms["replay_ce"]
+        elif self.lam > 0 and replayed.any():
             sampled = self.rollout(batch, replayed.nonzero().squeeze(-1))
             sampled.pop("responses")
             distill, stats = self.distill_loss(sampled)
@@ -288,3 +366,22 @@ class CrossStage(DistillationRecipe):
         for key, value in self.rollouts.metrics().items():  # the vLLM engine's staleness
             terms[key] = torch.tensor(value)
         return {"loss": loss, **terms}
+
+    def _record_reward(self, reward: float) -> None:
+        if self.training:
+            if len(self._first_rewards) < self._last_rewards.maxlen:
+                self._first_rewards.append(reward)
+            self._last_rewards.append(reward)
+
+    def stage_rewards(self) -> dict[str, float]:
+        """``stage_reward`` (mean over the last ``reward_window`` training batches) and
+        ``stage_reward_start`` (over the first ones); empty before any sampled stage batch."""
+        if not self._last_rewards:
+            return {}
+        return {"stage_reward": sum(self._last_rewards) / len(self._last_rewards),
+                "stage_reward_start": sum(self._first_rewards) / len(self._first_rewards)}
+
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        for key, value in self.stage_rewards().items():
+            self.log(f"val/{key}", value, add_dataloader_idx=False, sync_dist=self.trainer.world_size > 1)

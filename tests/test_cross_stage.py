@@ -358,3 +358,130 @@ def test_routed_teachers_with_a_teacher_generated_regime_are_refused_at_build(ma
                                                          "hidden_size": 32, "num_layers": 1}}})
     with pytest.raises(ConfigError, match="generates data with one teacher, not with routed teachers"):
         build(cfg, setup=False)
+
+
+# ----------------------------------------------------------------------------- a reward the RL stage earns
+
+
+def test_similarity_rewards_by_hand(routed_dm):
+    from recipes.cross_stage import edit_distance, similarity_rewards
+
+    assert edit_distance("kitten", "sitting") == 3 and edit_distance("", "abc") == 3 and edit_distance("ab", "ab") == 0
+    tok = routed_dm.tokenizer
+
+    def ids(text):
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    reference = ids("abcd") + [tok.eos_token_id]
+    rewards = similarity_rewards(tok, [ids("abxd"), ids(" abcd "), ids("ab"), ids("zzzz"), []], [reference] * 5)
+    # 1 - 1/4, equal text, 1 - 2/4, nothing shared, empty against 4 characters
+    assert rewards.tolist() == pytest.approx([0.75, 1.0, 0.5, 0.0, 0.0])
+
+
+def test_grpo_with_the_dense_reward_earns_more_at_the_end_than_at_the_start(routed_dm):
+    """An untrained student never answers exactly (every exact-match reward 0, no signal);
+    with the similarity reward the same GRPO stage's reward rises: the mean of its last 10
+    batches is well above that of its first 10 (seeded, so the run is the same every time)."""
+    import itertools
+
+    from kd.data.lm import collate_train
+
+    V = len(routed_dm.tokenizer)
+    torch.manual_seed(0)
+    student = tiny_causal_lm(vocab_size=V, hidden_size=32, num_layers=1)
+    recipe = _attached(CrossStage(student=student, lam=0.0, stage_objective="grpo", reward="similarity",
+                                  reward_window=10, group_size=4, sampling={"max_new_tokens": 5}), routed_dm)
+    recipe.set_vocabulary(V)
+    split = routed_dm.splits["train"]
+    first = collate_train([split[i] for i in range(16)], routed_dm.pad_token_id)
+    recipe.reward = "exact"
+    assert recipe.compute_loss(first)["stage_reward"].item() == 0.0  # in eval mode: not recorded
+    recipe.reward = "similarity"
+    recipe.train()
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-2)
+    rows = itertools.cycle(range(len(split)))
+    for step in range(80):
+        batch = collate_train([split[next(rows)] for _ in range(8)], routed_dm.pad_token_id)
+        terms = recipe.compute_loss(batch)
+        optimizer.zero_grad()
+        terms["loss"].backward()
+        optimizer.step()
+    rewards = recipe.stage_rewards()
+    assert rewards["stage_reward"] > 2 * rewards["stage_reward_start"] > 0
+    assert rewards["stage_reward"] == pytest.approx(sum(list(recipe._last_rewards)) / 10)
+    with pytest.raises(ConfigError, match="recipe.reward must be one of"):
+        CrossStage(student=student, reward="bleu")
+
+
+# ----------------------------------------------------------------------------- the replay-with-SFT control
+
+
+def test_the_replay_sft_control_trains_the_replayed_rows_on_the_dataset_answers_without_a_teacher(routed_dm,
+                                                                                                  monkeypatch):
+    V = len(routed_dm.tokenizer)
+    batch = _batch(routed_dm)
+    student = _model(20, V)
+    teachers = {"stage_a": _model(21, V), "stage_b": _model(22, V)}
+    recipe = _attached(CrossStage(student=student, teacher=teachers, replay="sft", stage_weight=0.0), routed_dm)
+    recipe.set_vocabulary(V)
+    for teacher in teachers.values():  # the control never runs a teacher ...
+        monkeypatch.setattr(teacher, "forward", lambda *a, **k: pytest.fail("the control ran a teacher"))
+    monkeypatch.setattr(recipe.rollouts, "generate", lambda *a, **k: pytest.fail("the control sampled"))  # ... nor samples
+
+    logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1, :V]
+    logp = torch.log_softmax(logits.double(), -1)
+    labels = batch["labels"][:, 1:]
+
+    def by_hand(rows):  # mean -log p(answer token) over the answer tokens of rows
+        total, n = 0.0, 0
+        for r in rows:
+            for t in range(labels.shape[1]):
+                if labels[r, t] != IGNORE_INDEX:
+                    total -= logp[r, t, labels[r, t]].item()
+                    n += 1
+        return total / n
+
+    replayed = (batch["teacher_index"] >= 0).nonzero().squeeze(-1).tolist()
+    stage = (batch["teacher_index"] < 0).nonzero().squeeze(-1).tolist()
+    terms = recipe.compute_loss(batch)
+    assert terms["replay_ce"].item() == pytest.approx(by_hand(replayed), rel=1e-5)
+    assert terms["loss"].item() == pytest.approx(by_hand(replayed), rel=1e-5)
+    assert not any(k.endswith("/advantage") or k == "distill" for k in terms)
+    recipe.stage_weight, recipe.lam = 1.0, 0.5  # the stage's SFT rows plus lam times the replayed rows' CE
+    terms = recipe.compute_loss(batch)
+    assert terms["loss"].item() == pytest.approx(by_hand(stage) + 0.5 * by_hand(replayed), rel=1e-5)
+    with pytest.raises(ConfigError, match="recipe.replay must be one of"):
+        CrossStage(student=student, teacher=teachers, replay="teacher")
+
+
+# ----------------------------------------------------------------------------- each routed teacher's KL in validation
+
+
+def test_validation_reports_each_routed_teachers_kl_on_its_own_rows(routed_dm):
+    """val/teacher_kl/<teacher>: KL(p_T || p_S) averaged over the answer tokens of the rows
+    routed to that teacher, accumulated over batches, against a plain computation."""
+    V = len(routed_dm.tokenizer)
+    batch = _batch(routed_dm)
+    student, a, b = _model(23, V), _model(24, V), _model(25, V)
+    recipe = CrossStage(student=student, teacher={"stage_a": a, "stage_b": b})
+    recipe.set_vocabulary(V)
+    recipe.eval()
+    halves = [{k: v[:7] for k, v in batch.items()}, {k: v[7:] for k, v in batch.items()}]  # two val batches
+    for half in halves:
+        recipe._eval_step("val", half)
+    got = recipe.metrics["val"].compute()
+    labels = batch["labels"][:, 1:]
+    with torch.no_grad():
+        log_q = torch.log_softmax(student(input_ids=batch["input_ids"]).logits[:, :-1, :V].double(), -1)
+        for k, (name, teacher) in enumerate((("stage_a", a), ("stage_b", b))):
+            log_p = torch.log_softmax(teacher(input_ids=batch["input_ids"]).logits[:, :-1, :V].double(), -1)
+            values = [(log_p[r, t].exp() * (log_p[r, t] - log_q[r, t])).sum().item()
+                      for r in range(len(labels)) if batch["teacher_index"][r] == k
+                      for t in range(labels.shape[1]) if labels[r, t] != IGNORE_INDEX]
+            assert got[f"teacher_kl/{name}"].item() == pytest.approx(sum(values) / len(values), rel=1e-4)
+    assert got["teacher_kl/stage_a"].item() != pytest.approx(got["teacher_kl/stage_b"].item(), rel=1e-3)
+    assert "kl_to_teacher" not in got  # no single teacher: no KL over every row
+    recipe.metrics["val"].reset()
+    only_stage_rows = {k: v[batch["teacher_index"] < 0] for k, v in batch.items()}
+    recipe._eval_step("val", only_stage_rows)
+    assert not any(k.startswith("teacher_kl/") for k in recipe.metrics["val"].compute())

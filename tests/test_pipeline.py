@@ -130,3 +130,52 @@ def test_a_stage_is_keyed_by_what_shapes_its_weights_not_by_where_the_cache_live
     assert key(tmp_path / "a", earlier="strings-1") != base  # another first stage to start from and replay
     assert key(tmp_path / "a", lam=0.5) != base
     assert key(tmp_path / "a", lam=0.0) != base  # no replay: own skills only, no teachers
+
+
+TINY_RL = ["pipeline=task_stages_rl", *TINY[1:10], "pipeline.stages.0.epochs=1", "trainer.limit_train_batches=2",
+           "trainer.limit_val_batches=1", "pipeline.recipe.sampling.max_new_tokens=4", "pipeline.recipe.reward_window=1"]
+
+
+def test_an_rl_stage_after_sft_on_every_skill_replays_only_the_skills_it_does_not_train(make_cfg, tmp_path):
+    """pipeline=task_stages_rl: stage 1 trains every skill, stage 2 RL on sort/count (dense
+    reward); only upper/reverse are replayed to stage 1's checkpoint (sort/count are the RL
+    stage's own rows), with replay=distill or, for the control, replay=sft."""
+    from kd.pipeline import _stage_config
+    from kd.subruns import run_key
+
+    cfg = make_cfg(*TINY_RL)
+    first, second = cfg.pipeline.stages
+    assert list(first.skills) == ["upper", "reverse", "sort", "count"] and second.objective == "grpo"
+    entry = tmp_path / "stage1"
+    entry.mkdir()
+    sub = _stage_config(cfg, second, [(first, entry)], entry, 1.0, tmp_path / "out")
+    assert dict(sub.data.routes) == {"upper": "sft_all", "reverse": "sft_all"}
+    assert list(sub.data.train_skills) == ["sort", "count", "upper", "reverse"]
+    assert sub.recipe.reward == "similarity" and sub.recipe.replay == "distill" and sub.recipe.stage_objective == "grpo"
+    control = _stage_config(cfg, second, [(first, entry)], entry, 1.0, tmp_path / "out", "sft")
+    assert control.recipe.replay == "sft" and dict(control.data.routes) == dict(sub.data.routes)
+    # stage 1 replays nothing: one config (one cache entry) whatever the variant
+    assert run_key(_stage_config(cfg, first, [], None, 1.0, tmp_path / "out", "sft")) == \
+        run_key(_stage_config(cfg, first, [], None, 1.0, tmp_path / "out"))
+
+
+def test_the_rl_pipeline_runs_the_control_and_reports_rewards_and_each_teachers_kl(make_cfg, tmp_path, capsys):
+    from kd.pipeline import CONTROL, WITH, WITHOUT
+
+    summary = train(make_cfg(*TINY_RL))
+    assert list(summary["table"]) == [WITH, WITHOUT, CONTROL]
+    entries = sorted(p.name.split("-")[0] for p in (tmp_path / "cache" / "stages").iterdir())
+    assert entries == ["rl_sorting"] * 3 + ["sft_all"]  # stage 1 trained once for the three variants
+    validation = summary["validation"]
+    for variant in (WITH, WITHOUT, CONTROL):
+        rl = validation[variant]["rl_sorting"]
+        assert 0.0 <= rl["val/stage_reward_start"] <= 1.0 and 0.0 <= rl["val/stage_reward"] <= 1.0
+    for variant in (WITH, CONTROL):  # routed runs: stage 1's teacher's KL on the upper/reverse rows
+        assert validation[variant]["rl_sorting"]["val/teacher_kl/sft_all"] >= 0.0
+    assert not any(k.startswith("val/teacher_kl/") for k in validation[WITHOUT]["rl_sorting"])
+    assert "val/stage_reward" not in validation[WITH]["sft_all"]  # an SFT stage samples nothing
+    printed = capsys.readouterr().out
+    assert f"{CONTROL}, rl_sorting: reward " in printed and "KL(sft_all || student)" in printed
+    header = next(line for line in printed.splitlines() if "after stage" in line)
+    assert header.split()[2:] == ["upper", "reverse", "sort", "count"]  # a skill of two stages: one column
+    assert json.loads((tmp_path / "run" / "pipeline.json").read_text())["validation"] == validation
