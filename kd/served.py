@@ -260,15 +260,31 @@ class Server:
             if not _group_alive(pgid):
                 break
             time.sleep(0.2)
-        if _group_alive(pgid):
+        deadline = time.monotonic() + 5.0  # a member still dying (the leader exited first): until it is gone
+        while _group_alive(pgid) and time.monotonic() < deadline:
             try:
                 os.killpg(pgid, signal.SIGKILL)
             except ProcessLookupError:
-                pass
+                break
+            time.sleep(0.05)
         log.info("stopped the teacher's server (pid %d)", pgid)
 
 
 def _group_alive(pgid: int) -> bool:
+    """Whether a process of the group still runs. A zombie does not: its parent gone, it
+    waits for whoever adopted it to reap it, which may be never in a container."""
+    proc = Path("/proc")
+    if proc.is_dir():
+        for entry in proc.iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                state, _, group = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:3]
+            except (OSError, ValueError):
+                continue
+            if int(group) == pgid and state != "Z":
+                return True
+        return False
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
