@@ -54,7 +54,7 @@ training batch's dataset responses rather than a separate pretraining corpus.
 Fused path (``chunked``, default on): when the student's and the teacher's logits are a
 linear head over their last hidden states (:func:`kd.models.split_head`), no ``(N, V)``
 logits are built. The sampled tokens' log-probabilities (old, new, the teacher's, the
-vLLM importance weights) come from :func:`kd.chunked.token_log_probs`; the single-step
+vLLM importance weights) come from :func:`kd.chunked.token_log_probs` (:func:`kd.policy.token_logprobs`); the single-step
 reverse KL and its weights ``w_t`` from :func:`kd.chunked.fused_loss_and_values` (closed-form
 gradient, one sweep that also gives the logged unweighted KL); the LM term from the fused
 cross-entropy and, in the code variant, the fused forward KL. The rollout buffer keeps the
@@ -74,30 +74,19 @@ from torch import Tensor
 
 from kd import ConfigError, batches, policy
 from kd.batches import join_prompts_and_responses
-from kd.chunked import Form, fused_loss_and_values, token_log_probs
+from kd.chunked import Form, fused_loss_and_values
 from kd.divergences import ForwardKL, reduce, reverse_kl_per_position, to_log_probs
 from kd.evaluation import cross_entropy
 from kd.generation import Sampling, TeacherMix, generate
 from kd.models import split_head
 from kd.policy import clipped_surrogate as ppo_clipped_loss  # -min(rw A, clip(rw) A), rw = ratio x weight
-from kd.policy import sampled_log_probs
+from kd.policy import token_logprobs
 from kd.recipe import DistillationRecipe, Needs
 from kd.rollouts import Rollouts
 from kd.signals import HeadLogits
 
 #: the rollout buffer's key of the teacher's last hidden states on the fused path
 TEACHER_HIDDEN = "teacher_hidden"
-
-
-def sampled_token_log_probs(logits: Tensor | HeadLogits, tokens: Tensor, mask: Tensor,
-                            temperature: float = 1.0) -> Tensor:
-    """``log q(token)`` at every position ``(...)`` of dense logits ``(..., V)`` or of hidden
-    states and a linear head (:func:`kd.chunked.token_log_probs`, no ``(..., V)`` logits);
-    0 outside ``mask``."""
-    if isinstance(logits, HeadLogits):
-        return token_log_probs(logits, tokens, mask, temperature=temperature)
-    values = sampled_log_probs(to_log_probs(logits, temperature, mask=mask), tokens)
-    return torch.where(mask, values, torch.zeros_like(values))
 
 
 def weighted_reverse_kl(student: Tensor | HeadLogits, teacher: Tensor | HeadLogits, mask: Tensor,
@@ -272,7 +261,7 @@ class MiniLLM(DistillationRecipe):
             weights = out.importance_weights[out.response_mask]
         else:  # w = q_T(y) / (the filtered q_T the engine drew from)(y); 1 without top-k / top-p
             t = 1.0 if config.greedy else float(config.temperature)
-            log_q = sampled_token_log_probs(student.logits, student.labels, student.mask, t)
+            log_q = token_logprobs(student.logits, student.labels, student.mask, t)
             weights = torch.exp(log_q[student.mask] - out.logprobs[out.response_mask])
         return {**joined, **self.score(student.logits, teacher.logits, student.labels, teacher.mask, weights)}
 
@@ -284,8 +273,8 @@ class MiniLLM(DistillationRecipe):
         (row-major, as ``labels[mask]``). The buffer keeps the teacher's log-probabilities
         ``teacher_logprobs`` (dense) or its hidden states (fused)."""
         mask = mask.bool()
-        old = sampled_token_log_probs(student_logits, labels, mask)
-        reward = (sampled_token_log_probs(teacher_logits, labels, mask) - old) * self.settings["reward_scale"]
+        old = token_logprobs(student_logits, labels, mask)
+        reward = (token_logprobs(teacher_logits, labels, mask) - old) * self.settings["reward_scale"]
         if self.settings["reward_clip"] is not None:
             reward = reward.clamp(-self.settings["reward_clip"], self.settings["reward_clip"])
         reward = torch.where(mask, reward, torch.zeros_like(reward))
@@ -306,7 +295,7 @@ class MiniLLM(DistillationRecipe):
         out = self.outputs(self.student, rollout, fused=self.chunked)
         logits, labels = out.logits, out.labels
         mask = rollout["mask"].bool()
-        new = sampled_token_log_probs(logits, labels, mask)
+        new = token_logprobs(logits, labels, mask)
         ratio_w = torch.exp(torch.where(mask, new - rollout["old_logprobs"], torch.zeros_like(new))) * rollout["weights"]
         ppo_tokens = ppo_clipped_loss(ratio_w, rollout["advantages"], self.clip_eps)
         ppo = reduce(ppo_tokens, mask)
