@@ -74,7 +74,7 @@ from torch import Tensor, nn
 
 from kd import ConfigError
 from kd.data import IGNORE_INDEX
-from kd.models import head_matches, split_head
+from kd.models import head_matches, mlm_head_matches, split_head, split_mlm_head
 from kd.signals import HeadLogits, Outputs, TopK
 
 # ----------------------------------------------------------------------------- keys
@@ -178,8 +178,11 @@ def outputs(model: nn.Module, batch: Mapping[str, Any], hidden: bool = False, fu
 
     ``fused``: a causal LM whose logits are a linear head over its last hidden states
     (:func:`kd.models.split_head`, checked once per model) returns ``logits`` as a
-    :class:`kd.chunked.HeadLogits`: the ``(B, L, V)`` logits are never built. Other models
-    return logits.
+    :class:`kd.chunked.HeadLogits`: the ``(B, L, V)`` logits are never built. So does a
+    masked LM whose head is a transform and a linear decoder (BERT, DistilBERT:
+    :func:`kd.models.split_mlm_head`): its ``HeadLogits`` hold the transformed states
+    (dense, activation, LayerNorm) and the decoder, ``hidden`` its body's last hidden
+    states. Other models return logits.
     """
     labels, mask = batch_targets(batch)
     states = None
@@ -187,6 +190,11 @@ def outputs(model: nn.Module, batch: Mapping[str, Any], hidden: bool = False, fu
         body, head, softcap, scale = split_head(model)
         last = body(input_ids=batch[INPUT_IDS], attention_mask=batch[ATTENTION_MASK]).last_hidden_state[:, :-1]
         logits: Any = HeadLogits(last, head.weight, head.bias, softcap, scale)
+        states = last if hidden else None
+    elif fused and is_masked_lm(batch) and mlm_head_matches(model, batch[INPUT_IDS], batch[ATTENTION_MASK]):
+        body, transform, decoder = split_mlm_head(model)
+        last = body(input_ids=batch[INPUT_IDS], attention_mask=batch[ATTENTION_MASK]).last_hidden_state
+        logits = HeadLogits(transform(last), decoder.weight, decoder.bias)
         states = last if hidden else None
     elif is_tokens(batch):
         extra = {"output_hidden_states": True} if hidden else {}

@@ -128,7 +128,7 @@ from torch.utils.checkpoint import checkpoint
 from kd.compiled import Compiled, wanted
 from kd.signals import TAIL_FLOOR, HeadLogits, Labels, TopK, compute_dtype, topk_bins
 
-__all__ = ["fused_loss", "token_log_probs", "map_rows", "default_chunk_size", "default_tile_size", "scalar_weights",
+__all__ = ["fused_loss", "token_log_probs", "map_rows", "fused_loss_and_values", "map_rows_grad", "default_chunk_size", "default_tile_size", "scalar_weights",
            "seq_mean_weights", "TARGET_BLOCK", "MAX_BLOCK", "Form", "FORMS", "form_terms"]
 
 #: logits per block by device type (rows = TARGET_BLOCK[device] // V, at least 32): small on
@@ -875,3 +875,78 @@ def scalar_weights(rows: Tensor, reduction: str, shape: tuple[int, ...], dtype: 
             return torch.zeros((), dtype=dtype, device=rows.device)
         return seq_mean_weights(rows, shape[-1]).to(dtype)
     raise ValueError(f"no weights for reduction {reduction!r}")
+
+
+# ----------------------------------------------------------------------------- recipes' helpers
+
+
+class _ClosedFormWithValues(torch.autograd.Function):
+    """``(sum_i w_i value_i, values)`` over ``rows``: the sum with the gradients of
+    :class:`_ClosedForm` (computed in the forward pass), the values without gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, spec: _Spec, rows: Tensor, weights: Tensor, *tensors: Tensor | None) -> tuple[Tensor, Tensor]:
+        want = [spec.grad_enabled and x is not None and x.requires_grad for x in tensors]
+        values, grads = _sweep(spec, rows, weights, tensors, want)
+        ctx.grads = grads
+        ctx.dtypes = [None if x is None else x.dtype for x in tensors]
+        ctx.mark_non_differentiable(values)
+        total = (values * weights).sum() if weights.dim() else values.sum() * weights
+        return total, values
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor, _values: Tensor) -> tuple[Tensor | None, ...]:
+        return _ClosedForm.backward(ctx, grad)
+
+
+def fused_loss_and_values(student: HeadLogits, teacher: Any, rows: Tensor, weights: Tensor, *, form: Form | None,
+                          temperature: float = 1.0, chunk_size: int | None = None, dtype: torch.dtype | None = None,
+                          tile_size: int | None = None) -> tuple[Tensor, Tensor]:
+    """``(sum_i w_i value_i, values)`` of a closed-form divergence (``form``; a
+    :class:`kd.signals.Labels` teacher: the cross-entropy, ``form`` None) at the flattened
+    positions ``rows``, in one sweep: the weighted sum carries the gradients (computed in the
+    forward pass, as :func:`fused_loss` with weights), the per-row values ``(len(rows),)``
+    carry none. For a recipe that trains on a weighted sum and logs the plain mean (MiniLLM's
+    importance-weighted reverse KL). ``weights``: ``(len(rows),)`` or a scalar, no gradient."""
+    kind, (t0, t1, t2) = _teacher_tensors(teacher)
+    if kind != "labels" and form is None:
+        raise ValueError("fused_loss_and_values needs a closed form (form=...) or a Labels teacher")
+    if dtype is None:
+        floats = [student.hidden, student.weight] + [t for t in (t0, t1) if t is not None and t.is_floating_point()]
+        dtype = compute_dtype(*floats)
+    vocab = student.weight.shape[0]
+    chunk = int(chunk_size or default_chunk_size(vocab, student.weight.device))
+    tile = int(tile_size or default_tile_size(vocab, chunk, student.weight.device))
+    spec = _Spec(student, teacher, kind, None, float(temperature), dtype, chunk, torch.is_grad_enabled(),
+                 form.canonical() if form is not None else None, tile)
+    s_h = student.hidden.reshape(-1, student.hidden.shape[-1])
+    tensors = (s_h, student.weight, student.bias, t0, t1, t2)
+    weights = torch.as_tensor(weights, dtype=dtype, device=s_h.device).detach()
+    return _ClosedFormWithValues.apply(spec, rows.to(s_h.device), weights, *tensors)
+
+
+def map_rows_grad(student: HeadLogits, fn: Callable[[Tensor], Tensor], rows: Tensor,
+                  chunk_size: int | None = None) -> Tensor:
+    """``fn(logits) -> (C, ...)`` over the flattened positions ``rows``, ``C`` rows of the
+    student's logits (after its scale and softcap, in the head's dtype) at a time,
+    concatenated, **with gradients**: each block runs under activation checkpointing, so its
+    ``(C, V)`` logits are freed after the forward pass and recomputed, one block at a time,
+    in the backward pass. Only ``(C, V)`` logits live at once (not ``(N, V)``). For
+    functions of whole rows that have no closed form here: ULD's sorted probabilities, the
+    student's next-byte marginals of byte-level KD."""
+    s_h = student.hidden.reshape(-1, student.hidden.shape[-1])
+    chunk = int(chunk_size or default_chunk_size(student.weight.shape[0], student.weight.device))
+    parts = []
+    for block in _blocks(rows.to(s_h.device), chunk):
+        def run(s_h: Tensor, s_w: Tensor, s_b: Tensor | None, block: Tensor = block) -> Tensor:
+            return fn(student.transform(F.linear(s_h[block], s_w, s_b)))
+
+        if torch.is_grad_enabled():
+            parts.append(checkpoint(run, s_h, student.weight, student.bias, use_reentrant=False))
+        else:
+            parts.append(run(s_h, student.weight, student.bias))
+    if not parts:
+        with torch.no_grad():  # the shape and dtype of an empty result
+            empty = fn(student.transform(F.linear(s_h[:0], student.weight, student.bias)))
+        return empty
+    return torch.cat(parts)

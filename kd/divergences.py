@@ -682,7 +682,7 @@ class Divergence(nn.Module, abc.ABC):
             covered = teacher_logits.mask
             mask = covered if mask is None else _as_bool(mask) & _as_bool(covered)
             teacher_logits = teacher_logits.logits
-        fused = isinstance(student_logits, HeadLogits) and self.chunked and not self.cross_vocabulary
+        fused = isinstance(student_logits, HeadLogits) and self.chunked
         if not fused:
             if isinstance(student_logits, HeadLogits):
                 student_logits = student_logits.materialize()
@@ -699,7 +699,8 @@ class Divergence(nn.Module, abc.ABC):
         """The loss over the valid (and selected) positions only, gathered as rows."""
         _check_temperature(temperature)
         shape = tuple(student.shape[:-1])
-        if tuple(teacher.shape[:-1]) != shape or (not isinstance(teacher, TopK) and teacher.shape[-1] != student.shape[-1]):
+        same_vocab = isinstance(teacher, TopK) or self.cross_vocabulary or teacher.shape[-1] == student.shape[-1]
+        if tuple(teacher.shape[:-1]) != shape or not same_vocab:
             raise ValueError(f"student shape {tuple(student.shape)} and teacher shape {tuple(teacher.shape)} "
                              "must agree (a top-k teacher on every dimension but the last)")
         if mask is not None and tuple(mask.shape) != shape:
@@ -888,7 +889,14 @@ class SoftCrossEntropy(Divergence):
 
 class ULD(Divergence):
     """ULD (Boizard et al. 2024): ``sum_i |sort_desc(p_S)_i - sort_desc(p_T)_i|``; the
-    vocabularies may differ (the shorter one is zero-padded)."""
+    vocabularies may differ (the shorter one is zero-padded).
+
+    Fused path (a student given as :class:`kd.signals.HeadLogits`, ``chunked`` on): sorting
+    needs each position's whole row of probabilities, which vocabulary tiles cannot give, and
+    the sort has no closed-form gradient here, so the loss is chunked over positions only:
+    ``C`` positions' ``(C, V_S)`` and ``(C, V_T)`` rows at a time, differentiated by autograd
+    on each block (:func:`kd.chunked.fused_loss` without a form). Working memory is then
+    ``(C, V)`` rows and their sort, never ``(N, V)``; ``tile_size`` does not apply."""
 
     name = "uld"
     cross_vocabulary = True

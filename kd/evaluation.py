@@ -4,7 +4,10 @@
 cross-entropy and accuracy on gold labels (per token for language models, with the
 perplexity exp(CE)) and, when a teacher is present, the forward KL(teacher || student)
 at T=1 and the teacher's own accuracy; with routed teachers, the forward KL of each
-teacher on the rows routed to it (``teacher_kl/<teacher>``). Exact match of generated answers comes from
+teacher on the rows routed to it (``teacher_kl/<teacher>``). Either model may come as hidden
+states and a linear head (:class:`kd.signals.HeadLogits`): every metric is then computed a
+block of positions at a time (:func:`kd.chunked.map_rows`), never from ``(N, V)`` logits, with
+the same values. Exact match of generated answers comes from
 greedy generations (:class:`GeneratedAnswers`), scored by the data's task. Every value is a
 token-weighted mean (torchmetrics ``MeanMetric`` with weights), so it is exact across
 batches of different sizes and across devices.
@@ -186,11 +189,18 @@ class StageMetrics(nn.Module):
         the accuracy of its most likely token; its loss needs the gold token's probability,
         which a top-k does not hold, so none is reported."""
         mask = mask.bool()
+
+        def kl_bins(log_q: Tensor, top: TopK) -> Tensor:
+            q, p = topk_bins(log_q, top)
+            return torch.where(p > -math.inf, p.exp() * (p - q), torch.zeros((), dtype=p.dtype)).sum(-1)
+
         if mask.any():
-            student = student_logits.materialize() if isinstance(student_logits, HeadLogits) else student_logits
-            log_q = torch.log_softmax(student[mask].float(), -1)
-            q, p = topk_bins(log_q, TopK(teacher.ids[mask], teacher.logprobs[mask], teacher.tail))
-            kl = torch.where(p > -math.inf, p.exp() * (p - q), torch.zeros((), dtype=p.dtype)).sum(-1)
+            if isinstance(student_logits, HeadLogits):  # a block of positions at a time
+                rows = mask.reshape(-1).nonzero().squeeze(-1)
+                kl = map_rows(student_logits, teacher, kl_bins, rows, dtype=torch.float32)
+            else:
+                log_q = torch.log_softmax(student_logits[mask].float(), -1)
+                kl = kl_bins(log_q, TopK(teacher.ids[mask], teacher.logprobs[mask], teacher.tail))
             self.kl_to_teacher.update(kl.mean(), weight=kl.numel())
         if gold.any():
             correct = (teacher.ids[..., 0] == labels) & gold

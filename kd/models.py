@@ -632,3 +632,51 @@ def head_matches(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
             model.train(was_training)
     object.__setattr__(model, "_kd_head_matches", ok)
     return ok
+
+
+def split_mlm_head(model: nn.Module) -> tuple[nn.Module, nn.Module, nn.Linear] | None:
+    """The body, the head transform and the linear decoder of a transformers masked LM, so
+    that ``logits == decoder(transform(body(...).last_hidden_state))``: BERT's
+    ``cls.predictions`` (dense, activation, LayerNorm, then the decoder tied to the input
+    embeddings) and DistilBERT's ``vocab_transform``, activation, ``vocab_layer_norm`` and
+    ``vocab_projector``; None for other models. Checked once per model by
+    :func:`mlm_head_matches` before it is trusted."""
+    if not (_is_hf(model) and hasattr(model, "get_output_embeddings")):
+        return None
+    decoder = model.get_output_embeddings()
+    body = getattr(model, "base_model", None)
+    if not isinstance(decoder, nn.Linear) or body is None or body is model:
+        return None
+    predictions = getattr(getattr(model, "cls", None), "predictions", None)
+    transform = getattr(predictions, "transform", None)
+    if isinstance(transform, nn.Module):
+        return body, transform, decoder
+    if all(isinstance(getattr(model, n, None), nn.Module) for n in ("vocab_transform", "activation", "vocab_layer_norm")):
+        return body, nn.Sequential(model.vocab_transform, model.activation, model.vocab_layer_norm), decoder
+    return None
+
+
+@torch.no_grad()
+def mlm_head_matches(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> bool:
+    """Whether :func:`split_mlm_head` reproduces ``model``'s logits on (the start of) a
+    batch, in eval mode (the result is remembered on the model)."""
+    known = getattr(model, "_kd_mlm_head_matches", None)
+    if known is not None:
+        return known
+    parts = split_mlm_head(model)
+    ok = False
+    if parts is not None:
+        body, transform, decoder = parts
+        ids, mask = input_ids[:1, :16], attention_mask[:1, :16]
+        was_training = model.training
+        model.eval()
+        try:
+            want = model(input_ids=ids, attention_mask=mask).logits.float()
+            got = decoder(transform(body(input_ids=ids, attention_mask=mask).last_hidden_state))
+            ok = got.shape == want.shape and bool(torch.allclose(got.float(), want, rtol=1e-3, atol=1e-4))
+        except (TypeError, AttributeError, ValueError):
+            ok = False
+        finally:
+            model.train(was_training)
+    object.__setattr__(model, "_kd_mlm_head_matches", ok)
+    return ok

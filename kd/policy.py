@@ -1,5 +1,6 @@
 """Policy-gradient pieces shared by the on-policy recipes (MiniLLM's PPO, cross-stage
-distillation, GRPO): the log-probability of sampled tokens, the PPO clipped surrogate, and
+distillation, GRPO): the log-probability of sampled tokens (from dense logits or, on the
+fused path, from hidden states and head: :func:`token_logprobs`), the PPO clipped surrogate, and
 :func:`buffer_updates`, the loop of a recipe with its own optimisation (``Needs.own_loop``)
 that samples a rollout buffer and then trains on it for several epochs of mini-batches."""
 
@@ -11,7 +12,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from kd.chunked import token_log_probs
+from kd.divergences import to_log_probs
 from kd.recipe import check_finite
+from kd.signals import HeadLogits
 
 if TYPE_CHECKING:
     from kd.recipe import DistillationRecipe
@@ -21,6 +25,17 @@ def sampled_log_probs(log_probs: Tensor, tokens: Tensor) -> Tensor:
     """``log p(token)`` at every position: ``(..., V), (...) -> (...)``; negative token ids
     (IGNORE_INDEX) read id 0, mask them afterwards."""
     return log_probs.gather(-1, tokens.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+
+
+def token_logprobs(logits: Tensor | HeadLogits, tokens: Tensor, mask: Tensor, temperature: float = 1.0) -> Tensor:
+    """``log q(token)`` at every position ``(...)`` of dense logits ``(..., V)``, or of hidden
+    states and a linear head without building ``(..., V)`` logits (the fused path,
+    :func:`kd.chunked.token_log_probs`: same values and gradients); 0 outside ``mask``."""
+    mask = mask.bool()
+    if isinstance(logits, HeadLogits):
+        return token_log_probs(logits, tokens, mask, temperature=temperature)
+    values = sampled_log_probs(to_log_probs(logits, temperature, mask=mask), tokens)
+    return torch.where(mask, values, torch.zeros_like(values))
 
 
 def clipped_surrogate(ratio: Tensor, advantage: Tensor, eps: float = 0.2) -> Tensor:

@@ -27,7 +27,9 @@ else about the recipe. The base class owns everything recipes share:
   :class:`kd.signals.Outputs`: logits ``(..., V)``, gold labels ``(...)``, the mask of positions that
   count and, when asked, the last hidden states ``(..., H)``;
 * logging: every loss term under ``train/<name>``, targets per second, and per-epoch
-  validation/test metrics from :class:`kd.evaluation.StageMetrics`;
+  validation/test metrics from :class:`kd.evaluation.StageMetrics`, computed from the
+  student's hidden states and head a block of positions at a time when its head is linear
+  and the recipe's fused path is on (:attr:`DistillationRecipe.fused_student`);
 * exact means under gradient accumulation and data parallelism: a recipe whose loss is a
   mean over items (tokens, sequences) returns their count as ``num_items``; with
   ``accumulate_grad_batches > 1`` or several processes (DDP) the micro-batch losses are
@@ -255,6 +257,20 @@ class DistillationRecipe(L.LightningModule):
 
     # ------------------------------------------------------------------ model calls
 
+    #: the fused path's switch of a recipe without a divergence (one with a divergence follows
+    #: ``divergence.chunked``); recipes that take it as an argument set it (``recipe.chunked``)
+    chunked: bool = True
+
+    @property
+    def fused_student(self) -> bool:
+        """Whether the student's logits come as hidden states and head
+        (:class:`kd.signals.HeadLogits`, when its head is linear) in the recipe's loss and
+        the evaluation metrics: ``divergence.chunked`` for a recipe with a divergence, else
+        :attr:`chunked`. The teacher's signal follows :attr:`fused`."""
+        if self.divergence is not None:
+            return bool(getattr(self.divergence, "chunked", False))
+        return bool(self.chunked)
+
     @property
     def fused(self) -> bool:
         """Whether language models' logits come as hidden states and output head
@@ -457,7 +473,7 @@ class DistillationRecipe(L.LightningModule):
         if batches.is_prompts_only(batch):  # prompts only: score generated answers
             self._generation_eval_step(stage, batch)
             return
-        out = self.outputs(self.student, batch, hidden=False, fused=self.fused)
+        out = self.outputs(self.student, batch, hidden=False, fused=self.fused_student)
         same_tokens = self.teacher is not None and self.needs.teacher_tokenizer == "shared"  # one teacher
         teacher = self.teacher_outputs(batch, hidden=False).logits if same_tokens else None
         self.metrics[stage].update(out.logits, out.labels, out.mask, teacher)

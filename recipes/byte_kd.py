@@ -50,6 +50,18 @@ there) and 10 heads; ULD's ``lam`` defaults to 1.0. Non-canonical tokenizations 
 history are not marginalised (see :mod:`kd.bytes`). Teacher-generated data
 (``regime=teacher_generated``, ``seq_kd``) is refused: its tokens are the teacher's.
 
+Fused path (the student's side): when the student's logits are a linear head over its
+last hidden states, no ``(N, V_S)`` student logits are built. The token cross-entropy is the
+fused one; BLD's student next-byte marginals at its token boundaries (a sum of its token
+probabilities by first byte, needing whole rows) are computed ``C`` positions at a time
+under activation checkpointing (:func:`kd.chunked.map_rows_grad`); ULD's student rows are
+gathered as hidden states at the aligned positions and the ULD divergence chunks over
+positions (``(C, V)`` rows at a time: sorting needs whole rows, so no vocabulary tiles).
+``recipe.chunked=false`` (BLD) / ``divergence.chunked=false`` (ULD) builds the logits. The
+teacher stays dense: its logits at the response positions only (``logits_to_keep``) are
+what the byte-offset alignment and BLD's byte marginals (:func:`kd.bytes.marginal_byte_targets`,
+sums over the teacher's whole vocabulary per position) read.
+
 Run: ``kd experiment=task_byte_kd`` / ``kd experiment=task_uld`` (the embedded task, two
 tokenizers), or ``kd recipe=byte_kd teacher=hf teacher.name_or_path=<hub> student=hf
 student.name_or_path=<hub> data=jsonl ...``.
@@ -57,7 +69,7 @@ student.name_or_path=<hub> data=jsonl ...``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -65,11 +77,20 @@ from torch import Tensor, nn
 
 from kd import ConfigError, batches
 from kd.batches import right_pad
+from kd.chunked import map_rows_grad
 from kd.bytes import NUM_SYMBOLS, ByteVocab, boundary_byte_probs, detours, marginal_byte_targets
 from kd.data import IGNORE_INDEX
 from kd.divergences import Divergence, forward_kl_per_position, reduce
 from kd.evaluation import cross_entropy
 from kd.recipe import DistillationRecipe, Needs
+from kd.signals import HeadLogits
+
+
+def logits_at(logits: Tensor | HeadLogits, rows: Tensor, positions: Tensor) -> Tensor | HeadLogits:
+    """``logits[rows, positions]``: for hidden states and head, the hidden states there (no logits)."""
+    if isinstance(logits, HeadLogits):
+        return replace(logits, hidden=logits.hidden[rows, positions])
+    return logits[rows, positions]
 
 
 @dataclass
@@ -224,6 +245,7 @@ class ByteKD(CrossTokenizerRecipe):
             path that otherwise leaks most (:func:`kd.bytes.detours`).
         hidden_size: width of the student's last hidden state (read from its config
             when null).
+        chunked: the fused path for a student whose head is linear (module docstring).
         **kwargs: passed to :class:`kd.recipe.DistillationRecipe`.
     """
 
@@ -232,7 +254,7 @@ class ByteKD(CrossTokenizerRecipe):
 
     def __init__(self, *, num_heads: int = 10, lam_byte: float = 1.0, lam_kl: float = 0.1,
                  lam_boundary_kl: float = 0.0, detour_passes: bool = True, hidden_size: int | None = None,
-                 **kwargs: Any) -> None:
+                 chunked: bool = True, **kwargs: Any) -> None:
         if num_heads < 1:
             raise ConfigError(f"recipe.num_heads must be >= 1 (got {num_heads}); it is the bytes predicted per position")
         if min(lam_byte, lam_kl, lam_boundary_kl) < 0:
@@ -241,6 +263,7 @@ class ByteKD(CrossTokenizerRecipe):
         self.num_heads = num_heads
         self.lam_byte, self.lam_kl, self.lam_boundary_kl = lam_byte, lam_kl, lam_boundary_kl
         self.detour_passes = detour_passes
+        self.chunked = bool(chunked)
         width = hidden_size or getattr(getattr(self.student, "config", None), "hidden_size", None)
         if width is None:
             raise ConfigError("cannot read the student's hidden size for the byte heads; set recipe.hidden_size")
@@ -282,7 +305,7 @@ class ByteKD(CrossTokenizerRecipe):
         return {k: torch.cat(v).to(teacher_logits.device) for k, v in out.items()}
 
     def compute_loss(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        out = self.outputs(self.student, batch)
+        out = self.outputs(self.student, batch, fused=self.fused_student)
         logits = out.logits
         token_ce = cross_entropy(logits, out.labels)
         rows, teacher_logits = self.align(batch)
@@ -293,8 +316,16 @@ class ByteKD(CrossTokenizerRecipe):
         byte_ce = reduce(-log_q.gather(-1, true.clamp(min=0).unsqueeze(-1)).squeeze(-1), true >= 0)
         byte_kl = reduce(forward_kl_per_position(log_q, torch.log(q["target"])), valid)
         # the student's own next byte at its token boundaries, exact from its token distribution
-        first_map = self.student_bytes.first_map.to(logits.device)
-        student_bytes = boundary_byte_probs(torch.softmax(logits[q["row"], q["pos"]].float(), -1), first_map)
+        first_map = self.student_bytes.first_map.to(token_ce.device)
+
+        def next_bytes(z: Tensor) -> Tensor:
+            return boundary_byte_probs(torch.softmax(z.float(), -1), first_map)
+
+        if isinstance(logits, HeadLogits):  # C positions' rows at a time, checkpointed
+            flat = q["row"] * logits.hidden.shape[1] + q["pos"]
+            student_bytes = map_rows_grad(logits, next_bytes, flat)
+        else:
+            student_bytes = next_bytes(logits[q["row"], q["pos"]])
         boundary_kl = reduce(forward_kl_per_position(torch.log(student_bytes.clamp(min=1e-30)),
                                                      torch.log(q["target"][:, 0])), valid[:, 0])
         loss = token_ce + self.lam_byte * byte_ce + self.lam_kl * byte_kl
@@ -331,7 +362,7 @@ class ULD(CrossTokenizerRecipe):
         self.temperature = temperature
 
     def compute_loss(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        out = self.outputs(self.student, batch)
+        out = self.outputs(self.student, batch, fused=self.fused_student)
         logits = out.logits
         token_ce = cross_entropy(logits, out.labels)
         rows, teacher_logits = self.align(batch)
@@ -345,7 +376,7 @@ class ULD(CrossTokenizerRecipe):
         if s_index:
             rs, ps = torch.tensor(s_index).t()
             rt, pt = torch.tensor(t_index).t()
-            uld = self.divergence(logits[rs, ps], teacher_logits[rt, pt], temperature=self.temperature)
+            uld = self.divergence(logits_at(logits, rs, ps), teacher_logits[rt, pt], temperature=self.temperature)
         else:
             uld = token_ce.new_zeros(())
         pairs = torch.tensor(len(s_index) / max(1, sum(len(r.student_pos) for r in rows)))

@@ -78,6 +78,15 @@ checkpoints (a resumed run starts them anew). The student runs without dropout, 
 samples and updates see one network. The staged pipeline that trains stages in turn is
 :mod:`kd.pipeline` (``kd pipeline=task_stages``, ``task_stages_rl``).
 
+Fused path (``chunked``, default on): when the student's (and the teacher's) logits are a
+linear head over the last hidden states, no ``(N, V)`` logits are built: the sampled tokens'
+log-probabilities of both models (the surrogate's ``pi_theta``, the advantage's two terms,
+GRPO's ratio) come from :func:`kd.chunked.token_log_probs`, the ``dense`` estimator's
+reverse KL from the fused divergence (closed-form gradient), the SFT and self-distillation
+cross-entropies from the fused cross-entropy. Routed teachers' rows are merged into dense
+logits (:class:`kd.teachers.Teachers`); the student side stays fused against them. Values
+and gradients equal the dense path's (tests/test_fused_recipes.py).
+
 Run: ``kd recipe=cross_stage data=task teacher=task_llama student=task_llama sft=task``
 (one teacher), or with ``teachers:`` and ``data.routes`` for several (docs/language-models.md);
 ``kd experiment=task_cross_stage recipe.replay=sft`` is the control; ``kd
@@ -96,10 +105,10 @@ from torch import Tensor
 from kd import ConfigError, batches, policy
 from kd.batches import join_prompts_and_responses
 from kd.data import IGNORE_INDEX
-from kd.divergences import reduce, reverse_kl_per_position, to_log_probs
+from kd.divergences import ReverseKL, reduce
 from kd.evaluation import cross_entropy
 from kd.generation import Sampling
-from kd.policy import sampled_log_probs
+from kd.policy import token_logprobs
 from kd.recipe import DistillationRecipe, Needs
 from kd.rollouts import Rollouts
 
@@ -188,18 +197,21 @@ class CrossStage(DistillationRecipe):
         engine: what samples: ``kd`` (kd's sampler) or ``vllm`` (an in-process vLLM engine,
             :mod:`kd.rollouts`).
         vllm: the vLLM engine's settings (:class:`kd.rollouts.VLLMSettings`).
+        chunked: the fused path (module docstring) for models whose head is linear; False
+            builds the logits.
         **kwargs: passed to :class:`kd.recipe.DistillationRecipe`.
     """
 
     # it samples the replayed prompts itself; without a teacher only the stage objective trains;
     # no dropout: samples and updates see one network
-    needs = Needs(teacher="optional", regimes=("offline",), data=("causal_lm",), student_dropout=False)
+    needs = Needs(teacher="optional", regimes=("offline",), data=("causal_lm",), student_dropout=False,
+                  teacher_signals=("logits", "head"))
 
     def __init__(self, *, lam: float = 1.0, stage_weight: float = 1.0, estimator: str = "sampled",
                  stage_objective: str = "sft", replay: str = "distill", reward: str = "exact",
                  reward_window: int = 20, group_size: int = 4, clip_eps: float = 0.2,
                  sampling: Sampling | Any = None, seed: int = 0, engine: str = "kd", vllm: Any = None,
-                 **kwargs: Any) -> None:
+                 chunked: bool = True, **kwargs: Any) -> None:
         if estimator not in ESTIMATORS:
             raise ConfigError(f"recipe.estimator must be one of {list(ESTIMATORS)} (got {estimator!r})")
         if stage_objective not in STAGE_OBJECTIVES:
@@ -229,7 +241,12 @@ class CrossStage(DistillationRecipe):
         self._last_rewards: deque[float] = deque(maxlen=reward_window)  # ... and of the last ones
         self.sampling = Sampling.of(sampling)
         self.seed = seed
+        self.chunked = bool(chunked)
         self._rng: torch.Generator | None = None
+
+    @property
+    def fused(self) -> bool:
+        return self.chunked
 
     def _replayed(self, batch: dict[str, Tensor]) -> Tensor:
         """``(B,)`` rows whose prompts are replayed to a teacher."""
@@ -294,30 +311,27 @@ class CrossStage(DistillationRecipe):
         if len(rows) == 0:
             return sampled["sample_logprobs"].new_zeros(()), keep.float().mean()
         part = {k: sampled[k][rows] for k in ("input_ids", "attention_mask", "labels")}
-        out = self.outputs(self.student, part)
+        out = self.outputs(self.student, part, fused=self.chunked)
         return cross_entropy(out.logits, out.labels), keep.float().mean()
 
     def grpo_loss(self, sampled: dict[str, Any]) -> Tensor:
         """GRPO's clipped surrogate on a :meth:`grpo_rollout`, mean over its sampled tokens."""
-        out = self.outputs(self.student, sampled)
-        new = sampled_log_probs(to_log_probs(out.logits, mask=out.mask), out.labels)
+        out = self.outputs(self.student, sampled, fused=self.chunked)
+        new = token_logprobs(out.logits, out.labels, out.mask)
         advantage = sampled["advantages"].unsqueeze(-1).expand_as(new)
         return reduce(clipped_surrogate(new, sampled["sample_logprobs"], advantage, self.clip_eps), out.mask)
 
     def distill_loss(self, sampled: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         """``L_distill`` on a sampled batch (:meth:`rollout`) and per-teacher statistics."""
-        student = self.outputs(self.student, sampled)
+        student = self.outputs(self.student, sampled, fused=self.chunked)
         teacher = self.teacher_outputs(sampled, hidden=False)
         mask = student.mask & teacher.mask  # rows routed to no teacher do not count
-        log_q = to_log_probs(student.logits, mask=mask)
-        log_p = to_log_probs(teacher.logits, mask=mask)
-        new = sampled_log_probs(log_q, student.labels)
-        advantage = token_advantages(new, sampled_log_probs(log_p, student.labels))
+        new = token_logprobs(student.logits, student.labels, mask)
+        advantage = token_advantages(new, token_logprobs(teacher.logits, student.labels, mask))
         if self.estimator == "sampled":
-            per_token = clipped_surrogate(new, sampled["sample_logprobs"], advantage, self.clip_eps)
-        else:
-            per_token = reverse_kl_per_position(log_q, log_p)
-        loss = reduce(per_token, mask)
+            loss = reduce(clipped_surrogate(new, sampled["sample_logprobs"], advantage, self.clip_eps), mask)
+        else:  # the full-vocabulary reverse KL, mean over the replayed tokens
+            loss = ReverseKL()(student.logits, teacher.logits, mask)
         stats: dict[str, Tensor] = {}
         route = self.teachers.route(sampled)
         for k, name in enumerate(self.teachers.names):
@@ -345,14 +359,14 @@ class CrossStage(DistillationRecipe):
                 terms["stage_reward"] = sampled["rewards"].mean()
                 loss = loss + self.stage_weight * terms["stage_self_distill"]
             else:
-                full = self.outputs(self.student, batch)
+                full = self.outputs(self.student, batch, fused=self.chunked)
                 labels = torch.where(replayed.unsqueeze(-1), torch.full_like(full.labels, IGNORE_INDEX), full.labels)
                 terms["stage_ce"] = cross_entropy(full.logits, labels)
                 loss = loss + self.stage_weight * terms["stage_ce"]
         if "stage_reward" in terms:
             self._record_reward(float(terms["stage_reward"]))
         if self.lam > 0 and replayed.any() and self.replay == "sft":
-            full = full if full is not None else self.outputs(self.student, batch)
+            full = full if full is not None else self.outputs(self.student, batch, fused=self.chunked)
             labels = torch.where(replayed.unsqueeze(-1), full.labels, torch.full_like(full.labels, IGNORE_INDEX))
             terms["replay_ce"] = cross_entropy(full.logits, labels)
             loss = loss + self.lam * terms["replay_ce"]

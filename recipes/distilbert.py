@@ -21,6 +21,15 @@ head and every other layer, ``[0, 2, 4, 7, 9, 11]`` for 12 -> 6).
 
 Defaults are the published run's (code README): a_ce 5.0, a_mlm 2.0, a_cos 1.0, T 2.
 
+Fused path (``divergence.chunked``, default on): BERT's and DistilBERT's MLM head is a
+transform (dense, activation, LayerNorm) followed by a linear decoder tied to the input
+embeddings (:func:`kd.models.split_mlm_head`, checked against the model's logits once).
+The transform is applied to the last hidden states (``(N, H)``, cheap), and the decoder
+is the linear head of the fused loss: the KL term and the MLM cross-entropy are computed a
+block of positions at a time (:mod:`kd.chunked`), no ``(N, V)`` logits of either model;
+the cosine term uses the body's last hidden states, before the transform. Values and
+gradients equal the dense path's (tests/test_fused_recipes.py).
+
 Deviations: the code's optional causal-LM and hidden-state MSE terms (a_clm, a_mse, 0 in
 the published run) are left out.
 
@@ -38,6 +47,7 @@ from kd import ConfigError, batches
 from kd.divergences import Divergence, reduce
 from kd.evaluation import cross_entropy
 from kd.recipe import DistillationRecipe, Needs
+from kd.signals import HeadLogits
 
 
 def cosine_loss(student_hidden: Tensor, teacher_hidden: Tensor, mask: Tensor) -> Tensor:
@@ -58,7 +68,7 @@ class DistilBERT(DistillationRecipe):
         **kwargs: passed to :class:`kd.recipe.DistillationRecipe`.
     """
 
-    needs = Needs(divergence=True, hidden_states=True, data=("masked_lm",))
+    needs = Needs(divergence=True, hidden_states=True, data=("masked_lm",), teacher_signals=("logits", "head"))
 
     def __init__(self, *, alpha_ce: float = 5.0, alpha_mlm: float = 2.0, alpha_cos: float = 1.0,
                  temperature: float = 2.0, restrict_ce_to_mask: bool = False, divergence: Divergence | None = None,
@@ -75,12 +85,12 @@ class DistilBERT(DistillationRecipe):
     def compute_loss(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         if not batches.is_masked_lm(batch):
             raise ConfigError("DistilBERT needs masked-LM batches; use a masked-LM datamodule such as data=text")
-        student, teacher = self.outputs(self.student, batch), self.teacher_outputs(batch)
+        student, teacher = self.outputs(self.student, batch, fused=self.fused), self.teacher_outputs(batch)
         logits, labels, mask = student.logits, student.labels, student.mask
         mask = mask & teacher.mask  # rows without a teacher do not count
         rows = mask & (labels != -100) if self.restrict_ce_to_mask else mask
         terms: dict[str, Tensor] = {}
-        loss = logits.new_zeros(())
+        loss = (logits.hidden if isinstance(logits, HeadLogits) else logits).new_zeros((), dtype=torch.float32)
         if self.alpha_ce > 0:
             terms["kd"] = self.temperature**2 * self.divergence(logits, teacher.logits, rows,
                                                                 temperature=self.temperature)

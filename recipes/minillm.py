@@ -51,6 +51,17 @@ run's. The student is run without dropout (rollouts, old log-probs and the updat
 see the same network, so the first PPO ratio is exactly 1). The LM term uses the
 training batch's dataset responses rather than a separate pretraining corpus.
 
+Fused path (``chunked``, default on): when the student's and the teacher's logits are a
+linear head over their last hidden states (:func:`kd.models.split_head`), no ``(N, V)``
+logits are built. The sampled tokens' log-probabilities (old, new, the teacher's, the
+vLLM importance weights) come from :func:`kd.chunked.token_log_probs` (:func:`kd.policy.token_logprobs`); the single-step
+reverse KL and its weights ``w_t`` from :func:`kd.chunked.fused_loss_and_values` (closed-form
+gradient, one sweep that also gives the logged unweighted KL); the LM term from the fused
+cross-entropy and, in the code variant, the fused forward KL. The rollout buffer keeps the
+teacher's last hidden states ``(B, L, H_T)`` instead of its log-probabilities ``(B, L, V)``.
+Values and gradients equal the dense path's (tests/test_fused_recipes.py); a model whose
+head is not linear gives dense logits and the dense path runs for it.
+
 Run: ``kd experiment=task_minillm`` or ``kd recipe=minillm data=task teacher=task_llama student=task_llama``
 """
 
@@ -63,13 +74,34 @@ from torch import Tensor
 
 from kd import ConfigError, batches, policy
 from kd.batches import join_prompts_and_responses
-from kd.divergences import forward_kl, reduce, reverse_kl_per_position, to_log_probs
+from kd.chunked import Form, fused_loss_and_values
+from kd.divergences import ForwardKL, reduce, reverse_kl_per_position, to_log_probs
 from kd.evaluation import cross_entropy
 from kd.generation import Sampling, TeacherMix, generate
+from kd.models import split_head
 from kd.policy import clipped_surrogate as ppo_clipped_loss  # -min(rw A, clip(rw) A), rw = ratio x weight
-from kd.policy import sampled_log_probs
+from kd.policy import token_logprobs
 from kd.recipe import DistillationRecipe, Needs
 from kd.rollouts import Rollouts
+from kd.signals import HeadLogits
+
+#: the rollout buffer's key of the teacher's last hidden states on the fused path
+TEACHER_HIDDEN = "teacher_hidden"
+
+
+def weighted_reverse_kl(student: Tensor | HeadLogits, teacher: Tensor | HeadLogits, mask: Tensor,
+                        weights: Tensor) -> tuple[Tensor, Tensor]:
+    """``(mean over mask of w_t KL(q || p), mean over mask of KL(q || p))``, the second
+    without gradient; either model as dense logits / log-probabilities or hidden states and
+    a linear head (the fused path when the student is: closed-form gradient, one sweep)."""
+    if isinstance(student, HeadLogits):
+        rows = mask.reshape(-1).nonzero().squeeze(-1)
+        w = weights.reshape(-1)[rows].detach() / max(rows.numel(), 1)
+        loss, values = fused_loss_and_values(student, teacher, rows, w, form=Form("reverse_kl"))
+        return loss, (values.mean() if values.numel() else values.new_zeros(()))
+    teacher = teacher.materialize() if isinstance(teacher, HeadLogits) else teacher
+    kl = reverse_kl_per_position(to_log_probs(student, mask=mask), to_log_probs(teacher, mask=mask))
+    return reduce(kl * weights, mask), reduce(kl.detach(), mask)
 
 VARIANTS = {
     "paper": {"reward_scale": 1.0, "reward_clip": None, "gamma": 1.0, "include_current": False, "whiten": False,
@@ -132,16 +164,19 @@ class MiniLLM(DistillationRecipe):
             ``mix_alpha=0``, and the importance weights are then ``q_T(y) / q_filtered(y)``,
             1 without top-k/top-p).
         vllm: the vLLM engine's settings (:class:`kd.rollouts.VLLMSettings`).
+        chunked: the fused path (module docstring) for models whose head is linear; False
+            builds both models' logits.
         **kwargs: passed to :class:`kd.recipe.DistillationRecipe`.
     """
 
     # it samples its own rollouts; no dropout: rollouts, old log-probs and updates see one network
-    needs = Needs(own_loop=True, regimes=("offline",), data=("causal_lm",), student_dropout=False)
+    needs = Needs(own_loop=True, regimes=("offline",), data=("causal_lm",), student_dropout=False,
+                  teacher_signals=("logits", "head"))
 
     def __init__(self, *, variant: str = "paper", mix_alpha: float = 0.2, clip_eps: float = 0.2,
                  ppo_epochs: int = 4, num_minibatches: int = 4, pt_weight: float = 1.0,
                  max_grad_norm: float | None = 1.0, sampling: Sampling | Any = None, seed: int = 0,
-                 engine: str = "kd", vllm: Any = None, **kwargs: Any) -> None:
+                 engine: str = "kd", vllm: Any = None, chunked: bool = True, **kwargs: Any) -> None:
         if variant not in VARIANTS:
             raise ConfigError(f"recipe.variant must be one of {sorted(VARIANTS)} (got {variant!r})")
         if not 0.0 <= mix_alpha <= 1.0:
@@ -163,7 +198,26 @@ class MiniLLM(DistillationRecipe):
         self.pt_weight, self.max_grad_norm = pt_weight, max_grad_norm
         self.sampling = Sampling.of(sampling)
         self.seed = seed
+        self.chunked = bool(chunked)
         self._rng: torch.Generator | None = None
+
+    @property
+    def fused(self) -> bool:
+        return self.chunked
+
+    @staticmethod
+    def _teacher_entry(logits: Tensor | HeadLogits) -> dict[str, Tensor]:
+        """What a buffer keeps of a fused teacher: its hidden states (the head is the teacher's own)."""
+        return {TEACHER_HIDDEN: logits.hidden} if isinstance(logits, HeadLogits) else {}
+
+    def _teacher_signal(self, part: dict[str, Tensor], dense_key: str) -> Tensor | HeadLogits:
+        """The teacher of a buffer slice: its hidden states and head (:func:`kd.models.split_head`,
+        cut to the vocabulary), or the dense ``dense_key``."""
+        if TEACHER_HIDDEN not in part:
+            return part[dense_key]
+        _, head, softcap, scale = split_head(self.teacher)
+        signal = HeadLogits(part[TEACHER_HIDDEN], head.weight, head.bias, softcap, scale)
+        return signal.with_vocab(self.vocab_size) if self.vocab_size is not None else signal
 
     def check_data(self, datamodule: Any) -> None:
         size = getattr(datamodule, "batch_size", None)
@@ -201,25 +255,26 @@ class MiniLLM(DistillationRecipe):
                            mix=TeacherMix(self.teacher, self.mix_alpha))
         joined = join_prompts_and_responses(batch["prompt_ids"], batch["prompt_mask"], out.responses,
                                             out.response_mask, tok.pad_token_id)
-        student = self.outputs(self.student, joined)
+        student = self.outputs(self.student, joined, fused=self.chunked)
         teacher = self.teacher_outputs(joined)  # its mask leaves out rows without a teacher
         if out.student_logprobs is not None:
             weights = out.importance_weights[out.response_mask]
         else:  # w = q_T(y) / (the filtered q_T the engine drew from)(y); 1 without top-k / top-p
             t = 1.0 if config.greedy else float(config.temperature)
-            log_q = sampled_log_probs(to_log_probs(student.logits, t), student.labels)
+            log_q = token_logprobs(student.logits, student.labels, student.mask, t)
             weights = torch.exp(log_q[student.mask] - out.logprobs[out.response_mask])
         return {**joined, **self.score(student.logits, teacher.logits, student.labels, teacher.mask, weights)}
 
-    def score(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, mask: Tensor,
-              weights: Tensor) -> dict[str, Tensor]:
+    def score(self, student_logits: Tensor | HeadLogits, teacher_logits: Tensor | HeadLogits, labels: Tensor,
+              mask: Tensor, weights: Tensor) -> dict[str, Tensor]:
         """Rewards and advantages of sampled tokens ``labels (B, L)`` at the ``mask``
-        positions, from both models' logits ``(B, L, V)`` (temperature 1) and the sampling
-        importance weights ``w`` of the valid tokens (row-major, as ``labels[mask]``)."""
-        log_q = to_log_probs(student_logits)
-        log_p = to_log_probs(teacher_logits)
-        old = sampled_log_probs(log_q, labels)
-        reward = (sampled_log_probs(log_p, labels) - old) * self.settings["reward_scale"]
+        positions, from both models' logits ``(B, L, V)`` or hidden states and heads
+        (temperature 1) and the sampling importance weights ``w`` of the valid tokens
+        (row-major, as ``labels[mask]``). The buffer keeps the teacher's log-probabilities
+        ``teacher_logprobs`` (dense) or its hidden states (fused)."""
+        mask = mask.bool()
+        old = token_logprobs(student_logits, labels, mask)
+        reward = (token_logprobs(teacher_logits, labels, mask) - old) * self.settings["reward_scale"]
         if self.settings["reward_clip"] is not None:
             reward = reward.clamp(-self.settings["reward_clip"], self.settings["reward_clip"])
         reward = torch.where(mask, reward, torch.zeros_like(reward))
@@ -227,39 +282,40 @@ class MiniLLM(DistillationRecipe):
         w[mask] = weights.to(w.dtype)
         adv = advantages(reward, mask, self.settings["gamma"], self.settings["include_current"],
                          self.settings["whiten"])
-        return {"mask": mask, "old_logprobs": old, "teacher_logprobs": log_p, "weights": w, "rewards": reward,
-                "advantages": adv}
+        teacher = self._teacher_entry(teacher_logits) or {"teacher_logprobs": to_log_probs(teacher_logits)}
+        return {"mask": mask, "old_logprobs": old, **teacher, "weights": w, "rewards": reward, "advantages": adv}
 
     # ------------------------------------------------------------------ the loss
 
     def minibatch_loss(self, rollout: dict[str, Tensor], data: dict[str, Tensor] | None) -> dict[str, Tensor]:
         """The loss of one PPO update on ``rollout`` (a slice of :meth:`rollout`'s output)
         plus the LM term on ``data`` (dataset token batch, or None; the code variant's KD
-        part reads the teacher's logits from ``data["teacher_logits"]`` when present)."""
-        out = self.outputs(self.student, rollout)
+        part reads the teacher's logits from ``data["teacher_logits"]``, or its hidden
+        states from ``data["teacher_hidden"]``, when present)."""
+        out = self.outputs(self.student, rollout, fused=self.chunked)
         logits, labels = out.logits, out.labels
-        mask = rollout["mask"]
-        log_q = to_log_probs(logits, mask=mask)
-        new = sampled_log_probs(log_q, labels)
+        mask = rollout["mask"].bool()
+        new = token_logprobs(logits, labels, mask)
         ratio_w = torch.exp(torch.where(mask, new - rollout["old_logprobs"], torch.zeros_like(new))) * rollout["weights"]
         ppo_tokens = ppo_clipped_loss(ratio_w, rollout["advantages"], self.clip_eps)
         ppo = reduce(ppo_tokens, mask)
-        kl = reverse_kl_per_position(log_q, rollout["teacher_logprobs"])
-        weighted = kl * rollout["weights"] if self.settings["weighted_single_step"] else kl
-        single = reduce(weighted, mask)
+        weights = rollout["weights"] if self.settings["weighted_single_step"] else torch.ones_like(rollout["weights"])
+        single, kl = weighted_reverse_kl(logits, self._teacher_signal(rollout, "teacher_logprobs"), mask, weights)
         clipped = ((ratio_w - 1).abs() > self.clip_eps) & mask
-        terms = {"ppo": ppo, "single_step": single, "reverse_kl": reduce(kl.detach(), mask),
+        terms = {"ppo": ppo, "single_step": single, "reverse_kl": kl,
                  "clip_fraction": clipped.sum() / mask.sum().clamp(min=1)}
         loss = ppo + single
         if data is not None and self.pt_weight > 0:
-            d = self.outputs(self.student, data)
+            d = self.outputs(self.student, data, fused=self.chunked)
             d_logits, d_mask = d.logits, d.mask
             lm = cross_entropy(d_logits, d.labels)
             share = self.settings["lm_kd_share"]
             if share > 0:
-                teacher = (data[batches.TEACHER_LOGITS] if batches.TEACHER_LOGITS in data
-                           else self.teacher_outputs(data).logits)
-                lm = (1 - share) * lm + share * forward_kl(d_logits, teacher, d_mask)
+                if TEACHER_HIDDEN in data or batches.TEACHER_LOGITS in data:
+                    teacher = self._teacher_signal(data, batches.TEACHER_LOGITS)
+                else:
+                    teacher = self.teacher_outputs(data).logits
+                lm = (1 - share) * lm + share * ForwardKL()(d_logits, teacher, d_mask)
             terms["lm"] = lm
             loss = loss + self.pt_weight * lm
         return {"loss": loss, **terms}
@@ -269,7 +325,8 @@ class MiniLLM(DistillationRecipe):
         n = len(buffer["input_ids"])
         lm_data = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
         if self.pt_weight > 0 and self.settings["lm_kd_share"] > 0:  # once per buffer, not per update
-            lm_data[batches.TEACHER_LOGITS] = self.teacher_outputs(lm_data).logits  # one teacher: its mask is d's
+            teacher = self.teacher_outputs(lm_data).logits  # one teacher: its mask is d's
+            lm_data.update(self._teacher_entry(teacher) or {batches.TEACHER_LOGITS: teacher})
 
         def loss(rows: Tensor) -> dict[str, Tensor]:
             return self.minibatch_loss({k: v[rows] for k, v in buffer.items()},

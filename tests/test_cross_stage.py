@@ -313,7 +313,8 @@ def test_self_distillation_trains_on_the_best_rewarded_sample_of_each_prompt(rou
     logits = student(input_ids=sampled["input_ids"][rows], attention_mask=sampled["attention_mask"][rows]).logits
     labels = sampled["labels"][rows][:, 1:]
     expected = F.cross_entropy(logits[:, :-1, :V].reshape(-1, V), labels.reshape(-1), ignore_index=IGNORE_INDEX)
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    # float32, a loss near 0: lse - z_y (fused) and log_softmax (dense) round differently, ~1e-7 absolute
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
     monkeypatch.setattr(recipe, "rewards", lambda samples, refs: torch.zeros(len(samples)))
     nothing, kept = recipe.self_distill_loss(recipe.grpo_rollout(_batch(routed_dm), torch.arange(3)))
     assert nothing.item() == 0.0 and kept.item() == 0.0

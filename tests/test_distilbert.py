@@ -147,20 +147,22 @@ def test_triple_loss_matches_a_hand_computation_on_all_non_pad_rows():
     recipe, batch = _recipe_and_batch()
     terms = recipe.compute_loss(batch)
     kl, mlm, cos = _by_hand(recipe, batch, batch["attention_mask"].bool())
-    assert terms["kd"].item() == pytest.approx(kl.item(), rel=1e-5)
+    # float32 and a KL near 0: the fused path (default) sums in another order, ~1e-7 absolute
+    # (float64 equality of the fused and dense paths: tests/test_fused_recipes.py)
+    assert terms["kd"].item() == pytest.approx(kl.item(), rel=1e-5, abs=1e-6)
     assert terms["mlm"].item() == pytest.approx(mlm.item(), rel=1e-5)
     assert terms["cos"].item() == pytest.approx(cos.item(), rel=1e-5)
     assert terms["loss"].item() == pytest.approx((5 * kl + 2 * mlm + cos).item(), rel=1e-5)
     restricted, _ = _recipe_and_batch(restrict_ce_to_mask=True)
     kl_masked, _, _ = _by_hand(restricted, batch, batch["labels"] != -100)
-    assert restricted.compute_loss(batch)["kd"].item() == pytest.approx(kl_masked.item(), rel=1e-5)
+    assert restricted.compute_loss(batch)["kd"].item() == pytest.approx(kl_masked.item(), rel=1e-5, abs=1e-6)
     assert kl_masked.item() != pytest.approx(kl.item(), rel=1e-3)
 
 
 def test_the_divergence_group_replaces_the_kl():
     recipe, batch = _recipe_and_batch(divergence=ReverseKL())
     kl, _, _ = _by_hand(recipe, batch, batch["attention_mask"].bool(), reverse=True)
-    assert recipe.compute_loss(batch)["kd"].item() == pytest.approx(kl.item(), rel=1e-5)
+    assert recipe.compute_loss(batch)["kd"].item() == pytest.approx(kl.item(), rel=1e-5, abs=1e-6)
 
 
 TINY_TEXT = ["data=text", "teacher=text_bert", "student=from_teacher", "data.max_length=32", "data.vocab_size=600",

@@ -272,9 +272,9 @@ def test_paper_weights_the_single_step_term_and_code_does_not(task_dm):
     buffer = paper.rollout(next(iter(task_dm.train_dataloader())))
     code = _attached(MiniLLM(student=student, teacher=teacher, variant="code"), task_dm)
     mask = buffer["mask"]
-    log_q = torch.log_softmax(student(input_ids=buffer["input_ids"], attention_mask=buffer["attention_mask"]).logits[
-        :, :-1, : len(task_dm.tokenizer)], -1)
-    kl = (log_q.exp() * (log_q - buffer["teacher_logprobs"])).sum(-1)
+    log_q, log_p = (torch.log_softmax(model(input_ids=buffer["input_ids"], attention_mask=buffer["attention_mask"])
+                                      .logits[:, :-1, : len(task_dm.tokenizer)], -1) for model in (student, teacher))
+    kl = (log_q.exp() * (log_q - log_p)).sum(-1)
     assert paper.minibatch_loss(buffer, None)["single_step"].item() == pytest.approx(
         (kl * buffer["weights"])[mask].mean().item(), rel=1e-5)
     assert code.minibatch_loss(buffer, None)["single_step"].item() == pytest.approx(kl[mask].mean().item(), rel=1e-5)
