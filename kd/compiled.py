@@ -88,8 +88,11 @@ class Compiled:
                         torch._dynamo.maybe_mark_dynamic(args[i], 0)
                 return self._compiled(*args)
             except Exception as e:  # noqa: BLE001 - any compile failure falls back to eager
-                lines = str(e).strip().splitlines() or [type(e).__name__]
-                self.failed = f"{type(e).__name__}: {lines[0][:200]}"
+                root: BaseException = e  # the cause dynamo wraps (BackendCompilerFailed, InductorError)
+                while (getattr(root, "inner_exception", None) or root.__cause__) is not None:
+                    root = getattr(root, "inner_exception", None) or root.__cause__
+                lines = str(root).strip().splitlines() or [type(root).__name__]
+                self.failed = f"{type(root).__name__}: {lines[0][:200]}"
                 log.warning("kd: compiling the fused loss failed (%s); using the eager path", self.failed)
         return self.fn(*args)
 
