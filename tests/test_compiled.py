@@ -119,38 +119,40 @@ def test_given_teacher_logits_that_want_gradients_through_the_compiled_block(bac
     assert K._COMPILED_ROWS.failed is None
 
 
-def test_inductor_compiles_one_graph_whatever_the_rows_parameter_and_temperature(backend, monkeypatch):
+def test_inductor_compiles_one_graph_whatever_the_rows_parameter_and_temperature(backend):
     """Inductor (C++ code on CPU): one JSD graph per dtype serves every row count (blocks of
     2 to 5 rows), every beta and temperature; float64 to 1e-10, float32 to 1e-5 relative;
     bf16 inputs accumulate in float32 (a float32 loss, bf16 gradients within bf16 rounding)."""
     import torch._inductor.config as inductor_config
 
-    monkeypatch.setattr(inductor_config, "compile_threads", 1)  # no worker pool to start for one graph
-    backend("inductor")
-    g = torch.Generator().manual_seed(0)
-    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
-        ws = torch.randn(40, 8, dtype=dtype, generator=g).requires_grad_()
-        bs = torch.randn(40, dtype=dtype, generator=g).requires_grad_()
-        wt = torch.randn(40, 8, dtype=dtype, generator=g)
-        for n, beta, temperature in ((13, 0.5, 1.0), (7, 0.9, 2.0), (22, 0.1, 0.5)):
-            hs = torch.randn(n, 8, dtype=dtype, generator=g).requires_grad_()
-            ht = torch.randn(n, 8, dtype=dtype, generator=g)
-            got = D.JSD(beta=beta, chunk_size=5, compile="true")(HeadLogits(hs, ws, bs), HeadLogits(ht, wt),
-                                                                temperature=temperature)
-            want = D.jsd(hs @ ws.T + bs, ht @ wt.T, beta=beta, temperature=temperature)
-            assert got.dtype == dtype and _rel(got, want) < tol, (dtype, n)
-            for a, b in zip(torch.autograd.grad(got, [hs, ws, bs]), torch.autograd.grad(want, [hs, ws, bs])):
-                assert _rel(a, b) < tol, (dtype, n)
-    assert _graphs() == 2  # float64 and float32, no recompile per N, beta or temperature
-    hs = torch.randn(17, 8, generator=g).bfloat16().requires_grad_()  # blocks of 5, 5, 5, 2
-    ws = (torch.randn(40, 8, generator=g) * 0.5).bfloat16().requires_grad_()
-    ht, wt = torch.randn(17, 8, generator=g).bfloat16(), (torch.randn(40, 8, generator=g) * 0.5).bfloat16()
-    got = D.JSD(chunk_size=5, compile="true")(HeadLogits(hs, ws), HeadLogits(ht, wt))
-    want = D.jsd(hs @ ws.T, ht @ wt.T)  # the plain path: bf16 logits upcast to float32
-    assert got.dtype == torch.float32 and _rel(got, want) < 1e-5
-    for a, b in zip(torch.autograd.grad(got, [hs, ws]), torch.autograd.grad(want, [hs, ws])):
-        assert a.dtype == torch.bfloat16 and _rel(a, b) < 2e-2  # bf16 gradients: a few bf16 roundings
-    assert K._COMPILED_ROWS.failed is None and _graphs() == 3
+    # no worker pool to start for one graph; patch() restores the setting (a monkeypatch undo
+    # left inductor without it, which broke vLLM's own compile later in the same process)
+    with inductor_config.patch(compile_threads=1):
+        backend("inductor")
+        g = torch.Generator().manual_seed(0)
+        for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
+            ws = torch.randn(40, 8, dtype=dtype, generator=g).requires_grad_()
+            bs = torch.randn(40, dtype=dtype, generator=g).requires_grad_()
+            wt = torch.randn(40, 8, dtype=dtype, generator=g)
+            for n, beta, temperature in ((13, 0.5, 1.0), (7, 0.9, 2.0), (22, 0.1, 0.5)):
+                hs = torch.randn(n, 8, dtype=dtype, generator=g).requires_grad_()
+                ht = torch.randn(n, 8, dtype=dtype, generator=g)
+                got = D.JSD(beta=beta, chunk_size=5, compile="true")(HeadLogits(hs, ws, bs), HeadLogits(ht, wt),
+                                                                    temperature=temperature)
+                want = D.jsd(hs @ ws.T + bs, ht @ wt.T, beta=beta, temperature=temperature)
+                assert got.dtype == dtype and _rel(got, want) < tol, (dtype, n)
+                for a, b in zip(torch.autograd.grad(got, [hs, ws, bs]), torch.autograd.grad(want, [hs, ws, bs])):
+                    assert _rel(a, b) < tol, (dtype, n)
+        assert _graphs() == 2  # float64 and float32, no recompile per N, beta or temperature
+        hs = torch.randn(17, 8, generator=g).bfloat16().requires_grad_()  # blocks of 5, 5, 5, 2
+        ws = (torch.randn(40, 8, generator=g) * 0.5).bfloat16().requires_grad_()
+        ht, wt = torch.randn(17, 8, generator=g).bfloat16(), (torch.randn(40, 8, generator=g) * 0.5).bfloat16()
+        got = D.JSD(chunk_size=5, compile="true")(HeadLogits(hs, ws), HeadLogits(ht, wt))
+        want = D.jsd(hs @ ws.T, ht @ wt.T)  # the plain path: bf16 logits upcast to float32
+        assert got.dtype == torch.float32 and _rel(got, want) < 1e-5
+        for a, b in zip(torch.autograd.grad(got, [hs, ws]), torch.autograd.grad(want, [hs, ws])):
+            assert a.dtype == torch.bfloat16 and _rel(a, b) < 2e-2  # bf16 gradients: a few bf16 roundings
+        assert K._COMPILED_ROWS.failed is None and _graphs() == 3
 
 
 def test_a_failed_compile_falls_back_to_eager_with_one_warning(backend, monkeypatch):
