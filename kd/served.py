@@ -393,6 +393,7 @@ class ServedTeacher(nn.Module):
         self._url = url
         self._model_name = model_name
         self._client: Client | None = None
+        self._connecting = threading.RLock()  # request threads share one start of a launched server
         #: the tokenizer's vocabulary (set by :meth:`check`): ids at or past it go to the tail
         self.vocab_size: int | None = None
         self.max_logprobs_checked = 0
@@ -401,22 +402,25 @@ class ServedTeacher(nn.Module):
 
     @property
     def client(self) -> Client:
-        """The client of the running server (a launched one is started on first use)."""
-        if self._client is None:
-            url = self.server.start() if self.server is not None else self._url
-            self._client = Client(url, **self._client_settings)
-        elif self.server is not None and self.server.process is None:  # stopped at a run's end: start again
-            self._client = Client(self.server.start(), **self._client_settings)
-        return self._client
+        """The client of the running server (a launched one is started on first use, once,
+        whichever request thread gets here first)."""
+        with self._connecting:
+            if self._client is None:
+                url = self.server.start() if self.server is not None else self._url
+                self._client = Client(url, **self._client_settings)
+            elif self.server is not None and self.server.process is None:  # stopped at a run's end: start again
+                self._client = Client(self.server.start(), **self._client_settings)
+            return self._client
 
     @property
     def model_name(self) -> str:
-        if self._model_name is None:
-            def check(answer: Any) -> None:
-                answer["data"][0]["id"]
+        with self._connecting:
+            if self._model_name is None:
+                def check(answer: Any) -> None:
+                    answer["data"][0]["id"]
 
-            self._model_name = str(self.client.request("/v1/models", check=check)["data"][0]["id"])
-        return self._model_name
+                self._model_name = str(self.client.request("/v1/models", check=check)["data"][0]["id"])
+            return self._model_name
 
     def close(self) -> None:
         """Stop the launched server (a later request starts it again)."""
@@ -505,6 +509,7 @@ class ServedTeacher(nn.Module):
         seqs = [[int(t) for t in s] for s in sequences]
         size = self.prompts_per_request
         chunks = [seqs[i : i + size] for i in range(0, len(seqs), size)]
+        self.model_name  # the server started and named before the request threads  # noqa: B018
         if len(chunks) > 1 and self.concurrency > 1:
             with ThreadPoolExecutor(min(self.concurrency, len(chunks))) as pool:
                 answers = list(pool.map(lambda c: self._score_chunk(c, k), chunks))
