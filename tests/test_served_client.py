@@ -100,6 +100,23 @@ def test_after_the_retries_a_failing_server_is_one_sentence(tmp_path, mode, prob
             server.stop()
 
 
+def test_request_threads_share_one_start_of_a_launched_server(tmp_path):
+    # 6 prompts, one per request, 4 threads, before the server ever started: it starts once
+    command = [sys.executable, FAKE, "--pid-dir", str(tmp_path / "pids")]
+    (tmp_path / "logs").mkdir()
+    teacher = ServedTeacher(launch=str(model_dir_stub(tmp_path)), top_k=4,
+                            server={"command": command, "log_dir": str(tmp_path / "logs")},
+                            client={"concurrency": 4, "prompts_per_request": 1})
+    teacher.vocab_size = 64
+    try:
+        scored = teacher.score([[1, 2, 3 + i] for i in range(6)], 4)
+    finally:
+        teacher.close()
+    assert [ids.shape for ids, _, _ in scored] == [torch.Size([2, 4])] * 6
+    assert len(list((tmp_path / "logs").glob("server-*.log"))) == 1
+    assert not any(alive(p) for p in pids(tmp_path / "pids"))
+
+
 def test_k_above_the_servers_max_logprobs_is_refused(tmp_path):
     server = fake_server(tmp_path)  # allows at most 4
     try:
