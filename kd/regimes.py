@@ -198,13 +198,10 @@ class Regime:
         """Told after every validation of a training run (not the sanity check): the
         logged ``val/...`` values."""
 
-    def logged(self) -> dict[str, float]:
-        """Values to log after each :meth:`batch` (as ``train/regime/<name>``)."""
-        return {}
-
     def metrics(self) -> dict[str, float]:
-        """Numbers about the last :meth:`batch`'s rollouts that the training step logs
-        (``train/<name>``: the engine's staleness and sync time, :mod:`kd.rollouts`)."""
+        """Numbers about the last :meth:`batch` that the training step logs as
+        ``train/regime/<name>`` (the rollout engine's staleness and sync time,
+        :mod:`kd.rollouts`; a regime's own counters). A subclass extends its parent's."""
         return {}
 
     def state_dict(self) -> dict[str, Any]:
@@ -345,7 +342,7 @@ class OnPolicy(Regime):
         overlap: one step off-policy (needs ``engine=vllm``): while step ``t`` trains, a
             background thread samples batch ``t``'s prompts with the weights of step ``t``
             (synced before the step's update), and step ``t + 1`` trains on those samples, so
-            every batch is exactly one optimizer step stale (``train/rollout_staleness`` adds
+            every batch is exactly one optimizer step stale (``train/regime/rollout_staleness`` adds
             it to the engine's ``sync_every`` staleness). The first step samples its batch
             twice: at once for itself and in the background for step 1; the samples of the
             last batch are never trained on, and a resumed run starts the pipeline anew.
@@ -544,8 +541,8 @@ class Speculative(OnPolicy):
         self._share = count / max(total, 1)
         return joined
 
-    def logged(self) -> dict[str, float]:
-        return {"replaced_share": self._share}
+    def metrics(self) -> dict[str, float]:
+        return {**super().metrics(), "replaced_share": self._share}
 
     def state_dict(self) -> dict[str, Any]:
         return {"replaced_tokens": self.replaced_tokens, "response_tokens": self.response_tokens}
@@ -740,8 +737,9 @@ class Adaptive(OnPolicy):
         self.counts[self.last] += 1
         return out
 
-    def logged(self) -> dict[str, float]:
-        return {"student_prob": self.prob, "buffer": float(len(self.buffer)),
+    def metrics(self) -> dict[str, float]:
+        engine = super().metrics() if self.last == "fresh" else {}  # the rollout engine's, when it sampled
+        return {**engine, "student_prob": self.prob, "buffer": float(len(self.buffer)),
                 "fresh": float(self.last == "fresh"), "replayed": float(self.last == "replayed")}
 
     def state_dict(self) -> dict[str, Any]:

@@ -26,8 +26,9 @@ The vLLM engine
   (:mod:`kd.adapters`) is merged for the sync (``W + scale * B A``, in a new state dict:
   the training model keeps its adapters). **Staleness**: a rollout is sampled from weights
   that are ``0 .. sync_every - 1`` rollouts old (counted in rollouts, i.e. on-policy
-  batches); each rollout's staleness is logged (``train/rollout_staleness``, kd's log at
-  INFO on every sync).
+  batches); each rollout's staleness is logged (``train/regime/rollout_staleness`` in the
+  regimes, ``train/rollout_staleness`` in MiniLLM and cross_stage; kd's log at INFO on
+  every sync).
 * **Sampling settings** map one to one from :class:`kd.generation.GenerationConfig`:
   ``temperature`` (0: greedy, vLLM's ``temperature=0``), ``top_k`` (0: off, vLLM's -1),
   ``top_p``, ``max_new_tokens`` (vLLM's ``max_tokens``), EOS (vLLM's ``stop_token_ids``

@@ -4,6 +4,8 @@ resumed run continues from, and the validation hook inside Lightning."""
 
 from __future__ import annotations
 
+import csv
+
 from collections import Counter
 
 import pytest
@@ -139,7 +141,14 @@ def test_the_validation_values_reach_the_regime_inside_lightning(make_cfg, tmp_p
 
     train(make_cfg(*SMALL_TASK, "recipe=gkd", "regime=adaptive", "regime.init_prob=0.5", "regime.capacity=16",
                    "regime.sampling.max_new_tokens=4", "trainer.max_epochs=2", "trainer.limit_train_batches=3",
-                   "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", "scratch_baseline=false"))
+                   "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", "scratch_baseline=false",
+                   "logger=csv", "trainer.log_every_n_steps=1"))
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)["kd_regime"]
     assert isinstance(state["reference"], float)  # the first validation's loss became the reference
     assert sum(state["counts"].values()) == 6 and len(state["buffer"]) > 0
+    # every step logs the regime's numbers; the kinds logged are the kinds counted
+    rows = [r for r in csv.DictReader(open(next((tmp_path / "run").rglob("metrics.csv"))))
+            if r.get("train/regime/student_prob")]
+    assert len(rows) == 6 and all(float(r["train/regime/student_prob"]) >= 0.5 for r in rows)
+    assert sum(float(r["train/regime/fresh"]) for r in rows) == state["counts"]["fresh"]
+    assert sum(float(r["train/regime/replayed"]) for r in rows) == state["counts"]["replayed"]

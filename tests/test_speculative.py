@@ -44,7 +44,7 @@ def test_k_at_least_the_vocabulary_gives_the_students_own_samples(dm):
         spec = regime.batch(student, batch, dm)
         for key in ("input_ids", "attention_mask", "labels", "prompt_ids", "prompt_mask"):
             assert torch.equal(spec[key], own[key]), key
-        assert not spec[REPLACED].any() and regime.logged() == {"replaced_share": 0.0}
+        assert not spec[REPLACED].any() and regime.metrics() == {"replaced_share": 0.0}
 
 
 def test_k_one_with_greedy_sampling_gives_the_teachers_greedy_answer(dm):
@@ -63,7 +63,7 @@ def test_k_one_with_greedy_sampling_gives_the_teachers_greedy_answer(dm):
     marks = out[REPLACED]
     assert not (marks & (out["labels"] == IGNORE_INDEX)).any()
     share = marks.sum().item() / (out["labels"] != IGNORE_INDEX).sum().item()
-    assert 0 < share <= 1 and regime.logged()["replaced_share"] == pytest.approx(share)
+    assert 0 < share <= 1 and regime.metrics()["replaced_share"] == pytest.approx(share)
     # the first token of each row is replaced exactly when the student's greedy choice differs from the teacher's
     first = [len(p[m.bool()]) for p, m in zip(batch["prompt_ids"], batch["prompt_mask"])]
     for row, start in enumerate(first):
