@@ -509,7 +509,6 @@ class ServedTeacher(nn.Module):
         seqs = [[int(t) for t in s] for s in sequences]
         size = self.prompts_per_request
         chunks = [seqs[i : i + size] for i in range(0, len(seqs), size)]
-        self.model_name  # the server started and named before the request threads  # noqa: B018
         if len(chunks) > 1 and self.concurrency > 1:
             with ThreadPoolExecutor(min(self.concurrency, len(chunks))) as pool:
                 answers = list(pool.map(lambda c: self._score_chunk(c, k), chunks))

@@ -5,7 +5,6 @@ resumed run continues from, and the validation hook inside Lightning."""
 from __future__ import annotations
 
 import csv
-
 from collections import Counter
 
 import pytest
