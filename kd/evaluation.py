@@ -75,6 +75,13 @@ def cross_entropy(logits: Tensor | HeadLogits, labels: Tensor, reduction: str = 
     raise ValueError(f"reduction must be 'mean', 'sum' or 'none' (got {reduction!r})")
 
 
+def _topk_kl(log_q: Tensor, top: TopK) -> Tensor:
+    """Forward KL(teacher || student) over a top-k teacher's ``k + 1`` bins, one value per
+    row of ``log_q`` (the student's log-softmax, ``(C, V)``)."""
+    q, p = topk_bins(log_q, top)
+    return torch.where(p > -math.inf, p.exp() * (p - q), torch.zeros((), dtype=p.dtype)).sum(-1)
+
+
 class StageMetrics(nn.Module):
     """Epoch-level metrics of one stage (``val`` or ``test``).
 
@@ -168,12 +175,12 @@ class StageMetrics(nn.Module):
         """Forward KL(teacher || student) at T=1 at the flattened positions ``rows``, one value
         each (a top-k teacher: over its ``k + 1`` bins, as :meth:`_update_topk`)."""
         if isinstance(teacher_logits, TopK):
-            student = student_logits.materialize() if isinstance(student_logits, HeadLogits) else student_logits
-            flat = student.reshape(-1, student.shape[-1])[rows].float()
+            if isinstance(student_logits, HeadLogits):  # a block of positions at a time
+                return map_rows(student_logits, teacher_logits, _topk_kl, rows, dtype=torch.float32)
+            flat = student_logits.reshape(-1, student_logits.shape[-1])[rows].float()
             ids = teacher_logits.ids.reshape(-1, teacher_logits.ids.shape[-1])[rows]
             logprobs = teacher_logits.logprobs.reshape(-1, ids.shape[-1])[rows]
-            q, p = topk_bins(torch.log_softmax(flat, -1), TopK(ids, logprobs, teacher_logits.tail))
-            return torch.where(p > -math.inf, p.exp() * (p - q), torch.zeros((), dtype=p.dtype)).sum(-1)
+            return _topk_kl(torch.log_softmax(flat, -1), TopK(ids, logprobs, teacher_logits.tail))
         if isinstance(student_logits, HeadLogits):
             return map_rows(student_logits, teacher_logits, lambda log_q, log_p: forward_kl_per_position(log_q, log_p),
                             rows)
@@ -189,18 +196,8 @@ class StageMetrics(nn.Module):
         the accuracy of its most likely token; its loss needs the gold token's probability,
         which a top-k does not hold, so none is reported."""
         mask = mask.bool()
-
-        def kl_bins(log_q: Tensor, top: TopK) -> Tensor:
-            q, p = topk_bins(log_q, top)
-            return torch.where(p > -math.inf, p.exp() * (p - q), torch.zeros((), dtype=p.dtype)).sum(-1)
-
         if mask.any():
-            if isinstance(student_logits, HeadLogits):  # a block of positions at a time
-                rows = mask.reshape(-1).nonzero().squeeze(-1)
-                kl = map_rows(student_logits, teacher, kl_bins, rows, dtype=torch.float32)
-            else:
-                log_q = torch.log_softmax(student_logits[mask].float(), -1)
-                kl = kl_bins(log_q, TopK(teacher.ids[mask], teacher.logprobs[mask], teacher.tail))
+            kl = self._kl_rows(student_logits, teacher, mask.reshape(-1).nonzero().squeeze(-1))
             self.kl_to_teacher.update(kl.mean(), weight=kl.numel())
         if gold.any():
             correct = (teacher.ids[..., 0] == labels) & gold

@@ -12,6 +12,7 @@ import torch
 from kd import ConfigError
 from kd.data import IGNORE_INDEX
 from kd.evaluation import StageMetrics, cross_entropy, summarize
+from kd.signals import HeadLogits, TopK
 
 
 def test_cross_entropy_ignores_unlabelled_positions():
@@ -42,6 +43,44 @@ def test_stage_metrics_with_teacher():
     out = m.compute()
     assert out["kl_to_teacher"].item() == pytest.approx(0.583815, abs=1e-5)  # docs/spec.md section 5
     assert out["teacher_acc"].item() == 1.0 and out["acc"].item() == 0.0
+
+
+def test_each_routed_top_k_teachers_kl_is_over_its_bins_and_its_rows_without_the_full_student_logits(monkeypatch):
+    """A served (top-k) routed teacher's validation KL: over the k + 1 bins (the top-k ids
+    and the tail), averaged over the masked positions of the rows routed to it; a student
+    given as hidden states and head gives the same values without building its (B, L, V)
+    logits, which the fused path exists to avoid."""
+    g = torch.Generator().manual_seed(3)
+    B, L, H, V, k = 3, 4, 6, 7, 2
+    hidden, weight = torch.randn(B, L, H, generator=g), torch.randn(V, H, generator=g)
+    teacher = torch.log_softmax(torch.randn(B, L, V, generator=g), -1)
+    top = teacher.topk(k, -1)
+    route = torch.tensor([0, 1, 0])
+    mask = torch.ones(B, L, dtype=torch.bool)
+    mask[0, 3] = mask[2, 0] = False
+    student = (hidden @ weight.T).double()
+    expected = {0: [], 1: []}
+    for r in range(B):
+        for t in range(L):
+            if mask[r, t]:
+                q = torch.softmax(student[r, t], -1)
+                p_top = top.values[r, t].double().exp()
+                q_top = q[top.indices[r, t]]
+                p_bins = torch.cat([p_top, (1 - p_top.sum()).view(1)])
+                q_bins = torch.cat([q_top, (1 - q_top.sum()).view(1)])
+                expected[int(route[r])].append((p_bins * (p_bins / q_bins).log()).sum().item())
+    results = []
+    for given in (hidden @ weight.T, HeadLogits(hidden, weight)):
+        if isinstance(given, HeadLogits):
+            monkeypatch.setattr(HeadLogits, "materialize", lambda self: pytest.fail("materialized the student"))
+        m = StageMetrics(routes=["a", "b"])
+        m.update_routes(given, TopK(top.indices, top.values), mask, route)
+        out = m.compute()
+        for k_route, name in enumerate(("a", "b")):
+            want = sum(expected[k_route]) / len(expected[k_route])
+            assert out[f"teacher_kl/{name}"].item() == pytest.approx(want, rel=1e-4)
+        results.append(out)
+    assert results[0]["teacher_kl/a"].item() != pytest.approx(results[0]["teacher_kl/b"].item(), rel=1e-3)
 
 
 def test_summary_groups_by_overrides_without_seed():
