@@ -10,7 +10,8 @@ else about the recipe. The base class owns everything recipes share:
   :class:`kd.teachers.Teachers` when it ``routes_teachers``, else the single teacher),
   applied to every training batch (offline, teacher-generated, on-policy, mixed,
   speculative, adaptive), told the training progress before each batch and the validation
-  values after each validation, its ``metrics()`` logged as ``train/regime/<name>``,
+  values after each validation, its ``metrics()`` logged as ``train/regime/<name>`` (the
+  step's value) and ``train/regime/<name>_epoch`` (the epoch's mean over every batch),
   its state (a mixed regime's coin, an adaptive one's buffer) saved in checkpoints;
 * the teachers (:class:`kd.teachers.Teachers`: one, or several named ones that batches
   route their rows to with ``teacher_index``): frozen (``requires_grad=False``), kept in
@@ -405,7 +406,8 @@ class DistillationRecipe(L.LightningModule):
         check_finite(terms, self.global_step, getattr(self._trainer, "precision", None))
         n = self._batch_size(batch)
         for key, value in self.regime.metrics().items():  # e.g. the rollout engine's staleness
-            self.log(f"train/regime/{key}", float(value), batch_size=n)
+            self.log(f"train/regime/{key}", float(value), batch_size=n)  # every log_every_n_steps
+            self.log(f"train/regime/{key}_epoch", float(value), on_step=False, on_epoch=True, batch_size=n)
         for key, value in terms.items():
             self.log(f"train/{key}", value.detach(), prog_bar=key == "loss", batch_size=n)
         if self.teachers is not None and self.teachers.routed and batches.TEACHER_INDEX in batch:

@@ -479,7 +479,8 @@ class Speculative(OnPolicy):
 
     The batch carries ``replaced`` (:data:`kd.batches.REPLACED`), ``(B, L)`` bool aligned
     with ``input_ids``: the teacher's tokens. Their share of the batch's response tokens
-    is logged (``train/regime/replaced_share``). Routed teachers verify their own rows; a
+    is logged (``train/regime/replaced_share``; ``replaced_share_epoch`` is the epoch's
+    mean over batches). Routed teachers verify their own rows; a
     row without a teacher keeps the student's proposals.
 
     Args:
@@ -636,8 +637,8 @@ class Adaptive(OnPolicy):
     or a number ``rho`` in [0, 1], the replayed share, ``f = 1 - rho``.
 
     Logged per batch (``train/regime/...``): ``student_prob`` (``phi``), ``buffer`` (rows
-    kept), ``fresh`` and ``replayed`` (1 for a batch of that kind, so their epoch means are
-    the shares). ``phi``, ``L_ref``, the buffer and the generator are saved in checkpoints,
+    kept), ``fresh`` and ``replayed`` (1 for a batch of that kind, so their epoch means,
+    ``train/regime/fresh_epoch`` and ``replayed_epoch``, are the shares). ``phi``, ``L_ref``, the buffer and the generator are saved in checkpoints,
     so a resumed run continues the same schedule with the same buffer.
 
     Deviations: the official code evaluates before training and takes that loss as the first

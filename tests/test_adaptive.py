@@ -151,3 +151,13 @@ def test_the_validation_values_reach_the_regime_inside_lightning(make_cfg, tmp_p
     assert len(rows) == 6 and all(float(r["train/regime/student_prob"]) >= 0.5 for r in rows)
     assert sum(float(r["train/regime/fresh"]) for r in rows) == state["counts"]["fresh"]
     assert sum(float(r["train/regime/replayed"]) for r in rows) == state["counts"]["replayed"]
+    # the epoch means are the shares of every batch, one row per epoch (3 batches each)
+    epochs = [r for r in csv.DictReader(open(next((tmp_path / "run").rglob("metrics.csv"))))
+              if r.get("train/regime/fresh_epoch")]
+    assert len(epochs) == 2
+    for epoch, r in enumerate(epochs):
+        steps = [s for s in rows if int(s["epoch"]) == epoch]
+        assert len(steps) == 3
+        for kind in ("fresh", "replayed"):
+            assert float(r[f"train/regime/{kind}_epoch"]) == pytest.approx(
+                sum(float(s[f"train/regime/{kind}"]) for s in steps) / 3)
