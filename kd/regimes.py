@@ -480,8 +480,8 @@ class Speculative(OnPolicy):
     The batch carries ``replaced`` (:data:`kd.batches.REPLACED`), ``(B, L)`` bool aligned
     with ``input_ids``: the teacher's tokens. Their share of the batch's response tokens
     is logged (``train/regime/replaced_share``; ``replaced_share_epoch`` is the epoch's
-    mean over batches). Routed teachers verify their own rows; a
-    row without a teacher keeps the student's proposals.
+    mean over batches). Routed teachers verify their own rows; a row without a teacher
+    keeps the student's proposals.
 
     Args:
         top_k: K of the verification (the paper's default 25); ``top_k >= V`` is on-policy
@@ -638,8 +638,9 @@ class Adaptive(OnPolicy):
 
     Logged per batch (``train/regime/...``): ``student_prob`` (``phi``), ``buffer`` (rows
     kept), ``fresh`` and ``replayed`` (1 for a batch of that kind, so their epoch means,
-    ``train/regime/fresh_epoch`` and ``replayed_epoch``, are the shares). ``phi``, ``L_ref``, the buffer and the generator are saved in checkpoints,
-    so a resumed run continues the same schedule with the same buffer.
+    ``train/regime/fresh_epoch`` and ``replayed_epoch``, are the shares). ``phi``,
+    ``L_ref``, the buffer and the generator are saved in checkpoints, so a resumed run
+    continues the same schedule with the same buffer.
 
     Deviations: the official code evaluates before training and takes that loss as the first
     reference; here the first validation of the run is the reference (a validation before
